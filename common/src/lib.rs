@@ -1,0 +1,153 @@
+//! Types and constants shared by the zdivert eBPF programs and the agent.
+//!
+//! Every map key and value is `#[repr(C)]`, made only of byte arrays and `u32`s laid out so that
+//! there is no padding: the kernel copies them byte for byte, and a padding hole would carry
+//! garbage into hash keys. Sizes are asserted at compile time below.
+#![no_std]
+
+/// The pinned state lives under `<bpffs>/zdivert/<PIN_VERSION>/<node>`; a change to any layout in
+/// this file must bump it, because aya reuses a pinned map without checking its key/value sizes.
+pub const PIN_VERSION: &str = "v1";
+
+/// An IP address as a map key: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`) so that one map
+/// serves both families without a format change.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpKey {
+    pub addr: [u8; 16],
+}
+
+impl IpKey {
+    pub const fn from_v4(octets: [u8; 4]) -> Self {
+        let [a, b, c, d] = octets;
+        IpKey { addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d] }
+    }
+
+    pub const fn from_v6(octets: [u8; 16]) -> Self {
+        IpKey { addr: octets }
+    }
+
+    /// The IPv4 address if this key is IPv4-mapped.
+    pub fn v4(&self) -> Option<[u8; 4]> {
+        let a = &self.addr;
+        if a[..10].iter().all(|b| *b == 0) && a[10] == 0xff && a[11] == 0xff {
+            Some([a[12], a[13], a[14], a[15]])
+        } else {
+            None
+        }
+    }
+}
+
+/// `PODS` value: where an ambient pod lives on this node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodEntry {
+    /// ifindex of the pod's host-side veth in the node's netns.
+    pub host_ifindex: u32,
+    /// `POD_F_*` bits.
+    pub flags: u32,
+    /// MAC of the pod's eth0 (all zero if unknown: the frame keeps its own).
+    pub pod_mac: [u8; 6],
+    /// MAC of the host-side veth: the pod's gateway, as the pod expects to see it.
+    pub host_mac: [u8; 6],
+}
+
+/// `ZTUNNEL` value (single-slot array): the node's ztunnel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ZtunnelEntry {
+    /// ifindex of ztunnel's host-side veth in the node's netns.
+    pub host_ifindex: u32,
+    /// `ZTUNNEL_F_*` bits; without `ZTUNNEL_F_PRESENT` captured traffic is dropped.
+    pub flags: u32,
+    /// ztunnel's IPv4 address (`ZTUNNEL_F_V4`).
+    pub ipv4: [u8; 4],
+    /// MAC of ztunnel's eth0 inside its netns.
+    pub mac: [u8; 6],
+    pub _reserved: [u8; 2],
+    /// ztunnel's IPv6 address (`ZTUNNEL_F_V6`).
+    pub ipv6: [u8; 16],
+}
+
+pub const ZTUNNEL_F_PRESENT: u32 = 1 << 0;
+pub const ZTUNNEL_F_V4: u32 = 1 << 1;
+pub const ZTUNNEL_F_V6: u32 = 1 << 2;
+
+/// The pod's entry was written for this address family (kept for dual-stack bookkeeping).
+pub const POD_F_V4: u32 = 1 << 0;
+pub const POD_F_V6: u32 = 1 << 1;
+
+/// `NODE_IPS` value: why an address is the node's.
+pub const NODE_IP_LOCAL: u32 = 1;
+
+/// Packet marks, the bits of the article's layout (`LAYOUT.md`), so that both dataplanes and any
+/// rule an operator wrote for the original keep meaning the same thing.
+pub const MARK_OUTBOUND: u32 = 0x100;
+pub const MARK_SKIP: u32 = 0x200;
+/// Set on packets assigned to a ztunnel socket; `ip rule fwmark 0x400/0xfff lookup 100` in
+/// ztunnel's netns routes them to `local 0.0.0.0/0 dev lo`.
+pub const MARK_TPROXY: u32 = 0x400;
+pub const MARK_MASK: u32 = 0xfff;
+
+/// ztunnel's listeners, as in the article.
+pub const PORT_OUTBOUND: u16 = 15001;
+pub const PORT_INBOUND_PLAIN: u16 = 15006;
+pub const PORT_INBOUND_HBONE: u16 = 15008;
+
+/// The routing table and rule priority used in ztunnel's netns for assigned packets.
+pub const ZTUNNEL_TPROXY_TABLE: u32 = 100;
+pub const ZTUNNEL_TPROXY_RULE_PRIORITY: u32 = 20000;
+
+pub const PODS_MAX_ENTRIES: u32 = 65536;
+pub const NODE_IPS_MAX_ENTRIES: u32 = 256;
+
+/// TCX: "let the next program decide" (the cluster CNI's, if any). Equals TC_ACT_UNSPEC, which
+/// under a netlink clsact filter also means "continue".
+pub const TCX_NEXT: i32 = -1;
+
+macro_rules! counters {
+    ($($name:ident = $idx:literal, $path:literal, $what:literal;)*) => {
+        /// Indexes into the per-CPU `STATS` array: one counter per packet path and outcome.
+        pub mod counter {
+            $(pub const $name: u32 = $idx;)*
+        }
+        /// `(index, path, outcome)` of every counter, for `zdivert status` and `/metrics`.
+        pub const COUNTERS: &[(u32, &str, &str)] = &[$(($idx, $path, $what)),*];
+    };
+}
+
+counters! {
+    OUT_REDIRECTED = 0, "outbound", "redirected";
+    OUT_PASSED = 1, "outbound", "passed";
+    OUT_DROP_NO_ZTUNNEL = 2, "outbound", "dropped_no_ztunnel";
+    OUT_DROP_FORGED = 3, "outbound", "dropped_forged_source";
+    OUT_DROP_MALFORMED = 4, "outbound", "dropped_malformed";
+    IN_REDIRECTED = 5, "inbound", "redirected";
+    IN_PASSED = 6, "inbound", "passed";
+    IN_DROP_NO_ZTUNNEL = 7, "inbound", "dropped_no_ztunnel";
+    IN_DROP_MALFORMED = 8, "inbound", "dropped_malformed";
+    RET_DELIVERED = 9, "ztunnel_return", "delivered";
+    RET_PASSED = 10, "ztunnel_return", "passed";
+    TP_ESTABLISHED = 11, "ztunnel_tproxy", "assigned_established";
+    TP_LISTENER = 12, "ztunnel_tproxy", "assigned_listener";
+    TP_PASSED = 13, "ztunnel_tproxy", "passed";
+    TP_DROP_NO_LISTENER = 14, "ztunnel_tproxy", "dropped_no_listener";
+    TP_DROP_MALFORMED = 15, "ztunnel_tproxy", "dropped_malformed";
+}
+
+pub const COUNTER_SLOTS: u32 = 16;
+
+const _: () = {
+    assert!(core::mem::size_of::<IpKey>() == 16);
+    assert!(core::mem::size_of::<PodEntry>() == 20);
+    assert!(core::mem::size_of::<ZtunnelEntry>() == 36);
+    assert!(COUNTERS.len() as u32 <= COUNTER_SLOTS);
+};
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    // SAFETY: plain-old-data, no padding (sizes asserted above), any bit pattern is valid.
+    unsafe impl aya::Pod for super::IpKey {}
+    unsafe impl aya::Pod for super::PodEntry {}
+    unsafe impl aya::Pod for super::ZtunnelEntry {}
+}

@@ -1,0 +1,55 @@
+//! Inbound capture: TC egress of an ambient pod's host veth, i.e. packets the node routes to the
+//! pod. TCP from anywhere but the node itself (kubelet probes) and ztunnel goes to ztunnel.
+//!
+//! ztunnel's own deliveries to the pod never come through here: the return program hands them to
+//! the pod with `bpf_redirect_peer`, so no "skip" mark is needed or honoured on this path.
+use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_redirect, macros::classifier, programs::TcContext};
+use zdivert_common::{TCX_NEXT, counter::*};
+
+use crate::{
+    maps::{count, is_node_ip, is_ztunnel_ip, ztunnel},
+    packet::{Frame, IPPROTO_TCP, parse, set_dst_mac, tcp},
+};
+
+#[classifier]
+pub fn zd_inbound(ctx: TcContext) -> i32 {
+    let ip = match parse(&ctx) {
+        Frame::NotIp => return pass(),
+        Frame::Malformed => return drop(IN_DROP_MALFORMED),
+        Frame::Ip(ip) => ip,
+    };
+    if ip.proto != IPPROTO_TCP || is_node_ip(&ip.src) {
+        return pass();
+    }
+    let Some(z) = ztunnel() else {
+        return drop(IN_DROP_NO_ZTUNNEL);
+    };
+    if is_ztunnel_ip(&z, &ip.src, ip.v6) {
+        return pass();
+    }
+    if ip.fragment || tcp(&ctx, &ip).is_none() {
+        return drop(IN_DROP_MALFORMED);
+    }
+    // ztunnel's eth0 must accept the frame as addressed to it.
+    if !set_dst_mac(&ctx, &z.mac) {
+        return drop(IN_DROP_MALFORMED);
+    }
+    count(IN_REDIRECTED);
+    // Egress cannot use bpf_redirect_peer; transmitting on ztunnel's host veth delivers the frame
+    // to ztunnel's eth0. Crossing netns clears the mark, so ztunnel's tproxy program treats an
+    // unmarked captured packet as inbound (:15006, or :15008 for HBONE).
+    // SAFETY: plain helper call; returns TC_ACT_REDIRECT, or TC_ACT_SHOT on a bad ifindex.
+    unsafe { bpf_redirect(z.host_ifindex, 0) as i32 }
+}
+
+#[inline(always)]
+fn pass() -> i32 {
+    count(IN_PASSED);
+    TCX_NEXT
+}
+
+#[inline(always)]
+fn drop(counter: u32) -> i32 {
+    count(counter);
+    TC_ACT_SHOT as i32
+}

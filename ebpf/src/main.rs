@@ -1,0 +1,27 @@
+//! zdivert's TC programs: one module per packet path (see DESIGN.md).
+//!
+//! Every program returns a verdict that means what it says: `TCX_NEXT` for traffic zdivert does
+//! not own (so the cluster CNI's programs still see it), `TC_ACT_REDIRECT` from the redirect
+//! helpers, `TC_ACT_OK` only after a socket was assigned, `TC_ACT_SHOT` for what must not pass.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod packet;
+
+mod inbound;
+mod outbound;
+mod ztunnel_return;
+mod ztunnel_tproxy;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable by construction (no indexing or unwrap on packet data); the verifier would
+    // reject a program that could get here with an unbounded loop anyway.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,66 @@
+//! The maps, pinned by name under the agent's per-node bpffs directory so that a restarted agent
+//! finds the very maps the attached programs use.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use zdivert_common::{
+    COUNTER_SLOTS, IpKey, NODE_IPS_MAX_ENTRIES, PODS_MAX_ENTRIES, PodEntry, ZTUNNEL_F_PRESENT,
+    ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZtunnelEntry,
+};
+
+/// Ambient pods on this node: pod IP (each of its addresses) → its host veth.
+#[map(name = "PODS")]
+pub static PODS: HashMap<IpKey, PodEntry> = HashMap::pinned(PODS_MAX_ENTRIES, 0);
+
+/// The node's own addresses: traffic between them and pods (kubelet probes) is not captured.
+#[map(name = "NODE_IPS")]
+pub static NODE_IPS: HashMap<IpKey, u32> = HashMap::pinned(NODE_IPS_MAX_ENTRIES, 0);
+
+/// The node's ztunnel, slot 0.
+#[map(name = "ZTUNNEL")]
+pub static ZTUNNEL: Array<ZtunnelEntry> = Array::pinned(1, 0);
+
+/// Per-CPU packet counters, indexed by `zdivert_common::counter`.
+#[map(name = "STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(slot) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *slot += 1 }
+    }
+}
+
+#[inline(always)]
+pub fn pod(ip: &IpKey) -> Option<PodEntry> {
+    // SAFETY: the value is copied out before the map can change under it.
+    unsafe { PODS.get(ip).copied() }
+}
+
+#[inline(always)]
+pub fn is_node_ip(ip: &IpKey) -> bool {
+    // SAFETY: only presence is read.
+    unsafe { NODE_IPS.get(ip).is_some() }
+}
+
+/// The ztunnel entry, if one is known. `None` means captured traffic must be dropped.
+#[inline(always)]
+pub fn ztunnel() -> Option<ZtunnelEntry> {
+    match ZTUNNEL.get(0) {
+        Some(z) if z.flags & ZTUNNEL_F_PRESENT != 0 => Some(*z),
+        _ => None,
+    }
+}
+
+/// Whether `ip` is one of ztunnel's own addresses.
+#[inline(always)]
+pub fn is_ztunnel_ip(z: &ZtunnelEntry, ip: &IpKey, v6: bool) -> bool {
+    if v6 {
+        z.flags & ZTUNNEL_F_V6 != 0 && z.ipv6 == ip.addr
+    } else {
+        let a = &ip.addr;
+        z.flags & ZTUNNEL_F_V4 != 0 && z.ipv4 == [a[12], a[13], a[14], a[15]]
+    }
+}

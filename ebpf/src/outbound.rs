@@ -1,0 +1,81 @@
+//! Outbound capture: TC ingress of an ambient pod's host veth, i.e. packets the pod sends.
+//!
+//! Every TCP segment the pod sends to anything but the node itself or ztunnel goes straight into
+//! ztunnel's netns with `bpf_redirect_peer`: it never reaches the node's stack, so kube-proxy
+//! cannot DNAT it (ztunnel sees the Service VIP) and the node's conntrack never sees it.
+use aya_ebpf::{
+    bindings::TC_ACT_SHOT, helpers::bpf_redirect_peer, macros::classifier, programs::TcContext,
+};
+use zdivert_common::{MARK_OUTBOUND, TCX_NEXT, counter::*};
+
+use crate::{
+    maps::{count, is_node_ip, is_ztunnel_ip, pod, ztunnel},
+    packet::{Frame, IPPROTO_TCP, Ip, ifindex, mark, parse, set_dst_mac, tcp},
+};
+
+const IPPROTO_ICMPV6: u8 = 58;
+
+#[classifier]
+pub fn zd_outbound(ctx: TcContext) -> i32 {
+    let ip = match parse(&ctx) {
+        Frame::NotIp => return pass(),
+        Frame::Malformed => return drop(OUT_DROP_MALFORMED),
+        Frame::Ip(ip) => ip,
+    };
+    // Capture keys on the interface, not only on the address: the source must be one of the
+    // addresses of the pod behind this very veth, or the packet is a forgery (it would otherwise
+    // be proxied as another pod, or reach non-ambient pods around ztunnel).
+    match pod(&ip.src) {
+        Some(p) if p.host_ifindex == ifindex(&ctx) => {}
+        _ if is_neighbour_discovery(&ip) => return pass(),
+        _ => return drop(OUT_DROP_FORGED),
+    }
+    if ip.proto != IPPROTO_TCP {
+        return pass();
+    }
+    // Fragments carry no (trustworthy) ports; pods do not fragment TCP (DF, PMTU), so a TCP
+    // fragment is either broken or an evasion attempt.
+    if ip.fragment || tcp(&ctx, &ip).is_none() {
+        return drop(OUT_DROP_MALFORMED);
+    }
+    if is_node_ip(&ip.dst) {
+        return pass();
+    }
+    let Some(z) = ztunnel() else {
+        return drop(OUT_DROP_NO_ZTUNNEL);
+    };
+    if is_ztunnel_ip(&z, &ip.dst, ip.v6) {
+        return pass();
+    }
+    if !set_dst_mac(&ctx, &z.mac) {
+        return drop(OUT_DROP_MALFORMED);
+    }
+    // The mark survives bpf_redirect_peer (same-host scrub keeps it) and tells ztunnel's tproxy
+    // program that this is outbound traffic (:15001).
+    ctx.skb.set_mark(mark(&ctx) | MARK_OUTBOUND);
+    count(OUT_REDIRECTED);
+    // SAFETY: plain helper call; returns TC_ACT_REDIRECT, or TC_ACT_SHOT if the peer is gone.
+    unsafe { bpf_redirect_peer(z.host_ifindex, 0) as i32 }
+}
+
+/// IPv6 neighbour discovery and MLD use link-local or unspecified sources, which are not pod
+/// addresses; without them the pod's IPv6 would not work at all.
+#[inline(always)]
+fn is_neighbour_discovery(ip: &Ip) -> bool {
+    let a = &ip.src.addr;
+    let link_local = a[0] == 0xfe && a[1] & 0xc0 == 0x80;
+    let unspecified = a.iter().all(|b| *b == 0);
+    ip.v6 && ip.proto == IPPROTO_ICMPV6 && (link_local || unspecified)
+}
+
+#[inline(always)]
+fn pass() -> i32 {
+    count(OUT_PASSED);
+    TCX_NEXT
+}
+
+#[inline(always)]
+fn drop(counter: u32) -> i32 {
+    count(counter);
+    TC_ACT_SHOT as i32
+}

@@ -1,0 +1,185 @@
+//! Header parsing shared by all paths. Every read goes through `bpf_skb_load_bytes`, which checks
+//! the packet's bounds itself, so no read can go past the end of a short or non-linear packet.
+use aya_ebpf::programs::TcContext;
+use zdivert_common::IpKey;
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+pub const IPPROTO_TCP: u8 = 6;
+const IPV6_HLEN: usize = 40;
+/// IPv6 extension headers walked before giving up (and calling the packet malformed).
+const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+pub struct Ip {
+    pub v6: bool,
+    pub src: IpKey,
+    pub dst: IpKey,
+    /// The upper-layer protocol, after any IPv6 extension headers.
+    pub proto: u8,
+    /// Offset of the upper-layer header from the start of the frame.
+    pub l4_off: usize,
+    /// Part of a fragmented datagram (first or later): ports are absent or not to be trusted.
+    pub fragment: bool,
+}
+
+pub enum Frame {
+    /// ARP, LLDP, a runt frame…: nothing zdivert decides about.
+    NotIp,
+    /// Says it is IP but the header cannot be read as one.
+    Malformed,
+    Ip(Ip),
+}
+
+pub struct Tcp {
+    /// Network byte order, as the socket lookup helpers want them.
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub flags: u8,
+}
+
+impl Tcp {
+    pub fn dport(&self) -> u16 {
+        u16::from_be(self.dport_be)
+    }
+    /// A connection request: SYN without ACK.
+    pub fn is_syn(&self) -> bool {
+        self.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+}
+
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Frame {
+    let Ok(ethertype) = ctx.load::<u16>(12) else {
+        return Frame::NotIp;
+    };
+    match u16::from_be(ethertype) {
+        ETH_P_IP => parse_v4(ctx),
+        ETH_P_IPV6 => parse_v6(ctx),
+        _ => Frame::NotIp,
+    }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &TcContext) -> Frame {
+    // version/ihl, tos, total length, id, flags/fragment offset, ttl, protocol, checksum, src, dst
+    let Ok(hdr) = ctx.load::<[u8; 20]>(ETH_HLEN) else {
+        return Frame::Malformed;
+    };
+    let ihl = ((hdr[0] & 0x0f) as usize) * 4;
+    if hdr[0] >> 4 != 4 || ihl < 20 {
+        return Frame::Malformed;
+    }
+    let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
+    // More-fragments set, or a non-zero offset.
+    let fragment = frag & 0x3fff != 0;
+    Frame::Ip(Ip {
+        v6: false,
+        src: IpKey::from_v4([hdr[12], hdr[13], hdr[14], hdr[15]]),
+        dst: IpKey::from_v4([hdr[16], hdr[17], hdr[18], hdr[19]]),
+        proto: hdr[9],
+        l4_off: ETH_HLEN + ihl,
+        fragment,
+    })
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &TcContext) -> Frame {
+    let Ok(fixed) = ctx.load::<[u8; 8]>(ETH_HLEN) else {
+        return Frame::Malformed;
+    };
+    let (Ok(src), Ok(dst)) = (
+        ctx.load::<[u8; 16]>(ETH_HLEN + 8),
+        ctx.load::<[u8; 16]>(ETH_HLEN + 24),
+    ) else {
+        return Frame::Malformed;
+    };
+    if fixed[0] >> 4 != 6 {
+        return Frame::Malformed;
+    }
+    let mut next = fixed[6];
+    let mut off = ETH_HLEN + IPV6_HLEN;
+    let mut fragment = false;
+    let mut i = 0;
+    while i < MAX_IPV6_EXT_HEADERS {
+        match next {
+            // hop-by-hop, routing, destination options: length in 8-octet units, minus the first
+            0 | 43 | 60 => {
+                let Ok(ext) = ctx.load::<[u8; 2]>(off) else {
+                    return Frame::Malformed;
+                };
+                next = ext[0];
+                off += (ext[1] as usize + 1) * 8;
+            }
+            // authentication header: length in 4-octet units, minus two
+            51 => {
+                let Ok(ext) = ctx.load::<[u8; 2]>(off) else {
+                    return Frame::Malformed;
+                };
+                next = ext[0];
+                off += (ext[1] as usize + 2) * 4;
+            }
+            // fragment header: an atomic fragment (offset 0, no M flag) is a whole packet
+            44 => {
+                let Ok(ext) = ctx.load::<[u8; 4]>(off) else {
+                    return Frame::Malformed;
+                };
+                next = ext[0];
+                if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff9 != 0 {
+                    fragment = true;
+                }
+                off += 8;
+            }
+            _ => break,
+        }
+        i += 1;
+    }
+    if matches!(next, 0 | 43 | 60 | 51 | 44) {
+        // More extension headers than we walk: not something we can classify.
+        return Frame::Malformed;
+    }
+    Frame::Ip(Ip {
+        v6: true,
+        src: IpKey::from_v6(src),
+        dst: IpKey::from_v6(dst),
+        proto: next,
+        l4_off: off,
+        fragment,
+    })
+}
+
+/// The TCP ports and flags, if the header is all there (20 bytes at least).
+#[inline(always)]
+pub fn tcp(ctx: &TcContext, ip: &Ip) -> Option<Tcp> {
+    let hdr = ctx.load::<[u8; 20]>(ip.l4_off).ok()?;
+    Some(Tcp {
+        sport_be: u16::from_ne_bytes([hdr[0], hdr[1]]),
+        dport_be: u16::from_ne_bytes([hdr[2], hdr[3]]),
+        flags: hdr[13],
+    })
+}
+
+#[inline(always)]
+pub fn set_dst_mac(ctx: &TcContext, mac: &[u8; 6]) -> bool {
+    ctx.store(0, mac, 0).is_ok()
+}
+
+#[inline(always)]
+pub fn set_src_mac(ctx: &TcContext, mac: &[u8; 6]) -> bool {
+    ctx.store(6, mac, 0).is_ok()
+}
+
+#[inline(always)]
+pub fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the context pointer is the kernel's __sk_buff for this invocation.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+#[inline(always)]
+pub fn mark(ctx: &TcContext) -> u32 {
+    // SAFETY: as above.
+    unsafe { (*ctx.skb.skb).mark }
+}

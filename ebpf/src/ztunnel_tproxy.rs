@@ -1,0 +1,187 @@
+//! ztunnel tproxy: TC ingress of ztunnel's eth0, inside ztunnel's netns.
+//!
+//! Captured segments arrive here addressed to someone else (the original destination). Each is
+//! assigned to a ztunnel socket with `bpf_sk_assign`: the connection's own socket if there is one
+//! (including half-open request sockets and ztunnel's spoofed upstream sockets), else the
+//! listener: :15001 for outbound, :15008 for HBONE, :15006 for other inbound. The 0x400 mark then
+//! routes it to `local 0.0.0.0/0 dev lo` (ip rule 20000, table 100). This replaces TPROXY: there is
+//! no iptables in ztunnel's netns in eBPF mode.
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT, bpf_sock,
+        bpf_sock_tuple,
+    },
+    helpers::{bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
+    macros::classifier,
+    programs::TcContext,
+};
+use zdivert_common::{
+    MARK_MASK, MARK_OUTBOUND, MARK_TPROXY, PORT_INBOUND_HBONE, PORT_INBOUND_PLAIN, PORT_OUTBOUND,
+    TCX_NEXT, counter::*,
+};
+
+use crate::{
+    maps::{count, is_ztunnel_ip, ztunnel},
+    packet::{Frame, IPPROTO_TCP, Ip, Tcp, mark, parse, tcp},
+};
+
+const V4_TUPLE_LEN: u32 = 12;
+const V6_TUPLE_LEN: u32 = 36;
+const LOOPBACK_V4: [u8; 4] = [127, 0, 0, 1];
+const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+#[classifier]
+pub fn zd_zt_tproxy(ctx: TcContext) -> i32 {
+    let Frame::Ip(ip) = parse(&ctx) else {
+        return pass();
+    };
+    if ip.proto != IPPROTO_TCP {
+        return pass();
+    }
+    // Traffic addressed to ztunnel itself (its own connections' replies, direct clients) is
+    // ordinary local traffic; only captured segments carry someone else's address.
+    match ztunnel() {
+        Some(z) if !is_ztunnel_ip(&z, &ip.dst, ip.v6) => {}
+        _ => return pass(),
+    }
+    if ip.fragment {
+        return drop(TP_DROP_MALFORMED);
+    }
+    let Some(seg) = tcp(&ctx, &ip) else {
+        return drop(TP_DROP_MALFORMED);
+    };
+
+    let mut tuple = Tuple::new(&ip, &seg);
+    // SAFETY: helper contract: tuple points to a live stack buffer of the given length; every
+    // socket returned is released on every path below.
+    unsafe {
+        let sk = bpf_skc_lookup_tcp(ctx.skb.skb as *mut c_void, tuple.ptr(), tuple.len, NETNS, 0);
+        if !sk.is_null() {
+            let state = (*sk).state;
+            // A listener on the original port is not this connection's socket; a TIME_WAIT socket
+            // would turn a reused 4-tuple's SYN away, so a new SYN goes to ztunnel's listener.
+            let own = state != BPF_TCP_LISTEN && !(state == BPF_TCP_TIME_WAIT && seg.is_syn());
+            if own {
+                return assign(&ctx, sk, TP_ESTABLISHED);
+            }
+            bpf_sk_release(sk as *mut c_void);
+        }
+
+        let port = if mark(&ctx) & MARK_OUTBOUND != 0 {
+            PORT_OUTBOUND
+        } else if seg.dport() == PORT_INBOUND_HBONE {
+            PORT_INBOUND_HBONE
+        } else {
+            PORT_INBOUND_PLAIN
+        };
+        tuple.set_dport(port);
+        // A listener on the wildcard address matches any destination; one bound to loopback (as
+        // the original TPROXY rules' --on-ip 127.0.0.1 expected) only matches loopback.
+        let mut sk = bpf_sk_lookup_tcp(ctx.skb.skb as *mut c_void, tuple.ptr(), tuple.len, NETNS, 0);
+        if sk.is_null() {
+            tuple.set_loopback_dst(ip.v6);
+            sk = bpf_sk_lookup_tcp(ctx.skb.skb as *mut c_void, tuple.ptr(), tuple.len, NETNS, 0);
+        }
+        if sk.is_null() {
+            // ztunnel is not listening: nothing may pass around it.
+            return drop(TP_DROP_NO_LISTENER);
+        }
+        assign(&ctx, sk, TP_LISTENER)
+    }
+}
+
+const NETNS: u64 = BPF_F_CURRENT_NETNS as u64;
+
+/// Assigns `sk` to the packet and releases the lookup's reference.
+///
+/// # Safety
+/// `sk` must be a non-null socket returned by a lookup helper and not yet released.
+#[inline(always)]
+unsafe fn assign(ctx: &TcContext, sk: *mut bpf_sock, counter: u32) -> i32 {
+    let ret = unsafe { bpf_sk_assign(ctx.skb.skb as *mut c_void, sk as *mut c_void, 0) };
+    unsafe { bpf_sk_release(sk as *mut c_void) };
+    if ret != 0 {
+        return drop(TP_DROP_NO_LISTENER);
+    }
+    ctx.skb.set_mark((mark(ctx) & !MARK_MASK) | MARK_TPROXY);
+    count(counter);
+    TC_ACT_OK as i32
+}
+
+struct Tuple {
+    raw: bpf_sock_tuple,
+    len: u32,
+    v6: bool,
+}
+
+impl Tuple {
+    #[inline(always)]
+    fn new(ip: &Ip, seg: &Tcp) -> Self {
+        // SAFETY: bpf_sock_tuple is a C union of integer arrays; all-zero is valid.
+        let mut raw: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+        let (s, d) = (&ip.src.addr, &ip.dst.addr);
+        if ip.v6 {
+            let t = unsafe { &mut raw.__bindgen_anon_1.ipv6 };
+            t.saddr = words(s);
+            t.daddr = words(d);
+            t.sport = seg.sport_be;
+            t.dport = seg.dport_be;
+        } else {
+            let t = unsafe { &mut raw.__bindgen_anon_1.ipv4 };
+            t.saddr = u32::from_ne_bytes([s[12], s[13], s[14], s[15]]);
+            t.daddr = u32::from_ne_bytes([d[12], d[13], d[14], d[15]]);
+            t.sport = seg.sport_be;
+            t.dport = seg.dport_be;
+        }
+        let len = if ip.v6 { V6_TUPLE_LEN } else { V4_TUPLE_LEN };
+        Tuple { raw, len, v6: ip.v6 }
+    }
+
+    #[inline(always)]
+    fn set_dport(&mut self, port: u16) {
+        // Writing a union field is safe; `new` chose the member by family.
+        if self.v6 {
+            self.raw.__bindgen_anon_1.ipv6.dport = port.to_be();
+        } else {
+            self.raw.__bindgen_anon_1.ipv4.dport = port.to_be();
+        }
+    }
+
+    #[inline(always)]
+    fn set_loopback_dst(&mut self, v6: bool) {
+        if v6 {
+            self.raw.__bindgen_anon_1.ipv6.daddr = words(&LOOPBACK_V6);
+        } else {
+            self.raw.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes(LOOPBACK_V4);
+        }
+    }
+
+    #[inline(always)]
+    fn ptr(&mut self) -> *mut bpf_sock_tuple {
+        &mut self.raw
+    }
+}
+
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+#[inline(always)]
+fn pass() -> i32 {
+    count(TP_PASSED);
+    TCX_NEXT
+}
+
+#[inline(always)]
+fn drop(counter: u32) -> i32 {
+    count(counter);
+    TC_ACT_SHOT as i32
+}
