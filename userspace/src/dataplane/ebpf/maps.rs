@@ -1,0 +1,214 @@
+//! The maps' contents: computed from node facts (pure), written by diff, and read back from the
+//! pins for `zdivert status` and `/metrics` without loading any program.
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::Path,
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use zdivert_common::{
+    COUNTERS, IpKey, NODE_IP_LOCAL, POD_F_V4, POD_F_V6, PodEntry, ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4,
+    ZTUNNEL_F_V6, ZtunnelEntry,
+};
+
+use crate::{
+    error::{Error, Result},
+    facts::NodeFacts,
+};
+
+pub const PODS: &str = "PODS";
+pub const NODE_IPS: &str = "NODE_IPS";
+pub const ZTUNNEL: &str = "ZTUNNEL";
+pub const STATS: &str = "STATS";
+pub const ALL: [&str; 4] = [PODS, NODE_IPS, ZTUNNEL, STATS];
+
+pub fn key(ip: IpAddr) -> IpKey {
+    match ip {
+        IpAddr::V4(v4) => IpKey::from_v4(v4.octets()),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpKey::from_v4(v4.octets()),
+            None => IpKey::from_v6(v6.octets()),
+        },
+    }
+}
+
+pub fn ip(key: &IpKey) -> IpAddr {
+    match key.v4() {
+        Some(v4) => IpAddr::from(v4),
+        None => IpAddr::from(key.addr),
+    }
+}
+
+/// What the maps must hold for these facts.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Desired {
+    pub pods: BTreeMap<IpKey, PodEntry>,
+    pub node_ips: BTreeMap<IpKey, u32>,
+    pub ztunnel: ZtunnelEntry,
+}
+
+pub fn desired(facts: &NodeFacts) -> Desired {
+    let mut pods = BTreeMap::new();
+    for pod in facts.pods.values() {
+        let flags = pod.ips.iter().fold(0, |f, ip| f | if ip.is_ipv4() { POD_F_V4 } else { POD_F_V6 });
+        for &ip in &pod.ips {
+            pods.insert(
+                key(ip),
+                PodEntry { host_ifindex: pod.veth.index, flags, pod_mac: [0; 6], host_mac: pod.veth.mac },
+            );
+        }
+    }
+    let node_ips = facts.node_ips.iter().map(|&ip| (key(ip), NODE_IP_LOCAL)).collect();
+    let mut ztunnel = ZtunnelEntry {
+        host_ifindex: 0,
+        flags: 0,
+        ipv4: [0; 4],
+        mac: [0; 6],
+        _reserved: [0; 2],
+        ipv6: [0; 16],
+    };
+    if let Some(z) = &facts.ztunnel {
+        ztunnel.host_ifindex = z.host_veth.index;
+        ztunnel.mac = z.eth0.mac;
+        ztunnel.flags = ZTUNNEL_F_PRESENT;
+        for ip in &z.ips {
+            match ip {
+                IpAddr::V4(v4) => {
+                    ztunnel.ipv4 = v4.octets();
+                    ztunnel.flags |= ZTUNNEL_F_V4;
+                }
+                IpAddr::V6(v6) => {
+                    ztunnel.ipv6 = v6.octets();
+                    ztunnel.flags |= ZTUNNEL_F_V6;
+                }
+            }
+        }
+    }
+    Desired { pods, node_ips, ztunnel }
+}
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> Error {
+    move |e| Error::Map { map, reason: e.to_string() }
+}
+
+/// The maps the agent writes, taken out of the loaded object (the programs keep their own
+/// references). Writes only what differs: additions and changes first, removals last, so that at
+/// no moment a desired pod lacks its entry (its programs would drop its traffic as forged).
+pub struct Maps {
+    pods: HashMap<MapData, IpKey, PodEntry>,
+    node_ips: HashMap<MapData, IpKey, u32>,
+    ztunnel: Array<MapData, ZtunnelEntry>,
+}
+
+impl Maps {
+    pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self> {
+        fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T> {
+            let map = ebpf
+                .take_map(name)
+                .ok_or(Error::Map { map: name, reason: "missing from the object".into() })?;
+            T::try_from(map).map_err(map_err(name))
+        }
+        Ok(Maps { pods: take(ebpf, PODS)?, node_ips: take(ebpf, NODE_IPS)?, ztunnel: take(ebpf, ZTUNNEL)? })
+    }
+
+    pub fn upsert(&mut self, d: &Desired) -> Result<()> {
+        let current = self.ztunnel.get(&0, 0).map_err(map_err(ZTUNNEL))?;
+        if current != d.ztunnel {
+            self.ztunnel.set(0, d.ztunnel, 0).map_err(map_err(ZTUNNEL))?;
+        }
+        for (k, v) in &d.node_ips {
+            if self.node_ips.get(k, 0).ok().as_ref() != Some(v) {
+                self.node_ips.insert(k, v, 0).map_err(map_err(NODE_IPS))?;
+            }
+        }
+        for (k, v) in &d.pods {
+            if self.pods.get(k, 0).ok().as_ref() != Some(v) {
+                self.pods.insert(k, v, 0).map_err(map_err(PODS))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn remove_stale(&mut self, d: &Desired) -> Result<()> {
+        let stale: Vec<IpKey> = self.pods.keys().flatten().filter(|k| !d.pods.contains_key(k)).collect();
+        for k in stale {
+            self.pods.remove(&k).map_err(map_err(PODS))?;
+        }
+        let stale: Vec<IpKey> =
+            self.node_ips.keys().flatten().filter(|k| !d.node_ips.contains_key(k)).collect();
+        for k in stale {
+            self.node_ips.remove(&k).map_err(map_err(NODE_IPS))?;
+        }
+        Ok(())
+    }
+}
+
+/// The maps as pinned, decoded.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub pods: BTreeMap<IpAddr, PodEntry>,
+    pub node_ips: Vec<IpAddr>,
+    pub ztunnel: Option<ZtunnelEntry>,
+    /// `(path, outcome, packets)` summed over CPUs.
+    pub counters: Vec<(&'static str, &'static str, u64)>,
+}
+
+fn open(dir: &Path, name: &'static str) -> Result<Map> {
+    let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
+    Map::from_map_data(data).map_err(map_err(name))
+}
+
+pub fn snapshot(dir: &Path) -> Result<Snapshot> {
+    let pods: HashMap<_, IpKey, PodEntry> = open(dir, PODS)?.try_into().map_err(map_err(PODS))?;
+    let node_ips: HashMap<_, IpKey, u32> = open(dir, NODE_IPS)?.try_into().map_err(map_err(NODE_IPS))?;
+    let ztunnel: Array<_, ZtunnelEntry> = open(dir, ZTUNNEL)?.try_into().map_err(map_err(ZTUNNEL))?;
+    let stats: PerCpuArray<_, u64> = open(dir, STATS)?.try_into().map_err(map_err(STATS))?;
+    let z = ztunnel.get(&0, 0).map_err(map_err(ZTUNNEL))?;
+    let mut counters = Vec::new();
+    for &(index, path, outcome) in COUNTERS {
+        let per_cpu = stats.get(&index, 0).map_err(map_err(STATS))?;
+        counters.push((path, outcome, per_cpu.iter().sum()));
+    }
+    Ok(Snapshot {
+        pods: pods.iter().flatten().map(|(k, v)| (ip(&k), v)).collect(),
+        node_ips: node_ips.keys().flatten().map(|k| ip(&k)).collect(),
+        ztunnel: (z.flags & ZTUNNEL_F_PRESENT != 0).then_some(z),
+        counters,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{facts::PodFacts, nl::Link, state::PodId};
+
+    #[test]
+    fn keys_hold_both_families_and_round_trip() {
+        for s in ["10.244.2.3", "fd00:10:244:2::3", "::1"] {
+            let a: IpAddr = s.parse().unwrap();
+            assert_eq!(ip(&key(a)), a, "{s}");
+        }
+        let mapped: IpAddr = "::ffff:10.244.2.3".parse().unwrap();
+        assert_eq!(key(mapped), key("10.244.2.3".parse().unwrap()));
+    }
+
+    #[test]
+    fn desired_maps_every_address_of_a_pod_to_its_veth() {
+        let veth = Link { name: "vethA".into(), index: 7, mac: [2, 0, 0, 0, 0, 7], is_veth: true };
+        let mut facts = NodeFacts::default();
+        facts.pods.insert(
+            PodId { namespace: "default".into(), name: "reviews-v1".into() },
+            PodFacts { ips: vec!["10.244.2.7".parse().unwrap(), "fd00:10:244:2::7".parse().unwrap()], veth },
+        );
+        let d = desired(&facts);
+        assert_eq!(d.pods.len(), 2);
+        for e in d.pods.values() {
+            assert_eq!(e.host_ifindex, 7);
+            assert_eq!(e.flags, POD_F_V4 | POD_F_V6);
+            assert_eq!(e.host_mac, [2, 0, 0, 0, 0, 7]);
+        }
+        // No ztunnel: the slot says so, and the programs fail closed.
+        assert_eq!(d.ztunnel.flags & ZTUNNEL_F_PRESENT, 0);
+    }
+}

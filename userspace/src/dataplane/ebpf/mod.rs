@@ -1,0 +1,280 @@
+//! The eBPF dataplane: TC programs on the pods' and ztunnel's veths, maps and links pinned under
+//! `<bpffs>/zdivert/<PIN_VERSION>/<node>/{maps,links}`.
+pub mod attach;
+pub mod maps;
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
+use zdivert_common::{MARK_MASK, MARK_TPROXY, PIN_VERSION, ZTUNNEL_TPROXY_RULE_PRIORITY, ZTUNNEL_TPROXY_TABLE};
+
+use self::attach::{Attachment, Hook};
+use super::{Dataplane, Report};
+use crate::{
+    error::{Error, Result},
+    facts::{self, NodeFacts},
+    netns,
+    nl::{FwmarkRule, Netlink},
+    state::NodeState,
+};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zdivert.bpf.o"));
+
+/// In ztunnel's netns: packets the tproxy program assigned to a socket are delivered locally.
+pub const TPROXY_RULE: FwmarkRule = FwmarkRule {
+    priority: ZTUNNEL_TPROXY_RULE_PRIORITY,
+    mark: MARK_TPROXY,
+    mask: MARK_MASK,
+    table: ZTUNNEL_TPROXY_TABLE,
+};
+
+/// Where a node's pinned state lives.
+#[derive(Clone, Debug)]
+pub struct PinDirs {
+    pub root: PathBuf,
+    pub maps: PathBuf,
+    pub links: PathBuf,
+}
+
+impl PinDirs {
+    pub fn new(bpffs: &Path, node: &str) -> Self {
+        let root = bpffs.join("zdivert").join(PIN_VERSION).join(node);
+        PinDirs { maps: root.join("maps"), links: root.join("links"), root }
+    }
+}
+
+pub struct EbpfDataplane {
+    ebpf: Ebpf,
+    maps: maps::Maps,
+    dirs: PinDirs,
+    nl: Netlink,
+    node_netns_inode: u64,
+    /// Link pins this process has already swapped its programs into.
+    adopted: BTreeSet<String>,
+    /// ztunnel netns (path, has IPv6) whose tproxy routing this process set up.
+    routed_ztunnel: Option<(PathBuf, bool)>,
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+fn ensure_bpffs(bpffs: &Path) -> Result<()> {
+    let c = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes())
+        .map_err(|e| Error::Bpffs { path: bpffs.into(), reason: e.to_string() })?;
+    // SAFETY: statfs into a zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        let reason = std::io::Error::last_os_error().to_string();
+        return Err(Error::Bpffs { path: bpffs.into(), reason });
+    }
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        let reason = "not a bpffs mount (mount -t bpf bpf /sys/fs/bpf)".into();
+        return Err(Error::Bpffs { path: bpffs.into(), reason });
+    }
+    Ok(())
+}
+
+fn mkdirs(dirs: &PinDirs) -> Result<()> {
+    for d in [&dirs.maps, &dirs.links] {
+        std::fs::create_dir_all(d).map_err(|e| Error::Bpffs { path: d.clone(), reason: e.to_string() })?;
+    }
+    Ok(())
+}
+
+impl EbpfDataplane {
+    /// Loads the programs, reusing the node's pinned maps if an earlier agent left them.
+    pub fn load(bpffs: &Path, node: &str) -> Result<Self> {
+        if OBJECT.is_empty() {
+            return Err(Error::NoEbpfObject);
+        }
+        ensure_bpffs(bpffs)?;
+        let dirs = PinDirs::new(bpffs, node);
+        mkdirs(&dirs)?;
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&dirs.maps).load(OBJECT)?;
+        for hook in Hook::ALL {
+            let program = hook.program();
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(program)
+                .ok_or(Error::Map { map: "programs", reason: format!("{program} missing from the object") })?
+                .try_into()
+                .map_err(|source| Error::Program { program, source })?;
+            prog.load().map_err(|source| Error::Program { program, source })?;
+        }
+        let maps = maps::Maps::take(&mut ebpf)?;
+        Ok(EbpfDataplane {
+            ebpf,
+            maps,
+            dirs,
+            nl: Netlink::new()?,
+            node_netns_inode: netns::inode(Path::new("/proc/self/ns/net"))?,
+            adopted: BTreeSet::new(),
+            routed_ztunnel: None,
+        })
+    }
+
+    pub fn dirs(&self) -> &PinDirs {
+        &self.dirs
+    }
+
+    fn attachments(&self, facts: &NodeFacts) -> Vec<(Option<crate::state::PodId>, Attachment)> {
+        let node = |hook, link: &crate::nl::Link| Attachment {
+            hook,
+            netns_inode: self.node_netns_inode,
+            ifindex: link.index,
+            ifname: link.name.clone(),
+            netns: None,
+        };
+        let mut out = Vec::new();
+        if let Some(z) = &facts.ztunnel {
+            out.push((Some(z.pod.clone()), node(Hook::ZtunnelReturn, &z.host_veth)));
+            out.push((
+                Some(z.pod.clone()),
+                Attachment {
+                    hook: Hook::ZtunnelTproxy,
+                    netns_inode: z.netns_inode,
+                    ifindex: z.eth0.index,
+                    ifname: z.eth0.name.clone(),
+                    netns: Some(z.netns.clone()),
+                },
+            ));
+        }
+        for (id, pod) in &facts.pods {
+            out.push((Some(id.clone()), node(Hook::PodOutbound, &pod.veth)));
+            out.push((Some(id.clone()), node(Hook::PodInbound, &pod.veth)));
+        }
+        out
+    }
+
+    /// `ip rule 20000 fwmark 0x400/0xfff lookup 100` and `local default dev lo table 100` in
+    /// ztunnel's netns, and their removal from a previous ztunnel's netns if it still exists.
+    fn route_ztunnel(&mut self, facts: &NodeFacts) -> Result<()> {
+        let want = facts.ztunnel.as_ref().map(|z| (z.netns.clone(), z.ips.iter().any(IpAddr::is_ipv6)));
+        if let Some((old, v6)) = self.routed_ztunnel.take() {
+            if Some(&old) != want.as_ref().map(|w| &w.0) && old.exists() {
+                if let Err(e) = unroute_ztunnel(&old, v6) {
+                    log::warn!("removing tproxy routing from old ztunnel netns {}: {e}", old.display());
+                }
+            }
+        }
+        if let Some((ns, v6)) = want {
+            netns::run_in(&ns, || -> Result<()> {
+                let nl = Netlink::new()?;
+                for fam_v6 in [false, true] {
+                    if fam_v6 && !v6 {
+                        continue;
+                    }
+                    nl.ensure_fwmark_rule(TPROXY_RULE, fam_v6)?;
+                    nl.ensure_local_default(ZTUNNEL_TPROXY_TABLE, fam_v6)?;
+                }
+                Ok(())
+            })??;
+            self.routed_ztunnel = Some((ns, v6));
+        }
+        Ok(())
+    }
+}
+
+fn unroute_ztunnel(ns: &Path, v6: bool) -> Result<()> {
+    netns::run_in(ns, || -> Result<()> {
+        let nl = Netlink::new()?;
+        for fam_v6 in [false, true] {
+            if fam_v6 && !v6 {
+                continue;
+            }
+            nl.remove_fwmark_rule(TPROXY_RULE, fam_v6)?;
+            nl.remove_local_default(ZTUNNEL_TPROXY_TABLE, fam_v6)?;
+        }
+        Ok(())
+    })?
+}
+
+impl Dataplane for EbpfDataplane {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn apply(&mut self, state: &NodeState) -> Result<Report> {
+        mkdirs(&self.dirs)?;
+        let mut facts = facts::resolve(&self.nl, state)?;
+        let mut report = Report::default();
+        report.failed.append(&mut facts.failures);
+        if let Some(z) = &facts.ztunnel {
+            if let Err(e) = self.route_ztunnel(&facts) {
+                report.failed.push((z.pod.clone(), e));
+                facts.ztunnel = None;
+            }
+        } else {
+            self.route_ztunnel(&facts)?;
+        }
+
+        let desired = maps::desired(&facts);
+        self.maps.upsert(&desired)?;
+        let owned = self.attachments(&facts);
+        let wanted: Vec<Attachment> = owned.iter().map(|(_, a)| a.clone()).collect();
+        let failures = attach::ensure(&mut self.ebpf, &self.dirs.links, &wanted, &mut self.adopted);
+        attach::remove_stale(&self.dirs.links, &wanted, &mut self.adopted)?;
+        self.maps.remove_stale(&desired)?;
+
+        let mut failed_pods = BTreeSet::new();
+        for (a, e) in failures {
+            if let Some((Some(id), _)) = owned.iter().find(|(_, o)| *o == a) {
+                failed_pods.insert(id.clone());
+                report.failed.push((id.clone(), e));
+            }
+        }
+        report.ztunnel_ready =
+            facts.ztunnel.as_ref().is_some_and(|z| !failed_pods.contains(&z.pod));
+        report.captured = facts.pods.keys().filter(|id| !failed_pods.contains(id)).cloned().collect();
+        Ok(report)
+    }
+}
+
+/// What `cleanup` removed.
+#[derive(Debug, Default)]
+pub struct Cleaned {
+    pub links: usize,
+    pub maps: usize,
+    pub ztunnel_netns: Vec<PathBuf>,
+}
+
+/// Removes every link, pin and ztunnel-netns rule of this node's eBPF dataplane, working from the
+/// pins alone (no agent needs to run). Links go first, so no program is left without its maps.
+pub fn cleanup(bpffs: &Path, node: &str) -> Result<Cleaned> {
+    let dirs = PinDirs::new(bpffs, node);
+    let mut cleaned = Cleaned::default();
+    for (name, pinned) in attach::pinned(&dirs.links)? {
+        if pinned.hook == Hook::ZtunnelTproxy {
+            if let Some(ns) = netns::find_by_inode(pinned.netns_inode) {
+                // Both families: removing an absent rule is not an error.
+                match unroute_ztunnel(&ns, true).or_else(|_| unroute_ztunnel(&ns, false)) {
+                    Ok(()) => cleaned.ztunnel_netns.push(ns),
+                    Err(e) => log::warn!("ztunnel netns {}: {e}", ns.display()),
+                }
+            }
+        }
+        attach::unpin(&dirs.links, &name)?;
+        cleaned.links += 1;
+    }
+    for name in maps::ALL {
+        let path = dirs.maps.join(name);
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|e| Error::Bpffs { path, reason: e.to_string() })?;
+            cleaned.maps += 1;
+        }
+    }
+    // Remove our directories bottom-up, stopping at the first that holds something else.
+    for d in [&dirs.links, &dirs.maps, &dirs.root] {
+        let _ = std::fs::remove_dir(d);
+    }
+    let mut up = dirs.root.parent();
+    while let Some(d) = up.filter(|d| d.starts_with(bpffs.join("zdivert"))) {
+        if std::fs::remove_dir(d).is_err() {
+            break;
+        }
+        up = d.parent();
+    }
+    Ok(cleaned)
+}

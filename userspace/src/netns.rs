@@ -1,0 +1,56 @@
+//! Network namespaces are per thread (`setns`): work that must happen inside another netns runs
+//! on a thread of its own, so the agent's threads never change namespace. Sockets and netlink
+//! connections opened there stay bound to that netns and may be used from anywhere afterwards.
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use crate::error::{Error, Result};
+
+/// Runs `f` on a scoped thread that has joined the network namespace at `path`.
+pub fn run_in<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let ns = File::open(path).map_err(|source| Error::Netns { path: path.into(), source })?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on an fd we own; affects only this (scoped, short-lived) thread.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(Error::Netns {
+                        path: path.into(),
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|_| {
+                Err(Error::Netns {
+                    path: path.into(),
+                    source: std::io::Error::other("worker thread panicked"),
+                })
+            })
+    })
+}
+
+/// The inode of a netns file: identifies a namespace whatever path it was reached by.
+pub fn inode(path: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path)
+        .map(|m| m.ino())
+        .map_err(|source| Error::Netns { path: PathBuf::from(path), source })
+}
+
+/// A path to the network namespace with this inode, if any process or `/run/netns` name still
+/// holds it: how `cleanup` finds ztunnel's netns from a pin name alone.
+pub fn find_by_inode(ino: u64) -> Option<PathBuf> {
+    let named = std::fs::read_dir("/run/netns").into_iter().flatten().flatten().map(|e| e.path());
+    let procs = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .map(|e| e.path().join("ns/net"));
+    named.chain(procs).find(|p| inode(p).ok() == Some(ino))
+}

@@ -1,0 +1,229 @@
+//! The netlink queries and changes the agent needs, synchronous: each `Netlink` owns a private
+//! single-threaded runtime and a socket bound to the netns it was created in.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use futures_util::TryStreamExt as _;
+use netlink_packet_route::{
+    address::AddressAttribute,
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
+    route::{RouteAttribute, RouteScope, RouteType},
+    rule::{RuleAction, RuleAttribute, RuleMessage},
+};
+use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
+
+use crate::error::{Error, Result};
+
+/// An interface: what the programs and maps need to know about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub name: String,
+    pub index: u32,
+    pub mac: [u8; 6],
+    pub is_veth: bool,
+}
+
+pub struct Netlink {
+    rt: tokio::runtime::Runtime,
+    handle: Handle,
+}
+
+/// A policy rule `priority: fwmark mark/mask lookup table`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FwmarkRule {
+    pub priority: u32,
+    pub mark: u32,
+    pub mask: u32,
+    pub table: u32,
+}
+
+fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
+    let what = what.into();
+    move |e| Error::Netlink { what, reason: e.to_string() }
+}
+
+impl Netlink {
+    /// Opens a netlink connection in the calling thread's current netns.
+    pub fn new() -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(|e| Error::Netlink { what: "runtime".into(), reason: e.to_string() })?;
+        let handle = rt.block_on(async {
+            let (conn, handle, _) = rtnetlink::new_connection()
+                .map_err(|e| Error::Netlink { what: "socket".into(), reason: e.to_string() })?;
+            tokio::spawn(conn);
+            Ok::<_, Error>(handle)
+        })?;
+        Ok(Netlink { rt, handle })
+    }
+
+    pub fn link_by_index(&self, index: u32) -> Result<Link> {
+        let what = format!("link {index}");
+        let msg = self.rt.block_on(async {
+            self.handle.link().get().match_index(index).execute().try_next().await
+        });
+        match msg.map_err(nl_err(what.clone()))? {
+            Some(m) => Ok(to_link(&m)),
+            None => Err(Error::Netlink { what, reason: "not found".into() }),
+        }
+    }
+
+    pub fn links(&self) -> Result<Vec<Link>> {
+        self.rt
+            .block_on(async { self.handle.link().get().execute().try_collect::<Vec<_>>().await })
+            .map(|v| v.iter().map(to_link).collect())
+            .map_err(nl_err("link dump"))
+    }
+
+    /// Every address configured on any interface, with the interface's index.
+    pub fn addresses(&self) -> Result<Vec<(u32, IpAddr)>> {
+        let msgs = self
+            .rt
+            .block_on(async { self.handle.address().get().execute().try_collect::<Vec<_>>().await })
+            .map_err(nl_err("address dump"))?;
+        Ok(msgs
+            .iter()
+            .flat_map(|m| {
+                m.attributes.iter().filter_map(move |a| match a {
+                    AddressAttribute::Address(ip) => Some((m.header.index, *ip)),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    /// The output interface of the route the kernel would use for `ip` (`ip route get`).
+    pub fn route_oif(&self, ip: IpAddr) -> Result<Option<u32>> {
+        let len = if ip.is_ipv4() { 32 } else { 128 };
+        let msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(ip, len)
+            .map_err(|e| Error::Netlink { what: format!("route to {ip}"), reason: e.to_string() })?
+            .build();
+        let res = self
+            .rt
+            .block_on(async { self.handle.route().get(msg).execute().try_next().await });
+        match res {
+            Ok(Some(route)) => {
+                let unicast = route.header.kind == RouteType::Unicast;
+                let oif = route.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                });
+                Ok(if unicast { oif } else { None })
+            }
+            Ok(None) => Ok(None),
+            // ENETUNREACH / EHOSTUNREACH: no route at all.
+            Err(rtnetlink::Error::NetlinkError(_)) => Ok(None),
+            Err(e) => Err(nl_err(format!("route to {ip}"))(e)),
+        }
+    }
+
+    pub fn fwmark_rules(&self, v6: bool) -> Result<Vec<FwmarkRule>> {
+        let version = if v6 { IpVersion::V6 } else { IpVersion::V4 };
+        let msgs = self
+            .rt
+            .block_on(async { self.handle.rule().get(version).execute().try_collect::<Vec<_>>().await })
+            .map_err(nl_err("rule dump"))?;
+        Ok(msgs.iter().filter_map(to_fwmark_rule).collect())
+    }
+
+    /// Adds the rule unless an identical one exists.
+    pub fn ensure_fwmark_rule(&self, rule: FwmarkRule, v6: bool) -> Result<()> {
+        if self.fwmark_rules(v6)?.contains(&rule) {
+            return Ok(());
+        }
+        let what = format!("rule {} fwmark {:#x}/{:#x}", rule.priority, rule.mark, rule.mask);
+        self.rt
+            .block_on(async {
+                let mut req = self
+                    .handle
+                    .rule()
+                    .add()
+                    .priority(rule.priority)
+                    .fw_mark(rule.mark)
+                    .table_id(rule.table)
+                    .action(RuleAction::ToTable);
+                req.message_mut().attributes.push(RuleAttribute::FwMask(rule.mask));
+                if v6 { req.v6().execute().await } else { req.v4().execute().await }
+            })
+            .map_err(nl_err(what))
+    }
+
+    /// Deletes every rule equal to `rule`; a missing one is not an error.
+    pub fn remove_fwmark_rule(&self, rule: FwmarkRule, v6: bool) -> Result<()> {
+        let version = if v6 { IpVersion::V6 } else { IpVersion::V4 };
+        let msgs = self
+            .rt
+            .block_on(async { self.handle.rule().get(version).execute().try_collect::<Vec<_>>().await })
+            .map_err(nl_err("rule dump"))?;
+        for m in msgs.into_iter().filter(|m| to_fwmark_rule(m) == Some(rule)) {
+            self.rt
+                .block_on(self.handle.rule().del(m).execute())
+                .map_err(nl_err(format!("deleting rule {}", rule.priority)))?;
+        }
+        Ok(())
+    }
+
+    /// `ip route replace local 0.0.0.0/0 dev lo table <table>` (or `::/0` for v6).
+    pub fn ensure_local_default(&self, table: u32, v6: bool) -> Result<()> {
+        let msg = self.local_default(table, v6)?;
+        self.rt
+            .block_on(self.handle.route().add(msg).replace().execute())
+            .map_err(nl_err(format!("local default route in table {table}")))
+    }
+
+    pub fn remove_local_default(&self, table: u32, v6: bool) -> Result<()> {
+        let msg = self.local_default(table, v6)?;
+        match self.rt.block_on(self.handle.route().del(msg).execute()) {
+            Ok(()) | Err(rtnetlink::Error::NetlinkError(_)) => Ok(()),
+            Err(e) => Err(nl_err(format!("local default route in table {table}"))(e)),
+        }
+    }
+
+    fn local_default(&self, table: u32, v6: bool) -> Result<netlink_packet_route::route::RouteMessage> {
+        let lo = self
+            .links()?
+            .into_iter()
+            .find(|l| l.name == "lo")
+            .ok_or_else(|| Error::Netlink { what: "link lo".into(), reason: "not found".into() })?;
+        let any = if v6 { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(any, 0)
+            .map_err(|e| Error::Netlink { what: "local route".into(), reason: e.to_string() })?
+            .table_id(table)
+            .kind(RouteType::Local)
+            .scope(RouteScope::Host)
+            .output_interface(lo.index);
+        b.get_mut().header.table = if table < 256 { table as u8 } else { 252 };
+        Ok(b.build())
+    }
+}
+
+fn to_link(m: &LinkMessage) -> Link {
+    let mut link = Link { name: String::new(), index: m.header.index, mac: [0; 6], is_veth: false };
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::IfName(n) => link.name = n.clone(),
+            LinkAttribute::Address(a) if a.len() == 6 => link.mac.copy_from_slice(a),
+            LinkAttribute::LinkInfo(infos) => {
+                link.is_veth = infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)))
+            }
+            _ => {}
+        }
+    }
+    link
+}
+
+fn to_fwmark_rule(m: &RuleMessage) -> Option<FwmarkRule> {
+    let (mut priority, mut mark, mut mask, mut table) = (None, None, None, m.header.table as u32);
+    for a in &m.attributes {
+        match a {
+            RuleAttribute::Priority(p) => priority = Some(*p),
+            RuleAttribute::FwMark(v) => mark = Some(*v),
+            RuleAttribute::FwMask(v) => mask = Some(*v),
+            RuleAttribute::Table(t) => table = *t,
+            _ => {}
+        }
+    }
+    Some(FwmarkRule { priority: priority?, mark: mark?, mask: mask.unwrap_or(u32::MAX), table })
+}

@@ -1,0 +1,146 @@
+//! A YAML node description, for labs and tests: the ztunnel pod (IPs, netns path) and the ambient
+//! pods (IPs). Validated whole: a bad file is rejected with the entry that is wrong named, and
+//! the agent keeps the last good state.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::{
+    error::{Error, Result},
+    state::{NodeState, PodId, PodSpec, ZtunnelSpec},
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeFile {
+    node: String,
+    #[serde(default)]
+    ztunnel: Option<ZtunnelEntry>,
+    #[serde(default)]
+    pods: Vec<PodEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ZtunnelEntry {
+    name: String,
+    #[serde(default = "istio_system")]
+    namespace: String,
+    ips: Vec<String>,
+    netns: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PodEntry {
+    name: String,
+    #[serde(default = "default_ns")]
+    namespace: String,
+    ips: Vec<String>,
+}
+
+fn istio_system() -> String {
+    "istio-system".into()
+}
+fn default_ns() -> String {
+    "default".into()
+}
+
+pub fn read(path: &Path) -> Result<NodeState> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::NodeFile { path: path.into(), reason: e.to_string() })?;
+    parse(&text).map_err(|reason| Error::NodeFile { path: path.into(), reason })
+}
+
+pub fn parse(text: &str) -> Result<NodeState, String> {
+    let file: NodeFile = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    if file.node.trim().is_empty() {
+        return Err("`node` is empty".into());
+    }
+    // Which entry claimed each address first: two owners would let one pass for the other.
+    let mut owners: HashMap<IpAddr, String> = HashMap::new();
+    let mut claim = |who: &str, ips: &[String]| -> Result<Vec<IpAddr>, String> {
+        if ips.is_empty() {
+            return Err(format!("{who}: no `ips`"));
+        }
+        ips.iter()
+            .map(|s| {
+                let ip: IpAddr =
+                    s.parse().map_err(|_| format!("{who}: `{s}` is not an IP address"))?;
+                if let Some(other) = owners.insert(ip, who.to_string()) {
+                    return Err(format!("{who}: address {ip} is also claimed by {other}"));
+                }
+                Ok(ip)
+            })
+            .collect()
+    };
+    let ztunnel = match file.ztunnel {
+        Some(z) => {
+            let pod = PodId { namespace: z.namespace, name: z.name };
+            let ips = claim(&format!("ztunnel {pod}"), &z.ips)?;
+            Some(ZtunnelSpec { pod, ips, netns: z.netns })
+        }
+        None => None,
+    };
+    let mut pods = BTreeMap::new();
+    for p in file.pods {
+        let id = PodId { namespace: p.namespace, name: p.name };
+        let ips = claim(&format!("pod {id}"), &p.ips)?;
+        if pods.insert(id.clone(), PodSpec { ips }).is_some() {
+            return Err(format!("pod {id} is listed twice"));
+        }
+    }
+    Ok(NodeState { node: file.node, ztunnel, pods })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node: ambient-worker2
+ztunnel: { name: ztunnel-x, ips: [10.244.2.10], netns: /run/netns/zt }
+pods:
+  - { name: productpage-v1, ips: [10.244.2.3] }
+  - { name: reviews-v1, namespace: bookinfo, ips: [10.244.2.7, "fd00:10:244:2::7"] }
+"#;
+
+    #[test]
+    fn parses_the_article_node() {
+        let s = parse(GOOD).unwrap();
+        assert_eq!(s.node, "ambient-worker2");
+        let z = s.ztunnel.unwrap();
+        assert_eq!(z.pod.to_string(), "istio-system/ztunnel-x");
+        assert_eq!(z.ips, vec!["10.244.2.10".parse::<IpAddr>().unwrap()]);
+        let reviews = PodId { namespace: "bookinfo".into(), name: "reviews-v1".into() };
+        assert_eq!(s.pods[&reviews].ips.len(), 2);
+        assert!(s.pods.contains_key(&PodId { namespace: "default".into(), name: "productpage-v1".into() }));
+    }
+
+    #[test]
+    fn rejects_bad_input_naming_the_entry() {
+        let cases = [
+            ("node: n\npods: [{name: a, ips: [10.0.0.300]}]", "pod default/a: `10.0.0.300` is not an IP"),
+            ("node: n\npods: [{name: a, ips: []}]", "pod default/a: no `ips`"),
+            (
+                "node: n\npods: [{name: a, ips: [10.0.0.1]}, {name: b, ips: [10.0.0.1]}]",
+                "pod default/b: address 10.0.0.1 is also claimed by pod default/a",
+            ),
+            (
+                "node: n\nztunnel: {name: z, ips: [10.0.0.1], netns: /x}\npods: [{name: a, ips: [10.0.0.1]}]",
+                "also claimed by ztunnel istio-system/z",
+            ),
+            ("node: n\npods: [{name: a, ips: [10.0.0.1]}, {name: a, ips: [10.0.0.2]}]", "listed twice"),
+            ("node: n\npods: [{name: a, ips: [10.0.0.1], colour: red}]", "unknown field `colour`"),
+            ("node: ''", "`node` is empty"),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(want), "{text:?}: got {err:?}, want {want:?}");
+        }
+    }
+}

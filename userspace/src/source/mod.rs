@@ -1,0 +1,2 @@
+//! Where the desired node state comes from.
+pub mod file;

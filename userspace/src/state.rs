@@ -1,0 +1,38 @@
+//! The desired state of a node, independent of where it came from (file, Kubernetes) and of the
+//! dataplane that realises it.
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodId {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for PodId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// An ambient pod on this node whose traffic must go through ztunnel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodSpec {
+    /// Every address of the pod (`status.podIPs`), IPv4 and IPv6.
+    pub ips: Vec<IpAddr>,
+}
+
+/// The node's ztunnel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ZtunnelSpec {
+    pub pod: PodId,
+    pub ips: Vec<IpAddr>,
+    /// ztunnel's network namespace (a `/run/netns` name or `/proc/<pid>/ns/net`).
+    pub netns: PathBuf,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeState {
+    pub node: String,
+    pub ztunnel: Option<ZtunnelSpec>,
+    pub pods: BTreeMap<PodId, PodSpec>,
+}

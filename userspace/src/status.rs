@@ -1,0 +1,111 @@
+//! `zdivert status`: the pinned maps, links and counters, decoded, for one node.
+use std::{fmt::Write as _, net::IpAddr, path::Path};
+
+use serde::Serialize;
+
+use crate::{
+    dataplane::ebpf::{PinDirs, attach, maps},
+    error::Result,
+};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub node: String,
+    pub pins: String,
+    pub ztunnel: Option<ZtunnelStatus>,
+    pub pods: Vec<PodStatus>,
+    pub node_ips: Vec<IpAddr>,
+    pub links: Vec<String>,
+    pub counters: Vec<Counter>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ZtunnelStatus {
+    pub host_ifindex: u32,
+    pub mac: String,
+    pub ipv4: Option<IpAddr>,
+    pub ipv6: Option<IpAddr>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PodStatus {
+    pub ip: IpAddr,
+    pub host_ifindex: u32,
+    pub host_mac: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Counter {
+    pub path: &'static str,
+    pub outcome: &'static str,
+    pub packets: u64,
+}
+
+pub fn mac(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+pub fn read(bpffs: &Path, node: &str) -> Result<Status> {
+    let dirs = PinDirs::new(bpffs, node);
+    let snap = maps::snapshot(&dirs.maps)?;
+    let ztunnel = snap.ztunnel.map(|z| ZtunnelStatus {
+        host_ifindex: z.host_ifindex,
+        mac: mac(&z.mac),
+        ipv4: (z.flags & zdivert_common::ZTUNNEL_F_V4 != 0).then(|| IpAddr::from(z.ipv4)),
+        ipv6: (z.flags & zdivert_common::ZTUNNEL_F_V6 != 0).then(|| IpAddr::from(z.ipv6)),
+    });
+    Ok(Status {
+        node: node.into(),
+        pins: dirs.root.display().to_string(),
+        ztunnel,
+        pods: snap
+            .pods
+            .iter()
+            .map(|(ip, e)| PodStatus { ip: *ip, host_ifindex: e.host_ifindex, host_mac: mac(&e.host_mac) })
+            .collect(),
+        node_ips: snap.node_ips,
+        links: attach::pinned(&dirs.links)?.values().map(|p| p.to_string()).collect(),
+        counters: snap
+            .counters
+            .into_iter()
+            .map(|(path, outcome, packets)| Counter { path, outcome, packets })
+            .collect(),
+    })
+}
+
+impl Status {
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "node {} (pinned under {})", self.node, self.pins);
+        match &self.ztunnel {
+            Some(z) => {
+                let ips: Vec<String> = z.ipv4.iter().chain(&z.ipv6).map(|i| i.to_string()).collect();
+                let _ = writeln!(
+                    s,
+                    "ztunnel: {} via host ifindex {}, eth0 {}",
+                    ips.join(", "),
+                    z.host_ifindex,
+                    z.mac
+                );
+            }
+            None => {
+                let _ = writeln!(s, "ztunnel: none (ambient pods' TCP is dropped: fail closed)");
+            }
+        }
+        let _ = writeln!(s, "ambient pod addresses ({}):", self.pods.len());
+        for p in &self.pods {
+            let _ = writeln!(s, "  {:<24} host ifindex {:<5} gateway mac {}", p.ip, p.host_ifindex, p.host_mac);
+        }
+        let ips: Vec<String> = self.node_ips.iter().map(|i| i.to_string()).collect();
+        let _ = writeln!(s, "node addresses (not captured): {}", ips.join(", "));
+        let _ = writeln!(s, "attachments ({}):", self.links.len());
+        for l in &self.links {
+            let _ = writeln!(s, "  {l}");
+        }
+        let _ = writeln!(s, "packets:");
+        for c in &self.counters {
+            let _ = writeln!(s, "  {:<15} {:<22} {}", c.path, c.outcome, c.packets);
+        }
+        s
+    }
+}
