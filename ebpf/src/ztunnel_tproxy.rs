@@ -57,7 +57,7 @@ pub fn zd_zt_tproxy(ctx: TcContext) -> i32 {
     // SAFETY: helper contract: tuple points to a live stack buffer of the given length; every
     // socket returned is released on every path below.
     unsafe {
-        let sk = bpf_skc_lookup_tcp(ctx.skb.skb as *mut c_void, tuple.ptr(), tuple.len, NETNS, 0);
+        let sk = tuple.lookup(&ctx, Lookup::AnyState);
         if !sk.is_null() {
             let state = (*sk).state;
             // A listener on the original port is not this connection's socket; a TIME_WAIT socket
@@ -79,10 +79,10 @@ pub fn zd_zt_tproxy(ctx: TcContext) -> i32 {
         tuple.set_dport(port);
         // A listener on the wildcard address matches any destination; one bound to loopback (as
         // the original TPROXY rules' --on-ip 127.0.0.1 expected) only matches loopback.
-        let mut sk = bpf_sk_lookup_tcp(ctx.skb.skb as *mut c_void, tuple.ptr(), tuple.len, NETNS, 0);
+        let mut sk = tuple.lookup(&ctx, Lookup::FullSocket);
         if sk.is_null() {
             tuple.set_loopback_dst(ip.v6);
-            sk = bpf_sk_lookup_tcp(ctx.skb.skb as *mut c_void, tuple.ptr(), tuple.len, NETNS, 0);
+            sk = tuple.lookup(&ctx, Lookup::FullSocket);
         }
         if sk.is_null() {
             // ztunnel is not listening: nothing may pass around it.
@@ -112,8 +112,15 @@ unsafe fn assign(ctx: &TcContext, sk: *mut bpf_sock, counter: u32) -> i32 {
 
 struct Tuple {
     raw: bpf_sock_tuple,
-    len: u32,
     v6: bool,
+}
+
+#[derive(Clone, Copy)]
+enum Lookup {
+    /// `bpf_skc_lookup_tcp`: also request (SYN_RECV) and TIME_WAIT sockets.
+    AnyState,
+    /// `bpf_sk_lookup_tcp`: full sockets, listeners included.
+    FullSocket,
 }
 
 impl Tuple {
@@ -135,8 +142,7 @@ impl Tuple {
             t.sport = seg.sport_be;
             t.dport = seg.dport_be;
         }
-        let len = if ip.v6 { V6_TUPLE_LEN } else { V4_TUPLE_LEN };
-        Tuple { raw, len, v6: ip.v6 }
+        Tuple { raw, v6: ip.v6 }
     }
 
     #[inline(always)]
@@ -158,9 +164,21 @@ impl Tuple {
         }
     }
 
+    /// The socket for this tuple, with a reference the caller must release. The tuple's size
+    /// must be a constant for the verifier, hence one call per family.
     #[inline(always)]
-    fn ptr(&mut self) -> *mut bpf_sock_tuple {
-        &mut self.raw
+    fn lookup(&mut self, ctx: &TcContext, how: Lookup) -> *mut bpf_sock {
+        let skb = ctx.skb.skb as *mut c_void;
+        let t: *mut bpf_sock_tuple = &mut self.raw;
+        // SAFETY: `t` points to a live tuple of the size passed.
+        unsafe {
+            match (how, self.v6) {
+                (Lookup::AnyState, false) => bpf_skc_lookup_tcp(skb, t, V4_TUPLE_LEN, NETNS, 0),
+                (Lookup::AnyState, true) => bpf_skc_lookup_tcp(skb, t, V6_TUPLE_LEN, NETNS, 0),
+                (Lookup::FullSocket, false) => bpf_sk_lookup_tcp(skb, t, V4_TUPLE_LEN, NETNS, 0),
+                (Lookup::FullSocket, true) => bpf_sk_lookup_tcp(skb, t, V6_TUPLE_LEN, NETNS, 0),
+            }
+        }
     }
 }
 

@@ -1,0 +1,119 @@
+//! The real `zdivert` binary, run in a simulated node's netns as the DaemonSet would run it on a
+//! node, and always cleaned up (killed, then `zdivert cleanup`), even when a test fails.
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{ns::run, topology::Node};
+
+pub fn zdivert_bin() -> PathBuf {
+    std::env::var_os("ZDIVERT_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/zdivert")
+    })
+}
+
+pub struct Agent {
+    pub node: String,
+    node_ns: PathBuf,
+    pub pods_file: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Writes the node description and starts the agent on it.
+    pub fn start(node: &Node, description: &str) -> Result<Agent> {
+        let dir = std::env::temp_dir().join("zdivert-tests");
+        std::fs::create_dir_all(&dir)?;
+        let pods_file = dir.join(format!("{}.yaml", node.name));
+        std::fs::write(&pods_file, description)?;
+        let mut a = Agent { node: node.name.clone(), node_ns: node.ns.path(), pods_file, child: None };
+        a.spawn()?;
+        Ok(a)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.node_ns.display()))
+            .arg(zdivert_bin())
+            .args(["--node", &self.node, "run", "--pods-file"])
+            .arg(&self.pods_file)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting zdivert")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Rewrites the node description; the agent picks it up.
+    pub fn describe(&self, description: &str) -> Result<()> {
+        let tmp = self.pods_file.with_extension("tmp");
+        std::fs::write(&tmp, description)?;
+        std::fs::rename(&tmp, &self.pods_file)?;
+        Ok(())
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out = run(
+            zdivert_bin().to_str().unwrap(),
+            &["--node", &self.node, "status", "--json"],
+        )?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// Packets counted for `path`/`outcome`.
+    pub fn counter(&self, path: &str, outcome: &str) -> Result<u64> {
+        let st = self.status()?;
+        st["counters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["path"] == path && c["outcome"] == outcome)
+            .and_then(|c| c["packets"].as_u64())
+            .context("no such counter")
+    }
+
+    /// Waits until the pinned state shows `addresses` pod addresses and `links` attachments.
+    pub fn wait_ready(&self, addresses: usize, links: usize) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Ok(st) = self.status() {
+                let pods = st["pods"].as_array().map_or(0, |a| a.len());
+                let l = st["links"].as_array().map_or(0, |a| a.len());
+                if pods == addresses && l == links {
+                    return Ok(st);
+                }
+                last = format!("{pods} addresses, {l} links");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("agent for {} not ready: want {addresses} addresses and {links} links, have {last}", self.node)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        if let Err(e) = run(zdivert_bin().to_str().unwrap(), &["--node", &self.node, "cleanup"]) {
+            eprintln!("cleanup of {}: {e}", self.node);
+        }
+        let _ = std::fs::remove_file(&self.pods_file);
+    }
+}

@@ -1,0 +1,156 @@
+//! Stand-in workloads: a line-based TCP server that tells each client who it saw (so a test
+//! can check which source address reached the pod), a client, and a UDP echo.
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{Arc, Mutex},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::ns::Netns;
+
+/// What a server answered: its name, the peer it saw, and the address it was reached at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub server: String,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+impl Reply {
+    fn parse(line: &str) -> Result<Reply> {
+        let mut it = line.split_whitespace();
+        let (Some(server), Some(peer), Some(local)) = (it.next(), it.next(), it.next()) else {
+            bail!("unexpected reply {line:?}");
+        };
+        Ok(Reply {
+            server: server.into(),
+            peer: peer.trim_start_matches("peer=").parse()?,
+            local: local.trim_start_matches("local=").parse()?,
+        })
+    }
+}
+
+/// A TCP server in a pod: answers each line with `<name> peer=<ip:port> local=<ip:port>`.
+pub struct TcpServer {
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
+    listener: Arc<TcpListener>,
+}
+
+impl TcpServer {
+    pub fn start(ns: &Netns, name: &str, port: u16) -> Result<TcpServer> {
+        let listener = ns.exec(move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))?;
+        let listener = Arc::new(listener);
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let (l, p, name) = (listener.clone(), peers.clone(), name.to_string());
+        thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(conn) = conn else { break };
+                let (p, name) = (p.clone(), name.clone());
+                thread::spawn(move || serve(conn, &name, &p));
+            }
+        });
+        Ok(TcpServer { peers, listener })
+    }
+
+    pub fn seen(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap().clone()
+    }
+}
+
+fn serve(conn: TcpStream, name: &str, peers: &Mutex<Vec<SocketAddr>>) {
+    let (Ok(peer), Ok(local)) = (conn.peer_addr(), conn.local_addr()) else { return };
+    peers.lock().unwrap().push(peer);
+    let Ok(mut w) = conn.try_clone() else { return };
+    for line in BufReader::new(conn).lines() {
+        if line.is_err() || writeln!(w, "{name} peer={peer} local={local}").is_err() {
+            break;
+        }
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd as _;
+        // Wakes the accept loop: shutdown on a listening socket makes accept fail.
+        // SAFETY: shutdown on a live fd we own.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+/// A socket created in the pod's netns, connected to `dst`.
+pub fn connect(ns: &Netns, dst: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    let sock = ns.exec(move || Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)))?;
+    sock.connect_timeout(&dst.into(), timeout).with_context(|| format!("connecting to {dst}"))?;
+    let stream: TcpStream = sock.into();
+    stream.set_read_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
+/// One request on a new connection from the pod: connect, send a line, read the answer.
+pub fn request(ns: &Netns, dst: SocketAddr) -> Result<Reply> {
+    request_timeout(ns, dst, Duration::from_secs(3))
+}
+
+pub fn request_timeout(ns: &Netns, dst: SocketAddr, timeout: Duration) -> Result<Reply> {
+    let conn = connect(ns, dst, timeout)?;
+    exchange(&conn)
+}
+
+/// One line out, one line back, on an open connection.
+pub fn exchange(conn: &TcpStream) -> Result<Reply> {
+    let mut w = conn;
+    w.write_all(b"hello\n")?;
+    let mut line = String::new();
+    BufReader::new(conn).read_line(&mut line).context("reading the reply")?;
+    Reply::parse(&line)
+}
+
+/// A UDP echo in a pod that prefixes the peer it saw.
+pub struct UdpEcho {
+    sock: Arc<UdpSocket>,
+}
+
+impl UdpEcho {
+    pub fn start(ns: &Netns, port: u16) -> Result<UdpEcho> {
+        let sock = Arc::new(ns.exec(move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))?);
+        let s = sock.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((n, peer)) = s.recv_from(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let msg = format!("{peer} {}", String::from_utf8_lossy(&buf[..n]));
+                let _ = s.send_to(msg.as_bytes(), peer);
+            }
+        });
+        Ok(UdpEcho { sock })
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: shutdown on a live fd we own; wakes recv_from.
+        unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+/// Sends one datagram from the pod and returns the echo: `<peer the server saw> <payload>`.
+pub fn udp_request(ns: &Netns, dst: SocketAddr) -> Result<String> {
+    let sock = ns.exec(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?;
+    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    sock.send_to(b"ping", dst)?;
+    let mut buf = [0u8; 512];
+    let (n, _) = sock.recv_from(&mut buf).context("no UDP echo")?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+pub fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}

@@ -1,0 +1,133 @@
+//! Network namespaces made by the tests, and a worker thread living in each, so that sockets
+//! can be created inside a namespace (a socket stays in the netns it was created in) while the
+//! test drives them from anywhere.
+use std::{
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::Command,
+    sync::mpsc,
+    thread,
+};
+
+use anyhow::{Context, Result, bail};
+
+/// Runs a command; an error carries its stderr.
+pub fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip -n <ns> -batch -` of several commands at once.
+pub fn ip_batch(ns: &str, commands: &[String]) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new("ip")
+        .args(["-n", ns, "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child.stdin.take().unwrap().write_all(commands.join("\n").as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("ip -n {ns} -batch: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A named network namespace (`/run/netns/<name>`), deleted on drop, with a worker thread in it.
+pub struct Netns {
+    pub name: String,
+    jobs: Option<mpsc::Sender<Job>>,
+    worker: Option<thread::JoinHandle<()>>,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Result<Self> {
+        run("ip", &["netns", "add", name])?;
+        let mut ns = Netns { name: name.into(), jobs: None, worker: None };
+        let file = std::fs::File::open(ns.path())?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        ns.worker = Some(thread::spawn(move || {
+            // SAFETY: setns on an fd we own, for this worker thread only.
+            let ok = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } == 0;
+            let _ = ready_tx.send(ok);
+            if ok {
+                for job in rx {
+                    job();
+                }
+            }
+        }));
+        ns.jobs = Some(tx);
+        if !ready_rx.recv().unwrap_or(false) {
+            bail!("could not enter netns {name}");
+        }
+        run("ip", &["-n", name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Runs `f` inside the namespace and returns its result.
+    pub fn exec<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        self.jobs
+            .as_ref()
+            .expect("worker alive")
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .expect("worker alive");
+        rx.recv().expect("netns worker answered")
+    }
+
+    /// `ip -n <ns> <args>`.
+    pub fn ip(&self, args: &str) -> Result<String> {
+        let mut a = vec!["-n", &self.name];
+        a.extend(args.split_whitespace());
+        run("ip", &a)
+    }
+
+    /// A command run inside the namespace (nsenter keeps the mount namespace: bpffs stays visible).
+    pub fn cmd(&self, program: &str, args: &[&str]) -> Result<String> {
+        let net = format!("--net={}", self.path().display());
+        let mut a = vec![net.as_str(), program];
+        a.extend_from_slice(args);
+        run("nsenter", &a)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value = value.to_string();
+        self.exec(move || std::fs::write(&path, value).with_context(|| path.clone()))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+        if let Err(e) = run("ip", &["netns", "del", &self.name]) {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}
+
+/// A short prefix unique to this process and call, for netns and node names.
+pub fn unique_prefix(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("zdt{}{}{}", std::process::id() % 100000, tag, N.fetch_add(1, Ordering::Relaxed))
+}

@@ -1,0 +1,218 @@
+//! A stand-in ztunnel: a real L4 transparent proxy in ztunnel's netns, forwarding as ztunnel did
+//! in the article's mode, and recording what it saw so tests can assert on the path.
+//!
+//! - :15001 (outbound): the accepted socket's local address is the original destination. A
+//!   Service VIP is resolved to its endpoint. A pod on this node is reached directly with the
+//!   client's address as source (IP_TRANSPARENT bind); a pod elsewhere through *that pod's* IP on
+//!   port 15008 (its node's inbound capture hands it to its ztunnel), with a one-line header
+//!   `ZDHBONE <original source> <destination>` standing in for HBONE's CONNECT.
+//! - :15008 (HBONE): reads the header and connects to the destination as the original source.
+//! - :15006 (plain inbound): connects to the original destination as the client.
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    sync::{Arc, Mutex},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::ns::Netns;
+
+pub const OUTBOUND: u16 = 15001;
+pub const INBOUND: u16 = 15006;
+pub const HBONE: u16 = 15008;
+
+/// One connection accepted by the stand-in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub listener: u16,
+    /// The peer as the listener saw it.
+    pub peer: SocketAddr,
+    /// The accepted socket's local address: the original destination.
+    pub orig_dst: SocketAddr,
+    /// From the HBONE header, on :15008.
+    pub hbone: Option<(SocketAddr, SocketAddr)>,
+    /// Where the stand-in connected, and from which address.
+    pub upstream: Option<(SocketAddr, SocketAddr)>,
+}
+
+#[derive(Clone)]
+pub struct Config {
+    pub ztunnel_ip: Ipv4Addr,
+    /// This node's pod CIDR as (network, prefix length): destinations reached directly.
+    pub local_cidr: (Ipv4Addr, u8),
+    /// Service VIP → endpoint.
+    pub services: Vec<(SocketAddr, SocketAddr)>,
+}
+
+struct Shared {
+    cfg: Config,
+    records: Mutex<Vec<Record>>,
+    ns_path: std::path::PathBuf,
+}
+
+pub struct Standin {
+    shared: Arc<Shared>,
+    listeners: Vec<Arc<TcpListener>>,
+}
+
+impl Standin {
+    pub fn start(ns: &Netns, cfg: Config) -> Result<Standin> {
+        let shared = Arc::new(Shared { cfg, records: Mutex::new(Vec::new()), ns_path: ns.path() });
+        let mut listeners = Vec::new();
+        for port in [OUTBOUND, INBOUND, HBONE] {
+            let l = Arc::new(ns.exec(move || transparent_listener(port))?);
+            let (l2, sh) = (l.clone(), shared.clone());
+            thread::spawn(move || {
+                for conn in l2.incoming() {
+                    let Ok(conn) = conn else { break };
+                    let sh = sh.clone();
+                    thread::spawn(move || {
+                        if let Err(e) = handle(&sh, port, conn) {
+                            eprintln!("stand-in ztunnel :{port}: {e:#}");
+                        }
+                    });
+                }
+            });
+            listeners.push(l);
+        }
+        Ok(Standin { shared, listeners })
+    }
+
+    pub fn records(&self) -> Vec<Record> {
+        self.shared.records.lock().unwrap().clone()
+    }
+
+    pub fn clear(&self) {
+        self.shared.records.lock().unwrap().clear();
+    }
+
+    /// Records whose original destination is `dst`.
+    pub fn to(&self, dst: SocketAddr) -> Vec<Record> {
+        self.records().into_iter().filter(|r| r.orig_dst == dst).collect()
+    }
+}
+
+impl Drop for Standin {
+    fn drop(&mut self) {
+        for l in &self.listeners {
+            // SAFETY: shutdown on a live fd we own; wakes the accept loop.
+            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+}
+
+fn transparent_listener(port: u16) -> Result<TcpListener> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_ip_transparent(true)?;
+    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+fn in_cidr(ip: Ipv4Addr, (net, len): (Ipv4Addr, u8)) -> bool {
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    u32::from(ip) & mask == u32::from(net) & mask
+}
+
+/// A socket in ztunnel's netns, bound to `src` (transparently if it is not ztunnel's), connected
+/// to `dst`.
+fn connect_from(sh: &Shared, src: IpAddr, dst: SocketAddr) -> Result<TcpStream> {
+    let spoof = src != IpAddr::V4(sh.cfg.ztunnel_ip);
+    let file = std::fs::File::open(&sh.ns_path)?;
+    // A short-lived thread in the netns creates the socket; it stays in that netns.
+    let sock = thread::spawn(move || -> Result<Socket> {
+        // SAFETY: setns on an fd we own, in this thread only.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns: {}", std::io::Error::last_os_error());
+        }
+        let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+        if spoof {
+            s.set_ip_transparent(true)?;
+        }
+        s.bind(&SocketAddr::new(src, 0).into())?;
+        Ok(s)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("socket thread panicked"))??;
+    sock.connect_timeout(&dst.into(), Duration::from_secs(3)).with_context(|| format!("{src} -> {dst}"))?;
+    Ok(sock.into())
+}
+
+fn handle(sh: &Shared, port: u16, mut conn: TcpStream) -> Result<()> {
+    let peer = conn.peer_addr()?;
+    let orig_dst = conn.local_addr()?;
+    let mut rec = Record { listener: port, peer, orig_dst, hbone: None, upstream: None };
+    let (upstream, header) = match port {
+        OUTBOUND => {
+            let target = sh
+                .cfg
+                .services
+                .iter()
+                .find(|(vip, _)| *vip == orig_dst)
+                .map_or(orig_dst, |(_, ep)| *ep);
+            let IpAddr::V4(t) = target.ip() else { bail!("IPv4 only") };
+            if in_cidr(t, sh.cfg.local_cidr) {
+                (connect_from(sh, peer.ip(), target)?, None)
+            } else {
+                let hop = SocketAddr::new(target.ip(), HBONE);
+                let s = connect_from(sh, IpAddr::V4(sh.cfg.ztunnel_ip), hop)?;
+                (s, Some(format!("ZDHBONE {peer} {target}\n")))
+            }
+        }
+        HBONE => {
+            let line = read_line(&mut conn)?;
+            let mut it = line.split_whitespace();
+            let (Some("ZDHBONE"), Some(src), Some(dst)) = (it.next(), it.next(), it.next()) else {
+                sh.records.lock().unwrap().push(rec);
+                let _ = conn.write_all(b"ztunnel: HBONE header required\n");
+                return Ok(());
+            };
+            let (src, dst): (SocketAddr, SocketAddr) = (src.parse()?, dst.parse()?);
+            rec.hbone = Some((src, dst));
+            (connect_from(sh, src.ip(), dst)?, None)
+        }
+        _ => (connect_from(sh, peer.ip(), orig_dst)?, None),
+    };
+    rec.upstream = Some((upstream.peer_addr()?, upstream.local_addr()?));
+    sh.records.lock().unwrap().push(rec);
+    let mut up = upstream;
+    if let Some(h) = header {
+        up.write_all(h.as_bytes())?;
+    }
+    splice(conn, up)
+}
+
+/// The header line, read byte by byte so nothing after it is consumed.
+fn read_line(conn: &mut TcpStream) -> Result<String> {
+    conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut line = Vec::new();
+    let mut b = [0u8];
+    while line.len() < 256 {
+        if conn.read(&mut b)? == 0 || b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+    }
+    conn.set_read_timeout(None)?;
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// Copies both ways until each side closes, half-closing as TCP does.
+fn splice(a: TcpStream, b: TcpStream) -> Result<()> {
+    let (mut a2, mut b2) = (a.try_clone()?, b.try_clone()?);
+    let t = thread::spawn(move || {
+        let _ = std::io::copy(&mut a2, &mut b2);
+        let _ = b2.shutdown(std::net::Shutdown::Write);
+    });
+    let (mut a3, mut b3) = (a, b);
+    let _ = std::io::copy(&mut b3, &mut a3);
+    let _ = a3.shutdown(std::net::Shutdown::Write);
+    let _ = t.join();
+    Ok(())
+}

@@ -1,0 +1,220 @@
+//! The article's nodes rebuilt in network namespaces (DESIGN.md, "Simulated nodes"): every node is
+//! a netns of its own holding its pods' host veths and routes (ptp, host side 10.244.N.1), every
+//! pod and ztunnel a netns behind a veth, the nodes joined by an underlay veth. Nothing touches
+//! the machine's root namespace; dropping the topology deletes every namespace (and so every
+//! veth) it made.
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use anyhow::{Context, Result};
+
+use crate::ns::{Netns, ip_batch, unique_prefix};
+
+pub struct PodDef {
+    pub name: &'static str,
+    pub namespace: &'static str,
+    pub ip: Ipv4Addr,
+    pub ambient: bool,
+}
+
+pub struct NodeDef {
+    pub name: &'static str,
+    /// Third octet of the node's pod CIDR 10.244.N.0/24.
+    pub cidr_octet: u8,
+    pub underlay_ip: Ipv4Addr,
+    pub ztunnel: Ipv4Addr,
+    pub pods: Vec<PodDef>,
+}
+
+const fn pod(name: &'static str, namespace: &'static str, ip: [u8; 4], ambient: bool) -> PodDef {
+    PodDef { name, namespace, ip: Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]), ambient }
+}
+
+/// The article's node `ambient-worker2` with bookinfo, a non-ambient `sleep` pod, and the second
+/// node `ambient-worker` with details-v1 and a non-ambient `curl`.
+pub fn article_nodes() -> Vec<NodeDef> {
+    vec![
+        NodeDef {
+            name: "ambient-worker2",
+            cidr_octet: 2,
+            underlay_ip: Ipv4Addr::new(172, 18, 0, 3),
+            ztunnel: Ipv4Addr::new(10, 244, 2, 10),
+            pods: vec![
+                pod("productpage-v1", "default", [10, 244, 2, 3], true),
+                pod("ratings-v1", "default", [10, 244, 2, 2], true),
+                pod("reviews-v1", "default", [10, 244, 2, 7], true),
+                pod("reviews-v2", "default", [10, 244, 2, 5], true),
+                pod("reviews-v3", "default", [10, 244, 2, 8], true),
+                pod("sleep", "legacy", [10, 244, 2, 20], false),
+            ],
+        },
+        NodeDef {
+            name: "ambient-worker",
+            cidr_octet: 1,
+            underlay_ip: Ipv4Addr::new(172, 18, 0, 2),
+            ztunnel: Ipv4Addr::new(10, 244, 1, 19),
+            pods: vec![
+                pod("details-v1", "default", [10, 244, 1, 4], true),
+                pod("curl", "legacy", [10, 244, 1, 21], false),
+            ],
+        },
+    ]
+}
+
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub ip: Ipv4Addr,
+    pub ambient: bool,
+    pub host_veth: String,
+    pub ns: Netns,
+}
+
+pub struct Node {
+    /// Unique per run (pins live under this name): `<prefix>-<article name>`.
+    pub name: String,
+    pub article_name: &'static str,
+    pub gateway: Ipv4Addr,
+    pub underlay_ip: Ipv4Addr,
+    pub ns: Netns,
+    pub ztunnel: Pod,
+    pub pods: BTreeMap<String, Pod>,
+}
+
+impl Node {
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.get(name).unwrap_or_else(|| panic!("no pod {name} on {}", self.name))
+    }
+
+    /// The node description the agent reads: ztunnel and the ambient pods.
+    pub fn pods_file(&self, with_ztunnel: bool) -> String {
+        let mut s = format!("node: {}\n", self.name);
+        if with_ztunnel {
+            s += &format!(
+                "ztunnel: {{ name: ztunnel-{}, ips: [{}], netns: {} }}\n",
+                self.article_name,
+                self.ztunnel.ip,
+                self.ztunnel.ns.path().display()
+            );
+        }
+        s += "pods:\n";
+        for p in self.pods.values().filter(|p| p.ambient) {
+            s += &format!("  - {{ name: {}, namespace: {}, ips: [{}] }}\n", p.name, p.namespace, p.ip);
+        }
+        s
+    }
+}
+
+pub struct Topology {
+    pub prefix: String,
+    // Pods before nodes: deleting a pod's netns removes its veth pair from the node too.
+    pub nodes: Vec<Node>,
+    _underlay: (),
+}
+
+fn veth_name(node: &str, pod: &str) -> String {
+    // Like the CNI's veth<8 hex>, stable for a pod.
+    let h = format!("{node}/{pod}").bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
+    format!("veth{:08x}", h as u32)
+}
+
+impl Topology {
+    pub fn article() -> Result<Self> {
+        Self::build(article_nodes())
+    }
+
+    pub fn build(defs: Vec<NodeDef>) -> Result<Self> {
+        let prefix = unique_prefix("t");
+        let mut nodes = Vec::new();
+        for def in &defs {
+            nodes.push(build_node(&prefix, def).with_context(|| format!("building node {}", def.name))?);
+        }
+        // The underlay: one veth between every pair of nodes is enough for two.
+        if let [a, b] = &nodes[..] {
+            let cmds = [format!("link add ul0 netns {} type veth peer name ul0 netns {}", a.ns.name, b.ns.name)];
+            ip_batch(&a.ns.name, &cmds)?;
+            for (n, other, other_octet) in [(a, b, defs[1].cidr_octet), (b, a, defs[0].cidr_octet)] {
+                ip_batch(
+                    &n.ns.name,
+                    &[
+                        format!("addr add {}/16 dev ul0", n.underlay_ip),
+                        "link set ul0 up".into(),
+                        format!("route add 10.244.{other_octet}.0/24 via {}", other.underlay_ip),
+                    ],
+                )?;
+            }
+        }
+        Ok(Topology { prefix, nodes, _underlay: () })
+    }
+
+    pub fn node(&self, article_name: &str) -> &Node {
+        self.nodes.iter().find(|n| n.article_name == article_name).expect("node exists")
+    }
+
+    /// The article's node.
+    pub fn worker2(&self) -> &Node {
+        self.node("ambient-worker2")
+    }
+
+    pub fn worker(&self) -> &Node {
+        self.node("ambient-worker")
+    }
+}
+
+fn build_node(prefix: &str, def: &NodeDef) -> Result<Node> {
+    let name = format!("{prefix}-{}", def.name);
+    let ns = Netns::new(&name)?;
+    for (k, v) in [
+        ("net.ipv4.ip_forward", "1"),
+        ("net.ipv4.conf.all.rp_filter", "0"),
+        ("net.ipv4.conf.default.rp_filter", "0"),
+    ] {
+        ns.sysctl(k, v)?;
+    }
+    let gateway = Ipv4Addr::new(10, 244, def.cidr_octet, 1);
+    let make = |p: &PodDef| -> Result<Pod> {
+        let pod_ns = Netns::new(&format!("{name}-{}", p.name))?;
+        let veth = veth_name(def.name, p.name);
+        ip_batch(
+            &ns.name,
+            &[
+                format!("link add {veth} type veth peer name eth0 netns {}", pod_ns.name),
+                format!("addr add {gateway}/32 dev {veth}"),
+                format!("link set {veth} up"),
+                format!("route add {}/32 dev {veth} scope link src {gateway}", p.ip),
+            ],
+        )?;
+        ip_batch(
+            &pod_ns.name,
+            &[
+                format!("addr add {}/32 dev eth0", p.ip),
+                "link set eth0 up".into(),
+                format!("route add {gateway} dev eth0 scope link"),
+                format!("route add default via {gateway} dev eth0 src {}", p.ip),
+            ],
+        )?;
+        Ok(Pod {
+            name: p.name.into(),
+            namespace: p.namespace.into(),
+            ip: p.ip,
+            ambient: p.ambient,
+            host_veth: veth,
+            ns: pod_ns,
+        })
+    };
+    let ztunnel = make(&PodDef { name: "ztunnel", namespace: "istio-system", ip: def.ztunnel, ambient: false })?;
+    let mut pods = BTreeMap::new();
+    for p in &def.pods {
+        pods.insert(p.name.to_string(), make(p)?);
+    }
+    Ok(Node {
+        name,
+        article_name: def.name,
+        gateway,
+        underlay_ip: def.underlay_ip,
+        ns,
+        ztunnel,
+        pods,
+    })
+}

@@ -1,0 +1,50 @@
+//! The fixture shared by the eBPF-mode integration tests: both article nodes, a stand-in ztunnel
+//! and an agent on each, all torn down on drop (agents first: they remove their pins).
+#![allow(dead_code)]
+use anyhow::Result;
+use zdivert_tests::{agent::Agent, standin::Standin, standin_for, topology::{Node, Topology}};
+
+pub struct Lab {
+    pub agents: Vec<Agent>,
+    pub standins: Vec<Standin>,
+    pub topo: Topology,
+}
+
+/// Addresses and attachments an agent shows when `node` is fully set up: two programs per
+/// ambient pod's veth, plus ztunnel's return and tproxy programs.
+pub fn expected(node: &Node, with_ztunnel: bool) -> (usize, usize) {
+    let pods = node.pods.values().filter(|p| p.ambient).count();
+    (pods, pods * 2 + if with_ztunnel { 2 } else { 0 })
+}
+
+impl Lab {
+    pub fn start() -> Result<Lab> {
+        let topo = Topology::article()?;
+        let mut lab = Lab { agents: vec![], standins: vec![], topo };
+        for node in &lab.topo.nodes {
+            lab.standins.push(standin_for(node)?);
+            let agent = Agent::start(node, &node.pods_file(true))?;
+            let (a, l) = expected(node, true);
+            agent.wait_ready(a, l)?;
+            lab.agents.push(agent);
+        }
+        Ok(lab)
+    }
+
+    pub fn w2(&self) -> &Node {
+        self.topo.worker2()
+    }
+    pub fn w1(&self) -> &Node {
+        self.topo.worker()
+    }
+    /// The stand-in and agent of the article's node.
+    pub fn z2(&self) -> &Standin {
+        &self.standins[0]
+    }
+    pub fn z1(&self) -> &Standin {
+        &self.standins[1]
+    }
+    pub fn agent2(&self) -> &Agent {
+        &self.agents[0]
+    }
+}
