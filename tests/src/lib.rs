@@ -10,14 +10,17 @@ pub mod topology;
 use topology::Node;
 
 /// The stand-in ztunnel configured for `node` of the article's topology.
-pub fn standin_for(node: &Node) -> anyhow::Result<standin::Standin> {
+pub fn standin_for(
+    node: &Node,
+    services: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
+) -> anyhow::Result<standin::Standin> {
     let o = node.gateway.octets();
     standin::Standin::start(
         &node.ztunnel.ns,
         standin::Config {
             ztunnel_ip: node.ztunnel.ip,
             local_cidr: (std::net::Ipv4Addr::new(o[0], o[1], o[2], 0), 24),
-            services: vec![],
+            services,
         },
     )
 }

@@ -47,12 +47,26 @@ pub struct Netns {
     pub name: String,
     jobs: Option<mpsc::Sender<Job>>,
     worker: Option<thread::JoinHandle<()>>,
+    /// Made by us (deleted on drop), or only attached to.
+    owned: bool,
 }
 
 impl Netns {
     pub fn new(name: &str) -> Result<Self> {
         run("ip", &["netns", "add", name])?;
-        let mut ns = Netns { name: name.into(), jobs: None, worker: None };
+        let ns = Self::enter(name, true)?;
+        run("ip", &["-n", name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Another handle (own worker thread) on an existing `/run/netns` namespace; not deleted on drop.
+    pub fn attach(path: &std::path::Path) -> Result<Self> {
+        let name = path.file_name().and_then(|n| n.to_str()).context("netns path")?;
+        Self::enter(name, false)
+    }
+
+    fn enter(name: &str, owned: bool) -> Result<Self> {
+        let mut ns = Netns { name: name.into(), jobs: None, worker: None, owned };
         let file = std::fs::File::open(ns.path())?;
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -70,7 +84,6 @@ impl Netns {
         if !ready_rx.recv().unwrap_or(false) {
             bail!("could not enter netns {name}");
         }
-        run("ip", &["-n", name, "link", "set", "lo", "up"])?;
         Ok(ns)
     }
 
@@ -118,6 +131,9 @@ impl Drop for Netns {
         drop(self.jobs.take());
         if let Some(w) = self.worker.take() {
             let _ = w.join();
+        }
+        if !self.owned {
+            return;
         }
         if let Err(e) = run("ip", &["netns", "del", &self.name]) {
             eprintln!("cleanup: {e}");

@@ -1,6 +1,8 @@
 //! The fixture shared by the eBPF-mode integration tests: both article nodes, a stand-in ztunnel
 //! and an agent on each, all torn down on drop (agents first: they remove their pins).
 #![allow(dead_code)]
+use std::net::SocketAddr;
+
 use anyhow::Result;
 use zdivert_tests::{agent::Agent, standin::Standin, standin_for, topology::{Node, Topology}};
 
@@ -19,10 +21,16 @@ pub fn expected(node: &Node, with_ztunnel: bool) -> (usize, usize) {
 
 impl Lab {
     pub fn start() -> Result<Lab> {
+        Self::start_with_services(vec![])
+    }
+
+    /// With Service VIP → endpoint entries for the article node's stand-in ztunnel.
+    pub fn start_with_services(services: Vec<(SocketAddr, SocketAddr)>) -> Result<Lab> {
         let topo = Topology::article()?;
         let mut lab = Lab { agents: vec![], standins: vec![], topo };
-        for node in &lab.topo.nodes {
-            lab.standins.push(standin_for(node)?);
+        for (i, node) in lab.topo.nodes.iter().enumerate() {
+            let services = if i == 0 { services.clone() } else { vec![] };
+            lab.standins.push(standin_for(node, services)?);
             let agent = Agent::start(node, &node.pods_file(true))?;
             let (a, l) = expected(node, true);
             agent.wait_ready(a, l)?;
