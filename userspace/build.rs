@@ -6,13 +6,15 @@ use std::{env, fs, path::PathBuf};
 fn main() {
     println!("cargo:rerun-if-env-changed=ZDIVERT_EBPF_OBJECT");
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("zdivert.bpf.o");
-    let object = env::var_os("ZDIVERT_EBPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
-        let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
-        let target = env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| manifest.join("../target"));
-        target.join("bpfel-unknown-none/release/zdivert")
-    });
+    let object = env::var_os("ZDIVERT_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+            let target = env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| manifest.join("../target"));
+            target.join("bpfel-unknown-none/release/zdivert")
+        });
     println!("cargo:rerun-if-changed={}", object.display());
     match fs::read(&object) {
         Ok(bytes) => fs::write(&out, bytes).unwrap(),

@@ -20,7 +20,9 @@ pub struct IpKey {
 impl IpKey {
     pub const fn from_v4(octets: [u8; 4]) -> Self {
         let [a, b, c, d] = octets;
-        IpKey { addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d] }
+        IpKey {
+            addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d],
+        }
     }
 
     pub const fn from_v6(octets: [u8; 16]) -> Self {

@@ -3,7 +3,9 @@
 //!
 //! ztunnel's own deliveries to the pod never come through here: the return program hands them to
 //! the pod with `bpf_redirect_peer`, so no "skip" mark is needed or honoured on this path.
-use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_redirect, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_SHOT, helpers::bpf_redirect, macros::classifier, programs::TcContext,
+};
 use zdivert_common::{TCX_NEXT, counter::*};
 
 use crate::{

@@ -11,9 +11,11 @@ use anyhow::{Context, Result, bail};
 use crate::{ns::run, topology::Node};
 
 pub fn zdivert_bin() -> PathBuf {
-    std::env::var_os("ZDIVERT_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/zdivert")
-    })
+    std::env::var_os("ZDIVERT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/zdivert")
+        })
 }
 
 pub struct Agent {
@@ -30,7 +32,12 @@ impl Agent {
         std::fs::create_dir_all(&dir)?;
         let pods_file = dir.join(format!("{}.yaml", node.name));
         std::fs::write(&pods_file, description)?;
-        let mut a = Agent { node: node.name.clone(), node_ns: node.ns.path(), pods_file, child: None };
+        let mut a = Agent {
+            node: node.name.clone(),
+            node_ns: node.ns.path(),
+            pods_file,
+            child: None,
+        };
         a.spawn()?;
         Ok(a)
     }
@@ -104,14 +111,20 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        bail!("agent for {} not ready: want {addresses} addresses and {links} links, have {last}", self.node)
+        bail!(
+            "agent for {} not ready: want {addresses} addresses and {links} links, have {last}",
+            self.node
+        )
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
-        if let Err(e) = run(zdivert_bin().to_str().unwrap(), &["--node", &self.node, "cleanup"]) {
+        if let Err(e) = run(
+            zdivert_bin().to_str().unwrap(),
+            &["--node", &self.node, "cleanup"],
+        ) {
             eprintln!("cleanup of {}: {e}", self.node);
         }
         let _ = std::fs::remove_file(&self.pods_file);

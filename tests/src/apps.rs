@@ -63,7 +63,9 @@ impl TcpServer {
 }
 
 fn serve(conn: TcpStream, name: &str, peers: &Mutex<Vec<SocketAddr>>) {
-    let (Ok(peer), Ok(local)) = (conn.peer_addr(), conn.local_addr()) else { return };
+    let (Ok(peer), Ok(local)) = (conn.peer_addr(), conn.local_addr()) else {
+        return;
+    };
     peers.lock().unwrap().push(peer);
     let Ok(mut w) = conn.try_clone() else { return };
     for line in BufReader::new(conn).lines() {
@@ -84,8 +86,10 @@ impl Drop for TcpServer {
 
 /// A socket created in the pod's netns, connected to `dst`.
 pub fn connect(ns: &Netns, dst: SocketAddr, timeout: Duration) -> Result<TcpStream> {
-    let sock = ns.exec(move || Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)))?;
-    sock.connect_timeout(&dst.into(), timeout).with_context(|| format!("connecting to {dst}"))?;
+    let sock =
+        ns.exec(move || Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)))?;
+    sock.connect_timeout(&dst.into(), timeout)
+        .with_context(|| format!("connecting to {dst}"))?;
     let stream: TcpStream = sock.into();
     stream.set_read_timeout(Some(timeout))?;
     Ok(stream)
@@ -106,7 +110,9 @@ pub fn exchange(conn: &TcpStream) -> Result<Reply> {
     let mut w = conn;
     w.write_all(b"hello\n")?;
     let mut line = String::new();
-    BufReader::new(conn).read_line(&mut line).context("reading the reply")?;
+    BufReader::new(conn)
+        .read_line(&mut line)
+        .context("reading the reply")?;
     Reply::parse(&line)
 }
 

@@ -1,19 +1,16 @@
 //! Network namespaces made by the tests, and a worker thread living in each, so that sockets
 //! can be created inside a namespace (a socket stays in the netns it was created in) while the
 //! test drives them from anywhere.
-use std::{
-    os::fd::AsRawFd,
-    path::PathBuf,
-    process::Command,
-    sync::mpsc,
-    thread,
-};
+use std::{os::fd::AsRawFd, path::PathBuf, process::Command, sync::mpsc, thread};
 
 use anyhow::{Context, Result, bail};
 
 /// Runs a command; an error carries its stderr.
 pub fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
     if !out.status.success() {
         bail!(
             "{program} {}: {}",
@@ -32,10 +29,17 @@ pub fn ip_batch(ns: &str, commands: &[String]) -> Result<()> {
         .stdin(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    child.stdin.take().unwrap().write_all(commands.join("\n").as_bytes())?;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(commands.join("\n").as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("ip -n {ns} -batch: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip -n {ns} -batch: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -61,12 +65,20 @@ impl Netns {
 
     /// Another handle (own worker thread) on an existing `/run/netns` namespace; not deleted on drop.
     pub fn attach(path: &std::path::Path) -> Result<Self> {
-        let name = path.file_name().and_then(|n| n.to_str()).context("netns path")?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("netns path")?;
         Self::enter(name, false)
     }
 
     fn enter(name: &str, owned: bool) -> Result<Self> {
-        let mut ns = Netns { name: name.into(), jobs: None, worker: None, owned };
+        let mut ns = Netns {
+            name: name.into(),
+            jobs: None,
+            worker: None,
+            owned,
+        };
         let file = std::fs::File::open(ns.path())?;
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -145,5 +157,10 @@ impl Drop for Netns {
 pub fn unique_prefix(tag: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("zdt{}{}{}", std::process::id() % 100000, tag, N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "zdt{}{}{}",
+        std::process::id() % 100000,
+        tag,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }

@@ -62,7 +62,11 @@ pub struct Standin {
 
 impl Standin {
     pub fn start(ns: &Netns, cfg: Config) -> Result<Standin> {
-        let shared = Arc::new(Shared { cfg, records: Mutex::new(Vec::new()), ns_path: ns.path() });
+        let shared = Arc::new(Shared {
+            cfg,
+            records: Mutex::new(Vec::new()),
+            ns_path: ns.path(),
+        });
         let mut listeners = Vec::new();
         for port in [OUTBOUND, INBOUND, HBONE] {
             let l = Arc::new(ns.exec(move || transparent_listener(port))?);
@@ -93,7 +97,10 @@ impl Standin {
 
     /// Records whose original destination is `dst`.
     pub fn to(&self, dst: SocketAddr) -> Vec<Record> {
-        self.records().into_iter().filter(|r| r.orig_dst == dst).collect()
+        self.records()
+            .into_iter()
+            .filter(|r| r.orig_dst == dst)
+            .collect()
     }
 }
 
@@ -140,14 +147,21 @@ fn connect_from(sh: &Shared, src: IpAddr, dst: SocketAddr) -> Result<TcpStream> 
     })
     .join()
     .map_err(|_| anyhow::anyhow!("socket thread panicked"))??;
-    sock.connect_timeout(&dst.into(), Duration::from_secs(3)).with_context(|| format!("{src} -> {dst}"))?;
+    sock.connect_timeout(&dst.into(), Duration::from_secs(3))
+        .with_context(|| format!("{src} -> {dst}"))?;
     Ok(sock.into())
 }
 
 fn handle(sh: &Shared, port: u16, mut conn: TcpStream) -> Result<()> {
     let peer = conn.peer_addr()?;
     let orig_dst = conn.local_addr()?;
-    let mut rec = Record { listener: port, peer, orig_dst, hbone: None, upstream: None };
+    let mut rec = Record {
+        listener: port,
+        peer,
+        orig_dst,
+        hbone: None,
+        upstream: None,
+    };
     let (upstream, header) = match port {
         OUTBOUND => {
             let target = sh
@@ -156,7 +170,9 @@ fn handle(sh: &Shared, port: u16, mut conn: TcpStream) -> Result<()> {
                 .iter()
                 .find(|(vip, _)| *vip == orig_dst)
                 .map_or(orig_dst, |(_, ep)| *ep);
-            let IpAddr::V4(t) = target.ip() else { bail!("IPv4 only") };
+            let IpAddr::V4(t) = target.ip() else {
+                bail!("IPv4 only")
+            };
             if in_cidr(t, sh.cfg.local_cidr) {
                 (connect_from(sh, peer.ip(), target)?, None)
             } else {

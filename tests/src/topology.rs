@@ -26,7 +26,12 @@ pub struct NodeDef {
 }
 
 const fn pod(name: &'static str, namespace: &'static str, ip: [u8; 4], ambient: bool) -> PodDef {
-    PodDef { name, namespace, ip: Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]), ambient }
+    PodDef {
+        name,
+        namespace,
+        ip: Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]),
+        ambient,
+    }
 }
 
 /// The article's node `ambient-worker2` with bookinfo, a non-ambient `sleep` pod, and the second
@@ -82,7 +87,9 @@ pub struct Node {
 
 impl Node {
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods.get(name).unwrap_or_else(|| panic!("no pod {name} on {}", self.name))
+        self.pods
+            .get(name)
+            .unwrap_or_else(|| panic!("no pod {name} on {}", self.name))
     }
 
     /// The node description the agent reads: ztunnel and the ambient pods.
@@ -98,7 +105,10 @@ impl Node {
         }
         s += "pods:\n";
         for p in self.pods.values().filter(|p| p.ambient) {
-            s += &format!("  - {{ name: {}, namespace: {}, ips: [{}] }}\n", p.name, p.namespace, p.ip);
+            s += &format!(
+                "  - {{ name: {}, namespace: {}, ips: [{}] }}\n",
+                p.name, p.namespace, p.ip
+            );
         }
         s
     }
@@ -113,9 +123,11 @@ pub struct Topology {
 
 fn veth_name(node: &str, pod: &str) -> String {
     // Like the CNI's veth<8 hex>, stable for a pod.
-    let h = format!("{node}/{pod}").bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    });
+    let h = format!("{node}/{pod}")
+        .bytes()
+        .fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        });
     format!("veth{:08x}", h as u32)
 }
 
@@ -128,28 +140,44 @@ impl Topology {
         let prefix = unique_prefix("t");
         let mut nodes = Vec::new();
         for def in &defs {
-            nodes.push(build_node(&prefix, def).with_context(|| format!("building node {}", def.name))?);
+            nodes.push(
+                build_node(&prefix, def).with_context(|| format!("building node {}", def.name))?,
+            );
         }
         // The underlay: one veth between every pair of nodes is enough for two.
         if let [a, b] = &nodes[..] {
-            let cmds = [format!("link add ul0 netns {} type veth peer name ul0 netns {}", a.ns.name, b.ns.name)];
+            let cmds = [format!(
+                "link add ul0 netns {} type veth peer name ul0 netns {}",
+                a.ns.name, b.ns.name
+            )];
             ip_batch(&a.ns.name, &cmds)?;
-            for (n, other, other_octet) in [(a, b, defs[1].cidr_octet), (b, a, defs[0].cidr_octet)] {
+            for (n, other, other_octet) in [(a, b, defs[1].cidr_octet), (b, a, defs[0].cidr_octet)]
+            {
                 ip_batch(
                     &n.ns.name,
                     &[
                         format!("addr add {}/16 dev ul0", n.underlay_ip),
                         "link set ul0 up".into(),
-                        format!("route add 10.244.{other_octet}.0/24 via {}", other.underlay_ip),
+                        format!(
+                            "route add 10.244.{other_octet}.0/24 via {}",
+                            other.underlay_ip
+                        ),
                     ],
                 )?;
             }
         }
-        Ok(Topology { prefix, nodes, _underlay: () })
+        Ok(Topology {
+            prefix,
+            nodes,
+            _underlay: (),
+        })
     }
 
     pub fn node(&self, article_name: &str) -> &Node {
-        self.nodes.iter().find(|n| n.article_name == article_name).expect("node exists")
+        self.nodes
+            .iter()
+            .find(|n| n.article_name == article_name)
+            .expect("node exists")
     }
 
     /// The article's node.
@@ -179,7 +207,10 @@ fn build_node(prefix: &str, def: &NodeDef) -> Result<Node> {
         ip_batch(
             &ns.name,
             &[
-                format!("link add {veth} type veth peer name eth0 netns {}", pod_ns.name),
+                format!(
+                    "link add {veth} type veth peer name eth0 netns {}",
+                    pod_ns.name
+                ),
                 format!("addr add {gateway}/32 dev {veth}"),
                 format!("link set {veth} up"),
                 format!("route add {}/32 dev {veth} scope link src {gateway}", p.ip),
@@ -203,7 +234,12 @@ fn build_node(prefix: &str, def: &NodeDef) -> Result<Node> {
             ns: pod_ns,
         })
     };
-    let ztunnel = make(&PodDef { name: "ztunnel", namespace: "istio-system", ip: def.ztunnel, ambient: false })?;
+    let ztunnel = make(&PodDef {
+        name: "ztunnel",
+        namespace: "istio-system",
+        ip: def.ztunnel,
+        ambient: false,
+    })?;
     let mut pods = BTreeMap::new();
     for p in &def.pods {
         pods.insert(p.name.to_string(), make(p)?);

@@ -23,12 +23,19 @@ fn outbound_same_node_goes_through_15001_with_original_destination() -> anyhow::
     assert_eq!(recs[0].listener, OUTBOUND);
     assert_eq!(recs[0].peer.ip(), pp.ip);
     // ztunnel connected to the pod with the client's address, and the pod saw the client.
-    assert_eq!(recs[0].upstream.map(|(to, from)| (to, from.ip())), Some((sa(rv1.ip, 9080), pp.ip.into())));
+    assert_eq!(
+        recs[0].upstream.map(|(to, from)| (to, from.ip())),
+        Some((sa(rv1.ip, 9080), pp.ip.into()))
+    );
     assert_eq!(reply.server, "reviews-v1");
     assert_eq!(reply.peer.ip(), pp.ip);
     assert_eq!(server.seen().len(), 1);
     assert!(lab.agent2().counter("outbound", "redirected")? > 0);
-    assert!(lab.agent2().counter("ztunnel_tproxy", "assigned_listener")? >= 1);
+    assert!(
+        lab.agent2()
+            .counter("ztunnel_tproxy", "assigned_listener")?
+            >= 1
+    );
     Ok(())
 }
 
@@ -36,16 +43,42 @@ fn outbound_same_node_goes_through_15001_with_original_destination() -> anyhow::
 fn service_vip_reaches_ztunnel_before_any_dnat() -> anyhow::Result<()> {
     let vip = sa(Ipv4Addr::new(10, 96, 0, 10), 9080);
     let lab = Lab::start_with_services(vec![(vip, sa(Ipv4Addr::new(10, 244, 2, 7), 9080))])?;
-    let (w2, pp, rv1) = (lab.w2(), lab.w2().pod("productpage-v1"), lab.w2().pod("reviews-v1"));
+    let (w2, pp, rv1) = (
+        lab.w2(),
+        lab.w2().pod("productpage-v1"),
+        lab.w2().pod("reviews-v1"),
+    );
     // kube-proxy's DNAT for the Service, in the node's netns: it must never see captured packets.
-    w2.ns.cmd("iptables", &["-t", "nat", "-A", "PREROUTING", "-d", "10.96.0.10/32", "-p", "tcp",
-        "--dport", "9080", "-j", "DNAT", "--to-destination", &format!("{}:9080", rv1.ip)])?;
+    w2.ns.cmd(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            "10.96.0.10/32",
+            "-p",
+            "tcp",
+            "--dport",
+            "9080",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &format!("{}:9080", rv1.ip),
+        ],
+    )?;
     let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
 
     let reply = request(&pp.ns, vip)?;
 
     let recs = lab.z2().to(vip);
-    assert_eq!(recs.len(), 1, "ztunnel saw the VIP as original destination: {:?}", lab.z2().records());
+    assert_eq!(
+        recs.len(),
+        1,
+        "ztunnel saw the VIP as original destination: {:?}",
+        lab.z2().records()
+    );
     assert_eq!(recs[0].listener, OUTBOUND);
     assert_eq!(reply.server, "reviews-v1");
     assert_eq!(reply.peer.ip(), pp.ip);
@@ -87,25 +120,49 @@ fn cross_node_goes_ztunnel_to_ztunnel_and_the_server_sees_the_client_pod() -> an
     let reply = request(&pp.ns, sa(details.ip, 9080))?;
 
     let out = lab.z2().to(sa(details.ip, 9080));
-    assert_eq!(out.len(), 1, "source node's ztunnel: {:?}", lab.z2().records());
+    assert_eq!(
+        out.len(),
+        1,
+        "source node's ztunnel: {:?}",
+        lab.z2().records()
+    );
     assert_eq!(out[0].listener, OUTBOUND);
-    assert_eq!(out[0].upstream.map(|(to, from)| (to, from.ip())),
-        Some((sa(details.ip, HBONE), lab.w2().ztunnel.ip.into())), "tunnelled to the pod's :15008");
+    assert_eq!(
+        out[0].upstream.map(|(to, from)| (to, from.ip())),
+        Some((sa(details.ip, HBONE), lab.w2().ztunnel.ip.into())),
+        "tunnelled to the pod's :15008"
+    );
     let inn = lab.z1().to(sa(details.ip, HBONE));
-    assert_eq!(inn.len(), 1, "destination node's ztunnel: {:?}", lab.z1().records());
+    assert_eq!(
+        inn.len(),
+        1,
+        "destination node's ztunnel: {:?}",
+        lab.z1().records()
+    );
     assert_eq!(inn[0].listener, HBONE);
     assert_eq!(inn[0].peer.ip(), lab.w2().ztunnel.ip);
-    assert_eq!(inn[0].hbone.map(|(src, dst)| (src.ip(), dst)), Some((pp.ip.into(), sa(details.ip, 9080))));
+    assert_eq!(
+        inn[0].hbone.map(|(src, dst)| (src.ip(), dst)),
+        Some((pp.ip.into(), sa(details.ip, 9080)))
+    );
     assert_eq!(reply.server, "details-v1");
-    assert_eq!(reply.peer.ip(), pp.ip, "the server sees the client pod's address");
+    assert_eq!(
+        reply.peer.ip(),
+        pp.ip,
+        "the server sees the client pod's address"
+    );
     Ok(())
 }
 
 #[test]
 fn non_ambient_node_and_udp_traffic_is_not_captured() -> anyhow::Result<()> {
     let lab = Lab::start()?;
-    let (w2, pp, rv1, sleep) =
-        (lab.w2(), lab.w2().pod("productpage-v1"), lab.w2().pod("reviews-v1"), lab.w2().pod("sleep"));
+    let (w2, pp, rv1, sleep) = (
+        lab.w2(),
+        lab.w2().pod("productpage-v1"),
+        lab.w2().pod("reviews-v1"),
+        lab.w2().pod("sleep"),
+    );
     let curl = lab.w1().pod("curl");
     let _s1 = TcpServer::start(&curl.ns, "curl", 8080)?;
     let _s2 = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
@@ -116,11 +173,19 @@ fn non_ambient_node_and_udp_traffic_is_not_captured() -> anyhow::Result<()> {
     assert_eq!(reply.peer.ip(), sleep.ip);
     // the node itself (a kubelet probe) → ambient pod
     let reply = request(&w2.ns, sa(rv1.ip, 9080))?;
-    assert_eq!(reply.peer.ip(), w2.gateway, "probe from the node's own address");
+    assert_eq!(
+        reply.peer.ip(),
+        w2.gateway,
+        "probe from the node's own address"
+    );
     // UDP (DNS-like) from an ambient pod
     let echo = udp_request(&pp.ns, sa(rv1.ip, 5353))?;
     assert!(echo.starts_with(&format!("{}:", pp.ip)), "{echo}");
-    assert!(lab.z2().records().is_empty(), "nothing went through ztunnel: {:?}", lab.z2().records());
+    assert!(
+        lab.z2().records().is_empty(),
+        "nothing went through ztunnel: {:?}",
+        lab.z2().records()
+    );
     assert!(lab.z1().records().is_empty(), "{:?}", lab.z1().records());
     Ok(())
 }
@@ -128,8 +193,12 @@ fn non_ambient_node_and_udp_traffic_is_not_captured() -> anyhow::Result<()> {
 #[test]
 fn without_a_ztunnel_ambient_traffic_is_dropped_not_delivered() -> anyhow::Result<()> {
     let lab = Lab::start()?;
-    let (w2, pp, rv1, sleep) =
-        (lab.w2(), lab.w2().pod("productpage-v1"), lab.w2().pod("reviews-v1"), lab.w2().pod("sleep"));
+    let (w2, pp, rv1, sleep) = (
+        lab.w2(),
+        lab.w2().pod("productpage-v1"),
+        lab.w2().pod("reviews-v1"),
+        lab.w2().pod("sleep"),
+    );
     let server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
     let agent = &lab.agents[0];
     agent.describe(&w2.pods_file(false))?;
@@ -139,9 +208,17 @@ fn without_a_ztunnel_ambient_traffic_is_dropped_not_delivered() -> anyhow::Resul
 
     for client in [pp, sleep] {
         let r = request_timeout(&client.ns, sa(rv1.ip, 9080), Duration::from_millis(700));
-        assert!(r.is_err(), "{} reached the ambient pod without ztunnel: {r:?}", client.name);
+        assert!(
+            r.is_err(),
+            "{} reached the ambient pod without ztunnel: {r:?}",
+            client.name
+        );
     }
-    assert!(server.seen().is_empty(), "the server never saw a connection: {:?}", server.seen());
+    assert!(
+        server.seen().is_empty(),
+        "the server never saw a connection: {:?}",
+        server.seen()
+    );
     assert!(agent.counter("outbound", "dropped_no_ztunnel")? > 0);
     assert!(agent.counter("inbound", "dropped_no_ztunnel")? > 0);
     Ok(())
@@ -178,8 +255,21 @@ fn sigkilled_agent_restarts_without_failing_a_connection() -> anyhow::Result<()>
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let results = stream.join().unwrap();
     let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
-    assert!(results.len() > 20, "the stream ran: {} connections", results.len());
-    assert!(failed.is_empty(), "{} of {} failed: {failed:?}", failed.len(), results.len());
-    assert_eq!(lab.z2().to(dst).len(), results.len(), "every one went through ztunnel");
+    assert!(
+        results.len() > 20,
+        "the stream ran: {} connections",
+        results.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        results.len()
+    );
+    assert_eq!(
+        lab.z2().to(dst).len(),
+        results.len(),
+        "every one went through ztunnel"
+    );
     Ok(())
 }

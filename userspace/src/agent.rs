@@ -34,7 +34,10 @@ impl FileLoop {
                 match file::read(&self.path) {
                     Ok(state) => {
                         if last_good.as_ref() != Some(&state) {
-                            log::info!("node description changed: {} ambient pods", state.pods.len());
+                            log::info!(
+                                "node description changed: {} ambient pods",
+                                state.pods.len()
+                            );
                         }
                         last_good = Some(state);
                     }
@@ -65,7 +68,11 @@ pub fn reconcile(dp: &mut dyn Dataplane, state: &NodeState) -> bool {
             if !report.ztunnel_ready {
                 log::warn!("no usable ztunnel: ambient pods' TCP is dropped until one is ready");
             }
-            log::debug!("{} dataplane: {} pods captured", dp.name(), report.captured.len());
+            log::debug!(
+                "{} dataplane: {} pods captured",
+                dp.name(),
+                report.captured.len()
+            );
             report.failed.is_empty()
         }
         Err(e) => {

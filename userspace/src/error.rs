@@ -16,22 +16,44 @@ pub enum Error {
     PodRoute { pod: String, ip: IpAddr },
 
     #[error("pod {pod}: its addresses route to different interfaces ({first} and {second})")]
-    PodSplitRoute { pod: String, first: String, second: String },
+    PodSplitRoute {
+        pod: String,
+        first: String,
+        second: String,
+    },
 
     #[error("pod {pod}: address {ip} routes to {interface}, which is not a veth to a pod")]
-    PodNotVeth { pod: String, ip: IpAddr, interface: String },
+    PodNotVeth {
+        pod: String,
+        ip: IpAddr,
+        interface: String,
+    },
 
     #[error("ztunnel {pod}: no interface holds its address {ip} in {netns}")]
-    ZtunnelAddress { pod: String, ip: IpAddr, netns: PathBuf },
+    ZtunnelAddress {
+        pod: String,
+        ip: IpAddr,
+        netns: PathBuf,
+    },
 
-    #[error("the agent was built without the eBPF object: run `cargo xtask build-ebpf` and rebuild")]
+    #[error(
+        "the agent was built without the eBPF object: run `cargo xtask build-ebpf` and rebuild"
+    )]
     NoEbpfObject,
 
     #[error("eBPF program {program}: {source}")]
-    Program { program: &'static str, source: aya::programs::ProgramError },
+    Program {
+        program: &'static str,
+        source: aya::programs::ProgramError,
+    },
 
     #[error("attaching {program} to {interface} ({direction}): {reason}")]
-    Attach { program: &'static str, interface: String, direction: &'static str, reason: String },
+    Attach {
+        program: &'static str,
+        interface: String,
+        direction: &'static str,
+        reason: String,
+    },
 
     #[error("eBPF map {map}: {reason}")]
     Map { map: &'static str, reason: String },

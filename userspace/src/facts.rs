@@ -44,7 +44,12 @@ pub struct NodeFacts {
 
 pub fn resolve(nl: &Netlink, state: &NodeState) -> Result<NodeFacts> {
     let mut facts = NodeFacts {
-        node_ips: nl.addresses()?.into_iter().map(|(_, ip)| ip).filter(is_node_ip).collect(),
+        node_ips: nl
+            .addresses()?
+            .into_iter()
+            .map(|(_, ip)| ip)
+            .filter(is_node_ip)
+            .collect(),
         ..NodeFacts::default()
     };
     facts.node_ips.sort();
@@ -74,13 +79,25 @@ fn is_node_ip(ip: &IpAddr) -> bool {
     }
 }
 
-fn resolve_pod(nl: &Netlink, id: &PodId, ips: &[IpAddr], ztunnel_veth: Option<u32>) -> Result<PodFacts> {
+fn resolve_pod(
+    nl: &Netlink,
+    id: &PodId,
+    ips: &[IpAddr],
+    ztunnel_veth: Option<u32>,
+) -> Result<PodFacts> {
     let mut veth: Option<Link> = None;
     for &ip in ips {
-        let index = nl.route_oif(ip)?.ok_or(Error::PodRoute { pod: id.to_string(), ip })?;
+        let index = nl.route_oif(ip)?.ok_or(Error::PodRoute {
+            pod: id.to_string(),
+            ip,
+        })?;
         let link = nl.link_by_index(index)?;
         if !link.is_veth || Some(link.index) == ztunnel_veth {
-            return Err(Error::PodNotVeth { pod: id.to_string(), ip, interface: link.name });
+            return Err(Error::PodNotVeth {
+                pod: id.to_string(),
+                ip,
+                interface: link.name,
+            });
         }
         match &veth {
             Some(first) if first.index != link.index => {
@@ -93,12 +110,18 @@ fn resolve_pod(nl: &Netlink, id: &PodId, ips: &[IpAddr], ztunnel_veth: Option<u3
             _ => veth = Some(link),
         }
     }
-    Ok(PodFacts { ips: ips.to_vec(), veth: veth.expect("a pod has at least one address") })
+    Ok(PodFacts {
+        ips: ips.to_vec(),
+        veth: veth.expect("a pod has at least one address"),
+    })
 }
 
 fn resolve_ztunnel(nl: &Netlink, z: &ZtunnelSpec) -> Result<ZtunnelFacts> {
     let first = z.ips[0];
-    let index = nl.route_oif(first)?.ok_or(Error::PodRoute { pod: z.pod.to_string(), ip: first })?;
+    let index = nl.route_oif(first)?.ok_or(Error::PodRoute {
+        pod: z.pod.to_string(),
+        ip: first,
+    })?;
     let host_veth = nl.link_by_index(index)?;
     let eth0 = netns::run_in(&z.netns, || ztunnel_eth0(z, &z.netns))??;
     Ok(ZtunnelFacts {
@@ -120,6 +143,10 @@ fn ztunnel_eth0(z: &ZtunnelSpec, ns: &Path) -> Result<Link> {
         .into_iter()
         .find(|(_, ip)| *ip == first)
         .map(|(i, _)| i)
-        .ok_or_else(|| Error::ZtunnelAddress { pod: z.pod.to_string(), ip: first, netns: ns.into() })?;
+        .ok_or_else(|| Error::ZtunnelAddress {
+            pod: z.pod.to_string(),
+            ip: first,
+            netns: ns.into(),
+        })?;
     nl.link_by_index(index)
 }

@@ -82,22 +82,42 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { pods_file, resync_secs } => {
+        Command::Run {
+            pods_file,
+            resync_secs,
+        } => {
             let initial = file::read(&pods_file)?;
             let node = match cli.node {
                 Some(n) if n != initial.node => {
-                    anyhow::bail!("--node {n} but {} describes node {}", pods_file.display(), initial.node)
+                    anyhow::bail!(
+                        "--node {n} but {} describes node {}",
+                        pods_file.display(),
+                        initial.node
+                    )
                 }
                 _ => initial.node.clone(),
             };
             // SAFETY: the handler only stores to an atomic.
             unsafe {
-                libc::signal(libc::SIGTERM, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t);
-                libc::signal(libc::SIGINT, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t);
+                libc::signal(
+                    libc::SIGTERM,
+                    on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+                );
+                libc::signal(
+                    libc::SIGINT,
+                    on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+                );
             }
             let mut dp = EbpfDataplane::load(&cli.bpffs, &node)?;
-            log::info!("ebpf dataplane for node {node}, pins under {}", dp.dirs().root.display());
-            let lp = FileLoop { path: pods_file, resync: Duration::from_secs(resync_secs), poll: Duration::from_millis(200) };
+            log::info!(
+                "ebpf dataplane for node {node}, pins under {}",
+                dp.dirs().root.display()
+            );
+            let lp = FileLoop {
+                path: pods_file,
+                resync: Duration::from_secs(resync_secs),
+                poll: Duration::from_millis(200),
+            };
             lp.run(&mut dp, &STOP);
             // Deliberately no cleanup: the pinned state keeps redirecting while no agent runs.
             log::info!("stopping; redirection stays in place (pinned)");

@@ -11,7 +11,10 @@ use crate::error::{Error, Result};
 
 /// Runs `f` on a scoped thread that has joined the network namespace at `path`.
 pub fn run_in<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T> {
-    let ns = File::open(path).map_err(|source| Error::Netns { path: path.into(), source })?;
+    let ns = File::open(path).map_err(|source| Error::Netns {
+        path: path.into(),
+        source,
+    })?;
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -39,18 +42,29 @@ pub fn inode(path: &Path) -> Result<u64> {
     use std::os::unix::fs::MetadataExt as _;
     std::fs::metadata(path)
         .map(|m| m.ino())
-        .map_err(|source| Error::Netns { path: PathBuf::from(path), source })
+        .map_err(|source| Error::Netns {
+            path: PathBuf::from(path),
+            source,
+        })
 }
 
 /// A path to the network namespace with this inode, if any process or `/run/netns` name still
 /// holds it: how `cleanup` finds ztunnel's netns from a pin name alone.
 pub fn find_by_inode(ino: u64) -> Option<PathBuf> {
-    let named = std::fs::read_dir("/run/netns").into_iter().flatten().flatten().map(|e| e.path());
+    let named = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path());
     let procs = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
         .map(|e| e.path().join("ns/net"));
     named.chain(procs).find(|p| inode(p).ok() == Some(ino))
 }

@@ -38,7 +38,10 @@ pub struct FwmarkRule {
 
 fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
     let what = what.into();
-    move |e| Error::Netlink { what, reason: e.to_string() }
+    move |e| Error::Netlink {
+        what,
+        reason: e.to_string(),
+    }
 }
 
 impl Netlink {
@@ -47,10 +50,15 @@ impl Netlink {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .build()
-            .map_err(|e| Error::Netlink { what: "runtime".into(), reason: e.to_string() })?;
+            .map_err(|e| Error::Netlink {
+                what: "runtime".into(),
+                reason: e.to_string(),
+            })?;
         let handle = rt.block_on(async {
-            let (conn, handle, _) = rtnetlink::new_connection()
-                .map_err(|e| Error::Netlink { what: "socket".into(), reason: e.to_string() })?;
+            let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| Error::Netlink {
+                what: "socket".into(),
+                reason: e.to_string(),
+            })?;
             tokio::spawn(conn);
             Ok::<_, Error>(handle)
         })?;
@@ -60,17 +68,33 @@ impl Netlink {
     pub fn link_by_index(&self, index: u32) -> Result<Link> {
         let what = format!("link {index}");
         let msg = self.rt.block_on(async {
-            self.handle.link().get().match_index(index).execute().try_next().await
+            self.handle
+                .link()
+                .get()
+                .match_index(index)
+                .execute()
+                .try_next()
+                .await
         });
         match msg.map_err(nl_err(what.clone()))? {
             Some(m) => Ok(to_link(&m)),
-            None => Err(Error::Netlink { what, reason: "not found".into() }),
+            None => Err(Error::Netlink {
+                what,
+                reason: "not found".into(),
+            }),
         }
     }
 
     pub fn links(&self) -> Result<Vec<Link>> {
         self.rt
-            .block_on(async { self.handle.link().get().execute().try_collect::<Vec<_>>().await })
+            .block_on(async {
+                self.handle
+                    .link()
+                    .get()
+                    .execute()
+                    .try_collect::<Vec<_>>()
+                    .await
+            })
             .map(|v| v.iter().map(to_link).collect())
             .map_err(nl_err("link dump"))
     }
@@ -79,7 +103,14 @@ impl Netlink {
     pub fn addresses(&self) -> Result<Vec<(u32, IpAddr)>> {
         let msgs = self
             .rt
-            .block_on(async { self.handle.address().get().execute().try_collect::<Vec<_>>().await })
+            .block_on(async {
+                self.handle
+                    .address()
+                    .get()
+                    .execute()
+                    .try_collect::<Vec<_>>()
+                    .await
+            })
             .map_err(nl_err("address dump"))?;
         Ok(msgs
             .iter()
@@ -97,7 +128,10 @@ impl Netlink {
         let len = if ip.is_ipv4() { 32 } else { 128 };
         let msg = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(ip, len)
-            .map_err(|e| Error::Netlink { what: format!("route to {ip}"), reason: e.to_string() })?
+            .map_err(|e| Error::Netlink {
+                what: format!("route to {ip}"),
+                reason: e.to_string(),
+            })?
             .build();
         let res = self
             .rt
@@ -122,7 +156,14 @@ impl Netlink {
         let version = if v6 { IpVersion::V6 } else { IpVersion::V4 };
         let msgs = self
             .rt
-            .block_on(async { self.handle.rule().get(version).execute().try_collect::<Vec<_>>().await })
+            .block_on(async {
+                self.handle
+                    .rule()
+                    .get(version)
+                    .execute()
+                    .try_collect::<Vec<_>>()
+                    .await
+            })
             .map_err(nl_err("rule dump"))?;
         Ok(msgs.iter().filter_map(to_fwmark_rule).collect())
     }
@@ -132,7 +173,10 @@ impl Netlink {
         if self.fwmark_rules(v6)?.contains(&rule) {
             return Ok(());
         }
-        let what = format!("rule {} fwmark {:#x}/{:#x}", rule.priority, rule.mark, rule.mask);
+        let what = format!(
+            "rule {} fwmark {:#x}/{:#x}",
+            rule.priority, rule.mark, rule.mask
+        );
         self.rt
             .block_on(async {
                 let mut req = self
@@ -143,8 +187,14 @@ impl Netlink {
                     .fw_mark(rule.mark)
                     .table_id(rule.table)
                     .action(RuleAction::ToTable);
-                req.message_mut().attributes.push(RuleAttribute::FwMask(rule.mask));
-                if v6 { req.v6().execute().await } else { req.v4().execute().await }
+                req.message_mut()
+                    .attributes
+                    .push(RuleAttribute::FwMask(rule.mask));
+                if v6 {
+                    req.v6().execute().await
+                } else {
+                    req.v4().execute().await
+                }
             })
             .map_err(nl_err(what))
     }
@@ -154,7 +204,14 @@ impl Netlink {
         let version = if v6 { IpVersion::V6 } else { IpVersion::V4 };
         let msgs = self
             .rt
-            .block_on(async { self.handle.rule().get(version).execute().try_collect::<Vec<_>>().await })
+            .block_on(async {
+                self.handle
+                    .rule()
+                    .get(version)
+                    .execute()
+                    .try_collect::<Vec<_>>()
+                    .await
+            })
             .map_err(nl_err("rule dump"))?;
         for m in msgs.into_iter().filter(|m| to_fwmark_rule(m) == Some(rule)) {
             self.rt
@@ -180,16 +237,30 @@ impl Netlink {
         }
     }
 
-    fn local_default(&self, table: u32, v6: bool) -> Result<netlink_packet_route::route::RouteMessage> {
+    fn local_default(
+        &self,
+        table: u32,
+        v6: bool,
+    ) -> Result<netlink_packet_route::route::RouteMessage> {
         let lo = self
             .links()?
             .into_iter()
             .find(|l| l.name == "lo")
-            .ok_or_else(|| Error::Netlink { what: "link lo".into(), reason: "not found".into() })?;
-        let any = if v6 { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
+            .ok_or_else(|| Error::Netlink {
+                what: "link lo".into(),
+                reason: "not found".into(),
+            })?;
+        let any = if v6 {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        };
         let mut b = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(any, 0)
-            .map_err(|e| Error::Netlink { what: "local route".into(), reason: e.to_string() })?
+            .map_err(|e| Error::Netlink {
+                what: "local route".into(),
+                reason: e.to_string(),
+            })?
             .table_id(table)
             .kind(RouteType::Local)
             .scope(RouteScope::Host)
@@ -200,13 +271,20 @@ impl Netlink {
 }
 
 fn to_link(m: &LinkMessage) -> Link {
-    let mut link = Link { name: String::new(), index: m.header.index, mac: [0; 6], is_veth: false };
+    let mut link = Link {
+        name: String::new(),
+        index: m.header.index,
+        mac: [0; 6],
+        is_veth: false,
+    };
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => link.name = n.clone(),
             LinkAttribute::Address(a) if a.len() == 6 => link.mac.copy_from_slice(a),
             LinkAttribute::LinkInfo(infos) => {
-                link.is_veth = infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)))
+                link.is_veth = infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)))
             }
             _ => {}
         }
@@ -225,5 +303,10 @@ fn to_fwmark_rule(m: &RuleMessage) -> Option<FwmarkRule> {
             _ => {}
         }
     }
-    Some(FwmarkRule { priority: priority?, mark: mark?, mask: mask.unwrap_or(u32::MAX), table })
+    Some(FwmarkRule {
+        priority: priority?,
+        mark: mark?,
+        mask: mask.unwrap_or(u32::MAX),
+        table,
+    })
 }

@@ -42,7 +42,10 @@ pub struct Counter {
 }
 
 pub fn mac(m: &[u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 pub fn read(bpffs: &Path, node: &str) -> Result<Status> {
@@ -61,14 +64,25 @@ pub fn read(bpffs: &Path, node: &str) -> Result<Status> {
         pods: snap
             .pods
             .iter()
-            .map(|(ip, e)| PodStatus { ip: *ip, host_ifindex: e.host_ifindex, host_mac: mac(&e.host_mac) })
+            .map(|(ip, e)| PodStatus {
+                ip: *ip,
+                host_ifindex: e.host_ifindex,
+                host_mac: mac(&e.host_mac),
+            })
             .collect(),
         node_ips: snap.node_ips,
-        links: attach::pinned(&dirs.links)?.values().map(|p| p.to_string()).collect(),
+        links: attach::pinned(&dirs.links)?
+            .values()
+            .map(|p| p.to_string())
+            .collect(),
         counters: snap
             .counters
             .into_iter()
-            .map(|(path, outcome, packets)| Counter { path, outcome, packets })
+            .map(|(path, outcome, packets)| Counter {
+                path,
+                outcome,
+                packets,
+            })
             .collect(),
     })
 }
@@ -79,7 +93,12 @@ impl Status {
         let _ = writeln!(s, "node {} (pinned under {})", self.node, self.pins);
         match &self.ztunnel {
             Some(z) => {
-                let ips: Vec<String> = z.ipv4.iter().chain(&z.ipv6).map(|i| i.to_string()).collect();
+                let ips: Vec<String> = z
+                    .ipv4
+                    .iter()
+                    .chain(&z.ipv6)
+                    .map(|i| i.to_string())
+                    .collect();
                 let _ = writeln!(
                     s,
                     "ztunnel: {} via host ifindex {}, eth0 {}",
@@ -89,12 +108,19 @@ impl Status {
                 );
             }
             None => {
-                let _ = writeln!(s, "ztunnel: none (ambient pods' TCP is dropped: fail closed)");
+                let _ = writeln!(
+                    s,
+                    "ztunnel: none (ambient pods' TCP is dropped: fail closed)"
+                );
             }
         }
         let _ = writeln!(s, "ambient pod addresses ({}):", self.pods.len());
         for p in &self.pods {
-            let _ = writeln!(s, "  {:<24} host ifindex {:<5} gateway mac {}", p.ip, p.host_ifindex, p.host_mac);
+            let _ = writeln!(
+                s,
+                "  {:<24} host ifindex {:<5} gateway mac {}",
+                p.ip, p.host_ifindex, p.host_mac
+            );
         }
         let ips: Vec<String> = self.node_ips.iter().map(|i| i.to_string()).collect();
         let _ = writeln!(s, "node addresses (not captured): {}", ips.join(", "));

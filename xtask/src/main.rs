@@ -1,1 +1,133 @@
-fn main() {}
+//! The developer workflow. Every command sets up what it needs first (idempotent, quick when
+//! already done), so on a fresh machine `cargo xtask test` and `cargo xtask demo` just work.
+mod setup;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install prerequisites: rust-src for nightly, bpf-linker, Debian packages, bpffs.
+    Setup,
+    /// Build the eBPF object (always optimised: the verifier rejects debug builds).
+    BuildEbpf {
+        /// Also build the agent in release mode.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build, and run every test: unit, BPF_PROG_TEST_RUN, privileged netns integration.
+    Test {
+        /// Only integration tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Rebuild the article's node in network namespaces and show traffic passing through ztunnel.
+    Demo,
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Runs a command from the workspace root, failing with its description.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let what = format!("{cmd:?}");
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("starting {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn build_ebpf() -> Result<()> {
+    // Through rustup, as aya-build does; the outer cargo's compiler settings must not leak in.
+    let mut c = Command::new("rustup");
+    c.args([
+        "run",
+        "nightly",
+        "cargo",
+        "build",
+        "--quiet",
+        "-p",
+        "zdivert-ebpf",
+        "--release",
+    ])
+    .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+    .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf");
+    for v in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO",
+    ] {
+        c.env_remove(v);
+    }
+    run(&mut c)
+}
+
+fn build_agent(release: bool) -> Result<()> {
+    let mut c = cargo();
+    c.args(["build", "--quiet", "-p", "zdivert", "-p", "zdivert-tests"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Setup => setup::all(),
+        Cmd::BuildEbpf { release } => {
+            setup::toolchain()?;
+            build_ebpf()?;
+            build_agent(release)
+        }
+        Cmd::Test { filter } => {
+            setup::all()?;
+            build_ebpf()?;
+            build_agent(false)?;
+            setup::remove_leftovers()?;
+            // Unit tests and BPF_PROG_TEST_RUN tests of every crate but the netns suite...
+            run(cargo().args(["test", "--workspace", "--exclude", "zdivert-tests"]))?;
+            // ...then the privileged suite, serially: its tests share the kernel.
+            let mut c = cargo();
+            c.args(["test", "-p", "zdivert-tests", "--", "--test-threads=1"]);
+            if let Some(f) = filter {
+                c.arg(f);
+            }
+            c.env("ZDIVERT_BIN", root().join("target/debug/zdivert"));
+            run(&mut c)
+        }
+        Cmd::Demo => {
+            setup::all()?;
+            build_ebpf()?;
+            build_agent(false)?;
+            setup::remove_leftovers()?;
+            run(cargo()
+                .args(["run", "--quiet", "-p", "zdivert-tests", "--bin", "demo"])
+                .env("ZDIVERT_BIN", root().join("target/debug/zdivert")))
+        }
+    }
+}

@@ -4,7 +4,12 @@
 use std::net::SocketAddr;
 
 use anyhow::Result;
-use zdivert_tests::{agent::Agent, standin::Standin, standin_for, topology::{Node, Topology}};
+use zdivert_tests::{
+    agent::Agent,
+    standin::Standin,
+    standin_for,
+    topology::{Node, Topology},
+};
 
 pub struct Lab {
     pub agents: Vec<Agent>,
@@ -27,7 +32,11 @@ impl Lab {
     /// With Service VIP → endpoint entries for the article node's stand-in ztunnel.
     pub fn start_with_services(services: Vec<(SocketAddr, SocketAddr)>) -> Result<Lab> {
         let topo = Topology::article()?;
-        let mut lab = Lab { agents: vec![], standins: vec![], topo };
+        let mut lab = Lab {
+            agents: vec![],
+            standins: vec![],
+            topo,
+        };
         for (i, node) in lab.topo.nodes.iter().enumerate() {
             let services = if i == 0 { services.clone() } else { vec![] };
             lab.standins.push(standin_for(node, services)?);

@@ -1,6 +1,9 @@
 //! The dataplanes: one trait, fed the same desired state; `ebpf` (default) and `iptables`
 //! (the article's layout, for kernels where the programs cannot run).
-use crate::{error::Error, state::{NodeState, PodId}};
+use crate::{
+    error::Error,
+    state::{NodeState, PodId},
+};
 
 pub mod ebpf;
 

@@ -51,9 +51,14 @@ fn default_ns() -> String {
 }
 
 pub fn read(path: &Path) -> Result<NodeState> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::NodeFile { path: path.into(), reason: e.to_string() })?;
-    parse(&text).map_err(|reason| Error::NodeFile { path: path.into(), reason })
+    let text = std::fs::read_to_string(path).map_err(|e| Error::NodeFile {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    parse(&text).map_err(|reason| Error::NodeFile {
+        path: path.into(),
+        reason,
+    })
 }
 
 pub fn parse(text: &str) -> Result<NodeState, String> {
@@ -69,8 +74,9 @@ pub fn parse(text: &str) -> Result<NodeState, String> {
         }
         ips.iter()
             .map(|s| {
-                let ip: IpAddr =
-                    s.parse().map_err(|_| format!("{who}: `{s}` is not an IP address"))?;
+                let ip: IpAddr = s
+                    .parse()
+                    .map_err(|_| format!("{who}: `{s}` is not an IP address"))?;
                 if let Some(other) = owners.insert(ip, who.to_string()) {
                     return Err(format!("{who}: address {ip} is also claimed by {other}"));
                 }
@@ -80,21 +86,35 @@ pub fn parse(text: &str) -> Result<NodeState, String> {
     };
     let ztunnel = match file.ztunnel {
         Some(z) => {
-            let pod = PodId { namespace: z.namespace, name: z.name };
+            let pod = PodId {
+                namespace: z.namespace,
+                name: z.name,
+            };
             let ips = claim(&format!("ztunnel {pod}"), &z.ips)?;
-            Some(ZtunnelSpec { pod, ips, netns: z.netns })
+            Some(ZtunnelSpec {
+                pod,
+                ips,
+                netns: z.netns,
+            })
         }
         None => None,
     };
     let mut pods = BTreeMap::new();
     for p in file.pods {
-        let id = PodId { namespace: p.namespace, name: p.name };
+        let id = PodId {
+            namespace: p.namespace,
+            name: p.name,
+        };
         let ips = claim(&format!("pod {id}"), &p.ips)?;
         if pods.insert(id.clone(), PodSpec { ips }).is_some() {
             return Err(format!("pod {id} is listed twice"));
         }
     }
-    Ok(NodeState { node: file.node, ztunnel, pods })
+    Ok(NodeState {
+        node: file.node,
+        ztunnel,
+        pods,
+    })
 }
 
 #[cfg(test)]
@@ -116,16 +136,28 @@ pods:
         let z = s.ztunnel.unwrap();
         assert_eq!(z.pod.to_string(), "istio-system/ztunnel-x");
         assert_eq!(z.ips, vec!["10.244.2.10".parse::<IpAddr>().unwrap()]);
-        let reviews = PodId { namespace: "bookinfo".into(), name: "reviews-v1".into() };
+        let reviews = PodId {
+            namespace: "bookinfo".into(),
+            name: "reviews-v1".into(),
+        };
         assert_eq!(s.pods[&reviews].ips.len(), 2);
-        assert!(s.pods.contains_key(&PodId { namespace: "default".into(), name: "productpage-v1".into() }));
+        assert!(s.pods.contains_key(&PodId {
+            namespace: "default".into(),
+            name: "productpage-v1".into()
+        }));
     }
 
     #[test]
     fn rejects_bad_input_naming_the_entry() {
         let cases = [
-            ("node: n\npods: [{name: a, ips: [10.0.0.300]}]", "pod default/a: `10.0.0.300` is not an IP"),
-            ("node: n\npods: [{name: a, ips: []}]", "pod default/a: no `ips`"),
+            (
+                "node: n\npods: [{name: a, ips: [10.0.0.300]}]",
+                "pod default/a: `10.0.0.300` is not an IP",
+            ),
+            (
+                "node: n\npods: [{name: a, ips: []}]",
+                "pod default/a: no `ips`",
+            ),
             (
                 "node: n\npods: [{name: a, ips: [10.0.0.1]}, {name: b, ips: [10.0.0.1]}]",
                 "pod default/b: address 10.0.0.1 is also claimed by pod default/a",
@@ -134,8 +166,14 @@ pods:
                 "node: n\nztunnel: {name: z, ips: [10.0.0.1], netns: /x}\npods: [{name: a, ips: [10.0.0.1]}]",
                 "also claimed by ztunnel istio-system/z",
             ),
-            ("node: n\npods: [{name: a, ips: [10.0.0.1]}, {name: a, ips: [10.0.0.2]}]", "listed twice"),
-            ("node: n\npods: [{name: a, ips: [10.0.0.1], colour: red}]", "unknown field `colour`"),
+            (
+                "node: n\npods: [{name: a, ips: [10.0.0.1]}, {name: a, ips: [10.0.0.2]}]",
+                "listed twice",
+            ),
+            (
+                "node: n\npods: [{name: a, ips: [10.0.0.1], colour: red}]",
+                "unknown field `colour`",
+            ),
             ("node: ''", "`node` is empty"),
         ];
         for (text, want) in cases {

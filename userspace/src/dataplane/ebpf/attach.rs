@@ -35,7 +35,12 @@ pub enum Hook {
 }
 
 impl Hook {
-    pub const ALL: [Hook; 4] = [Hook::PodOutbound, Hook::PodInbound, Hook::ZtunnelReturn, Hook::ZtunnelTproxy];
+    pub const ALL: [Hook; 4] = [
+        Hook::PodOutbound,
+        Hook::PodInbound,
+        Hook::ZtunnelReturn,
+        Hook::ZtunnelTproxy,
+    ];
 
     pub fn program(self) -> &'static str {
         match self {
@@ -107,7 +112,13 @@ pub struct PinnedAttachment {
 
 impl fmt::Display for PinnedAttachment {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} on ifindex {} (netns {})", self.hook.program(), self.ifindex, self.netns_inode)
+        write!(
+            f,
+            "{} on ifindex {} (netns {})",
+            self.hook.program(),
+            self.ifindex,
+            self.netns_inode
+        )
     }
 }
 
@@ -116,14 +127,23 @@ pub fn parse_pin_name(name: &str) -> Option<PinnedAttachment> {
     let hook = Hook::from_tag(parts.next()?)?;
     let netns_inode = parts.next()?.parse().ok()?;
     let ifindex = parts.next()?.parse().ok()?;
-    parts.next().is_none().then_some(PinnedAttachment { hook, netns_inode, ifindex })
+    parts.next().is_none().then_some(PinnedAttachment {
+        hook,
+        netns_inode,
+        ifindex,
+    })
 }
 
 pub fn pinned(dir: &Path) -> Result<BTreeMap<String, PinnedAttachment>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
-        Err(e) => return Err(Error::Bpffs { path: dir.into(), reason: e.to_string() }),
+        Err(e) => {
+            return Err(Error::Bpffs {
+                path: dir.into(),
+                reason: e.to_string(),
+            });
+        }
     };
     Ok(entries
         .flatten()
@@ -140,7 +160,10 @@ pub fn unpin(dir: &Path, name: &str) -> Result<()> {
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::Bpffs { path, reason: e.to_string() }),
+        Err(e) => Err(Error::Bpffs {
+            path,
+            reason: e.to_string(),
+        }),
     }
 }
 
@@ -174,7 +197,11 @@ pub fn ensure(
 }
 
 /// Removes every pinned link in `dir` that is not desired.
-pub fn remove_stale(dir: &Path, desired: &[Attachment], adopted: &mut BTreeSet<String>) -> Result<()> {
+pub fn remove_stale(
+    dir: &Path,
+    desired: &[Attachment],
+    adopted: &mut BTreeSet<String>,
+) -> Result<()> {
     let keep: BTreeSet<String> = desired.iter().map(Attachment::pin_name).collect();
     for name in pinned(dir)?.into_keys().filter(|n| !keep.contains(n)) {
         unpin(dir, &name)?;
@@ -225,7 +252,9 @@ fn attach_one(ebpf: &mut Ebpf, dir: &Path, a: &Attachment) -> Result<()> {
         .map_err(|e| err(e.to_string()))?;
     let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
     let fd_link = FdLink::try_from(link).map_err(|e| err(e.to_string()))?;
-    fd_link.pin(&pin).map_err(|e| err(format!("pinning at {}: {e}", pin.display())))?;
+    fd_link
+        .pin(&pin)
+        .map_err(|e| err(format!("pinning at {}: {e}", pin.display())))?;
     Ok(())
 }
 
@@ -239,7 +268,11 @@ mod tests {
             let name = pin_name(hook, 4026531840, 17);
             assert_eq!(
                 parse_pin_name(&name),
-                Some(PinnedAttachment { hook, netns_inode: 4026531840, ifindex: 17 })
+                Some(PinnedAttachment {
+                    hook,
+                    netns_inode: 4026531840,
+                    ifindex: 17
+                })
             );
         }
         for bad in ["out_1", "out_1_2_3", "nope_1_2", "out_x_2", "PODS"] {

@@ -1,10 +1,6 @@
 //! The maps' contents: computed from node facts (pure), written by diff, and read back from the
 //! pins for `zdivert status` and `/metrics` without loading any program.
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    path::Path,
-};
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use zdivert_common::{
@@ -51,15 +47,26 @@ pub struct Desired {
 pub fn desired(facts: &NodeFacts) -> Desired {
     let mut pods = BTreeMap::new();
     for pod in facts.pods.values() {
-        let flags = pod.ips.iter().fold(0, |f, ip| f | if ip.is_ipv4() { POD_F_V4 } else { POD_F_V6 });
+        let flags = pod.ips.iter().fold(0, |f, ip| {
+            f | if ip.is_ipv4() { POD_F_V4 } else { POD_F_V6 }
+        });
         for &ip in &pod.ips {
             pods.insert(
                 key(ip),
-                PodEntry { host_ifindex: pod.veth.index, flags, pod_mac: [0; 6], host_mac: pod.veth.mac },
+                PodEntry {
+                    host_ifindex: pod.veth.index,
+                    flags,
+                    pod_mac: [0; 6],
+                    host_mac: pod.veth.mac,
+                },
             );
         }
     }
-    let node_ips = facts.node_ips.iter().map(|&ip| (key(ip), NODE_IP_LOCAL)).collect();
+    let node_ips = facts
+        .node_ips
+        .iter()
+        .map(|&ip| (key(ip), NODE_IP_LOCAL))
+        .collect();
     let mut ztunnel = ZtunnelEntry {
         host_ifindex: 0,
         flags: 0,
@@ -85,11 +92,18 @@ pub fn desired(facts: &NodeFacts) -> Desired {
             }
         }
     }
-    Desired { pods, node_ips, ztunnel }
+    Desired {
+        pods,
+        node_ips,
+        ztunnel,
+    }
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> Error {
-    move |e| Error::Map { map, reason: e.to_string() }
+    move |e| Error::Map {
+        map,
+        reason: e.to_string(),
+    }
 }
 
 /// The maps the agent writes, taken out of the loaded object (the programs keep their own
@@ -103,19 +117,29 @@ pub struct Maps {
 
 impl Maps {
     pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self> {
-        fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T> {
-            let map = ebpf
-                .take_map(name)
-                .ok_or(Error::Map { map: name, reason: "missing from the object".into() })?;
+        fn take<T: TryFrom<Map, Error = MapError>>(
+            ebpf: &mut aya::Ebpf,
+            name: &'static str,
+        ) -> Result<T> {
+            let map = ebpf.take_map(name).ok_or(Error::Map {
+                map: name,
+                reason: "missing from the object".into(),
+            })?;
             T::try_from(map).map_err(map_err(name))
         }
-        Ok(Maps { pods: take(ebpf, PODS)?, node_ips: take(ebpf, NODE_IPS)?, ztunnel: take(ebpf, ZTUNNEL)? })
+        Ok(Maps {
+            pods: take(ebpf, PODS)?,
+            node_ips: take(ebpf, NODE_IPS)?,
+            ztunnel: take(ebpf, ZTUNNEL)?,
+        })
     }
 
     pub fn upsert(&mut self, d: &Desired) -> Result<()> {
         let current = self.ztunnel.get(&0, 0).map_err(map_err(ZTUNNEL))?;
         if current != d.ztunnel {
-            self.ztunnel.set(0, d.ztunnel, 0).map_err(map_err(ZTUNNEL))?;
+            self.ztunnel
+                .set(0, d.ztunnel, 0)
+                .map_err(map_err(ZTUNNEL))?;
         }
         for (k, v) in &d.node_ips {
             if self.node_ips.get(k, 0).ok().as_ref() != Some(v) {
@@ -131,12 +155,21 @@ impl Maps {
     }
 
     pub fn remove_stale(&mut self, d: &Desired) -> Result<()> {
-        let stale: Vec<IpKey> = self.pods.keys().flatten().filter(|k| !d.pods.contains_key(k)).collect();
+        let stale: Vec<IpKey> = self
+            .pods
+            .keys()
+            .flatten()
+            .filter(|k| !d.pods.contains_key(k))
+            .collect();
         for k in stale {
             self.pods.remove(&k).map_err(map_err(PODS))?;
         }
-        let stale: Vec<IpKey> =
-            self.node_ips.keys().flatten().filter(|k| !d.node_ips.contains_key(k)).collect();
+        let stale: Vec<IpKey> = self
+            .node_ips
+            .keys()
+            .flatten()
+            .filter(|k| !d.node_ips.contains_key(k))
+            .collect();
         for k in stale {
             self.node_ips.remove(&k).map_err(map_err(NODE_IPS))?;
         }
@@ -161,8 +194,10 @@ fn open(dir: &Path, name: &'static str) -> Result<Map> {
 
 pub fn snapshot(dir: &Path) -> Result<Snapshot> {
     let pods: HashMap<_, IpKey, PodEntry> = open(dir, PODS)?.try_into().map_err(map_err(PODS))?;
-    let node_ips: HashMap<_, IpKey, u32> = open(dir, NODE_IPS)?.try_into().map_err(map_err(NODE_IPS))?;
-    let ztunnel: Array<_, ZtunnelEntry> = open(dir, ZTUNNEL)?.try_into().map_err(map_err(ZTUNNEL))?;
+    let node_ips: HashMap<_, IpKey, u32> =
+        open(dir, NODE_IPS)?.try_into().map_err(map_err(NODE_IPS))?;
+    let ztunnel: Array<_, ZtunnelEntry> =
+        open(dir, ZTUNNEL)?.try_into().map_err(map_err(ZTUNNEL))?;
     let stats: PerCpuArray<_, u64> = open(dir, STATS)?.try_into().map_err(map_err(STATS))?;
     let z = ztunnel.get(&0, 0).map_err(map_err(ZTUNNEL))?;
     let mut counters = Vec::new();
@@ -195,11 +230,25 @@ mod tests {
 
     #[test]
     fn desired_maps_every_address_of_a_pod_to_its_veth() {
-        let veth = Link { name: "vethA".into(), index: 7, mac: [2, 0, 0, 0, 0, 7], is_veth: true };
+        let veth = Link {
+            name: "vethA".into(),
+            index: 7,
+            mac: [2, 0, 0, 0, 0, 7],
+            is_veth: true,
+        };
         let mut facts = NodeFacts::default();
         facts.pods.insert(
-            PodId { namespace: "default".into(), name: "reviews-v1".into() },
-            PodFacts { ips: vec!["10.244.2.7".parse().unwrap(), "fd00:10:244:2::7".parse().unwrap()], veth },
+            PodId {
+                namespace: "default".into(),
+                name: "reviews-v1".into(),
+            },
+            PodFacts {
+                ips: vec![
+                    "10.244.2.7".parse().unwrap(),
+                    "fd00:10:244:2::7".parse().unwrap(),
+                ],
+                veth,
+            },
         );
         let d = desired(&facts);
         assert_eq!(d.pods.len(), 2);

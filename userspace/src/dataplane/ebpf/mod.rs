@@ -10,7 +10,9 @@ use std::{
 };
 
 use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
-use zdivert_common::{MARK_MASK, MARK_TPROXY, PIN_VERSION, ZTUNNEL_TPROXY_RULE_PRIORITY, ZTUNNEL_TPROXY_TABLE};
+use zdivert_common::{
+    MARK_MASK, MARK_TPROXY, PIN_VERSION, ZTUNNEL_TPROXY_RULE_PRIORITY, ZTUNNEL_TPROXY_TABLE,
+};
 
 use self::attach::{Attachment, Hook};
 use super::{Dataplane, Report};
@@ -43,7 +45,11 @@ pub struct PinDirs {
 impl PinDirs {
     pub fn new(bpffs: &Path, node: &str) -> Self {
         let root = bpffs.join("zdivert").join(PIN_VERSION).join(node);
-        PinDirs { maps: root.join("maps"), links: root.join("links"), root }
+        PinDirs {
+            maps: root.join("maps"),
+            links: root.join("links"),
+            root,
+        }
     }
 }
 
@@ -62,24 +68,36 @@ pub struct EbpfDataplane {
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 fn ensure_bpffs(bpffs: &Path) -> Result<()> {
-    let c = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes())
-        .map_err(|e| Error::Bpffs { path: bpffs.into(), reason: e.to_string() })?;
+    let c =
+        std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes()).map_err(|e| Error::Bpffs {
+            path: bpffs.into(),
+            reason: e.to_string(),
+        })?;
     // SAFETY: statfs into a zeroed struct we own.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         let reason = std::io::Error::last_os_error().to_string();
-        return Err(Error::Bpffs { path: bpffs.into(), reason });
+        return Err(Error::Bpffs {
+            path: bpffs.into(),
+            reason,
+        });
     }
     if st.f_type as i64 != BPF_FS_MAGIC {
         let reason = "not a bpffs mount (mount -t bpf bpf /sys/fs/bpf)".into();
-        return Err(Error::Bpffs { path: bpffs.into(), reason });
+        return Err(Error::Bpffs {
+            path: bpffs.into(),
+            reason,
+        });
     }
     Ok(())
 }
 
 fn mkdirs(dirs: &PinDirs) -> Result<()> {
     for d in [&dirs.maps, &dirs.links] {
-        std::fs::create_dir_all(d).map_err(|e| Error::Bpffs { path: d.clone(), reason: e.to_string() })?;
+        std::fs::create_dir_all(d).map_err(|e| Error::Bpffs {
+            path: d.clone(),
+            reason: e.to_string(),
+        })?;
     }
     Ok(())
 }
@@ -93,15 +111,21 @@ impl EbpfDataplane {
         ensure_bpffs(bpffs)?;
         let dirs = PinDirs::new(bpffs, node);
         mkdirs(&dirs)?;
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&dirs.maps).load(OBJECT)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dirs.maps)
+            .load(OBJECT)?;
         for hook in Hook::ALL {
             let program = hook.program();
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(program)
-                .ok_or(Error::Map { map: "programs", reason: format!("{program} missing from the object") })?
+                .ok_or(Error::Map {
+                    map: "programs",
+                    reason: format!("{program} missing from the object"),
+                })?
                 .try_into()
                 .map_err(|source| Error::Program { program, source })?;
-            prog.load().map_err(|source| Error::Program { program, source })?;
+            prog.load()
+                .map_err(|source| Error::Program { program, source })?;
         }
         let maps = maps::Maps::take(&mut ebpf)?;
         Ok(EbpfDataplane {
@@ -151,11 +175,17 @@ impl EbpfDataplane {
     /// `ip rule 20000 fwmark 0x400/0xfff lookup 100` and `local default dev lo table 100` in
     /// ztunnel's netns, and their removal from a previous ztunnel's netns if it still exists.
     fn route_ztunnel(&mut self, facts: &NodeFacts) -> Result<()> {
-        let want = facts.ztunnel.as_ref().map(|z| (z.netns.clone(), z.ips.iter().any(IpAddr::is_ipv6)));
+        let want = facts
+            .ztunnel
+            .as_ref()
+            .map(|z| (z.netns.clone(), z.ips.iter().any(IpAddr::is_ipv6)));
         if let Some((old, v6)) = self.routed_ztunnel.take() {
             if Some(&old) != want.as_ref().map(|w| &w.0) && old.exists() {
                 if let Err(e) = unroute_ztunnel(&old, v6) {
-                    log::warn!("removing tproxy routing from old ztunnel netns {}: {e}", old.display());
+                    log::warn!(
+                        "removing tproxy routing from old ztunnel netns {}: {e}",
+                        old.display()
+                    );
                 }
             }
         }
@@ -225,9 +255,16 @@ impl Dataplane for EbpfDataplane {
                 report.failed.push((id.clone(), e));
             }
         }
-        report.ztunnel_ready =
-            facts.ztunnel.as_ref().is_some_and(|z| !failed_pods.contains(&z.pod));
-        report.captured = facts.pods.keys().filter(|id| !failed_pods.contains(id)).cloned().collect();
+        report.ztunnel_ready = facts
+            .ztunnel
+            .as_ref()
+            .is_some_and(|z| !failed_pods.contains(&z.pod));
+        report.captured = facts
+            .pods
+            .keys()
+            .filter(|id| !failed_pods.contains(id))
+            .cloned()
+            .collect();
         Ok(report)
     }
 }
@@ -261,7 +298,10 @@ pub fn cleanup(bpffs: &Path, node: &str) -> Result<Cleaned> {
     for name in maps::ALL {
         let path = dirs.maps.join(name);
         if path.exists() {
-            std::fs::remove_file(&path).map_err(|e| Error::Bpffs { path, reason: e.to_string() })?;
+            std::fs::remove_file(&path).map_err(|e| Error::Bpffs {
+                path,
+                reason: e.to_string(),
+            })?;
             cleaned.maps += 1;
         }
     }

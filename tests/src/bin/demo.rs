@@ -1,0 +1,190 @@
+//! `cargo xtask demo`: the article's nodes in network namespaces, zdivert on each, a stand-in
+//! ztunnel on each, bookinfo-like traffic, and a trace of every connection's path.
+use std::{collections::HashMap, net::IpAddr, path::Path};
+
+use anyhow::Result;
+use zdivert_tests::{
+    agent::{Agent, zdivert_bin},
+    apps::{TcpServer, request, sa},
+    ns::run,
+    standin::{HBONE, Record, Standin},
+    standin_for,
+    topology::Topology,
+};
+
+fn main() -> Result<()> {
+    let topo = Topology::article()?;
+    println!(
+        "== the article's nodes, rebuilt in network namespaces (prefix {})",
+        topo.prefix
+    );
+    let mut names: HashMap<IpAddr, String> = HashMap::new();
+    for n in &topo.nodes {
+        let pods: Vec<String> = n
+            .pods
+            .values()
+            .map(|p| {
+                format!(
+                    "{} {}{}",
+                    p.name,
+                    p.ip,
+                    if p.ambient { "" } else { " (not ambient)" }
+                )
+            })
+            .collect();
+        println!(
+            "  {}: ztunnel {}, {}",
+            n.article_name,
+            n.ztunnel.ip,
+            pods.join(", ")
+        );
+        names.insert(n.ztunnel.ip.into(), format!("ztunnel@{}", n.article_name));
+        names.insert(n.gateway.into(), format!("node {}", n.article_name));
+        for p in n.pods.values() {
+            names.insert(p.ip.into(), p.name.clone());
+        }
+    }
+    let name = |ip: IpAddr| names.get(&ip).cloned().unwrap_or_else(|| ip.to_string());
+
+    let standins: Vec<Standin> = topo
+        .nodes
+        .iter()
+        .map(|n| standin_for(n, vec![]))
+        .collect::<Result<_>>()?;
+    let mut agents = Vec::new();
+    for n in &topo.nodes {
+        let agent = Agent::start(n, &n.pods_file(true))?;
+        let ambient = n.pods.values().filter(|p| p.ambient).count();
+        agent.wait_ready(ambient, ambient * 2 + 2)?;
+        agents.push(agent);
+    }
+    let (w2, w1) = (topo.worker2(), topo.worker());
+    let mut servers = Vec::new();
+    for n in &topo.nodes {
+        for p in n.pods.values().filter(|p| p.name != "productpage-v1") {
+            servers.push(TcpServer::start(&p.ns, &p.name, 9080)?);
+        }
+    }
+
+    println!("\n== traffic (each line: a connection, then its path as the ztunnels recorded it)");
+    let cases = [
+        (
+            &w2.pod("productpage-v1").ns,
+            w2.pod("productpage-v1").ip,
+            w2.pod("reviews-v1").ip,
+            "same node, ambient → ambient",
+        ),
+        (
+            &w2.pod("productpage-v1").ns,
+            w2.pod("productpage-v1").ip,
+            w1.pod("details-v1").ip,
+            "cross node, ambient → ambient",
+        ),
+        (
+            &w2.pod("reviews-v2").ns,
+            w2.pod("reviews-v2").ip,
+            w2.pod("ratings-v1").ip,
+            "same node, ambient → ambient",
+        ),
+        (
+            &w2.pod("sleep").ns,
+            w2.pod("sleep").ip,
+            w2.pod("reviews-v3").ip,
+            "non-ambient → ambient (inbound)",
+        ),
+        (
+            &w2.ns,
+            w2.gateway,
+            w2.pod("reviews-v1").ip,
+            "node (kubelet probe) → ambient: not captured",
+        ),
+        (
+            &w2.pod("sleep").ns,
+            w2.pod("sleep").ip,
+            w1.pod("curl").ip,
+            "non-ambient → non-ambient: not captured",
+        ),
+    ];
+    for (ns, src, dst, what) in cases {
+        for s in &standins {
+            s.clear();
+        }
+        let dst = sa(dst, 9080);
+        match request(ns, dst) {
+            Ok(reply) => println!(
+                "\n{} {src} → {dst}   [{what}]\n  answered by {} which saw the client as {}",
+                name(src.into()),
+                reply.server,
+                reply.peer.ip()
+            ),
+            Err(e) => println!("\n{} → {dst}: FAILED: {e:#}", name(src.into())),
+        }
+        let hops: Vec<(usize, Record)> = standins
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| s.records().into_iter().map(move |r| (i, r)))
+            .collect();
+        if hops.is_empty() {
+            println!("  (no ztunnel involved)");
+        }
+        for (i, r) in hops {
+            let node = topo.nodes[i].article_name;
+            let orig = r.hbone.map_or(r.orig_dst, |(_, d)| d);
+            let mut line = format!(
+                "  → ztunnel@{node} :{} from {} (original destination {orig})",
+                r.listener,
+                name(r.peer.ip())
+            );
+            if let Some((to, from)) = r.upstream {
+                let via = if to.port() == HBONE && r.listener != HBONE {
+                    " (HBONE to the peer)"
+                } else {
+                    ""
+                };
+                line += &format!(
+                    " → connects {} → {}:{}{via}",
+                    name(from.ip()),
+                    name(to.ip()),
+                    to.port()
+                );
+            }
+            println!("{line}");
+        }
+    }
+
+    println!("\n== zdivert status on {}", w2.article_name);
+    print!(
+        "{}",
+        run(
+            zdivert_bin().to_str().unwrap(),
+            &["--node", &agents[0].node, "status"]
+        )?
+    );
+    let pods_map = format!("/sys/fs/bpf/zdivert/v1/{}/maps/PODS", agents[0].node);
+    println!(
+        "\n== bpftool map dump pinned {pods_map}  (key: IPv4-mapped pod IP; value: host ifindex, flags, pod MAC, gateway MAC)"
+    );
+    match run("bpftool", &["map", "dump", "pinned", &pods_map]) {
+        Ok(out) => print!("{out}"),
+        Err(e) => println!("(bpftool: {e})"),
+    }
+
+    println!("\n== tearing down");
+    let node_names: Vec<String> = agents.iter().map(|a| a.node.clone()).collect();
+    drop(servers);
+    drop(agents);
+    drop(standins);
+    let prefix = topo.prefix.clone();
+    drop(topo);
+    let left_ns = run("ip", &["netns", "list"])?
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .count();
+    let left_pins = node_names
+        .iter()
+        .filter(|n| Path::new("/sys/fs/bpf/zdivert/v1").join(n).exists())
+        .count();
+    println!("left behind: {left_ns} network namespaces, {left_pins} pin directories");
+    anyhow::ensure!(left_ns == 0 && left_pins == 0, "the demo left state behind");
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! Idempotent prerequisites (TOOLCHAIN.md): each step checks first and does nothing when done.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::run;
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn all() -> Result<()> {
+    toolchain()?;
+    packages()?;
+    bpffs()
+}
+
+pub fn toolchain() -> Result<()> {
+    rust_src()?;
+    bpf_linker()
+}
+
+fn rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    eprintln!("setup: adding rust-src to nightly");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// bpf-linker linked against the nightly's own libLLVM (there is no system LLVM of that major).
+fn bpf_linker() -> Result<()> {
+    if output(Command::new("bpf-linker").arg("--version")).is_some() {
+        return Ok(());
+    }
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("rustc +nightly --print sysroot")?;
+    let lib_dir = Path::new(sysroot.trim()).join("lib");
+    let llvm = std::fs::read_dir(&lib_dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
+    let file = llvm.file_name().unwrap().to_str().unwrap().to_string();
+    // libLLVM.so.22.1-rust-1.97.0-nightly → 22
+    let major = file
+        .trim_start_matches("libLLVM.so.")
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    if major.is_empty() || !major.bytes().all(|b| b.is_ascii_digit()) {
+        bail!("cannot tell LLVM's major version from {file}");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .context("HOME")?;
+    // The binary finds libLLVM through this prefix (RUNPATH) at run time: it must stay here.
+    let prefix = home.join(".cache/zdivert/llvm-prefix");
+    let plib = prefix.join("lib");
+    std::fs::create_dir_all(&plib)?;
+    for name in ["libLLVM.so", file.as_str()] {
+        let link = plib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm, &link)?;
+    }
+    eprintln!(
+        "setup: building bpf-linker against {} (about a minute)",
+        llvm.display()
+    );
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            "0.13.0",
+            "--locked",
+            "--no-default-features",
+        ])
+        .args(["--features", &format!("llvm-{major}")])
+        .env("LLVM_PREFIX", &prefix)
+        .env_remove("RUSTUP_TOOLCHAIN"))
+}
+
+/// Debian packages the tests and the agent use.
+const PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+    ("iptables", "iptables"),
+    ("ipset", "ipset"),
+    ("bpftool", "bpftool"),
+];
+
+fn packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(bin, _)| {
+            output(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_none()
+        })
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.starts_with("bpf "))
+    {
+        return Ok(());
+    }
+    eprintln!("setup: mounting bpffs at /sys/fs/bpf");
+    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+/// Namespaces and pins an interrupted test run may have left (ours only: the `zdt` prefix).
+pub fn remove_leftovers() -> Result<()> {
+    for ns in output(Command::new("ip").args(["netns", "list"]))
+        .unwrap_or_default()
+        .lines()
+    {
+        let name = ns.split_whitespace().next().unwrap_or_default();
+        if name.starts_with("zdt") {
+            eprintln!("removing leftover netns {name}");
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+    let pins = Path::new("/sys/fs/bpf/zdivert").join("v1");
+    for node in std::fs::read_dir(&pins).into_iter().flatten().flatten() {
+        let name = node.file_name().to_string_lossy().into_owned();
+        if name.starts_with("zdt") {
+            eprintln!("removing leftover pins of {name}");
+            let _ = Command::new(crate::root().join("target/debug/zdivert"))
+                .args(["--node", &name, "cleanup"])
+                .status();
+        }
+    }
+    Ok(())
+}
