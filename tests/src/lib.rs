@@ -4,7 +4,9 @@
 pub mod agent;
 pub mod apps;
 pub mod ns;
+pub mod packets;
 pub mod standin;
+pub mod testrun;
 pub mod topology;
 
 use topology::Node;

@@ -26,6 +26,11 @@ use crate::{
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zdivert.bpf.o"));
 
+/// The embedded eBPF object (empty when built without `cargo xtask build-ebpf`).
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
+
 /// In ztunnel's netns: packets the tproxy program assigned to a socket are delivered locally.
 pub const TPROXY_RULE: FwmarkRule = FwmarkRule {
     priority: ZTUNNEL_TPROXY_RULE_PRIORITY,
