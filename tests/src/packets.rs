@@ -25,7 +25,13 @@ pub struct V4 {
 
 impl V4 {
     pub fn new(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Self {
-        V4 { src, dst, proto, options: vec![], frag: 0x4000 }
+        V4 {
+            src,
+            dst,
+            proto,
+            options: vec![],
+            frag: 0x4000,
+        }
     }
 
     pub fn packet(&self, payload: &[u8]) -> Vec<u8> {
@@ -45,7 +51,13 @@ impl V4 {
 }
 
 /// An IPv6 header, then the given extension headers (each: next-header is filled in).
-pub fn v6(src: Ipv6Addr, dst: Ipv6Addr, exts: &[(u8, Vec<u8>)], proto: u8, payload: &[u8]) -> Vec<u8> {
+pub fn v6(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    exts: &[(u8, Vec<u8>)],
+    proto: u8,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut body = Vec::new();
     for (i, (_, ext)) in exts.iter().enumerate() {
         let next = exts.get(i + 1).map_or(proto, |(t, _)| *t);
@@ -68,7 +80,24 @@ pub fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let mut t = Vec::new();
     t.extend_from_slice(&sport.to_be_bytes());
     t.extend_from_slice(&dport.to_be_bytes());
-    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    t.extend_from_slice(&[
+        0,
+        0,
+        0,
+        1,
+        0,
+        0,
+        0,
+        0,
+        5 << 4,
+        flags,
+        0xff,
+        0xff,
+        0,
+        0,
+        0,
+        0,
+    ]);
     t
 }
 

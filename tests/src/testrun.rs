@@ -23,7 +23,13 @@ fn bytes(words: &[u32; SKB_WORDS]) -> Vec<u8> {
 
 /// Runs `prog` on `frame` as if it arrived on `ifindex` (which must exist in the calling thread's
 /// netns; 0 for none) carrying `mark`.
-pub fn run(prog: &SchedClassifier, frame: &[u8], ifindex: u32, mark: u32, repeat: u32) -> Result<Outcome> {
+pub fn run(
+    prog: &SchedClassifier,
+    frame: &[u8],
+    ifindex: u32,
+    mark: u32,
+    repeat: u32,
+) -> Result<Outcome> {
     let mut out = vec![0u8; frame.len() + 256];
     let mut ctx = [0u32; SKB_WORDS];
     ctx[SKB_IFINDEX] = ifindex;
