@@ -110,7 +110,15 @@ fn main() -> Result<()> {
             build_agent(false)?;
             setup::remove_leftovers()?;
             // Unit tests and BPF_PROG_TEST_RUN tests of every crate but the netns suite...
-            run(cargo().args(["test", "--workspace", "--exclude", "zdivert-tests"]))?;
+            run(cargo().args([
+                "test",
+                "-p",
+                "zdivert-common",
+                "-p",
+                "zdivert",
+                "-p",
+                "xtask",
+            ]))?;
             // ...then the privileged suite, serially: its tests share the kernel.
             let mut c = cargo();
             c.args(["test", "-p", "zdivert-tests", "--", "--test-threads=1"]);
