@@ -152,10 +152,9 @@ impl Netlink {
         }
     }
 
-    pub fn fwmark_rules(&self, v6: bool) -> Result<Vec<FwmarkRule>> {
+    fn rule_messages(&self, v6: bool) -> Result<Vec<RuleMessage>> {
         let version = if v6 { IpVersion::V6 } else { IpVersion::V4 };
-        let msgs = self
-            .rt
+        self.rt
             .block_on(async {
                 self.handle
                     .rule()
@@ -164,8 +163,15 @@ impl Netlink {
                     .try_collect::<Vec<_>>()
                     .await
             })
-            .map_err(nl_err("rule dump"))?;
-        Ok(msgs.iter().filter_map(to_fwmark_rule).collect())
+            .map_err(nl_err("rule dump"))
+    }
+
+    pub fn fwmark_rules(&self, v6: bool) -> Result<Vec<FwmarkRule>> {
+        Ok(self
+            .rule_messages(v6)?
+            .iter()
+            .filter_map(to_fwmark_rule)
+            .collect())
     }
 
     /// Adds the rule unless an identical one exists.
@@ -201,18 +207,7 @@ impl Netlink {
 
     /// Deletes every rule equal to `rule`; a missing one is not an error.
     pub fn remove_fwmark_rule(&self, rule: FwmarkRule, v6: bool) -> Result<()> {
-        let version = if v6 { IpVersion::V6 } else { IpVersion::V4 };
-        let msgs = self
-            .rt
-            .block_on(async {
-                self.handle
-                    .rule()
-                    .get(version)
-                    .execute()
-                    .try_collect::<Vec<_>>()
-                    .await
-            })
-            .map_err(nl_err("rule dump"))?;
+        let msgs = self.rule_messages(v6)?;
         for m in msgs.into_iter().filter(|m| to_fwmark_rule(m) == Some(rule)) {
             self.rt
                 .block_on(self.handle.rule().del(m).execute())

@@ -195,17 +195,7 @@ impl EbpfDataplane {
             }
         }
         if let Some((ns, v6)) = want {
-            netns::run_in(&ns, || -> Result<()> {
-                let nl = Netlink::new()?;
-                for fam_v6 in [false, true] {
-                    if fam_v6 && !v6 {
-                        continue;
-                    }
-                    nl.ensure_fwmark_rule(TPROXY_RULE, fam_v6)?;
-                    nl.ensure_local_default(ZTUNNEL_TPROXY_TABLE, fam_v6)?;
-                }
-                Ok(())
-            })??;
+            tproxy_routing(&ns, v6, true)?;
             self.routed_ztunnel = Some((ns, v6));
         }
         Ok(())
@@ -213,14 +203,22 @@ impl EbpfDataplane {
 }
 
 fn unroute_ztunnel(ns: &Path, v6: bool) -> Result<()> {
+    tproxy_routing(ns, v6, false)
+}
+
+/// Installs (or removes) the rule and local route that deliver assigned packets, in ztunnel's
+/// netns, for IPv4 and, if ztunnel has an IPv6 address, IPv6.
+fn tproxy_routing(ns: &Path, v6: bool, install: bool) -> Result<()> {
     netns::run_in(ns, || -> Result<()> {
         let nl = Netlink::new()?;
-        for fam_v6 in [false, true] {
-            if fam_v6 && !v6 {
-                continue;
+        for family_v6 in [false, true].into_iter().filter(|f| v6 || !f) {
+            if install {
+                nl.ensure_fwmark_rule(TPROXY_RULE, family_v6)?;
+                nl.ensure_local_default(ZTUNNEL_TPROXY_TABLE, family_v6)?;
+            } else {
+                nl.remove_fwmark_rule(TPROXY_RULE, family_v6)?;
+                nl.remove_local_default(ZTUNNEL_TPROXY_TABLE, family_v6)?;
             }
-            nl.remove_fwmark_rule(TPROXY_RULE, fam_v6)?;
-            nl.remove_local_default(ZTUNNEL_TPROXY_TABLE, fam_v6)?;
         }
         Ok(())
     })?
