@@ -22,12 +22,27 @@ pub struct Agent {
     pub node: String,
     node_ns: PathBuf,
     pub pods_file: PathBuf,
+    /// `--mode`: ebpf or iptables.
+    pub mode: String,
     child: Option<Child>,
 }
 
+/// Runs `zdivert <args>` in the node's netns, as the DaemonSet (hostNetwork) would.
+fn zdivert_in(node_ns: &std::path::Path, args: &[&str]) -> Result<String> {
+    let net = format!("--net={}", node_ns.display());
+    let bin = zdivert_bin();
+    let mut all = vec![net.as_str(), bin.to_str().unwrap()];
+    all.extend_from_slice(args);
+    run("nsenter", &all)
+}
+
 impl Agent {
-    /// Writes the node description and starts the agent on it.
+    /// Writes the node description and starts the agent on it, in eBPF mode.
     pub fn start(node: &Node, description: &str) -> Result<Agent> {
+        Self::start_mode(node, description, "ebpf")
+    }
+
+    pub fn start_mode(node: &Node, description: &str, mode: &str) -> Result<Agent> {
         let dir = std::env::temp_dir().join("zdivert-tests");
         std::fs::create_dir_all(&dir)?;
         let pods_file = dir.join(format!("{}.yaml", node.name));
@@ -36,6 +51,7 @@ impl Agent {
             node: node.name.clone(),
             node_ns: node.ns.path(),
             pods_file,
+            mode: mode.into(),
             child: None,
         };
         a.spawn()?;
@@ -46,7 +62,7 @@ impl Agent {
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.node_ns.display()))
             .arg(zdivert_bin())
-            .args(["--node", &self.node, "run", "--pods-file"])
+            .args(["--node", &self.node, "run", "--mode", &self.mode, "--pods-file"])
             .arg(&self.pods_file)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -76,12 +92,22 @@ impl Agent {
         self.spawn()
     }
 
+    /// Restarts the agent in another mode: it must remove the other mode's state first.
+    pub fn restart_in(&mut self, mode: &str) -> Result<()> {
+        self.kill();
+        self.mode = mode.into();
+        self.spawn()
+    }
+
     pub fn status(&self) -> Result<serde_json::Value> {
-        let out = run(
-            zdivert_bin().to_str().unwrap(),
-            &["--node", &self.node, "status", "--json"],
-        )?;
+        let out = zdivert_in(&self.node_ns, &["--node", &self.node, "status", "--json"])?;
         Ok(serde_json::from_str(&out)?)
+    }
+
+    /// `zdivert cleanup` for this node, with the agent stopped.
+    pub fn cleanup(&mut self) -> Result<String> {
+        self.kill();
+        zdivert_in(&self.node_ns, &["--node", &self.node, "cleanup"])
     }
 
     /// Packets counted for `path`/`outcome`.
@@ -120,11 +146,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        self.kill();
-        if let Err(e) = run(
-            zdivert_bin().to_str().unwrap(),
-            &["--node", &self.node, "cleanup"],
-        ) {
+        if let Err(e) = self.cleanup() {
             eprintln!("cleanup of {}: {e}", self.node);
         }
         let _ = std::fs::remove_file(&self.pods_file);

@@ -61,6 +61,18 @@ pub enum Error {
     #[error("bpffs {path}: {reason}")]
     Bpffs { path: PathBuf, reason: String },
 
+    #[error("`{command}` failed: {reason}")]
+    Command { command: String, reason: String },
+
+    #[error("sysctl {path}: {reason}")]
+    Sysctl { path: String, reason: String },
+
+    #[error("state file {path}: {reason}")]
+    StateFile { path: PathBuf, reason: String },
+
+    #[error("node {node}: {reason}")]
+    NodeFacts { node: String, reason: String },
+
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
 }

@@ -5,10 +5,14 @@ use std::{
     time::Duration,
 };
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use zdivert::{
     agent::FileLoop,
-    dataplane::ebpf::{self, EbpfDataplane},
+    dataplane::{
+        Dataplane,
+        ebpf::{self, EbpfDataplane},
+        iptables::{self, IptablesDataplane, TunnelChoice},
+    },
     source::file,
     status,
 };
@@ -20,6 +24,9 @@ struct Cli {
     /// Where bpffs is mounted.
     #[arg(long, global = true, default_value = "/sys/fs/bpf")]
     bpffs: PathBuf,
+    /// Where the iptables fallback keeps what it must restore (original sysctls, its choices).
+    #[arg(long, global = true, default_value = "/run/zdivert")]
+    state_dir: PathBuf,
     /// This node's name (default: $NODE_NAME; for status/cleanup: every node pinned here).
     #[arg(long, global = true, env = "NODE_NAME")]
     node: Option<String>,
@@ -37,6 +44,12 @@ enum Command {
         /// Seconds between full resyncs (the file is also watched for changes).
         #[arg(long, default_value_t = 30)]
         resync_secs: u64,
+        /// Dataplane: eBPF programs, the iptables/tunnel fallback, or eBPF where it works.
+        #[arg(long, value_enum, default_value_t = Mode::Auto)]
+        mode: Mode,
+        /// Tunnel kind for the iptables fallback.
+        #[arg(long, value_enum, default_value_t = TunnelChoice::Auto)]
+        tunnel: TunnelChoice,
     },
     /// Show the pinned maps, attachments and packet counters.
     Status {
@@ -45,6 +58,13 @@ enum Command {
     },
     /// Remove every program, link, pin and rule zdivert created.
     Cleanup,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Ebpf,
+    Iptables,
+    Auto,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -85,6 +105,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run {
             pods_file,
             resync_secs,
+            mode,
+            tunnel,
         } => {
             let initial = file::read(&pods_file)?;
             let node = match cli.node {
@@ -108,19 +130,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
                 );
             }
-            let mut dp = EbpfDataplane::load(&cli.bpffs, &node)?;
-            log::info!(
-                "ebpf dataplane for node {node}, pins under {}",
-                dp.dirs().root.display()
-            );
+            let mut dp = dataplane(&cli.bpffs, &cli.state_dir, &node, mode, tunnel)?;
             let lp = FileLoop {
                 path: pods_file,
                 resync: Duration::from_secs(resync_secs),
                 poll: Duration::from_millis(200),
             };
-            lp.run(&mut dp, &STOP);
-            // Deliberately no cleanup: the pinned state keeps redirecting while no agent runs.
-            log::info!("stopping; redirection stays in place (pinned)");
+            lp.run(dp.as_mut(), &STOP);
+            // Deliberately no cleanup: the kernel state keeps redirecting while no agent runs.
+            log::info!("stopping; redirection stays in place");
             Ok(())
         }
         Command::Status { json } => {
@@ -135,7 +153,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cleanup => {
-            for node in pinned_nodes(&cli.bpffs, cli.node) {
+            let mut nodes = pinned_nodes(&cli.bpffs, cli.node.clone());
+            nodes.extend(state_nodes(&cli.state_dir, cli.node));
+            nodes.sort();
+            nodes.dedup();
+            for node in nodes {
                 let c = ebpf::cleanup(&cli.bpffs, &node)?;
                 println!(
                     "node {node}: removed {} links, {} maps, tproxy routing in {} ztunnel netns",
@@ -143,8 +165,79 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     c.maps,
                     c.ztunnel_netns.len()
                 );
+                if iptables::has_state(&cli.state_dir, &node) {
+                    let c = iptables::cleanup(&cli.state_dir, &node)?;
+                    println!(
+                        "node {node}: removed the iptables layout{}",
+                        c.ztunnel_netns
+                            .map(|n| format!(" (and from ztunnel netns {})", n.display()))
+                            .unwrap_or_default()
+                    );
+                }
             }
             Ok(())
         }
+    }
+}
+
+/// Nodes the iptables fallback keeps state for.
+fn state_nodes(state_dir: &Path, node: Option<String>) -> Vec<String> {
+    if let Some(n) = node {
+        return vec![n];
+    }
+    std::fs::read_dir(state_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect()
+}
+
+/// Builds the dataplane `mode` asks for, after removing whatever the other mode left on this
+/// node: two dataplanes must never capture at once.
+fn dataplane(
+    bpffs: &Path,
+    state_dir: &Path,
+    node: &str,
+    mode: Mode,
+    tunnel: TunnelChoice,
+) -> anyhow::Result<Box<dyn Dataplane>> {
+    let use_ebpf = match mode {
+        Mode::Ebpf => true,
+        Mode::Iptables => false,
+        Mode::Auto => match ebpf::probe(bpffs) {
+            Ok(()) => {
+                log::info!("mode auto: eBPF (programs load, TCX attaches, bpf_sk_assign usable)");
+                true
+            }
+            Err(why) => {
+                log::warn!("mode auto: iptables fallback, because {why}");
+                false
+            }
+        },
+    };
+    if use_ebpf {
+        if iptables::has_state(state_dir, node) {
+            iptables::cleanup(state_dir, node)?;
+            log::info!("removed the iptables layout an earlier agent left");
+        }
+        let dp = EbpfDataplane::load(bpffs, node)?;
+        log::info!(
+            "ebpf dataplane for node {node}, pins under {}",
+            dp.dirs().root.display()
+        );
+        Ok(Box::new(dp))
+    } else {
+        let c = ebpf::cleanup(bpffs, node)?;
+        if c.links + c.maps > 0 {
+            log::info!("removed the eBPF programs and maps an earlier agent left");
+        }
+        let dp = IptablesDataplane::new(state_dir, node, tunnel)?;
+        log::info!(
+            "iptables dataplane for node {node} ({} tunnels), state in {}",
+            dp.tunnel(),
+            dp.state_file().display()
+        );
+        Ok(Box::new(dp))
     }
 }

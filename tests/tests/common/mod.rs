@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use anyhow::Result;
 use zdivert_tests::{
     agent::Agent,
+    fallback,
     standin::Standin,
     standin_for,
     topology::{Node, Topology},
@@ -31,6 +32,11 @@ impl Lab {
 
     /// With Service VIP → endpoint entries for the article node's stand-in ztunnel.
     pub fn start_with_services(services: Vec<(SocketAddr, SocketAddr)>) -> Result<Lab> {
+        Self::start_mode("ebpf", services)
+    }
+
+    /// Both nodes with agents in `mode` (ebpf or iptables).
+    pub fn start_mode(mode: &str, services: Vec<(SocketAddr, SocketAddr)>) -> Result<Lab> {
         let topo = Topology::article()?;
         let mut lab = Lab {
             agents: vec![],
@@ -40,12 +46,25 @@ impl Lab {
         for (i, node) in lab.topo.nodes.iter().enumerate() {
             let services = if i == 0 { services.clone() } else { vec![] };
             lab.standins.push(standin_for(node, services)?);
-            let agent = Agent::start(node, &node.pods_file(true))?;
-            let (a, l) = expected(node, true);
-            agent.wait_ready(a, l)?;
+            let agent = Agent::start_mode(node, &node.pods_file(true), mode)?;
             lab.agents.push(agent);
+            lab.wait_ready(node, true)?;
         }
         Ok(lab)
+    }
+
+    /// Waits until the agent of `node` has set it up in its mode.
+    pub fn wait_ready(&self, node: &Node, with_ztunnel: bool) -> Result<()> {
+        let agent = self
+            .agents
+            .iter()
+            .find(|a| a.node == node.name)
+            .expect("an agent per node");
+        let (a, l) = expected(node, with_ztunnel);
+        match agent.mode.as_str() {
+            "iptables" => fallback::wait_layout(node, a, with_ztunnel),
+            _ => agent.wait_ready(a, l).map(|_| ()),
+        }
     }
 
     pub fn w2(&self) -> &Node {

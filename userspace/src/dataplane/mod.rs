@@ -6,6 +6,7 @@ use crate::{
 };
 
 pub mod ebpf;
+pub mod iptables;
 
 /// What one `apply` achieved. Failures are per pod: one bad pod never blocks the others.
 #[derive(Debug, Default)]

@@ -2,6 +2,9 @@
 //! `<bpffs>/zdivert/<PIN_VERSION>/<node>/{maps,links}`.
 pub mod attach;
 pub mod maps;
+mod probe;
+
+pub use probe::probe;
 
 use std::{
     collections::BTreeSet,
@@ -20,7 +23,7 @@ use crate::{
     error::{Error, Result},
     facts::{self, NodeFacts},
     netns,
-    nl::{FwmarkRule, Netlink},
+    nl::{Netlink, PolicyRule, RuleTarget},
     state::NodeState,
 };
 
@@ -32,12 +35,12 @@ pub fn object() -> &'static [u8] {
 }
 
 /// In ztunnel's netns: packets the tproxy program assigned to a socket are delivered locally.
-pub const TPROXY_RULE: FwmarkRule = FwmarkRule {
-    priority: ZTUNNEL_TPROXY_RULE_PRIORITY,
-    mark: MARK_TPROXY,
-    mask: MARK_MASK,
-    table: ZTUNNEL_TPROXY_TABLE,
-};
+pub const TPROXY_RULE: PolicyRule = PolicyRule::fwmark(
+    ZTUNNEL_TPROXY_RULE_PRIORITY,
+    MARK_TPROXY,
+    MARK_MASK,
+    RuleTarget::Table(ZTUNNEL_TPROXY_TABLE),
+);
 
 /// Where a node's pinned state lives.
 #[derive(Clone, Debug)]
@@ -213,10 +216,10 @@ fn tproxy_routing(ns: &Path, v6: bool, install: bool) -> Result<()> {
         let nl = Netlink::new()?;
         for family_v6 in [false, true].into_iter().filter(|f| v6 || !f) {
             if install {
-                nl.ensure_fwmark_rule(TPROXY_RULE, family_v6)?;
+                nl.ensure_rule(TPROXY_RULE, family_v6)?;
                 nl.ensure_local_default(ZTUNNEL_TPROXY_TABLE, family_v6)?;
             } else {
-                nl.remove_fwmark_rule(TPROXY_RULE, family_v6)?;
+                nl.remove_rule(TPROXY_RULE, family_v6)?;
                 nl.remove_local_default(ZTUNNEL_TPROXY_TABLE, family_v6)?;
             }
         }

@@ -6,10 +6,9 @@ use futures_util::TryStreamExt as _;
 use netlink_packet_route::{
     address::AddressAttribute,
     link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
-    route::{RouteAttribute, RouteScope, RouteType},
-    rule::{RuleAction, RuleAttribute, RuleMessage},
+    route::{RouteAddress, RouteAttribute, RouteScope, RouteType},
 };
-use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
+use rtnetlink::{Handle, RouteMessageBuilder};
 
 use crate::error::{Error, Result};
 
@@ -27,16 +26,15 @@ pub struct Netlink {
     handle: Handle,
 }
 
-/// A policy rule `priority: fwmark mark/mask lookup table`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FwmarkRule {
-    pub priority: u32,
-    pub mark: u32,
-    pub mask: u32,
-    pub table: u32,
-}
+mod routes;
+mod rules;
+mod tunnels;
 
-fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
+pub use routes::{Route, RouteKind};
+pub use rules::{PolicyRule, RuleTarget};
+pub use tunnels::{Tunnel, TunnelKind};
+
+pub(crate) fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
     let what = what.into();
     move |e| Error::Netlink {
         what,
@@ -99,6 +97,18 @@ impl Netlink {
             .map_err(nl_err("link dump"))
     }
 
+    /// Creates a dummy interface (for probes), up; returns its index.
+    pub fn add_dummy(&self, name: &str) -> Result<u32> {
+        let msg = rtnetlink::LinkDummy::new(name).up().build();
+        self.rt
+            .block_on(self.handle.link().add(msg).execute())
+            .map_err(nl_err(format!("adding dummy {name}")))?;
+        self.link_index(name)?.ok_or_else(|| Error::Netlink {
+            what: format!("dummy {name}"),
+            reason: "created but not found".into(),
+        })
+    }
+
     /// Every address configured on any interface, with the interface's index.
     pub fn addresses(&self) -> Result<Vec<(u32, IpAddr)>> {
         let msgs = self
@@ -125,6 +135,16 @@ impl Netlink {
 
     /// The output interface of the route the kernel would use for `ip` (`ip route get`).
     pub fn route_oif(&self, ip: IpAddr) -> Result<Option<u32>> {
+        Ok(self.route_get(ip)?.map(|(oif, _)| oif))
+    }
+
+    /// The source address the kernel would pick to reach `ip`.
+    pub fn route_src(&self, ip: IpAddr) -> Result<Option<IpAddr>> {
+        Ok(self.route_get(ip)?.and_then(|(_, src)| src))
+    }
+
+    /// `ip route get <ip>`: output interface and preferred source of a unicast route.
+    fn route_get(&self, ip: IpAddr) -> Result<Option<(u32, Option<IpAddr>)>> {
         let len = if ip.is_ipv4() { 32 } else { 128 };
         let msg = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(ip, len)
@@ -137,83 +157,28 @@ impl Netlink {
             .rt
             .block_on(async { self.handle.route().get(msg).execute().try_next().await });
         match res {
-            Ok(Some(route)) => {
-                let unicast = route.header.kind == RouteType::Unicast;
-                let oif = route.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Oif(i) => Some(*i),
-                    _ => None,
-                });
-                Ok(if unicast { oif } else { None })
+            Ok(Some(route)) if route.header.kind == RouteType::Unicast => {
+                let mut oif = None;
+                let mut src = None;
+                for a in &route.attributes {
+                    match a {
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        RouteAttribute::PrefSource(RouteAddress::Inet(v4)) => {
+                            src = Some(IpAddr::V4(*v4))
+                        }
+                        RouteAttribute::PrefSource(RouteAddress::Inet6(v6)) => {
+                            src = Some(IpAddr::V6(*v6))
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(oif.map(|o| (o, src)))
             }
-            Ok(None) => Ok(None),
+            Ok(_) => Ok(None),
             // ENETUNREACH / EHOSTUNREACH: no route at all.
             Err(rtnetlink::Error::NetlinkError(_)) => Ok(None),
             Err(e) => Err(nl_err(format!("route to {ip}"))(e)),
         }
-    }
-
-    fn rule_messages(&self, v6: bool) -> Result<Vec<RuleMessage>> {
-        let version = if v6 { IpVersion::V6 } else { IpVersion::V4 };
-        self.rt
-            .block_on(async {
-                self.handle
-                    .rule()
-                    .get(version)
-                    .execute()
-                    .try_collect::<Vec<_>>()
-                    .await
-            })
-            .map_err(nl_err("rule dump"))
-    }
-
-    pub fn fwmark_rules(&self, v6: bool) -> Result<Vec<FwmarkRule>> {
-        Ok(self
-            .rule_messages(v6)?
-            .iter()
-            .filter_map(to_fwmark_rule)
-            .collect())
-    }
-
-    /// Adds the rule unless an identical one exists.
-    pub fn ensure_fwmark_rule(&self, rule: FwmarkRule, v6: bool) -> Result<()> {
-        if self.fwmark_rules(v6)?.contains(&rule) {
-            return Ok(());
-        }
-        let what = format!(
-            "rule {} fwmark {:#x}/{:#x}",
-            rule.priority, rule.mark, rule.mask
-        );
-        self.rt
-            .block_on(async {
-                let mut req = self
-                    .handle
-                    .rule()
-                    .add()
-                    .priority(rule.priority)
-                    .fw_mark(rule.mark)
-                    .table_id(rule.table)
-                    .action(RuleAction::ToTable);
-                req.message_mut()
-                    .attributes
-                    .push(RuleAttribute::FwMask(rule.mask));
-                if v6 {
-                    req.v6().execute().await
-                } else {
-                    req.v4().execute().await
-                }
-            })
-            .map_err(nl_err(what))
-    }
-
-    /// Deletes every rule equal to `rule`; a missing one is not an error.
-    pub fn remove_fwmark_rule(&self, rule: FwmarkRule, v6: bool) -> Result<()> {
-        let msgs = self.rule_messages(v6)?;
-        for m in msgs.into_iter().filter(|m| to_fwmark_rule(m) == Some(rule)) {
-            self.rt
-                .block_on(self.handle.rule().del(m).execute())
-                .map_err(nl_err(format!("deleting rule {}", rule.priority)))?;
-        }
-        Ok(())
     }
 
     /// `ip route replace local 0.0.0.0/0 dev lo table <table>` (or `::/0` for v6).
@@ -285,23 +250,4 @@ fn to_link(m: &LinkMessage) -> Link {
         }
     }
     link
-}
-
-fn to_fwmark_rule(m: &RuleMessage) -> Option<FwmarkRule> {
-    let (mut priority, mut mark, mut mask, mut table) = (None, None, None, m.header.table as u32);
-    for a in &m.attributes {
-        match a {
-            RuleAttribute::Priority(p) => priority = Some(*p),
-            RuleAttribute::FwMark(v) => mark = Some(*v),
-            RuleAttribute::FwMask(v) => mask = Some(*v),
-            RuleAttribute::Table(t) => table = *t,
-            _ => {}
-        }
-    }
-    Some(FwmarkRule {
-        priority: priority?,
-        mark: mark?,
-        mask: mask.unwrap_or(u32::MAX),
-        table,
-    })
 }

@@ -1,0 +1,62 @@
+//! `--mode auto`: whether the eBPF dataplane can run here, found by doing what it does on a
+//! scratch interface: load every program (the verifier accepts `bpf_sk_assign` and the socket
+//! lookups only where the kernel has them) and attach one with TCX. Leaves nothing behind.
+use std::path::Path;
+
+use aya::{
+    EbpfLoader,
+    programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions},
+};
+
+use super::{OBJECT, attach::Hook, ensure_bpffs};
+use crate::nl::Netlink;
+
+/// Ok, or why the eBPF dataplane cannot run on this node.
+pub fn probe(bpffs: &Path) -> Result<(), String> {
+    if OBJECT.is_empty() {
+        return Err("the agent was built without the eBPF object".into());
+    }
+    ensure_bpffs(bpffs).map_err(|e| e.to_string())?;
+    let scratch = bpffs.join("zdivert").join(format!("probe-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+    let result = load_and_attach(&scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let _ = std::fs::remove_dir(bpffs.join("zdivert"));
+    result
+}
+
+fn load_and_attach(pins: &Path) -> Result<(), String> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pins)
+        .load(OBJECT)
+        .map_err(|e| format!("loading the object: {e}"))?;
+    for hook in Hook::ALL {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(hook.program())
+            .ok_or_else(|| format!("{} missing from the object", hook.program()))?
+            .try_into()
+            .map_err(|e| format!("{}: {e}", hook.program()))?;
+        prog.load()
+            .map_err(|e| format!("the verifier rejects {}: {e}", hook.program()))?;
+    }
+    let nl = Netlink::new().map_err(|e| e.to_string())?;
+    let name = format!("zdprobe{}", std::process::id() % 100_000);
+    nl.add_dummy(&name).map_err(|e| e.to_string())?;
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(Hook::PodOutbound.program())
+        .expect("loaded above")
+        .try_into()
+        .expect("checked above");
+    let attached = prog
+        .attach_with_options(
+            &name,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map(|id| {
+            let _ = prog.detach(id);
+        })
+        .map_err(|e| format!("TCX attach failed (kernel < 6.6?): {e}"));
+    let _ = nl.delete_link(&name);
+    attached
+}

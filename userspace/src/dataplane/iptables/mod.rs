@@ -1,0 +1,420 @@
+//! The fallback dataplane: the original istio-cni layout (ipset, fwmarks, policy routing, UDP
+//! tunnels into ztunnel's netns, TPROXY there), from `layout`, for kernels where the eBPF
+//! programs cannot run. Applied idempotently and incrementally; `cleanup` removes all of it and
+//! puts every sysctl back, from the state file and the kernel alone.
+pub mod layout;
+
+mod ipset;
+mod saved;
+mod tables;
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+};
+
+pub use self::tables::Backend;
+use self::{
+    layout::{Params, TunnelIndexes, Ztunnel},
+    saved::{Saved, SavedNetns, StateFile},
+};
+use super::{Dataplane, Report};
+use crate::{
+    error::{Error, Result},
+    facts::{self, NodeFacts, ZtunnelFacts},
+    netns,
+    nl::{Netlink, TunnelKind},
+    state::NodeState,
+};
+
+/// Which tunnel to build between the node and ztunnel's netns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TunnelChoice {
+    /// geneve if the kernel can create one, else vxlan.
+    Auto,
+    Geneve,
+    Vxlan,
+}
+
+pub struct IptablesDataplane {
+    nl: Netlink,
+    file: StateFile,
+    saved: Saved,
+    backend: Backend,
+    tunnel: TunnelKind,
+    node_netns_inode: u64,
+}
+
+/// Our chains: (table, chain, the built-in chain that jumps to it).
+const CHAINS: [(&str, &str, &str); 7] = [
+    ("mangle", "ztunnel-PREROUTING", "PREROUTING"),
+    ("mangle", "ztunnel-FORWARD", "FORWARD"),
+    ("mangle", "ztunnel-INPUT", "INPUT"),
+    ("mangle", "ztunnel-OUTPUT", "OUTPUT"),
+    ("mangle", "ztunnel-POSTROUTING", "POSTROUTING"),
+    ("nat", "ztunnel-PREROUTING", "PREROUTING"),
+    ("nat", "ztunnel-POSTROUTING", "POSTROUTING"),
+];
+
+const NODE_TABLES: [u32; 3] = [
+    layout::TABLE_INBOUND,
+    layout::TABLE_OUTBOUND,
+    layout::TABLE_SPOOFED_REPLY,
+];
+const ZTUNNEL_TABLES: [u32; 3] = [100, 101, 102];
+
+/// The rules the fallback owns in ztunnel's mangle PREROUTING.
+fn is_ztunnel_rule(rule: &str) -> bool {
+    let tproxy = rule.contains("-j TPROXY")
+        && [layout::ZTUNNEL_INBOUND, layout::ZTUNNEL_OUTBOUND]
+            .iter()
+            .any(|i| rule.contains(&format!("-i {i} ")));
+    tproxy || rule.ends_with("-j MARK --set-xmark 0x4d3/0xfff")
+}
+
+/// A UDP port nothing in this netns listens on, from `from` up.
+fn free_udp_port(from: u16) -> u16 {
+    let bound: BTreeSet<u16> = ["udp", "udp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(format!("/proc/thread-self/net/{f}")).ok())
+        .flat_map(|t| {
+            t.lines()
+                .skip(1)
+                .filter_map(|l| {
+                    let local = l.split_whitespace().nth(1)?;
+                    u16::from_str_radix(local.rsplit(':').next()?, 16).ok()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    (from..=u16::MAX).find(|p| !bound.contains(p)).unwrap_or(from)
+}
+
+impl IptablesDataplane {
+    pub fn new(state_dir: &Path, node: &str, tunnel: TunnelChoice) -> Result<Self> {
+        let file = StateFile::new(state_dir, node);
+        let mut saved = file.load()?;
+        let nl = Netlink::new()?;
+        let backend = match saved.backend {
+            Some(b) => b,
+            None => {
+                let (b, why) = tables::detect();
+                log::info!("iptables backend {b:?}: {why}");
+                b
+            }
+        };
+        let kind = match (tunnel, saved.tunnel) {
+            (TunnelChoice::Auto, Some(kept)) => kept,
+            (TunnelChoice::Auto, None) if nl.geneve_supported() => TunnelKind::Geneve,
+            (TunnelChoice::Auto, None) => {
+                log::info!("this kernel cannot create geneve devices (CONFIG_GENEVE unset)");
+                TunnelKind::Vxlan
+            }
+            (TunnelChoice::Geneve, _) if !nl.geneve_supported() => {
+                return Err(Error::NodeFacts {
+                    node: node.into(),
+                    reason: "--tunnel geneve, but this kernel cannot create geneve devices".into(),
+                });
+            }
+            (TunnelChoice::Geneve, _) => TunnelKind::Geneve,
+            (TunnelChoice::Vxlan, _) => TunnelKind::Vxlan,
+        };
+        if saved.tunnel.is_some_and(|t| t != kind) {
+            // The tunnels are replaced on the next apply; the port is chosen anew.
+            saved.tunnel_port = None;
+        }
+        log::info!("iptables dataplane: {kind} tunnels between the node and ztunnel");
+        saved.backend = Some(backend);
+        saved.tunnel = Some(kind);
+        file.store(&saved)?;
+        Ok(IptablesDataplane {
+            nl,
+            file,
+            saved,
+            backend,
+            tunnel: kind,
+            node_netns_inode: netns::inode(Path::new("/proc/self/ns/net"))?,
+        })
+    }
+
+    pub fn tunnel(&self) -> TunnelKind {
+        self.tunnel
+    }
+
+    pub fn state_file(&self) -> &Path {
+        &self.file.path
+    }
+
+    fn params(&mut self, facts: &NodeFacts, pods: &[Ipv4Addr]) -> Result<Option<Params>> {
+        let probe = facts
+            .ztunnel
+            .as_ref()
+            .and_then(|z| z.ips.iter().copied().find(IpAddr::is_ipv4))
+            .or_else(|| pods.first().map(|ip| IpAddr::V4(*ip)));
+        let Some(probe) = probe else {
+            return Ok(None);
+        };
+        let host_ip = match self.nl.route_src(probe)? {
+            Some(IpAddr::V4(v4)) => v4,
+            _ => {
+                return Err(Error::NodeFacts {
+                    node: String::new(),
+                    reason: format!("no IPv4 source address towards {probe}"),
+                });
+            }
+        };
+        let port = match self.saved.tunnel_port {
+            Some(p) => p,
+            None => {
+                let p = free_udp_port(layout::DEFAULT_TUNNEL_PORT);
+                if p != layout::DEFAULT_TUNNEL_PORT {
+                    log::info!("UDP {} is taken on this node: tunnels use {p}", layout::DEFAULT_TUNNEL_PORT);
+                }
+                self.saved.tunnel_port = Some(p);
+                self.file.store(&self.saved)?;
+                p
+            }
+        };
+        let ztunnel = facts.ztunnel.as_ref().and_then(|z| {
+            let ip = z.ips.iter().find_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })?;
+            Some(Ztunnel {
+                ip,
+                veth: z.host_veth.name.clone(),
+                veth_index: z.host_veth.index,
+                eth0: z.eth0.name.clone(),
+                eth0_index: z.eth0.index,
+            })
+        });
+        Ok(Some(Params {
+            host_ip,
+            tunnel: self.tunnel,
+            tunnel_port: port,
+            ztunnel,
+        }))
+    }
+
+    /// ztunnel's side: tunnels, sysctls, rules, routes and TPROXY rules in its netns; and the
+    /// removal of all of it from a previous ztunnel's netns.
+    fn apply_ztunnel(&mut self, p: &Params, zf: Option<&ZtunnelFacts>) -> Result<()> {
+        let want = zf.map(|z| SavedNetns {
+            path: z.netns.clone(),
+            inode: z.netns_inode,
+        });
+        if let Some(old) = self.saved.ztunnel_netns.clone() {
+            if Some(&old) != want.as_ref() {
+                remove_ztunnel_side(&self.file, &mut self.saved, self.backend, &old)?;
+            }
+        }
+        let (Some(z), Some(ns)) = (&p.ztunnel, want) else {
+            return Ok(());
+        };
+        self.saved.ztunnel_netns = Some(ns.clone());
+        self.file.store(&self.saved)?;
+        let (file, saved, backend) = (&self.file, &mut self.saved, self.backend);
+        netns::run_in(&ns.path, || -> Result<()> {
+            let nl = Netlink::new()?;
+            let mut idx = [0; 2];
+            for (i, t) in layout::tunnels(p, z, false).iter().enumerate() {
+                idx[i] = nl.ensure_tunnel(t)?;
+            }
+            let t = TunnelIndexes {
+                inbound: idx[0],
+                outbound: idx[1],
+            };
+            saved::apply_sysctls(
+                file,
+                saved,
+                ns.inode,
+                &layout::ztunnel_sysctls(z),
+                &[layout::ZTUNNEL_INBOUND, layout::ZTUNNEL_OUTBOUND],
+            )?;
+            let lo = nl.link_index("lo")?.unwrap_or(1);
+            for (table, routes) in layout::ztunnel_routes(p, z, t, lo) {
+                nl.sync_table(table, false, &routes)?;
+            }
+            for r in layout::ztunnel_policy_rules() {
+                nl.ensure_rule(r, false)?;
+            }
+            tables::sync_builtin(
+                backend,
+                "mangle",
+                "PREROUTING",
+                &layout::ztunnel_rules(z),
+                is_ztunnel_rule,
+            )?;
+            Ok(())
+        })?
+    }
+
+    fn apply_node(&mut self, p: &Params, facts: &NodeFacts, pods: &BTreeSet<Ipv4Addr>) -> Result<()> {
+        let list: Vec<Ipv4Addr> = pods.iter().copied().collect();
+        let routes = match &p.ztunnel {
+            Some(z) => {
+                let mut idx = [0; 2];
+                for (i, t) in layout::tunnels(p, z, true).iter().enumerate() {
+                    idx[i] = self.nl.ensure_tunnel(t)?;
+                }
+                let t = TunnelIndexes {
+                    inbound: idx[0],
+                    outbound: idx[1],
+                };
+                layout::node_routes(p, z, t, &list)
+            }
+            None => {
+                for name in [layout::NODE_INBOUND, layout::NODE_OUTBOUND] {
+                    self.nl.delete_link(name)?;
+                }
+                layout::node_routes_closed(&list)
+            }
+        };
+        let veths: Vec<&str> = facts.pods.values().map(|f| f.veth.name.as_str()).collect();
+        saved::apply_sysctls(
+            &self.file,
+            &mut self.saved,
+            self.node_netns_inode,
+            &layout::node_sysctls(p, veths.into_iter()),
+            &[layout::NODE_INBOUND, layout::NODE_OUTBOUND],
+        )?;
+        for (table, routes) in routes {
+            self.nl.sync_table(table, false, &routes)?;
+        }
+        for r in layout::node_rules() {
+            self.nl.ensure_rule(r, false)?;
+        }
+        ipset::sync(layout::IPSET, pods)?;
+        tables::sync_chains(self.backend, &layout::node_chains(p))?;
+        Ok(())
+    }
+}
+
+impl Dataplane for IptablesDataplane {
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn apply(&mut self, state: &NodeState) -> Result<Report> {
+        let mut facts = facts::resolve(&self.nl, state)?;
+        let mut report = Report::default();
+        report.failed.append(&mut facts.failures);
+        let pods: BTreeSet<Ipv4Addr> = facts
+            .pods
+            .values()
+            .flat_map(|f| f.ips.iter())
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let Some(p) = self.params(&facts, &pods.iter().copied().collect::<Vec<_>>())? else {
+            // Nothing to capture and no ztunnel: nothing of ours belongs on the node.
+            remove_all(&self.file, &mut self.saved, self.backend)?;
+            return Ok(report);
+        };
+        if let Err(e) = self.apply_ztunnel(&p, facts.ztunnel.as_ref()) {
+            match facts.ztunnel.take() {
+                Some(z) => report.failed.push((z.pod, e)),
+                None => return Err(e),
+            }
+            // Fail closed until ztunnel's side is complete.
+            let closed = Params {
+                ztunnel: None,
+                ..p.clone()
+            };
+            self.apply_node(&closed, &facts, &pods)?;
+        } else {
+            self.apply_node(&p, &facts, &pods)?;
+        }
+        report.ztunnel_ready = facts.ztunnel.is_some();
+        report.captured = facts.pods.keys().cloned().collect();
+        Ok(report)
+    }
+}
+
+fn remove_ztunnel_side(
+    file: &StateFile,
+    saved: &mut Saved,
+    backend: Backend,
+    ns: &SavedNetns,
+) -> Result<()> {
+    // A netns that is gone took everything in it along.
+    let alive = netns::inode(&ns.path).ok() == Some(ns.inode);
+    if alive {
+        netns::run_in(&ns.path, || -> Result<()> {
+            let nl = Netlink::new()?;
+            tables::sync_builtin(backend, "mangle", "PREROUTING", &[], is_ztunnel_rule)?;
+            for r in layout::ztunnel_policy_rules() {
+                nl.remove_rule(r, false)?;
+            }
+            for t in ZTUNNEL_TABLES {
+                nl.sync_table(t, false, &[])?;
+            }
+            for name in [layout::ZTUNNEL_INBOUND, layout::ZTUNNEL_OUTBOUND] {
+                nl.delete_link(name)?;
+            }
+            saved::restore_sysctls(file, saved, ns.inode, |_| true)
+        })??;
+    } else {
+        saved.sysctls.retain(|s| s.netns_inode != ns.inode);
+    }
+    saved.ztunnel_netns = None;
+    file.store(saved)
+}
+
+/// Removes the whole layout from the node (the calling thread's netns) and from ztunnel's netns.
+fn remove_all(file: &StateFile, saved: &mut Saved, backend: Backend) -> Result<()> {
+    if let Some(ns) = saved.ztunnel_netns.clone() {
+        remove_ztunnel_side(file, saved, backend, &ns)?;
+    }
+    tables::remove_chains(backend, &CHAINS)?;
+    ipset::destroy(layout::IPSET)?;
+    let nl = Netlink::new()?;
+    for r in layout::node_rules() {
+        nl.remove_rule(r, false)?;
+    }
+    for t in NODE_TABLES {
+        nl.sync_table(t, false, &[])?;
+    }
+    for name in [layout::NODE_INBOUND, layout::NODE_OUTBOUND] {
+        nl.delete_link(name)?;
+    }
+    let node_inode = netns::inode(Path::new("/proc/thread-self/ns/net"))?;
+    saved::restore_sysctls(file, saved, node_inode, |_| true)
+}
+
+/// Whether an agent left the fallback's state for `node` here.
+pub fn has_state(state_dir: &Path, node: &str) -> bool {
+    StateFile::new(state_dir, node).exists()
+}
+
+/// What `cleanup` removed.
+#[derive(Debug, Default)]
+pub struct Cleaned {
+    pub state_file: Option<PathBuf>,
+    pub ztunnel_netns: Option<PathBuf>,
+}
+
+/// Removes this node's fallback layout completely, with no agent running: chains and jumps (in
+/// whichever backend holds them), the ipset, rules, routes, tunnels, ztunnel's side, and puts
+/// back every sysctl recorded in the state file.
+pub fn cleanup(state_dir: &Path, node: &str) -> Result<Cleaned> {
+    let file = StateFile::new(state_dir, node);
+    let existed = file.exists();
+    let mut saved = file.load()?;
+    let ztunnel_netns = saved.ztunnel_netns.as_ref().map(|n| n.path.clone());
+    let backends = match saved.backend {
+        Some(b) => vec![b],
+        None => vec![Backend::Nft, Backend::Legacy],
+    };
+    for b in backends {
+        remove_all(&file, &mut saved, b)?;
+    }
+    file.remove()?;
+    Ok(Cleaned {
+        state_file: existed.then(|| file.path.clone()),
+        ztunnel_netns,
+    })
+}
