@@ -89,11 +89,39 @@ pub fn wait_layout(node: &Node, pods: usize, with_ztunnel: bool) -> Result<()> {
             .cmd("iptables-save", &["-t", "nat"])
             .unwrap_or_default()
             .contains("-A ztunnel-PREROUTING");
-        if members == pods && chains && (zt == 3) == with_ztunnel {
+        let table100 = node.ns.ip("route show table 100").unwrap_or_default();
+        let routes = table100
+            .lines()
+            .filter(|l| {
+                if with_ztunnel {
+                    l.contains("dev istioin")
+                } else {
+                    l.starts_with("blackhole")
+                }
+            })
+            .count();
+        if members == pods && routes == pods && chains && (zt == 3) == with_ztunnel {
             return Ok(());
         }
-        last = format!("{members} ipset members, {zt} TPROXY rules, nat chain {chains}");
+        last = format!(
+            "{members} ipset members, {routes} pod routes, {zt} TPROXY rules, nat chain {chains}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     bail!("fallback on {} not ready: {last}", node.name)
+}
+
+/// Packets that matched the mangle rule containing `rule`, from `iptables-save -c`.
+pub fn rule_packets(ns: &crate::ns::Netns, rule: &str) -> Result<u64> {
+    let save = ns.cmd("iptables-save", &["-c", "-t", "mangle"])?;
+    let line = save
+        .lines()
+        .find(|l| l.contains(rule))
+        .ok_or_else(|| anyhow::anyhow!("no rule containing {rule:?} in {}", ns.name))?;
+    let packets = line
+        .strip_prefix('[')
+        .and_then(|l| l.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no counters on {line:?}"))?;
+    Ok(packets)
 }

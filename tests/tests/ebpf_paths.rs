@@ -1,275 +1,39 @@
-//! The eBPF dataplane on the article's nodes: which ztunnel listener accepted each connection,
-//! which original destination it saw, and which source the server saw.
+//! The eBPF dataplane on the article's nodes: the shared packet-path scenarios.
 mod common;
 
-use std::{net::Ipv4Addr, time::Duration};
-
-use common::Lab;
-use zdivert_tests::{
-    apps::{TcpServer, UdpEcho, connect, request, request_timeout, sa, udp_request},
-    standin::{HBONE, INBOUND, OUTBOUND},
-};
+use common::scenarios;
 
 #[test]
 fn outbound_same_node_goes_through_15001_with_original_destination() -> anyhow::Result<()> {
-    let lab = Lab::start()?;
-    let (pp, rv1) = (lab.w2().pod("productpage-v1"), lab.w2().pod("reviews-v1"));
-    let server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
-
-    let reply = request(&pp.ns, sa(rv1.ip, 9080))?;
-
-    let recs = lab.z2().to(sa(rv1.ip, 9080));
-    assert_eq!(recs.len(), 1, "one connection through ztunnel: {recs:?}");
-    assert_eq!(recs[0].listener, OUTBOUND);
-    assert_eq!(recs[0].peer.ip(), pp.ip);
-    // ztunnel connected to the pod with the client's address, and the pod saw the client.
-    assert_eq!(
-        recs[0].upstream.map(|(to, from)| (to, from.ip())),
-        Some((sa(rv1.ip, 9080), pp.ip.into()))
-    );
-    assert_eq!(reply.server, "reviews-v1");
-    assert_eq!(reply.peer.ip(), pp.ip);
-    assert_eq!(server.seen().len(), 1);
-    assert!(lab.agent2().counter("outbound", "redirected")? > 0);
-    assert!(
-        lab.agent2()
-            .counter("ztunnel_tproxy", "assigned_listener")?
-            >= 1
-    );
-    Ok(())
+    scenarios::outbound_same_node_goes_through_15001_with_original_destination("ebpf")
 }
 
 #[test]
 fn service_vip_reaches_ztunnel_before_any_dnat() -> anyhow::Result<()> {
-    let vip = sa(Ipv4Addr::new(10, 96, 0, 10), 9080);
-    let lab = Lab::start_with_services(vec![(vip, sa(Ipv4Addr::new(10, 244, 2, 7), 9080))])?;
-    let (w2, pp, rv1) = (
-        lab.w2(),
-        lab.w2().pod("productpage-v1"),
-        lab.w2().pod("reviews-v1"),
-    );
-    // kube-proxy's DNAT for the Service, in the node's netns: it must never see captured packets.
-    w2.ns.cmd(
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-d",
-            "10.96.0.10/32",
-            "-p",
-            "tcp",
-            "--dport",
-            "9080",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &format!("{}:9080", rv1.ip),
-        ],
-    )?;
-    let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
-
-    let reply = request(&pp.ns, vip)?;
-
-    let recs = lab.z2().to(vip);
-    assert_eq!(
-        recs.len(),
-        1,
-        "ztunnel saw the VIP as original destination: {:?}",
-        lab.z2().records()
-    );
-    assert_eq!(recs[0].listener, OUTBOUND);
-    assert_eq!(reply.server, "reviews-v1");
-    assert_eq!(reply.peer.ip(), pp.ip);
-    Ok(())
+    scenarios::service_vip_reaches_ztunnel_before_any_dnat("ebpf")
 }
 
 #[test]
 fn inbound_from_a_non_ambient_pod_lands_on_15006_and_port_15008_on_15008() -> anyhow::Result<()> {
-    let lab = Lab::start()?;
-    let (sleep, rv1) = (lab.w2().pod("sleep"), lab.w2().pod("reviews-v1"));
-    let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
-
-    let reply = request(&sleep.ns, sa(rv1.ip, 9080))?;
-    let recs = lab.z2().to(sa(rv1.ip, 9080));
-    assert_eq!(recs.len(), 1, "{recs:?}");
-    assert_eq!(recs[0].listener, INBOUND);
-    assert_eq!(recs[0].peer.ip(), sleep.ip);
-    assert_eq!(reply.peer.ip(), sleep.ip, "the pod sees the real client");
-
-    // Plain traffic to :15008 is HBONE's port: it goes to ztunnel's :15008 listener.
-    let conn = connect(&sleep.ns, sa(rv1.ip, HBONE), Duration::from_secs(3))?;
-    std::io::Write::write_all(&mut &conn, b"GET / HTTP/1.1\n")?;
-    let mut answer = String::new();
-    std::io::Read::read_to_string(&mut &conn, &mut answer)?;
-    assert!(answer.contains("HBONE header required"), "{answer:?}");
-    let recs = lab.z2().to(sa(rv1.ip, HBONE));
-    assert_eq!(recs.len(), 1);
-    assert_eq!(recs[0].listener, HBONE);
-    Ok(())
+    scenarios::inbound_from_a_non_ambient_pod_lands_on_15006_and_port_15008_on_15008("ebpf")
 }
 
 #[test]
 fn cross_node_goes_ztunnel_to_ztunnel_and_the_server_sees_the_client_pod() -> anyhow::Result<()> {
-    let lab = Lab::start()?;
-    let pp = lab.w2().pod("productpage-v1");
-    let details = lab.w1().pod("details-v1");
-    let _server = TcpServer::start(&details.ns, "details-v1", 9080)?;
-
-    let reply = request(&pp.ns, sa(details.ip, 9080))?;
-
-    let out = lab.z2().to(sa(details.ip, 9080));
-    assert_eq!(
-        out.len(),
-        1,
-        "source node's ztunnel: {:?}",
-        lab.z2().records()
-    );
-    assert_eq!(out[0].listener, OUTBOUND);
-    assert_eq!(
-        out[0].upstream.map(|(to, from)| (to, from.ip())),
-        Some((sa(details.ip, HBONE), lab.w2().ztunnel.ip.into())),
-        "tunnelled to the pod's :15008"
-    );
-    let inn = lab.z1().to(sa(details.ip, HBONE));
-    assert_eq!(
-        inn.len(),
-        1,
-        "destination node's ztunnel: {:?}",
-        lab.z1().records()
-    );
-    assert_eq!(inn[0].listener, HBONE);
-    assert_eq!(inn[0].peer.ip(), lab.w2().ztunnel.ip);
-    assert_eq!(
-        inn[0].hbone.map(|(src, dst)| (src.ip(), dst)),
-        Some((pp.ip.into(), sa(details.ip, 9080)))
-    );
-    assert_eq!(reply.server, "details-v1");
-    assert_eq!(
-        reply.peer.ip(),
-        pp.ip,
-        "the server sees the client pod's address"
-    );
-    Ok(())
+    scenarios::cross_node_goes_ztunnel_to_ztunnel_and_the_server_sees_the_client_pod("ebpf")
 }
 
 #[test]
 fn non_ambient_node_and_udp_traffic_is_not_captured() -> anyhow::Result<()> {
-    let lab = Lab::start()?;
-    let (w2, pp, rv1, sleep) = (
-        lab.w2(),
-        lab.w2().pod("productpage-v1"),
-        lab.w2().pod("reviews-v1"),
-        lab.w2().pod("sleep"),
-    );
-    let curl = lab.w1().pod("curl");
-    let _s1 = TcpServer::start(&curl.ns, "curl", 8080)?;
-    let _s2 = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
-    let _u = UdpEcho::start(&rv1.ns, 5353)?;
-
-    // non-ambient → non-ambient across nodes
-    let reply = request(&sleep.ns, sa(curl.ip, 8080))?;
-    assert_eq!(reply.peer.ip(), sleep.ip);
-    // the node itself (a kubelet probe) → ambient pod
-    let reply = request(&w2.ns, sa(rv1.ip, 9080))?;
-    assert_eq!(
-        reply.peer.ip(),
-        w2.gateway,
-        "probe from the node's own address"
-    );
-    // UDP (DNS-like) from an ambient pod
-    let echo = udp_request(&pp.ns, sa(rv1.ip, 5353))?;
-    assert!(echo.starts_with(&format!("{}:", pp.ip)), "{echo}");
-    assert!(
-        lab.z2().records().is_empty(),
-        "nothing went through ztunnel: {:?}",
-        lab.z2().records()
-    );
-    assert!(lab.z1().records().is_empty(), "{:?}", lab.z1().records());
-    Ok(())
+    scenarios::non_ambient_node_and_udp_traffic_is_not_captured("ebpf")
 }
 
 #[test]
 fn without_a_ztunnel_ambient_traffic_is_dropped_not_delivered() -> anyhow::Result<()> {
-    let lab = Lab::start()?;
-    let (w2, pp, rv1, sleep) = (
-        lab.w2(),
-        lab.w2().pod("productpage-v1"),
-        lab.w2().pod("reviews-v1"),
-        lab.w2().pod("sleep"),
-    );
-    let server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
-    let agent = &lab.agents[0];
-    agent.describe(&w2.pods_file(false))?;
-    let (a, l) = common::expected(w2, false);
-    let st = agent.wait_ready(a, l)?;
-    assert!(st["ztunnel"].is_null());
-
-    for client in [pp, sleep] {
-        let r = request_timeout(&client.ns, sa(rv1.ip, 9080), Duration::from_millis(700));
-        assert!(
-            r.is_err(),
-            "{} reached the ambient pod without ztunnel: {r:?}",
-            client.name
-        );
-    }
-    assert!(
-        server.seen().is_empty(),
-        "the server never saw a connection: {:?}",
-        server.seen()
-    );
-    assert!(agent.counter("outbound", "dropped_no_ztunnel")? > 0);
-    assert!(agent.counter("inbound", "dropped_no_ztunnel")? > 0);
-    Ok(())
+    scenarios::without_a_ztunnel_ambient_traffic_is_dropped_not_delivered("ebpf")
 }
 
 #[test]
 fn sigkilled_agent_restarts_without_failing_a_connection() -> anyhow::Result<()> {
-    let mut lab = Lab::start()?;
-    let (pp, rv1) = (lab.w2().pod("productpage-v1"), lab.w2().pod("reviews-v1"));
-    let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
-    let dst = sa(rv1.ip, 9080);
-    let pp_ns = pp.ns.path();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // A stream of connections from productpage while the agent is killed and restarted.
-    let stream = {
-        let stop = stop.clone();
-        let ns = zdivert_tests::ns::Netns::attach(&pp_ns)?;
-        std::thread::spawn(move || {
-            let mut results = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                results.push(request(&ns, dst).map(|r| r.peer.ip()));
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            results
-        })
-    };
-    for _ in 0..3 {
-        std::thread::sleep(Duration::from_millis(300));
-        lab.agents[0].restart()?; // SIGKILL, then start again
-    }
-    let (a, l) = common::expected(lab.w2(), true);
-    lab.agents[0].wait_ready(a, l)?;
-    std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let results = stream.join().unwrap();
-    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
-    assert!(
-        results.len() > 20,
-        "the stream ran: {} connections",
-        results.len()
-    );
-    assert!(
-        failed.is_empty(),
-        "{} of {} failed: {failed:?}",
-        failed.len(),
-        results.len()
-    );
-    assert_eq!(
-        lab.z2().to(dst).len(),
-        results.len(),
-        "every one went through ztunnel"
-    );
-    Ok(())
+    scenarios::sigkilled_agent_restarts_without_failing_a_connection("ebpf")
 }

@@ -1,24 +1,40 @@
-//! The iptables/tunnel fallback on the article's nodes.
+//! The iptables/tunnel fallback on the article's nodes: the same packet-path scenarios as the
+//! eBPF dataplane.
 mod common;
 
-use common::Lab;
-use zdivert_tests::{
-    apps::{TcpServer, request, sa},
-    fallback::Dump,
-    standin::OUTBOUND,
-};
+use common::scenarios;
 
 #[test]
-fn smoke_outbound() -> anyhow::Result<()> {
-    let lab = Lab::start_mode("iptables", vec![])?;
-    let (pp, rv1) = (lab.w2().pod("productpage-v1"), lab.w2().pod("reviews-v1"));
-    let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
-    let d = Dump::take(lab.w2())?;
-    println!("{}\n=====\n{}", d.node, d.ztunnel);
-    let reply = request(&pp.ns, sa(rv1.ip, 9080))?;
-    let recs = lab.z2().to(sa(rv1.ip, 9080));
-    assert_eq!(recs.len(), 1, "{recs:?}");
-    assert_eq!(recs[0].listener, OUTBOUND);
-    assert_eq!(reply.peer.ip(), pp.ip);
-    Ok(())
+fn outbound_same_node_goes_through_15001_with_original_destination() -> anyhow::Result<()> {
+    scenarios::outbound_same_node_goes_through_15001_with_original_destination("iptables")
+}
+
+#[test]
+fn service_vip_reaches_ztunnel_before_any_dnat() -> anyhow::Result<()> {
+    scenarios::service_vip_reaches_ztunnel_before_any_dnat("iptables")
+}
+
+#[test]
+fn inbound_from_a_non_ambient_pod_lands_on_15006_and_port_15008_on_15008() -> anyhow::Result<()> {
+    scenarios::inbound_from_a_non_ambient_pod_lands_on_15006_and_port_15008_on_15008("iptables")
+}
+
+#[test]
+fn cross_node_goes_ztunnel_to_ztunnel_and_the_server_sees_the_client_pod() -> anyhow::Result<()> {
+    scenarios::cross_node_goes_ztunnel_to_ztunnel_and_the_server_sees_the_client_pod("iptables")
+}
+
+#[test]
+fn non_ambient_node_and_udp_traffic_is_not_captured() -> anyhow::Result<()> {
+    scenarios::non_ambient_node_and_udp_traffic_is_not_captured("iptables")
+}
+
+#[test]
+fn without_a_ztunnel_ambient_traffic_is_dropped_not_delivered() -> anyhow::Result<()> {
+    scenarios::without_a_ztunnel_ambient_traffic_is_dropped_not_delivered("iptables")
+}
+
+#[test]
+fn sigkilled_agent_restarts_without_failing_a_connection() -> anyhow::Result<()> {
+    scenarios::sigkilled_agent_restarts_without_failing_a_connection("iptables")
 }

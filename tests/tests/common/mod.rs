@@ -84,3 +84,4 @@ impl Lab {
         &self.agents[0]
     }
 }
+pub mod scenarios;

@@ -21,6 +21,9 @@ pub struct Link {
     pub is_veth: bool,
 }
 
+/// The fallback's skip mark (0x200): see `route_get`.
+const ROUTE_LOOKUP_MARK: u32 = 0x200;
+
 pub struct Netlink {
     rt: tokio::runtime::Runtime,
     handle: Handle,
@@ -143,7 +146,10 @@ impl Netlink {
         Ok(self.route_get(ip)?.and_then(|(_, src)| src))
     }
 
-    /// `ip route get <ip>`: output interface and preferred source of a unicast route.
+    /// `ip route get <ip> mark 0x200`: output interface and preferred source of a unicast
+    /// route, as the node's own routing sees it. The mark is the fallback's skip mark (rule
+    /// 100 sends it to the main table), so its capture rules never hide where a pod lives;
+    /// without the fallback no rule matches it and the lookup is the plain one.
     fn route_get(&self, ip: IpAddr) -> Result<Option<(u32, Option<IpAddr>)>> {
         let len = if ip.is_ipv4() { 32 } else { 128 };
         let msg = RouteMessageBuilder::<IpAddr>::new()
@@ -152,6 +158,7 @@ impl Netlink {
                 what: format!("route to {ip}"),
                 reason: e.to_string(),
             })?
+            .mark(ROUTE_LOOKUP_MARK)
             .build();
         let res = self
             .rt

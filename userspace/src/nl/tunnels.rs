@@ -160,6 +160,10 @@ impl Netlink {
             Some(m) if matches => m.header.index,
             other => {
                 if let Some(m) = other {
+                    log::warn!(
+                        "replacing {what}: it has other parameters {:?}",
+                        parameters(&m)
+                    );
                     self.rt
                         .block_on(self.handle.link().del(m.header.index).execute())
                         .map_err(nl_err(format!("replacing {what}")))?;

@@ -314,11 +314,13 @@ impl Dataplane for IptablesDataplane {
             remove_all(&self.file, &mut self.saved, self.backend)?;
             return Ok(report);
         };
-        if let Err(e) = self.apply_ztunnel(&p, facts.ztunnel.as_ref()) {
-            match facts.ztunnel.take() {
-                Some(z) => report.failed.push((z.pod, e)),
-                None => return Err(e),
-            }
+        if p.ztunnel.is_none() {
+            // Close the node's side before taking ztunnel's apart: never a moment of bypass.
+            self.apply_node(&p, &facts, &pods)?;
+            self.apply_ztunnel(&p, None)?;
+        } else if let Err(e) = self.apply_ztunnel(&p, facts.ztunnel.as_ref()) {
+            let z = facts.ztunnel.take().expect("p.ztunnel comes from facts.ztunnel");
+            report.failed.push((z.pod, e));
             // Fail closed until ztunnel's side is complete.
             let closed = Params {
                 ztunnel: None,

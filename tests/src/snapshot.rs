@@ -1,0 +1,96 @@
+//! Everything zdivert could change in a netns, as text, to prove that cleanup (or a switch of
+//! mode) leaves a node exactly as it found it.
+use aya::programs::{SchedClassifier, TcAttachType};
+
+use crate::ns::Netns;
+
+/// `rp_filter` and `accept_local` of every interface (and all/default) of `ns`.
+pub fn sysctls(ns: &Netns) -> anyhow::Result<String> {
+    ns.exec(|| -> anyhow::Result<String> {
+        let mut out = String::new();
+        let mut ifaces: Vec<String> = std::fs::read_dir("/proc/sys/net/ipv4/conf")?
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        ifaces.sort();
+        for i in ifaces {
+            for key in ["rp_filter", "accept_local"] {
+                let v = std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{i}/{key}"))?;
+                out += &format!("{i}.{key}={}\n", v.trim());
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// What zdivert could have changed in a netns: links, TCX/clsact attachments, rules, routes.
+pub fn snapshot(ns: &Netns) -> anyhow::Result<String> {
+    let mut s = String::new();
+    for args in [
+        "-d link show",
+        "rule show",
+        "-6 rule show",
+        "route show table all",
+        "-6 route show table all",
+    ] {
+        s += &format!("## ip {args}\n{}", ns.ip(args)?);
+    }
+    for (cmd, args) in [
+        ("iptables-save", &[][..]),
+        ("ip6tables-save", &[][..]),
+        ("ipset", &["list"][..]),
+    ] {
+        let out = ns.cmd(cmd, args)?;
+        // Timestamps change; everything else must not.
+        let stable: Vec<&str> = out.lines().filter(|l| !l.starts_with('#')).collect();
+        s += &format!("## {cmd}\n{}\n", stable.join("\n"));
+    }
+    s += &format!("## sysctl\n{}", sysctls(ns)?);
+    s += &format!("## tcx\n{}", tcx_programs(ns)?);
+    Ok(s)
+}
+
+/// The programs attached through TCX to every interface of `ns`, as the kernel reports them
+/// (this bpftool predates TCX and shows nothing).
+pub fn tcx_programs(ns: &Netns) -> anyhow::Result<String> {
+    let links = ns.ip("-o link show")?;
+    let names: Vec<String> = links
+        .lines()
+        .filter_map(|l| {
+            l.split(": ")
+                .nth(1)
+                .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        })
+        .collect();
+    ns.exec(move || -> anyhow::Result<String> {
+        let mut out = String::new();
+        for name in names {
+            for (dir, ty) in [
+                ("ingress", TcAttachType::Ingress),
+                ("egress", TcAttachType::Egress),
+            ] {
+                let (_, progs) = SchedClassifier::query_tcx(&name, ty)?;
+                let progs: Vec<String> = progs
+                    .iter()
+                    .map(|p| p.name_as_str().unwrap_or("?").to_string())
+                    .collect();
+                out += &format!("{name} {dir}: {}\n", progs.join(" "));
+            }
+        }
+        Ok(out)
+    })
+}
+
+pub fn pins(node: &str) -> Vec<String> {
+    let root = std::path::Path::new("/sys/fs/bpf/zdivert/v1").join(node);
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            out.push(e.path().display().to_string());
+            stack.push(e.path());
+        }
+    }
+    out
+}
+
