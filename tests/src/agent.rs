@@ -24,6 +24,8 @@ pub struct Agent {
     pub pods_file: PathBuf,
     /// `--mode`: ebpf or iptables.
     pub mode: String,
+    /// More `run` options (`--tunnel geneve`).
+    pub extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -43,6 +45,10 @@ impl Agent {
     }
 
     pub fn start_mode(node: &Node, description: &str, mode: &str) -> Result<Agent> {
+        Self::start_with(node, description, mode, &[])
+    }
+
+    pub fn start_with(node: &Node, description: &str, mode: &str, extra: &[&str]) -> Result<Agent> {
         let dir = std::env::temp_dir().join("zdivert-tests");
         std::fs::create_dir_all(&dir)?;
         let pods_file = dir.join(format!("{}.yaml", node.name));
@@ -52,6 +58,7 @@ impl Agent {
             node_ns: node.ns.path(),
             pods_file,
             mode: mode.into(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
         a.spawn()?;
@@ -62,8 +69,16 @@ impl Agent {
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.node_ns.display()))
             .arg(zdivert_bin())
-            .args(["--node", &self.node, "run", "--mode", &self.mode, "--pods-file"])
+            .args([
+                "--node",
+                &self.node,
+                "run",
+                "--mode",
+                &self.mode,
+                "--pods-file",
+            ])
             .arg(&self.pods_file)
+            .args(&self.extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .spawn()

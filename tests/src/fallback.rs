@@ -28,7 +28,10 @@ impl Dump {
         ] {
             let args: Vec<&str> = args.split_whitespace().collect();
             d.node += &format!("### {cmd} {}\n", args.join(" "));
-            d.node += &node.ns.cmd(cmd, &args).unwrap_or_else(|e| format!("({e})\n"));
+            d.node += &node
+                .ns
+                .cmd(cmd, &args)
+                .unwrap_or_else(|e| format!("({e})\n"));
         }
         for (cmd, args) in [
             ("iptables-save", ""),

@@ -4,6 +4,28 @@ use aya::programs::{SchedClassifier, TcAttachType};
 
 use crate::ns::Netns;
 
+/// An `iptables-save` without timestamps and without tables that hold nothing (no rule, no
+/// user chain, every policy ACCEPT): iptables-nft creates those on first use and they filter
+/// nothing, so they count as absent.
+fn without_empty_tables(save: &str) -> String {
+    let mut out = String::new();
+    let mut block: Vec<&str> = Vec::new();
+    for l in save.lines().filter(|l| !l.starts_with('#')) {
+        block.push(l);
+        if l == "COMMIT" {
+            let empty = block[1..block.len() - 1]
+                .iter()
+                .all(|l| l.starts_with(':') && l.contains(" ACCEPT [") && !l.contains('-'));
+            if !empty {
+                out += &block.join("\n");
+                out.push('\n');
+            }
+            block.clear();
+        }
+    }
+    out
+}
+
 /// `rp_filter` and `accept_local` of every interface (and all/default) of `ns`.
 pub fn sysctls(ns: &Netns) -> anyhow::Result<String> {
     ns.exec(|| -> anyhow::Result<String> {
@@ -33,7 +55,11 @@ pub fn snapshot(ns: &Netns) -> anyhow::Result<String> {
         "route show table all",
         "-6 route show table all",
     ] {
-        s += &format!("## ip {args}\n{}", ns.ip(args)?);
+        // IPv6 link-local routes appear when duplicate address detection ends: kernel timing,
+        // not something zdivert does.
+        let out = ns.ip(args)?;
+        let stable: Vec<&str> = out.lines().filter(|l| !l.contains("fe80::")).collect();
+        s += &format!("## ip {args}\n{}\n", stable.join("\n"));
     }
     for (cmd, args) in [
         ("iptables-save", &[][..]),
@@ -41,9 +67,7 @@ pub fn snapshot(ns: &Netns) -> anyhow::Result<String> {
         ("ipset", &["list"][..]),
     ] {
         let out = ns.cmd(cmd, args)?;
-        // Timestamps change; everything else must not.
-        let stable: Vec<&str> = out.lines().filter(|l| !l.starts_with('#')).collect();
-        s += &format!("## {cmd}\n{}\n", stable.join("\n"));
+        s += &format!("## {cmd}\n{}\n", without_empty_tables(&out));
     }
     s += &format!("## sysctl\n{}", sysctls(ns)?);
     s += &format!("## tcx\n{}", tcx_programs(ns)?);
@@ -94,3 +118,20 @@ pub fn pins(node: &str) -> Vec<String> {
     out
 }
 
+/// Asserts two snapshots are equal, showing only the lines that differ.
+pub fn assert_same(before: &str, after: &str, what: &str) {
+    let gone: Vec<&str> = before
+        .lines()
+        .filter(|l| !after.lines().any(|a| a == *l))
+        .collect();
+    let new: Vec<&str> = after
+        .lines()
+        .filter(|l| !before.lines().any(|b| b == *l))
+        .collect();
+    assert!(
+        before == after,
+        "{what} changed\n--- only before:\n{}\n+++ only after:\n{}",
+        gone.join("\n"),
+        new.join("\n")
+    );
+}

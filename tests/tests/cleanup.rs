@@ -4,7 +4,7 @@ mod common;
 
 use zdivert_tests::{
     agent::Agent,
-    snapshot::{pins, snapshot},
+    snapshot::{assert_same, pins, snapshot},
     topology::Topology,
 };
 
@@ -49,8 +49,8 @@ fn cleanup_after_sigkill_restores_both_namespaces_and_bpffs() -> anyhow::Result<
         "{out}"
     );
 
-    assert_eq!(snapshot(&node.ns)?, before.0);
-    assert_eq!(snapshot(&node.ztunnel.ns)?, before.1);
+    assert_same(&before.0, &snapshot(&node.ns)?, "the node");
+    assert_same(&before.1, &snapshot(&node.ztunnel.ns)?, "ztunnel's netns");
     assert!(pins(&agent.node).is_empty(), "{:?}", pins(&agent.node));
     assert!(
         !std::path::Path::new("/sys/fs/bpf/zdivert/v1")

@@ -47,10 +47,10 @@ impl FileLoop {
             }
             if Instant::now() >= next_sync {
                 next_sync = Instant::now() + self.resync;
-                if let Some(state) = &last_good {
-                    if !reconcile(dp, state) {
-                        next_sync = Instant::now() + Duration::from_secs(1);
-                    }
+                if let Some(state) = &last_good
+                    && !reconcile(dp, state)
+                {
+                    next_sync = Instant::now() + Duration::from_secs(1);
                 }
             }
             std::thread::sleep(self.poll);

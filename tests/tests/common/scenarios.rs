@@ -6,12 +6,14 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use super::Lab;
 use zdivert_tests::{
-    fallback,
     apps::{TcpServer, UdpEcho, connect, request, request_timeout, sa, udp_request},
+    fallback,
     standin::{HBONE, INBOUND, OUTBOUND},
 };
 
-pub fn outbound_same_node_goes_through_15001_with_original_destination(mode: &str) -> anyhow::Result<()> {
+pub fn outbound_same_node_goes_through_15001_with_original_destination(
+    mode: &str,
+) -> anyhow::Result<()> {
     let lab = Lab::start_mode(mode, vec![])?;
     let (pp, rv1) = (lab.w2().pod("productpage-v1"), lab.w2().pod("reviews-v1"));
     let server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
@@ -42,12 +44,21 @@ pub fn outbound_same_node_goes_through_15001_with_original_destination(mode: &st
         // tproxied from pistioout in ztunnel's netns, the reply steered back by 0x40 / 0x4d3.
         let (node, zt) = (&lab.w2().ns, &lab.w2().ztunnel.ns);
         for (ns, rule) in [
-            (node, "--match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100"),
-            (node, "-m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40"),
+            (
+                node,
+                "--match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100",
+            ),
+            (
+                node,
+                "-m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40",
+            ),
             (zt, "-i pistioout -p tcp -j TPROXY --on-port 15001"),
             (zt, "-j MARK --set-xmark 0x4d3/0xfff"),
         ] {
-            assert!(fallback::rule_packets(ns, rule)? > 0, "no packet hit {rule}");
+            assert!(
+                fallback::rule_packets(ns, rule)? > 0,
+                "no packet hit {rule}"
+            );
         }
     }
     Ok(())
@@ -98,7 +109,9 @@ pub fn service_vip_reaches_ztunnel_before_any_dnat(mode: &str) -> anyhow::Result
     Ok(())
 }
 
-pub fn inbound_from_a_non_ambient_pod_lands_on_15006_and_port_15008_on_15008(mode: &str) -> anyhow::Result<()> {
+pub fn inbound_from_a_non_ambient_pod_lands_on_15006_and_port_15008_on_15008(
+    mode: &str,
+) -> anyhow::Result<()> {
     let lab = Lab::start_mode(mode, vec![])?;
     let (sleep, rv1) = (lab.w2().pod("sleep"), lab.w2().pod("reviews-v1"));
     let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
@@ -122,7 +135,9 @@ pub fn inbound_from_a_non_ambient_pod_lands_on_15006_and_port_15008_on_15008(mod
     Ok(())
 }
 
-pub fn cross_node_goes_ztunnel_to_ztunnel_and_the_server_sees_the_client_pod(mode: &str) -> anyhow::Result<()> {
+pub fn cross_node_goes_ztunnel_to_ztunnel_and_the_server_sees_the_client_pod(
+    mode: &str,
+) -> anyhow::Result<()> {
     let lab = Lab::start_mode(mode, vec![])?;
     let pp = lab.w2().pod("productpage-v1");
     let details = lab.w1().pod("details-v1");
@@ -200,7 +215,9 @@ pub fn non_ambient_node_and_udp_traffic_is_not_captured(mode: &str) -> anyhow::R
     Ok(())
 }
 
-pub fn without_a_ztunnel_ambient_traffic_is_dropped_not_delivered(mode: &str) -> anyhow::Result<()> {
+pub fn without_a_ztunnel_ambient_traffic_is_dropped_not_delivered(
+    mode: &str,
+) -> anyhow::Result<()> {
     let lab = Lab::start_mode(mode, vec![])?;
     let (w2, pp, rv1, sleep) = (
         lab.w2(),

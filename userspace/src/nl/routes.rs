@@ -6,8 +6,8 @@ use futures_util::TryStreamExt as _;
 use netlink_packet_route::{
     AddressFamily,
     route::{
-        RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol,
-        RouteScope, RouteType,
+        RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope,
+        RouteType,
     },
 };
 use rtnetlink::RouteMessageBuilder;

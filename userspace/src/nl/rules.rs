@@ -101,10 +101,7 @@ impl Netlink {
     /// Deletes every rule equal to `rule`; a missing one is not an error.
     pub fn remove_rule(&self, rule: PolicyRule, v6: bool) -> Result<()> {
         let msgs = self.rule_messages(v6)?;
-        for m in msgs
-            .into_iter()
-            .filter(|m| to_policy_rule(m) == Some(rule))
-        {
+        for m in msgs.into_iter().filter(|m| to_policy_rule(m) == Some(rule)) {
             self.rt
                 .block_on(self.handle.rule().del(m).execute())
                 .map_err(nl_err(format!("deleting {}", rule.describe())))?;

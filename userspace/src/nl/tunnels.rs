@@ -46,8 +46,11 @@ pub struct Tunnel {
     pub broadcast: bool,
 }
 
+/// kind, VNI, remote, port, underlay device.
+type TunnelParameters = (TunnelKind, u32, Option<Ipv4Addr>, u16, Option<u32>);
+
 /// The tunnel parameters an existing link has, to compare with the wanted ones.
-fn parameters(m: &LinkMessage) -> Option<(TunnelKind, u32, Option<Ipv4Addr>, u16, Option<u32>)> {
+fn parameters(m: &LinkMessage) -> Option<TunnelParameters> {
     let infos = m.attributes.iter().find_map(|a| match a {
         LinkAttribute::LinkInfo(i) => Some(i),
         _ => None,

@@ -187,15 +187,15 @@ impl EbpfDataplane {
             .ztunnel
             .as_ref()
             .map(|z| (z.netns.clone(), z.ips.iter().any(IpAddr::is_ipv6)));
-        if let Some((old, v6)) = self.routed_ztunnel.take() {
-            if Some(&old) != want.as_ref().map(|w| &w.0) && old.exists() {
-                if let Err(e) = unroute_ztunnel(&old, v6) {
-                    log::warn!(
-                        "removing tproxy routing from old ztunnel netns {}: {e}",
-                        old.display()
-                    );
-                }
-            }
+        if let Some((old, v6)) = self.routed_ztunnel.take()
+            && Some(&old) != want.as_ref().map(|w| &w.0)
+            && old.exists()
+            && let Err(e) = unroute_ztunnel(&old, v6)
+        {
+            log::warn!(
+                "removing tproxy routing from old ztunnel netns {}: {e}",
+                old.display()
+            );
         }
         if let Some((ns, v6)) = want {
             tproxy_routing(&ns, v6, true)?;
@@ -289,13 +289,13 @@ pub fn cleanup(bpffs: &Path, node: &str) -> Result<Cleaned> {
     let dirs = PinDirs::new(bpffs, node);
     let mut cleaned = Cleaned::default();
     for (name, pinned) in attach::pinned(&dirs.links)? {
-        if pinned.hook == Hook::ZtunnelTproxy {
-            if let Some(ns) = netns::find_by_inode(pinned.netns_inode) {
-                // Both families: removing an absent rule is not an error.
-                match unroute_ztunnel(&ns, true).or_else(|_| unroute_ztunnel(&ns, false)) {
-                    Ok(()) => cleaned.ztunnel_netns.push(ns),
-                    Err(e) => log::warn!("ztunnel netns {}: {e}", ns.display()),
-                }
+        if pinned.hook == Hook::ZtunnelTproxy
+            && let Some(ns) = netns::find_by_inode(pinned.netns_inode)
+        {
+            // Both families: removing an absent rule is not an error.
+            match unroute_ztunnel(&ns, true).or_else(|_| unroute_ztunnel(&ns, false)) {
+                Ok(()) => cleaned.ztunnel_netns.push(ns),
+                Err(e) => log::warn!("ztunnel netns {}: {e}", ns.display()),
             }
         }
         attach::unpin(&dirs.links, &name)?;

@@ -17,7 +17,9 @@ pub fn probe(bpffs: &Path) -> Result<(), String> {
         return Err("the agent was built without the eBPF object".into());
     }
     ensure_bpffs(bpffs).map_err(|e| e.to_string())?;
-    let scratch = bpffs.join("zdivert").join(format!("probe-{}", std::process::id()));
+    let scratch = bpffs
+        .join("zdivert")
+        .join(format!("probe-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
     let result = load_and_attach(&scratch);
     let _ = std::fs::remove_dir_all(&scratch);

@@ -88,6 +88,9 @@ mod tests {
     fn members_are_parsed_from_ipset_save() {
         let save = "create s hash:ip family inet hashsize 1024 maxelem 65536 bucketsize 12\n\
                     add s 10.244.2.5\nadd s 10.244.2.2\n";
-        assert_eq!(parse_members(save, "s"), ips(&[[10, 244, 2, 2], [10, 244, 2, 5]]));
+        assert_eq!(
+            parse_members(save, "s"),
+            ips(&[[10, 244, 2, 2], [10, 244, 2, 5]])
+        );
     }
 }

@@ -350,7 +350,12 @@ pub fn tunnels(p: &Params, z: &Ztunnel, side_node: bool) -> Vec<crate::nl::Tunne
     let (names, remote, host, dev) = if side_node {
         ([NODE_INBOUND, NODE_OUTBOUND], z.ip, 1, z.veth_index)
     } else {
-        ([ZTUNNEL_INBOUND, ZTUNNEL_OUTBOUND], p.host_ip, 2, z.eth0_index)
+        (
+            [ZTUNNEL_INBOUND, ZTUNNEL_OUTBOUND],
+            p.host_ip,
+            2,
+            z.eth0_index,
+        )
     };
     [(INBOUND_VNI, INBOUND_NET), (OUTBOUND_VNI, OUTBOUND_NET)]
         .into_iter()
@@ -392,10 +397,7 @@ impl Sysctl {
 
 /// The node's sysctls. Interfaces we create ourselves are included; their original values need
 /// no restoring since they go away with the link.
-pub fn node_sysctls<'a>(
-    p: &'a Params,
-    pod_veths: impl Iterator<Item = &'a str>,
-) -> Vec<Sysctl> {
+pub fn node_sysctls<'a>(p: &'a Params, pod_veths: impl Iterator<Item = &'a str>) -> Vec<Sysctl> {
     let zveth = p.ztunnel.as_ref().map(|z| z.veth.as_str());
     let tunnels = zveth.map(|_| [NODE_INBOUND, NODE_OUTBOUND]);
     let mut v: Vec<Sysctl> = ["all", "default"]

@@ -88,7 +88,9 @@ fn free_udp_port(from: u16) -> u16 {
                 .collect::<Vec<_>>()
         })
         .collect();
-    (from..=u16::MAX).find(|p| !bound.contains(p)).unwrap_or(from)
+    (from..=u16::MAX)
+        .find(|p| !bound.contains(p))
+        .unwrap_or(from)
 }
 
 impl IptablesDataplane {
@@ -169,7 +171,10 @@ impl IptablesDataplane {
             None => {
                 let p = free_udp_port(layout::DEFAULT_TUNNEL_PORT);
                 if p != layout::DEFAULT_TUNNEL_PORT {
-                    log::info!("UDP {} is taken on this node: tunnels use {p}", layout::DEFAULT_TUNNEL_PORT);
+                    log::info!(
+                        "UDP {} is taken on this node: tunnels use {p}",
+                        layout::DEFAULT_TUNNEL_PORT
+                    );
                 }
                 self.saved.tunnel_port = Some(p);
                 self.file.store(&self.saved)?;
@@ -204,10 +209,10 @@ impl IptablesDataplane {
             path: z.netns.clone(),
             inode: z.netns_inode,
         });
-        if let Some(old) = self.saved.ztunnel_netns.clone() {
-            if Some(&old) != want.as_ref() {
-                remove_ztunnel_side(&self.file, &mut self.saved, self.backend, &old)?;
-            }
+        if let Some(old) = self.saved.ztunnel_netns.clone()
+            && Some(&old) != want.as_ref()
+        {
+            remove_ztunnel_side(&self.file, &mut self.saved, self.backend, &old)?;
         }
         let (Some(z), Some(ns)) = (&p.ztunnel, want) else {
             return Ok(());
@@ -250,7 +255,12 @@ impl IptablesDataplane {
         })?
     }
 
-    fn apply_node(&mut self, p: &Params, facts: &NodeFacts, pods: &BTreeSet<Ipv4Addr>) -> Result<()> {
+    fn apply_node(
+        &mut self,
+        p: &Params,
+        facts: &NodeFacts,
+        pods: &BTreeSet<Ipv4Addr>,
+    ) -> Result<()> {
         let list: Vec<Ipv4Addr> = pods.iter().copied().collect();
         let routes = match &p.ztunnel {
             Some(z) => {
@@ -319,7 +329,10 @@ impl Dataplane for IptablesDataplane {
             self.apply_node(&p, &facts, &pods)?;
             self.apply_ztunnel(&p, None)?;
         } else if let Err(e) = self.apply_ztunnel(&p, facts.ztunnel.as_ref()) {
-            let z = facts.ztunnel.take().expect("p.ztunnel comes from facts.ztunnel");
+            let z = facts
+                .ztunnel
+                .take()
+                .expect("p.ztunnel comes from facts.ztunnel");
             report.failed.push((z.pod, e));
             // Fail closed until ztunnel's side is complete.
             let closed = Params {

@@ -89,7 +89,12 @@ pub fn save(backend: Backend, table: &str) -> Result<String> {
 }
 
 fn restore(backend: Backend, input: &str) -> Result<()> {
-    run(&backend.command("restore"), &["--noflush", "-w"], Some(input)).map(|_| ())
+    run(
+        &backend.command("restore"),
+        &["--noflush", "-w"],
+        Some(input),
+    )
+    .map(|_| ())
 }
 
 /// The rules of `chain` in a save of one table, and whether the save declares it.
@@ -116,9 +121,7 @@ pub fn sync_chains(backend: Backend, chains: &[Chain]) -> Result<bool> {
         let up_to_date = ours.iter().all(|c| {
             let (declared, rules) = chain_rules(&save, c.name);
             let (_, jumps) = chain_rules(&save, c.from);
-            declared
-                && rules == c.rules
-                && jumps.iter().filter(|j| **j == jump(c)).count() == 1
+            declared && rules == c.rules && jumps.iter().filter(|j| **j == jump(c)).count() == 1
         });
         if up_to_date {
             continue;
@@ -158,7 +161,10 @@ fn tables_of(chains: &[Chain]) -> Vec<&'static str> {
 }
 
 /// Removes our chains and every jump into them; chains already gone are skipped.
-pub fn remove_chains(backend: Backend, chains: &[(&'static str, &'static str, &'static str)]) -> Result<bool> {
+pub fn remove_chains(
+    backend: Backend,
+    chains: &[(&'static str, &'static str, &'static str)],
+) -> Result<bool> {
     let mut input = String::new();
     let mut tables: Vec<&str> = chains.iter().map(|c| c.0).collect();
     tables.dedup();

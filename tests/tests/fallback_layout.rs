@@ -1,0 +1,437 @@
+//! The iptables fallback against the article: every line it shows is in the kernel after apply
+//! (golden), applying again changes nothing, pods come and go under load, cleanup and mode
+//! switches leave nothing behind, and geneve is used where the kernel has it.
+mod common;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use common::Lab;
+use zdivert_tests::{
+    agent::Agent,
+    apps::{TcpServer, request, sa},
+    fallback::{self, Dump},
+    ns::Netns,
+    snapshot::{assert_same, pins, snapshot, sysctls, tcx_programs},
+    standin_for,
+    topology::{Node, Topology},
+};
+
+/// The article's lines for `node` (LAYOUT.md), with this node's veth names and addresses.
+fn article_lines(node: &Node, tunnel: &str) -> (Vec<String>, Vec<String>) {
+    let zveth = &node.ztunnel.host_veth;
+    let (zip, host) = (node.ztunnel.ip, node.gateway);
+    let mut n: Vec<String> = vec!["Name: ztunnel-pods-ips".into()];
+    let mut pods: Vec<_> = node.pods.values().filter(|p| p.ambient).collect();
+    pods.sort_by_key(|p| p.ip);
+    for p in &pods {
+        n.push(p.ip.to_string());
+        n.push(format!("{} via 192.168.126.2 dev istioin src {host}", p.ip));
+    }
+    let pre = "-A ztunnel-PREROUTING";
+    n.extend(
+        [
+            "-A PREROUTING -j ztunnel-PREROUTING".to_string(),
+            format!("{pre} -p tcp -m set --match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100"),
+            format!("{pre} -m mark --mark 0x100/0x100 -j ACCEPT"),
+            format!("{pre} -i istioin -j MARK --set-xmark 0x200/0x200"),
+            format!("{pre} -i istioin -j RETURN"),
+            format!("{pre} -i istioout -j MARK --set-xmark 0x200/0x200"),
+            format!("{pre} -i istioout -j RETURN"),
+            format!("{pre} -p udp -m udp --dport 6081 -j RETURN"),
+            format!("{pre} -m connmark --mark 0x220/0x220 -j MARK --set-xmark 0x200/0x200"),
+            format!("{pre} -m mark --mark 0x200/0x200 -j RETURN"),
+            format!("{pre} ! -i {zveth} -m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40"),
+            format!("{pre} -m mark --mark 0x40/0x40 -j RETURN"),
+            format!("{pre} ! -s {zip}/32 -i {zveth} -j MARK --set-xmark 0x210/0x210"),
+            format!("{pre} -i {zveth} -j MARK --set-xmark 0x220/0x220"),
+            format!("{pre} -p udp -j MARK --set-xmark 0x220/0x220"),
+            "-A ztunnel-FORWARD -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220".into(),
+            "-A ztunnel-FORWARD -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x210 --ctmask 0x210".into(),
+            "-A ztunnel-INPUT -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220".into(),
+            "-A ztunnel-INPUT -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x210 --ctmask 0x210".into(),
+            format!("-A ztunnel-OUTPUT -s {host}/32 -j MARK --set-xmark 0x220/0xffffffff"),
+            "-A FORWARD -j ztunnel-FORWARD".into(),
+            "-A INPUT -j ztunnel-INPUT".into(),
+            "-A OUTPUT -j ztunnel-OUTPUT".into(),
+            "-A POSTROUTING -j ztunnel-POSTROUTING".into(),
+            "-A ztunnel-POSTROUTING -m mark --mark 0x100/0x100 -j ACCEPT".into(),
+            "100:\tfrom all fwmark 0x200/0x200 goto 32766".into(),
+            "101:\tfrom all fwmark 0x100/0x100 lookup 101".into(),
+            "102:\tfrom all fwmark 0x40/0x40 lookup 102".into(),
+            "103:\tfrom all lookup 100".into(),
+            format!("{zip} dev {zveth} scope link"),
+            "default via 192.168.127.2 dev istioout".into(),
+            format!("default via {zip} dev {zveth} onlink"),
+            "inet 192.168.127.1/30 brd 192.168.127.3 scope global istioout".into(),
+            "inet 192.168.126.1/30 brd 192.168.126.3 scope global istioin".into(),
+        ],
+    );
+    let dev = |d: &str| {
+        if tunnel == "vxlan" {
+            format!("dev {d} ")
+        } else {
+            String::new()
+        }
+    };
+    for (vni, name) in [(1000, "istioin"), (1001, "istioout")] {
+        n.push(format!("{name}: <BROADCAST,MULTICAST,UP,LOWER_UP>"));
+        n.push(format!("{tunnel} id {vni} remote {zip} {}", dev(zveth)));
+    }
+    let mut z: Vec<String> = vec![
+        "-A PREROUTING -i pistioin -p tcp -m tcp --dport 15008 -j TPROXY --on-port 15008 --on-ip 127.0.0.1 --tproxy-mark 0x400/0xfff".into(),
+        "-A PREROUTING -i pistioout -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x400/0xfff".into(),
+        "-A PREROUTING -i pistioin -p tcp -j TPROXY --on-port 15006 --on-ip 127.0.0.1 --tproxy-mark 0x400/0xfff".into(),
+        format!("-A PREROUTING ! -d {zip}/32 -i eth0 -p tcp -j MARK --set-xmark 0x4d3/0xfff"),
+        "20000:\tfrom all fwmark 0x400/0xfff lookup 100".into(),
+        "20003:\tfrom all fwmark 0x4d3/0xfff lookup 100".into(),
+        "local default dev lo scope host".into(),
+        "default via 192.168.127.1 dev pistioout".into(),
+        "default via 192.168.126.1 dev pistioin".into(),
+        format!("{host} dev eth0 scope link"),
+        "inet 192.168.127.2/30 scope global pistioout".into(),
+        "inet 192.168.126.2/30 scope global pistioin".into(),
+    ];
+    for (vni, name) in [(1000, "pistioin"), (1001, "pistioout")] {
+        z.push(format!("{name}: <BROADCAST,MULTICAST,UP,LOWER_UP>"));
+        z.push(format!("{tunnel} id {vni} remote {host} {}", dev("eth0")));
+    }
+    (n, z)
+}
+
+/// Wanted lines that no output line is equal to, or (for the link lines, whose tails differ
+/// between iproute2 versions and the header's index and MTU) begins with after its index.
+fn missing(output: &str, wanted: &[String]) -> Vec<String> {
+    wanted
+        .iter()
+        .filter(|w| {
+            !output.lines().any(|l| {
+                let l = l.trim();
+                let unindexed = l.split_once(": ").map_or(l, |(_, rest)| rest);
+                l == w.trim()
+                    || (w.contains("id 10") && l.starts_with(w.as_str()))
+                    || (w.ends_with('>') && unindexed.starts_with(w.as_str()))
+            })
+        })
+        .cloned()
+        .collect()
+}
+
+fn tunnel_tail_checks(dump: &str) {
+    for l in dump.lines().filter(|l| l.contains(" id 100")) {
+        for flag in ["dstport 6081", "noudpcsum", "udp6zerocsumrx"] {
+            assert!(l.contains(flag), "tunnel line lacks {flag}: {l}");
+        }
+    }
+}
+
+fn sysctl_lines(node: &Node) -> (Vec<String>, Vec<String>) {
+    let zveth = &node.ztunnel.host_veth;
+    let mut n: Vec<String> = ["all", "default", zveth, "istioin", "istioout"]
+        .iter()
+        .map(|i| format!("{i}.rp_filter=0"))
+        .collect();
+    for p in node.pods.values().filter(|p| p.ambient) {
+        n.push(format!("{}.rp_filter=0", p.host_veth));
+    }
+    for i in [zveth.as_str(), "istioin", "istioout"] {
+        n.push(format!("{i}.accept_local=1"));
+    }
+    let z = ["all", "default", "eth0", "pistioin", "pistioout"]
+        .iter()
+        .map(|i| format!("{i}.rp_filter=0"))
+        .collect();
+    (n, z)
+}
+
+#[test]
+fn every_line_the_article_shows_is_there_and_applying_again_changes_nothing() -> anyhow::Result<()>
+{
+    let topo = Topology::article()?;
+    let node = topo.worker2();
+    // kube-proxy was there first: our nat jump must still come before its Service DNAT.
+    node.ns
+        .cmd("iptables", &["-t", "nat", "-N", "KUBE-SERVICES"])?;
+    node.ns.cmd(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes service portals",
+            "-j",
+            "KUBE-SERVICES",
+        ],
+    )?;
+    let mut agent = Agent::start_mode(node, &node.pods_file(true), "iptables")?;
+    fallback::wait_layout(node, 5, true)?;
+    let dump = Dump::take(node)?;
+    let (want_node, want_zt) = article_lines(node, "vxlan");
+    assert_eq!(
+        missing(&dump.node, &want_node),
+        Vec::<String>::new(),
+        "node:\n{}",
+        dump.node
+    );
+    assert_eq!(
+        missing(&dump.ztunnel, &want_zt),
+        Vec::<String>::new(),
+        "ztunnel:\n{}",
+        dump.ztunnel
+    );
+    tunnel_tail_checks(&dump.node);
+    tunnel_tail_checks(&dump.ztunnel);
+    let nat = node.ns.cmd("iptables-save", &["-t", "nat"])?;
+    let ours = nat.find("-A PREROUTING -j ztunnel-PREROUTING").unwrap();
+    let kube = nat.find("-A PREROUTING -m comment").unwrap();
+    assert!(ours < kube, "our jump precedes KUBE-SERVICES:\n{nat}");
+    let (sys_node, sys_zt) = sysctl_lines(node);
+    let (have_node, have_zt) = (sysctls(&node.ns)?, sysctls(&node.ztunnel.ns)?);
+    assert_eq!(missing(&have_node, &sys_node), Vec::<String>::new());
+    assert_eq!(missing(&have_zt, &sys_zt), Vec::<String>::new());
+
+    // A restarted agent applies the same state: nothing changes, not even an interface index.
+    let before = (snapshot(&node.ns)?, snapshot(&node.ztunnel.ns)?);
+    agent.restart()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    fallback::wait_layout(node, 5, true)?;
+    assert_same(&before.0, &snapshot(&node.ns)?, "the node");
+    assert_same(&before.1, &snapshot(&node.ztunnel.ns)?, "ztunnel's netns");
+    Ok(())
+}
+
+#[test]
+fn pods_join_and_leave_while_connections_run() -> anyhow::Result<()> {
+    let lab = Lab::start_mode("iptables", vec![])?;
+    let (w2, pp, rv1, rv2) = (
+        lab.w2(),
+        lab.w2().pod("productpage-v1"),
+        lab.w2().pod("reviews-v1"),
+        lab.w2().pod("reviews-v2"),
+    );
+    let _s1 = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let _s2 = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = {
+        let (stop, ns, dst) = (
+            stop.clone(),
+            Netns::attach(&pp.ns.path())?,
+            sa(rv1.ip, 9080),
+        );
+        std::thread::spawn(move || {
+            let mut results = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                results.push(request(&ns, dst).map(|r| r.peer.ip()));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            results
+        })
+    };
+    let agent = &lab.agents[0];
+    let table100 = |n: &Node| n.ns.ip("route show table 100");
+    let pp_route = table100(w2)?
+        .lines()
+        .find(|l| l.starts_with(&format!("{} ", pp.ip)))
+        .map(str::to_string);
+
+    // reviews-v2 leaves ambient: one ipset entry and one route go, nothing else changes.
+    let without_v2 = w2.pods_file(true).replace(
+        &format!(
+            "  - {{ name: reviews-v2, namespace: default, ips: [{}] }}\n",
+            rv2.ip
+        ),
+        "",
+    );
+    assert_ne!(without_v2, w2.pods_file(true));
+    agent.describe(&without_v2)?;
+    fallback::wait_layout(w2, 4, true)?;
+    assert!(!fallback::ipset_members(w2).contains(&rv2.ip.to_string()));
+    let via_ztunnel = || lab.z2().to(sa(rv2.ip, 9080)).len();
+    let r = request(&pp.ns, sa(rv2.ip, 9080))?;
+    assert_eq!(r.server, "reviews-v2");
+    assert_eq!(
+        via_ztunnel(),
+        1,
+        "still via ztunnel: productpage is ambient"
+    );
+    let sleep = w2.pod("sleep");
+    request(&sleep.ns, sa(rv2.ip, 9080))?;
+    assert_eq!(via_ztunnel(), 1, "sleep → reviews-v2 is no longer captured");
+
+    // ...and joins again.
+    agent.describe(&w2.pods_file(true))?;
+    fallback::wait_layout(w2, 5, true)?;
+    request(&sleep.ns, sa(rv2.ip, 9080))?;
+    assert_eq!(via_ztunnel(), 2, "captured again");
+
+    stop.store(true, Ordering::Relaxed);
+    let results = stream.join().unwrap();
+    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    assert!(results.len() > 10, "the stream ran: {}", results.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        results.len()
+    );
+    assert!(
+        lab.z2().to(sa(rv1.ip, 9080)).len() >= results.len(),
+        "every one via ztunnel"
+    );
+    let pp_after = table100(w2)?
+        .lines()
+        .find(|l| l.starts_with(&format!("{} ", pp.ip)))
+        .map(str::to_string);
+    assert_eq!(pp_route, pp_after, "other pods' routes untouched");
+    Ok(())
+}
+
+/// Whether nothing of the fallback is in `node`'s two namespaces.
+fn no_fallback_residue(node: &Node) -> anyhow::Result<()> {
+    let d = Dump::take(node)?;
+    for needle in [
+        "ztunnel-",
+        "istioin",
+        "istioout",
+        "fwmark 0x100",
+        "lookup 100\n",
+        "Name:",
+    ] {
+        assert!(
+            !d.node.contains(needle),
+            "{needle} left on the node:\n{}",
+            d.node
+        );
+    }
+    // (The eBPF mode has its own rule 20000 and local route in ztunnel's netns.)
+    for needle in ["pistio", "0x4d3", "TPROXY"] {
+        assert!(
+            !d.ztunnel.contains(needle),
+            "{needle} left in ztunnel's netns:\n{}",
+            d.ztunnel
+        );
+    }
+    Ok(())
+}
+
+fn no_ebpf_residue(node: &Node, agent: &Agent) -> anyhow::Result<()> {
+    for ns in [&node.ns, &node.ztunnel.ns] {
+        let tcx = tcx_programs(ns)?;
+        assert!(!tcx.contains("zd_"), "programs left attached:\n{tcx}");
+    }
+    // (Rule 20000 in ztunnel's netns stays: the fallback's layout has the same one.)
+    assert_eq!(pins(&agent.node), Vec::<String>::new());
+    Ok(())
+}
+
+#[test]
+fn switching_ebpf_to_iptables_to_ebpf_leaves_no_residue() -> anyhow::Result<()> {
+    let mut lab = Lab::start_mode("ebpf", vec![])?;
+    let node_sysctls = sysctls(&lab.w2().ns)?;
+    let zt_sysctls = sysctls(&lab.w2().ztunnel.ns)?;
+    let check_traffic = |lab: &Lab| -> anyhow::Result<()> {
+        let (pp, rv1) = (lab.w2().pod("productpage-v1"), lab.w2().pod("reviews-v1"));
+        let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+        lab.z2().clear();
+        let r = request(&pp.ns, sa(rv1.ip, 9080))?;
+        assert_eq!(r.peer.ip(), pp.ip);
+        assert_eq!(lab.z2().to(sa(rv1.ip, 9080)).len(), 1, "through ztunnel");
+        Ok(())
+    };
+    check_traffic(&lab)?;
+
+    lab.agents[0].restart_in("iptables")?;
+    lab.wait_ready(lab.w2(), true)?;
+    no_ebpf_residue(lab.w2(), &lab.agents[0])?;
+    check_traffic(&lab)?;
+
+    lab.agents[0].restart_in("ebpf")?;
+    lab.wait_ready(lab.w2(), true)?;
+    no_fallback_residue(lab.w2())?;
+    assert_eq!(sysctls(&lab.w2().ns)?, node_sysctls, "sysctls restored");
+    assert_eq!(sysctls(&lab.w2().ztunnel.ns)?, zt_sysctls);
+    check_traffic(&lab)?;
+    Ok(())
+}
+
+#[test]
+fn cleanup_after_sigkill_restores_everything_including_sysctls() -> anyhow::Result<()> {
+    let topo = Topology::article()?;
+    let node = topo.worker2();
+    // Values the fallback must change, and put back.
+    node.ns.sysctl("net.ipv4.conf.all.rp_filter", "2")?;
+    node.ns.sysctl(
+        &format!(
+            "net.ipv4.conf.{}.rp_filter",
+            node.pod("reviews-v1").host_veth
+        ),
+        "1",
+    )?;
+    node.ztunnel
+        .ns
+        .sysctl("net.ipv4.conf.eth0.rp_filter", "1")?;
+    let before = (snapshot(&node.ns)?, snapshot(&node.ztunnel.ns)?);
+
+    let mut agent = Agent::start_mode(node, &node.pods_file(true), "iptables")?;
+    fallback::wait_layout(node, 5, true)?;
+    assert_ne!(snapshot(&node.ns)?, before.0);
+    agent.kill();
+    let out = agent.cleanup()?;
+    assert!(out.contains("removed the iptables layout"), "{out}");
+    assert_same(&before.0, &snapshot(&node.ns)?, "the node");
+    assert_same(&before.1, &snapshot(&node.ztunnel.ns)?, "ztunnel's netns");
+    Ok(())
+}
+
+#[test]
+fn geneve_tunnels_where_the_kernel_has_geneve() -> anyhow::Result<()> {
+    let probe = Netns::new(&zdivert_tests::ns::unique_prefix("g"))?;
+    if probe
+        .ip("link add zdg type geneve id 1 remote 192.0.2.1")
+        .is_err()
+    {
+        println!(
+            "SKIP geneve path not exercised: this kernel cannot create geneve devices (CONFIG_GENEVE unset); vxlan is covered by the other tests"
+        );
+        return Ok(());
+    }
+    drop(probe);
+    let topo = Topology::article()?;
+    let node = topo.worker2();
+    let z = standin_for(node, vec![])?;
+    let _agent = Agent::start_with(
+        node,
+        &node.pods_file(true),
+        "iptables",
+        &["--tunnel", "geneve"],
+    )?;
+    fallback::wait_layout(node, 5, true)?;
+    let dump = Dump::take(node)?;
+    let (want_node, want_zt) = article_lines(node, "geneve");
+    assert_eq!(
+        missing(&dump.node, &want_node),
+        Vec::<String>::new(),
+        "{}",
+        dump.node
+    );
+    assert_eq!(
+        missing(&dump.ztunnel, &want_zt),
+        Vec::<String>::new(),
+        "{}",
+        dump.ztunnel
+    );
+    let (pp, rv1) = (node.pod("productpage-v1"), node.pod("reviews-v1"));
+    let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    request(&pp.ns, sa(rv1.ip, 9080))?;
+    assert_eq!(z.to(sa(rv1.ip, 9080)).len(), 1);
+    Ok(())
+}
