@@ -29,7 +29,11 @@ enum Cmd {
         filter: Option<String>,
     },
     /// Rebuild the article's node in network namespaces and show traffic passing through ztunnel.
-    Demo,
+    Demo {
+        /// Dataplane: ebpf, or iptables (then the rules are shown as the article lists them).
+        #[arg(long, default_value = "ebpf", value_parser = ["ebpf", "iptables"])]
+        mode: String,
+    },
 }
 
 pub fn root() -> PathBuf {
@@ -128,13 +132,22 @@ fn main() -> Result<()> {
             c.env("ZDIVERT_BIN", root().join("target/debug/zdivert"));
             run(&mut c)
         }
-        Cmd::Demo => {
+        Cmd::Demo { mode } => {
             setup::all()?;
             build_ebpf()?;
             build_agent(false)?;
             setup::remove_leftovers()?;
             run(cargo()
-                .args(["run", "--quiet", "-p", "zdivert-tests", "--bin", "demo"])
+                .args([
+                    "run",
+                    "--quiet",
+                    "-p",
+                    "zdivert-tests",
+                    "--bin",
+                    "demo",
+                    "--",
+                ])
+                .args(["--mode", &mode])
                 .env("ZDIVERT_BIN", root().join("target/debug/zdivert")))
         }
     }

@@ -162,5 +162,17 @@ pub fn remove_leftovers() -> Result<()> {
                 .status();
         }
     }
+    // The fallback's state files of test nodes (their netns, and the state in them, are gone).
+    for node in std::fs::read_dir("/run/zdivert")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = node.file_name().to_string_lossy().into_owned();
+        if name.starts_with("zdt") {
+            eprintln!("removing leftover fallback state of {name}");
+            let _ = std::fs::remove_dir_all(node.path());
+        }
+    }
     Ok(())
 }

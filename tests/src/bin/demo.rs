@@ -6,16 +6,26 @@ use anyhow::Result;
 use zdivert_tests::{
     agent::{Agent, zdivert_bin},
     apps::{TcpServer, request, sa},
-    ns::run,
+    fallback,
+    ns::{Netns, run},
     standin::{HBONE, Record, Standin},
     standin_for,
-    topology::Topology,
+    topology::{Node, Topology},
 };
 
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let mode = match args.iter().position(|a| a == "--mode") {
+        Some(i) => args.get(i + 1).map(String::as_str).unwrap_or("ebpf"),
+        None => "ebpf",
+    };
+    anyhow::ensure!(
+        mode == "ebpf" || mode == "iptables",
+        "--mode ebpf|iptables, not {mode}"
+    );
     let topo = Topology::article()?;
     println!(
-        "== the article's nodes, rebuilt in network namespaces (prefix {})",
+        "== the article's nodes, rebuilt in network namespaces (prefix {}), {mode} dataplane",
         topo.prefix
     );
     let mut names: HashMap<IpAddr, String> = HashMap::new();
@@ -53,9 +63,13 @@ fn main() -> Result<()> {
         .collect::<Result<_>>()?;
     let mut agents = Vec::new();
     for n in &topo.nodes {
-        let agent = Agent::start(n, &n.pods_file(true))?;
+        let agent = Agent::start_mode(n, &n.pods_file(true), mode)?;
         let ambient = n.pods.values().filter(|p| p.ambient).count();
-        agent.wait_ready(ambient, ambient * 2 + 2)?;
+        if mode == "iptables" {
+            fallback::wait_layout(n, ambient, true)?;
+        } else {
+            agent.wait_ready(ambient, ambient * 2 + 2)?;
+        }
         agents.push(agent);
     }
     let (w2, w1) = (topo.worker2(), topo.worker());
@@ -152,21 +166,25 @@ fn main() -> Result<()> {
         }
     }
 
-    println!("\n== zdivert status on {}", w2.article_name);
-    print!(
-        "{}",
-        run(
-            zdivert_bin().to_str().unwrap(),
-            &["--node", &agents[0].node, "status"]
-        )?
-    );
-    let pods_map = format!("/sys/fs/bpf/zdivert/v1/{}/maps/PODS", agents[0].node);
-    println!(
-        "\n== bpftool map dump pinned {pods_map}  (key: IPv4-mapped pod IP; value: host ifindex, flags, pod MAC, gateway MAC)"
-    );
-    match run("bpftool", &["map", "dump", "pinned", &pods_map]) {
-        Ok(out) => print!("{out}"),
-        Err(e) => println!("(bpftool: {e})"),
+    if mode == "iptables" {
+        article_rules(w2)?;
+    } else {
+        println!("\n== zdivert status on {}", w2.article_name);
+        print!(
+            "{}",
+            run(
+                zdivert_bin().to_str().unwrap(),
+                &["--node", &agents[0].node, "status"]
+            )?
+        );
+        let pods_map = format!("/sys/fs/bpf/zdivert/v1/{}/maps/PODS", agents[0].node);
+        println!(
+            "\n== bpftool map dump pinned {pods_map}  (key: IPv4-mapped pod IP; value: host ifindex, flags, pod MAC, gateway MAC)"
+        );
+        match run("bpftool", &["map", "dump", "pinned", &pods_map]) {
+            Ok(out) => print!("{out}"),
+            Err(e) => println!("(bpftool: {e})"),
+        }
     }
 
     println!("\n== tearing down");
@@ -182,9 +200,60 @@ fn main() -> Result<()> {
         .count();
     let left_pins = node_names
         .iter()
-        .filter(|n| Path::new("/sys/fs/bpf/zdivert/v1").join(n).exists())
+        .filter(|n| {
+            Path::new("/sys/fs/bpf/zdivert/v1").join(n).exists()
+                || Path::new("/run/zdivert").join(n).exists()
+        })
         .count();
-    println!("left behind: {left_ns} network namespaces, {left_pins} pin directories");
+    println!("left behind: {left_ns} network namespaces, {left_pins} pin or state directories");
     anyhow::ensure!(left_ns == 0 && left_pins == 0, "the demo left state behind");
+    Ok(())
+}
+
+/// The article's commands, in its order, filtered as it filters them.
+fn article_rules(w2: &Node) -> Result<()> {
+    let show = |ns: &Netns, who: &str, cmd: &str, args: &str, grep: &[&str]| -> Result<()> {
+        let out = ns.cmd(cmd, &args.split_whitespace().collect::<Vec<_>>())?;
+        println!(
+            "\n~ [{who}] {cmd} {args}{}",
+            if grep.is_empty() {
+                String::new()
+            } else {
+                format!(" | grep -E '{}'", grep.join("|"))
+            }
+        );
+        for l in out
+            .lines()
+            .filter(|l| grep.is_empty() || grep.iter().any(|g| l.contains(g)))
+        {
+            println!("{l}");
+        }
+        Ok(())
+    };
+    let (node, zt) = (&w2.ns, &w2.ztunnel.ns);
+    println!(
+        "\n== the iptables layout on {}, as the article lists it",
+        w2.article_name
+    );
+    show(node, "node", "ipset", "list ztunnel-pods-ips", &[])?;
+    show(
+        node,
+        "node",
+        "iptables-save",
+        "",
+        &["ztunnel", "KUBE-SERVICES", "*"],
+    )?;
+    show(node, "node", "ip", "rule", &[])?;
+    for t in ["100", "101", "102"] {
+        show(node, "node", "ip", &format!("route show table {t}"), &[])?;
+    }
+    show(node, "node", "ip", "addr", &["istio"])?;
+    show(node, "node", "ip", "-d link show istioin", &[])?;
+    show(node, "node", "ip", "-d link show istioout", &[])?;
+    show(zt, "ztunnel", "ip", "addr", &["pistio"])?;
+    show(zt, "ztunnel", "ip", "-d link show pistioout", &[])?;
+    show(zt, "ztunnel", "iptables-save", "", &["pistio", "0x4d3"])?;
+    show(zt, "ztunnel", "ip", "rule", &[])?;
+    show(zt, "ztunnel", "ip", "route show table 100", &[])?;
     Ok(())
 }
