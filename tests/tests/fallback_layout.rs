@@ -435,3 +435,51 @@ fn geneve_tunnels_where_the_kernel_has_geneve() -> anyhow::Result<()> {
     assert_eq!(z.to(sa(rv1.ip, 9080)).len(), 1);
     Ok(())
 }
+
+/// `--mode auto` on a node: what the agent logs about its choice within two seconds.
+fn auto_choice(node: &Node, extra: &[&str]) -> anyhow::Result<String> {
+    let pods = std::env::temp_dir().join(format!("{}-auto.yaml", node.name));
+    std::fs::write(&pods, node.pods_file(true))?;
+    let mut child = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", node.ns.path().display()))
+        .arg(zdivert_tests::agent::zdivert_bin())
+        .args(extra)
+        .args(["--node", &node.name, "run", "--mode", "auto", "--pods-file"])
+        .arg(&pods)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(2));
+    child.kill()?;
+    let out = child.wait_with_output()?;
+    let _ = std::fs::remove_file(&pods);
+    let cleanup = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", node.ns.path().display()))
+        .arg(zdivert_tests::agent::zdivert_bin())
+        .args(extra)
+        .args(["--node", &node.name, "cleanup"])
+        .output()?;
+    anyhow::ensure!(cleanup.status.success(), "cleanup failed");
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn auto_mode_picks_ebpf_where_it_runs_and_says_why_it_falls_back() -> anyhow::Result<()> {
+    let topo = Topology::article()?;
+    let node = topo.worker2();
+    let log = auto_choice(node, &[])?;
+    assert!(log.contains("mode auto: eBPF"), "{log}");
+    assert!(log.contains("ebpf dataplane for node"), "{log}");
+
+    // No bpffs where the agent is told to pin: the programs cannot be kept, so: the fallback.
+    let not_bpffs = std::env::temp_dir().join(format!("{}-nobpffs", node.name));
+    std::fs::create_dir_all(&not_bpffs)?;
+    let log = auto_choice(node, &["--bpffs", not_bpffs.to_str().unwrap()])?;
+    std::fs::remove_dir_all(&not_bpffs)?;
+    assert!(
+        log.contains("mode auto: iptables fallback, because") && log.contains("not a bpffs mount"),
+        "{log}"
+    );
+    assert!(log.contains("iptables dataplane for node"), "{log}");
+    Ok(())
+}

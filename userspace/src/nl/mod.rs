@@ -100,14 +100,17 @@ impl Netlink {
             .map_err(nl_err("link dump"))
     }
 
-    /// Creates a dummy interface (for probes), up; returns its index.
-    pub fn add_dummy(&self, name: &str) -> Result<u32> {
-        let msg = rtnetlink::LinkDummy::new(name).up().build();
+    /// Creates a veth pair `name`/`<name>p` (for probes: every kernel that runs pods has veth,
+    /// not every one has dummy), up; returns the index of `name`. Deleting it deletes both.
+    pub fn add_scratch_veth(&self, name: &str) -> Result<u32> {
+        let msg = rtnetlink::LinkVeth::new(name, &format!("{name}p"))
+            .up()
+            .build();
         self.rt
             .block_on(self.handle.link().add(msg).execute())
-            .map_err(nl_err(format!("adding dummy {name}")))?;
+            .map_err(nl_err(format!("adding veth {name}")))?;
         self.link_index(name)?.ok_or_else(|| Error::Netlink {
-            what: format!("dummy {name}"),
+            what: format!("veth {name}"),
             reason: "created but not found".into(),
         })
     }

@@ -1,6 +1,7 @@
 //! `--mode auto`: whether the eBPF dataplane can run here, found by doing what it does on a
 //! scratch interface: load every program (the verifier accepts `bpf_sk_assign` and the socket
-//! lookups only where the kernel has them) and attach one with TCX. Leaves nothing behind.
+//! lookups only where the kernel has them) and attach one with TCX to a scratch veth. Leaves
+//! nothing behind.
 use std::path::Path;
 
 use aya::{
@@ -43,7 +44,7 @@ fn load_and_attach(pins: &Path) -> Result<(), String> {
     }
     let nl = Netlink::new().map_err(|e| e.to_string())?;
     let name = format!("zdprobe{}", std::process::id() % 100_000);
-    nl.add_dummy(&name).map_err(|e| e.to_string())?;
+    nl.add_scratch_veth(&name).map_err(|e| e.to_string())?;
     let prog: &mut SchedClassifier = ebpf
         .program_mut(Hook::PodOutbound.program())
         .expect("loaded above")
