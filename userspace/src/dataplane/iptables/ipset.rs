@@ -1,12 +1,12 @@
-//! The `ztunnel-pods-ips` ipset, changed incrementally with one `ipset restore` per apply: a
-//! pod added or removed is one `add` or `del`, never a rebuild of the set.
-use std::{collections::BTreeSet, net::Ipv4Addr};
+//! The fallback's ipsets, changed incrementally with one `ipset restore` per set and apply: a
+//! pod added or removed is one `add` or `del` per set, never a rebuild.
+use std::collections::BTreeSet;
 
 use super::tables::run;
 use crate::error::Result;
 
-/// The set's members, or None if the set does not exist.
-pub fn members(set: &str) -> Result<Option<BTreeSet<Ipv4Addr>>> {
+/// The set's members as `ipset save` prints them, or None if the set does not exist.
+pub fn members(set: &str) -> Result<Option<BTreeSet<String>>> {
     let list = run("ipset", &["list", "-n"], None)?;
     if !list.lines().any(|l| l.trim() == set) {
         return Ok(None);
@@ -15,24 +15,26 @@ pub fn members(set: &str) -> Result<Option<BTreeSet<Ipv4Addr>>> {
     Ok(Some(parse_members(&save, set)))
 }
 
-fn parse_members(save: &str, set: &str) -> BTreeSet<Ipv4Addr> {
+fn parse_members(save: &str, set: &str) -> BTreeSet<String> {
     let prefix = format!("add {set} ");
     save.lines()
         .filter_map(|l| l.strip_prefix(&prefix))
-        .filter_map(|ip| ip.split_whitespace().next()?.parse().ok())
+        .filter_map(|m| m.split_whitespace().next().map(str::to_string))
         .collect()
 }
 
-/// The `ipset restore` input that turns `have` (None: no set) into `want`.
+/// The `ipset restore` input that turns `have` (None: no set) into `want`; `kind` is the set
+/// type with its options, for creating it (`hash:ip family inet`).
 pub fn restore_input(
     set: &str,
-    have: Option<&BTreeSet<Ipv4Addr>>,
-    want: &BTreeSet<Ipv4Addr>,
+    kind: &str,
+    have: Option<&BTreeSet<String>>,
+    want: &BTreeSet<String>,
 ) -> String {
     let empty = BTreeSet::new();
     let mut s = String::new();
     if have.is_none() {
-        s += &format!("create {set} hash:ip family inet -exist\n");
+        s += &format!("create {set} {kind} -exist\n");
     }
     let have = have.unwrap_or(&empty);
     for ip in want.difference(have) {
@@ -45,9 +47,9 @@ pub fn restore_input(
 }
 
 /// Makes the set hold exactly `want`; returns how many members changed.
-pub fn sync(set: &str, want: &BTreeSet<Ipv4Addr>) -> Result<usize> {
+pub fn sync(set: &str, kind: &str, want: &BTreeSet<String>) -> Result<usize> {
     let have = members(set)?;
-    let input = restore_input(set, have.as_ref(), want);
+    let input = restore_input(set, kind, have.as_ref(), want);
     if input.is_empty() {
         return Ok(0);
     }
@@ -68,8 +70,10 @@ pub fn destroy(set: &str) -> Result<bool> {
 mod tests {
     use super::*;
 
-    fn ips(v: &[[u8; 4]]) -> BTreeSet<Ipv4Addr> {
-        v.iter().map(|o| Ipv4Addr::from(*o)).collect()
+    fn ips(v: &[[u8; 4]]) -> BTreeSet<String> {
+        v.iter()
+            .map(|o| std::net::Ipv4Addr::from(*o).to_string())
+            .collect()
     }
 
     #[test]
@@ -77,11 +81,11 @@ mod tests {
         let have = ips(&[[10, 244, 2, 3], [10, 244, 2, 7]]);
         let want = ips(&[[10, 244, 2, 3], [10, 244, 2, 8]]);
         assert_eq!(
-            restore_input("s", Some(&have), &want),
+            restore_input("s", "hash:ip", Some(&have), &want),
             "add s 10.244.2.8 -exist\ndel s 10.244.2.7 -exist\n"
         );
-        assert_eq!(restore_input("s", Some(&want), &want), "");
-        assert!(restore_input("s", None, &want).starts_with("create s hash:ip"));
+        assert_eq!(restore_input("s", "hash:ip", Some(&want), &want), "");
+        assert!(restore_input("s", "hash:ip", None, &want).starts_with("create s hash:ip"));
     }
 
     #[test]

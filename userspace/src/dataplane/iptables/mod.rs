@@ -295,7 +295,19 @@ impl IptablesDataplane {
         for r in layout::node_rules() {
             self.nl.ensure_rule(r, false)?;
         }
-        ipset::sync(layout::IPSET, pods)?;
+        let members: Vec<(Ipv4Addr, String)> = facts
+            .pods
+            .values()
+            .flat_map(|f| {
+                f.ips.iter().filter_map(|ip| match ip {
+                    IpAddr::V4(v4) if pods.contains(v4) => Some((*v4, f.veth.name.clone())),
+                    _ => None,
+                })
+            })
+            .collect();
+        for (set, kind, want) in layout::ipsets(&members) {
+            ipset::sync(set, kind, &want)?;
+        }
         tables::sync_chains(self.backend, &layout::node_chains(p))?;
         Ok(())
     }
@@ -385,7 +397,9 @@ fn remove_all(file: &StateFile, saved: &mut Saved, backend: Backend) -> Result<(
         remove_ztunnel_side(file, saved, backend, &ns)?;
     }
     tables::remove_chains(backend, &CHAINS)?;
-    ipset::destroy(layout::IPSET)?;
+    for (set, _, _) in layout::ipsets(&[]) {
+        ipset::destroy(set)?;
+    }
     let nl = Netlink::new()?;
     for r in layout::node_rules() {
         nl.remove_rule(r, false)?;
