@@ -6,6 +6,7 @@ pub mod apps;
 pub mod fallback;
 pub mod ns;
 pub mod packets;
+pub mod raw;
 pub mod snapshot;
 pub mod standin;
 pub mod testrun;

@@ -38,3 +38,8 @@ fn without_a_ztunnel_ambient_traffic_is_dropped_not_delivered() -> anyhow::Resul
 fn sigkilled_agent_restarts_without_failing_a_connection() -> anyhow::Result<()> {
     scenarios::sigkilled_agent_restarts_without_failing_a_connection("iptables")
 }
+
+#[test]
+fn ping_to_and_from_ambient_pods_works() -> anyhow::Result<()> {
+    scenarios::ping_to_and_from_ambient_pods_works("iptables")
+}

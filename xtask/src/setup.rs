@@ -107,6 +107,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iptables", "iptables"),
     ("ipset", "ipset"),
     ("bpftool", "bpftool"),
+    ("ping", "iputils-ping"),
 ];
 
 fn packages() -> Result<()> {

@@ -300,3 +300,33 @@ pub fn sigkilled_agent_restarts_without_failing_a_connection(mode: &str) -> anyh
     );
     Ok(())
 }
+
+pub fn ping_to_and_from_ambient_pods_works(mode: &str) -> anyhow::Result<()> {
+    let lab = Lab::start_mode(mode, vec![])?;
+    let (w2, pp, rv1, sleep) = (
+        lab.w2(),
+        lab.w2().pod("productpage-v1"),
+        lab.w2().pod("reviews-v1"),
+        lab.w2().pod("sleep"),
+    );
+    let details = lab.w1().pod("details-v1");
+    let ping = |ns: &zdivert_tests::ns::Netns, ip: Ipv4Addr| {
+        ns.cmd("ping", &["-c", "1", "-W", "2", &ip.to_string()])
+    };
+    for (from, ns, to) in [
+        ("productpage-v1", &pp.ns, rv1.ip),
+        ("productpage-v1", &pp.ns, sleep.ip),
+        ("productpage-v1", &pp.ns, details.ip),
+        ("sleep", &sleep.ns, rv1.ip),
+        ("the node", &w2.ns, rv1.ip),
+        ("details-v1", &details.ns, pp.ip),
+    ] {
+        let out = ping(ns, to);
+        assert!(
+            out.as_ref().is_ok_and(|o| o.contains("1 received")),
+            "{mode}: ping {from} → {to}: {out:?}"
+        );
+    }
+    assert!(lab.z2().records().is_empty(), "ICMP is not proxied");
+    Ok(())
+}

@@ -26,12 +26,16 @@ pub fn ipsets(pods: &[(Ipv4Addr, String)]) -> Vec<(&'static str, &'static str, B
         (
             IPSET_SOURCES,
             "hash:net,iface family inet",
-            pods.iter().map(|(ip, veth)| format!("{ip},{veth}")).collect(),
+            pods.iter()
+                .map(|(ip, veth)| format!("{ip},{veth}"))
+                .collect(),
         ),
         (
             IPSET_IFACES,
             "hash:net,iface family inet",
-            pods.iter().map(|(_, veth)| format!("0.0.0.0/0,{veth}")).collect(),
+            pods.iter()
+                .map(|(_, veth)| format!("0.0.0.0/0,{veth}"))
+                .collect(),
         ),
     ]
 }
