@@ -3,7 +3,10 @@
 //! pod and ztunnel a netns behind a veth, the nodes joined by an underlay veth. Nothing touches
 //! the machine's root namespace; dropping the topology deletes every namespace (and so every
 //! veth) it made.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::{Context, Result};
 
@@ -65,10 +68,24 @@ pub fn article_nodes() -> Vec<NodeDef> {
     ]
 }
 
+/// The IPv6 address beside an IPv4 one of the article's plan: `10.244.N.M` is
+/// `fd00:10:244:N::M`, `172.18.0.M` is `fd00:172:18::M`.
+pub fn v6_of(v4: Ipv4Addr) -> Ipv6Addr {
+    let [a, b, c, d] = v4.octets();
+    let hex = |n: u8| u16::from_str_radix(&n.to_string(), 16).expect("decimal digits are hex");
+    if a == 10 {
+        Ipv6Addr::new(0xfd00, 0x10, hex(b), c as u16, 0, 0, 0, d as u16)
+    } else {
+        Ipv6Addr::new(0xfd00, hex(a), hex(b), 0, 0, 0, 0, d as u16)
+    }
+}
+
 pub struct Pod {
     pub name: String,
     pub namespace: String,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address (dual stack).
+    pub ip6: Ipv6Addr,
     pub ambient: bool,
     pub host_veth: String,
     pub ns: Netns,
@@ -79,6 +96,7 @@ pub struct Node {
     pub name: String,
     pub article_name: &'static str,
     pub gateway: Ipv4Addr,
+    pub gateway6: Ipv6Addr,
     pub underlay_ip: Ipv4Addr,
     pub ns: Netns,
     pub ztunnel: Pod,
@@ -97,17 +115,18 @@ impl Node {
         let mut s = format!("node: {}\n", self.name);
         if with_ztunnel {
             s += &format!(
-                "ztunnel: {{ name: ztunnel-{}, ips: [{}], netns: {} }}\n",
+                "ztunnel: {{ name: ztunnel-{}, ips: [{}, {}], netns: {} }}\n",
                 self.article_name,
                 self.ztunnel.ip,
+                self.ztunnel.ip6,
                 self.ztunnel.ns.path().display()
             );
         }
         s += "pods:\n";
         for p in self.pods.values().filter(|p| p.ambient) {
             s += &format!(
-                "  - {{ name: {}, namespace: {}, ips: [{}] }}\n",
-                p.name, p.namespace, p.ip
+                "  - {{ name: {}, namespace: {}, ips: [{}, {}] }}\n",
+                p.name, p.namespace, p.ip, p.ip6
             );
         }
         s
@@ -157,10 +176,15 @@ impl Topology {
                     &n.ns.name,
                     &[
                         format!("addr add {}/16 dev ul0", n.underlay_ip),
+                        format!("addr add {}/64 dev ul0 nodad", v6_of(n.underlay_ip)),
                         "link set ul0 up".into(),
                         format!(
                             "route add 10.244.{other_octet}.0/24 via {}",
                             other.underlay_ip
+                        ),
+                        format!(
+                            "route add fd00:10:244:{other_octet}::/64 via {}",
+                            v6_of(other.underlay_ip)
                         ),
                     ],
                 )?;
@@ -197,13 +221,16 @@ fn build_node(prefix: &str, def: &NodeDef) -> Result<Node> {
         ("net.ipv4.ip_forward", "1"),
         ("net.ipv4.conf.all.rp_filter", "0"),
         ("net.ipv4.conf.default.rp_filter", "0"),
+        ("net.ipv6.conf.all.forwarding", "1"),
     ] {
         ns.sysctl(k, v)?;
     }
     let gateway = Ipv4Addr::new(10, 244, def.cidr_octet, 1);
+    let gateway6 = v6_of(gateway);
     let make = |p: &PodDef| -> Result<Pod> {
         let pod_ns = Netns::new(&format!("{name}-{}", p.name))?;
         let veth = veth_name(def.name, p.name);
+        let ip6 = v6_of(p.ip);
         ip_batch(
             &ns.name,
             &[
@@ -212,23 +239,29 @@ fn build_node(prefix: &str, def: &NodeDef) -> Result<Node> {
                     pod_ns.name
                 ),
                 format!("addr add {gateway}/32 dev {veth}"),
+                format!("addr add {gateway6}/128 dev {veth} nodad"),
                 format!("link set {veth} up"),
                 format!("route add {}/32 dev {veth} scope link src {gateway}", p.ip),
+                format!("route add {ip6}/128 dev {veth} src {gateway6}"),
             ],
         )?;
         ip_batch(
             &pod_ns.name,
             &[
                 format!("addr add {}/32 dev eth0", p.ip),
+                format!("addr add {ip6}/128 dev eth0 nodad"),
                 "link set eth0 up".into(),
                 format!("route add {gateway} dev eth0 scope link"),
                 format!("route add default via {gateway} dev eth0 src {}", p.ip),
+                format!("route add {gateway6} dev eth0"),
+                format!("route add default via {gateway6} dev eth0 src {ip6}"),
             ],
         )?;
         Ok(Pod {
             name: p.name.into(),
             namespace: p.namespace.into(),
             ip: p.ip,
+            ip6,
             ambient: p.ambient,
             host_veth: veth,
             ns: pod_ns,
@@ -248,6 +281,7 @@ fn build_node(prefix: &str, def: &NodeDef) -> Result<Node> {
         name,
         article_name: def.name,
         gateway,
+        gateway6,
         underlay_ip: def.underlay_ip,
         ns,
         ztunnel,

@@ -16,7 +16,7 @@ fn cleanup_after_sigkill_restores_both_namespaces_and_bpffs() -> anyhow::Result<
 
     let mut agent = Agent::start(node, &node.pods_file(true))?;
     let (a, l) = common::expected(node, true);
-    agent.wait_ready(a, l)?;
+    agent.wait_ready(a * 2, l)?;
     let during = (snapshot(&node.ns)?, snapshot(&node.ztunnel.ns)?);
     assert_ne!(
         during.0, before.0,

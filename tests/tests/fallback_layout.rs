@@ -246,8 +246,8 @@ fn pods_join_and_leave_while_connections_run() -> anyhow::Result<()> {
     // reviews-v2 leaves ambient: one ipset entry and one route go, nothing else changes.
     let without_v2 = w2.pods_file(true).replace(
         &format!(
-            "  - {{ name: reviews-v2, namespace: default, ips: [{}] }}\n",
-            rv2.ip
+            "  - {{ name: reviews-v2, namespace: default, ips: [{}, {}] }}\n",
+            rv2.ip, rv2.ip6
         ),
         "",
     );

@@ -68,7 +68,7 @@ fn main() -> Result<()> {
         if mode == "iptables" {
             fallback::wait_layout(n, ambient, true)?;
         } else {
-            agent.wait_ready(ambient, ambient * 2 + 2)?;
+            agent.wait_ready(ambient * 2, ambient * 2 + 2)?;
         }
         agents.push(agent);
     }

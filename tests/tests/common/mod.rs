@@ -18,8 +18,8 @@ pub struct Lab {
     pub topo: Topology,
 }
 
-/// Addresses and attachments an agent shows when `node` is fully set up: two programs per
-/// ambient pod's veth, plus ztunnel's return and tproxy programs.
+/// Ambient pods and attachments an agent shows when `node` is fully set up: two programs per
+/// ambient pod's veth, plus ztunnel's return and tproxy programs. Each pod has two addresses.
 pub fn expected(node: &Node, with_ztunnel: bool) -> (usize, usize) {
     let pods = node.pods.values().filter(|p| p.ambient).count();
     (pods, pods * 2 + if with_ztunnel { 2 } else { 0 })
@@ -63,7 +63,7 @@ impl Lab {
         let (a, l) = expected(node, with_ztunnel);
         match agent.mode.as_str() {
             "iptables" => fallback::wait_layout(node, a, with_ztunnel),
-            _ => agent.wait_ready(a, l).map(|_| ()),
+            _ => agent.wait_ready(a * 2, l).map(|_| ()),
         }
     }
 
