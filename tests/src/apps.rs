@@ -2,7 +2,7 @@
 //! can check which source address reached the pod), a client, and a UDP echo.
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{Arc, Mutex},
     thread,
     time::Duration,
@@ -35,26 +35,46 @@ impl Reply {
     }
 }
 
-/// A TCP server in a pod: answers each line with `<name> peer=<ip:port> local=<ip:port>`.
+/// A TCP server in a pod, on IPv4 and IPv6: answers each line with
+/// `<name> peer=<ip:port> local=<ip:port>`.
 pub struct TcpServer {
     pub peers: Arc<Mutex<Vec<SocketAddr>>>,
-    listener: Arc<TcpListener>,
+    listeners: Vec<Arc<TcpListener>>,
+}
+
+fn listener(port: u16, v6: bool) -> Result<TcpListener> {
+    let any: SocketAddr = if v6 {
+        (Ipv6Addr::UNSPECIFIED, port).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, port).into()
+    };
+    let s = Socket::new(Domain::for_address(any), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if v6 {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&any.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
 }
 
 impl TcpServer {
     pub fn start(ns: &Netns, name: &str, port: u16) -> Result<TcpServer> {
-        let listener = ns.exec(move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))?;
-        let listener = Arc::new(listener);
         let peers = Arc::new(Mutex::new(Vec::new()));
-        let (l, p, name) = (listener.clone(), peers.clone(), name.to_string());
-        thread::spawn(move || {
-            for conn in l.incoming() {
-                let Ok(conn) = conn else { break };
-                let (p, name) = (p.clone(), name.clone());
-                thread::spawn(move || serve(conn, &name, &p));
-            }
-        });
-        Ok(TcpServer { peers, listener })
+        let mut listeners = Vec::new();
+        for v6 in [false, true] {
+            let l = Arc::new(ns.exec(move || listener(port, v6))?);
+            let (l2, p, name) = (l.clone(), peers.clone(), name.to_string());
+            thread::spawn(move || {
+                for conn in l2.incoming() {
+                    let Ok(conn) = conn else { break };
+                    let (p, name) = (p.clone(), name.clone());
+                    thread::spawn(move || serve(conn, &name, &p));
+                }
+            });
+            listeners.push(l);
+        }
+        Ok(TcpServer { peers, listeners })
     }
 
     pub fn seen(&self) -> Vec<SocketAddr> {
@@ -78,9 +98,11 @@ fn serve(conn: TcpStream, name: &str, peers: &Mutex<Vec<SocketAddr>>) {
 impl Drop for TcpServer {
     fn drop(&mut self) {
         use std::os::fd::AsRawFd as _;
-        // Wakes the accept loop: shutdown on a listening socket makes accept fail.
-        // SAFETY: shutdown on a live fd we own.
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        // Wakes the accept loops: shutdown on a listening socket makes accept fail.
+        for l in &self.listeners {
+            // SAFETY: shutdown on a live fd we own.
+            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+        }
     }
 }
 

@@ -24,7 +24,12 @@ pub fn standin_for(
         &node.ztunnel.ns,
         standin::Config {
             ztunnel_ip: node.ztunnel.ip,
+            ztunnel_ip6: node.ztunnel.ip6,
             local_cidr: (std::net::Ipv4Addr::new(o[0], o[1], o[2], 0), 24),
+            local_cidr6: (
+                topology::v6_of(std::net::Ipv4Addr::new(o[0], o[1], o[2], 0)),
+                64,
+            ),
             services,
         },
     )

@@ -10,7 +10,7 @@
 //! - :15006 (plain inbound): connects to the original destination as the client.
 use std::{
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     sync::{Arc, Mutex},
     thread,
@@ -43,8 +43,10 @@ pub struct Record {
 #[derive(Clone)]
 pub struct Config {
     pub ztunnel_ip: Ipv4Addr,
-    /// This node's pod CIDR as (network, prefix length): destinations reached directly.
+    pub ztunnel_ip6: Ipv6Addr,
+    /// This node's pod CIDRs as (network, prefix length): destinations reached directly.
     pub local_cidr: (Ipv4Addr, u8),
+    pub local_cidr6: (Ipv6Addr, u8),
     /// Service VIP → endpoint.
     pub services: Vec<(SocketAddr, SocketAddr)>,
 }
@@ -68,8 +70,9 @@ impl Standin {
             ns_path: ns.path(),
         });
         let mut listeners = Vec::new();
-        for port in [OUTBOUND, INBOUND, HBONE] {
-            let l = Arc::new(ns.exec(move || transparent_listener(port))?);
+        let ports = [OUTBOUND, INBOUND, HBONE];
+        for (port, v6) in ports.iter().flat_map(|p| [(*p, false), (*p, true)]) {
+            let l = Arc::new(ns.exec(move || transparent_listener(port, v6))?);
             let (l2, sh) = (l.clone(), shared.clone());
             thread::spawn(move || {
                 for conn in l2.incoming() {
@@ -113,11 +116,42 @@ impl Drop for Standin {
     }
 }
 
-fn transparent_listener(port: u16) -> Result<TcpListener> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+/// `IP_TRANSPARENT`, or `IPV6_TRANSPARENT` on an IPv6 socket: it may accept connections for,
+/// and bind to, addresses that are not its own.
+fn set_transparent(s: &Socket, v6: bool) -> Result<()> {
+    if !v6 {
+        return Ok(s.set_ip_transparent(true)?);
+    }
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a pointer to a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_IPV6,
+            libc::IPV6_TRANSPARENT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!("IPV6_TRANSPARENT: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn transparent_listener(port: u16, v6: bool) -> Result<TcpListener> {
+    let (domain, any) = if v6 {
+        (Domain::IPV6, IpAddr::V6(Ipv6Addr::UNSPECIFIED))
+    } else {
+        (Domain::IPV4, IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    };
+    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
-    s.set_ip_transparent(true)?;
-    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+    if v6 {
+        s.set_only_v6(true)?;
+    }
+    set_transparent(&s, v6)?;
+    s.bind(&SocketAddr::new(any, port).into())?;
     s.listen(1024)?;
     Ok(s.into())
 }
@@ -127,10 +161,36 @@ fn in_cidr(ip: Ipv4Addr, (net, len): (Ipv4Addr, u8)) -> bool {
     u32::from(ip) & mask == u32::from(net) & mask
 }
 
+fn in_cidr6(ip: Ipv6Addr, (net, len): (Ipv6Addr, u8)) -> bool {
+    let mask = if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - len)
+    };
+    u128::from(ip) & mask == u128::from(net) & mask
+}
+
+impl Config {
+    fn is_local(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(v4) => in_cidr(v4, self.local_cidr),
+            IpAddr::V6(v6) => in_cidr6(v6, self.local_cidr6),
+        }
+    }
+
+    /// ztunnel's own address of `ip`'s family.
+    fn own(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => IpAddr::V4(self.ztunnel_ip),
+            IpAddr::V6(_) => IpAddr::V6(self.ztunnel_ip6),
+        }
+    }
+}
+
 /// A socket in ztunnel's netns, bound to `src` (transparently if it is not ztunnel's), connected
 /// to `dst`.
 fn connect_from(sh: &Shared, src: IpAddr, dst: SocketAddr) -> Result<TcpStream> {
-    let spoof = src != IpAddr::V4(sh.cfg.ztunnel_ip);
+    let spoof = src != sh.cfg.own(src);
     let file = std::fs::File::open(&sh.ns_path)?;
     // A short-lived thread in the netns creates the socket; it stays in that netns.
     let sock = thread::spawn(move || -> Result<Socket> {
@@ -140,7 +200,7 @@ fn connect_from(sh: &Shared, src: IpAddr, dst: SocketAddr) -> Result<TcpStream> 
         }
         let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
         if spoof {
-            s.set_ip_transparent(true)?;
+            set_transparent(&s, dst.is_ipv6())?;
         }
         s.bind(&SocketAddr::new(src, 0).into())?;
         Ok(s)
@@ -170,14 +230,11 @@ fn handle(sh: &Shared, port: u16, mut conn: TcpStream) -> Result<()> {
                 .iter()
                 .find(|(vip, _)| *vip == orig_dst)
                 .map_or(orig_dst, |(_, ep)| *ep);
-            let IpAddr::V4(t) = target.ip() else {
-                bail!("IPv4 only")
-            };
-            if in_cidr(t, sh.cfg.local_cidr) {
+            if sh.cfg.is_local(target.ip()) {
                 (connect_from(sh, peer.ip(), target)?, None)
             } else {
                 let hop = SocketAddr::new(target.ip(), HBONE);
-                let s = connect_from(sh, IpAddr::V4(sh.cfg.ztunnel_ip), hop)?;
+                let s = connect_from(sh, sh.cfg.own(target.ip()), hop)?;
                 (s, Some(format!("ZDHBONE {peer} {target}\n")))
             }
         }

@@ -42,3 +42,59 @@ fn sigkilled_agent_restarts_without_failing_a_connection() -> anyhow::Result<()>
 fn ping_to_and_from_ambient_pods_works() -> anyhow::Result<()> {
     scenarios::ping_to_and_from_ambient_pods_works("ebpf")
 }
+
+#[test]
+fn ipv6_tcp_is_captured_like_ipv4_with_the_original_destination() -> anyhow::Result<()> {
+    use zdivert_tests::{
+        apps::{TcpServer, request, sa},
+        standin::{HBONE, INBOUND, OUTBOUND},
+    };
+    let lab = common::Lab::start()?;
+    let (pp, rv1, sleep) = (
+        lab.w2().pod("productpage-v1"),
+        lab.w2().pod("reviews-v1"),
+        lab.w2().pod("sleep"),
+    );
+    let details = lab.w1().pod("details-v1");
+    let _s1 = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let _s2 = TcpServer::start(&details.ns, "details-v1", 9080)?;
+
+    // Outbound, same node.
+    let dst = sa(rv1.ip6, 9080);
+    let reply = request(&pp.ns, dst)?;
+    let recs = lab.z2().to(dst);
+    assert_eq!(recs.len(), 1, "{:?}", lab.z2().records());
+    assert_eq!(
+        (recs[0].listener, recs[0].peer.ip()),
+        (OUTBOUND, pp.ip6.into())
+    );
+    assert_eq!(
+        reply.peer.ip(),
+        pp.ip6,
+        "the server sees the client pod's IPv6 address"
+    );
+
+    // Inbound from a non-ambient pod.
+    let reply = request(&sleep.ns, dst)?;
+    let inbound: Vec<_> = lab
+        .z2()
+        .to(dst)
+        .into_iter()
+        .filter(|r| r.listener == INBOUND)
+        .collect();
+    assert_eq!(inbound.len(), 1, "{:?}", lab.z2().records());
+    assert_eq!(reply.peer.ip(), sleep.ip6);
+
+    // Cross node, through both ztunnels.
+    let dst = sa(details.ip6, 9080);
+    let reply = request(&pp.ns, dst)?;
+    assert_eq!(lab.z2().to(dst).len(), 1, "{:?}", lab.z2().records());
+    let hbone = lab.z1().to(sa(details.ip6, HBONE));
+    assert_eq!(hbone.len(), 1, "{:?}", lab.z1().records());
+    assert_eq!(
+        hbone[0].hbone.map(|(s, d)| (s.ip(), d)),
+        Some((pp.ip6.into(), dst))
+    );
+    assert_eq!(reply.peer.ip(), pp.ip6);
+    Ok(())
+}

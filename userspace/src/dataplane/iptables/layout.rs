@@ -15,8 +15,51 @@ pub const IPSET_SOURCES: &str = "ztunnel-pods-srcs";
 /// `0.0.0.0/0,<host veth>`: the interfaces of ambient pods.
 pub const IPSET_IFACES: &str = "ztunnel-pods-ifaces";
 
-/// The fallback's sets: name, type, and members for the given pods (IPv4, host veth).
-pub fn ipsets(pods: &[(Ipv4Addr, String)]) -> Vec<(&'static str, &'static str, BTreeSet<String>)> {
+/// The IPv6 sets: the fallback cannot capture IPv6, so it fails closed with them.
+pub const IPSET6: &str = "ztunnel-pods-ips6";
+pub const IPSET6_SOURCES: &str = "ztunnel-pods-srcs6";
+pub const IPSET6_IFACES: &str = "ztunnel-pods-ifaces6";
+
+type IpSet = (&'static str, &'static str, BTreeSet<String>);
+
+/// The fallback's sets: name, type, and members for the given pods (address, host veth).
+pub fn ipsets(pods: &[(IpAddr, String)]) -> Vec<IpSet> {
+    let v4: Vec<(Ipv4Addr, String)> = pods
+        .iter()
+        .filter_map(|(ip, veth)| match ip {
+            IpAddr::V4(a) => Some((*a, veth.clone())),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    let v6: Vec<(&IpAddr, &String)> = pods
+        .iter()
+        .filter(|(ip, _)| ip.is_ipv6())
+        .map(|(i, v)| (i, v))
+        .collect();
+    // Every ambient veth, for both families: a pod without IPv6 still must not send any.
+    let veths: BTreeSet<&String> = pods.iter().map(|(_, v)| v).collect();
+    let mut sets = ipsets_v4(&v4);
+    sets.extend([
+        (
+            IPSET6,
+            "hash:ip family inet6",
+            v6.iter().map(|(ip, _)| ip.to_string()).collect(),
+        ),
+        (
+            IPSET6_SOURCES,
+            "hash:net,iface family inet6",
+            v6.iter().map(|(ip, veth)| format!("{ip},{veth}")).collect(),
+        ),
+        (
+            IPSET6_IFACES,
+            "hash:net,iface family inet6",
+            veths.iter().map(|veth| format!("::/0,{veth}")).collect(),
+        ),
+    ]);
+    sets
+}
+
+fn ipsets_v4(pods: &[(Ipv4Addr, String)]) -> Vec<IpSet> {
     vec![
         (
             IPSET,
@@ -218,6 +261,27 @@ pub fn node_chains(p: &Params) -> Vec<Chain> {
             rules: accept("ztunnel-POSTROUTING"),
         },
     ]
+}
+
+/// The node's IPv6 chain. The article's layout is IPv4 only, so ambient pods' IPv6 TCP is
+/// dropped both ways rather than passed around ztunnel; forged IPv6 sources are dropped too.
+/// Traffic with the node itself (probes and their replies) is exempt.
+pub fn node_chains6() -> Vec<Chain> {
+    let c = "-A ztunnel-PREROUTING";
+    vec![Chain {
+        table: "mangle",
+        name: "ztunnel-PREROUTING",
+        from: "PREROUTING",
+        rules: vec![
+            format!(
+                "{c} -m set --match-set {IPSET6_IFACES} src,src -m set ! --match-set {IPSET6_SOURCES} src,src -j DROP"
+            ),
+            format!(
+                "{c} -p tcp -m set --match-set {IPSET6_IFACES} src,src -m addrtype ! --dst-type LOCAL -j DROP"
+            ),
+            format!("{c} -p tcp -m set --match-set {IPSET6} dst -j DROP"),
+        ],
+    }]
 }
 
 /// The rules in ztunnel's netns, in the built-in mangle PREROUTING chain as the article shows

@@ -57,6 +57,8 @@ const CHAINS: [(&str, &str, &str); 7] = [
     ("nat", "ztunnel-POSTROUTING", "POSTROUTING"),
 ];
 
+const CHAINS6: [(&str, &str, &str); 1] = [("mangle", "ztunnel-PREROUTING", "PREROUTING")];
+
 const NODE_TABLES: [u32; 3] = [
     layout::TABLE_INBOUND,
     layout::TABLE_OUTBOUND,
@@ -295,20 +297,16 @@ impl IptablesDataplane {
         for r in layout::node_rules() {
             self.nl.ensure_rule(r, false)?;
         }
-        let members: Vec<(Ipv4Addr, String)> = facts
+        let members: Vec<(IpAddr, String)> = facts
             .pods
             .values()
-            .flat_map(|f| {
-                f.ips.iter().filter_map(|ip| match ip {
-                    IpAddr::V4(v4) if pods.contains(v4) => Some((*v4, f.veth.name.clone())),
-                    _ => None,
-                })
-            })
+            .flat_map(|f| f.ips.iter().map(|ip| (*ip, f.veth.name.clone())))
             .collect();
         for (set, kind, want) in layout::ipsets(&members) {
             ipset::sync(set, kind, &want)?;
         }
-        tables::sync_chains(self.backend, &layout::node_chains(p))?;
+        tables::sync_chains(self.backend, false, &layout::node_chains(p))?;
+        tables::sync_chains(self.backend, true, &layout::node_chains6())?;
         Ok(())
     }
 }
@@ -396,7 +394,8 @@ fn remove_all(file: &StateFile, saved: &mut Saved, backend: Backend) -> Result<(
     if let Some(ns) = saved.ztunnel_netns.clone() {
         remove_ztunnel_side(file, saved, backend, &ns)?;
     }
-    tables::remove_chains(backend, &CHAINS)?;
+    tables::remove_chains(backend, false, &CHAINS)?;
+    tables::remove_chains(backend, true, &CHAINS6)?;
     for (set, _, _) in layout::ipsets(&[]) {
         ipset::destroy(set)?;
     }

@@ -18,12 +18,13 @@ pub enum Backend {
 }
 
 impl Backend {
-    fn command(self, what: &str) -> String {
+    fn command(self, v6: bool, what: &str) -> String {
         let kind = match self {
             Backend::Nft => "nft",
             Backend::Legacy => "legacy",
         };
-        format!("iptables-{kind}-{what}")
+        let family = if v6 { "ip6" } else { "ip" };
+        format!("{family}tables-{kind}-{what}")
     }
 }
 
@@ -80,17 +81,21 @@ pub(super) fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<Strin
 
 /// Detects the backend in the calling thread's netns.
 pub fn detect() -> (Backend, &'static str) {
-    let save = |b: Backend| run(&b.command("save"), &[], None).unwrap_or_default();
+    let save = |b: Backend| {
+        [false, true]
+            .map(|v6| run(&b.command(v6, "save"), &[], None).unwrap_or_default())
+            .concat()
+    };
     choose_backend(&save(Backend::Nft), &save(Backend::Legacy))
 }
 
-pub fn save(backend: Backend, table: &str) -> Result<String> {
-    run(&backend.command("save"), &["-t", table], None)
+pub fn save(backend: Backend, v6: bool, table: &str) -> Result<String> {
+    run(&backend.command(v6, "save"), &["-t", table], None)
 }
 
-fn restore(backend: Backend, input: &str) -> Result<()> {
+fn restore(backend: Backend, v6: bool, input: &str) -> Result<()> {
     run(
-        &backend.command("restore"),
+        &backend.command(v6, "restore"),
         &["--noflush", "-w"],
         Some(input),
     )
@@ -111,12 +116,12 @@ fn jump(c: &Chain) -> String {
     format!("-A {} -j {}", c.from, c.name)
 }
 
-/// Makes the node's chains hold exactly `chains`, with one jump each inserted at the top of its
-/// built-in chain. True if anything changed.
-pub fn sync_chains(backend: Backend, chains: &[Chain]) -> Result<bool> {
+/// Makes the node's chains (of one family) hold exactly `chains`, with one jump each inserted
+/// at the top of its built-in chain. True if anything changed.
+pub fn sync_chains(backend: Backend, v6: bool, chains: &[Chain]) -> Result<bool> {
     let mut input = String::new();
     for table in tables_of(chains) {
-        let save = save(backend, table)?;
+        let save = save(backend, v6, table)?;
         let ours: Vec<&Chain> = chains.iter().filter(|c| c.table == table).collect();
         let up_to_date = ours.iter().all(|c| {
             let (declared, rules) = chain_rules(&save, c.name);
@@ -150,7 +155,7 @@ pub fn sync_chains(backend: Backend, chains: &[Chain]) -> Result<bool> {
     if input.is_empty() {
         return Ok(false);
     }
-    restore(backend, &input)?;
+    restore(backend, v6, &input)?;
     Ok(true)
 }
 
@@ -160,16 +165,18 @@ fn tables_of(chains: &[Chain]) -> Vec<&'static str> {
     t
 }
 
-/// Removes our chains and every jump into them; chains already gone are skipped.
+/// Removes our chains (of one family) and every jump into them; chains already gone are
+/// skipped.
 pub fn remove_chains(
     backend: Backend,
+    v6: bool,
     chains: &[(&'static str, &'static str, &'static str)],
 ) -> Result<bool> {
     let mut input = String::new();
     let mut tables: Vec<&str> = chains.iter().map(|c| c.0).collect();
     tables.dedup();
     for table in tables {
-        let save = save(backend, table)?;
+        let save = save(backend, v6, table)?;
         let mut body = String::new();
         let mut tail = String::new();
         for &(_, name, from) in chains.iter().filter(|c| c.0 == table) {
@@ -190,7 +197,7 @@ pub fn remove_chains(
     if input.is_empty() {
         return Ok(false);
     }
-    restore(backend, &input)?;
+    restore(backend, v6, &input)?;
     Ok(true)
 }
 
@@ -204,7 +211,7 @@ pub fn sync_builtin(
     want: &[String],
     is_ours: impl Fn(&str) -> bool,
 ) -> Result<bool> {
-    let save = save(backend, table)?;
+    let save = save(backend, false, table)?;
     let (_, rules) = chain_rules(&save, chain);
     let present: Vec<&str> = rules.into_iter().filter(|r| is_ours(r)).collect();
     if present.iter().copied().eq(want.iter().map(String::as_str)) {
@@ -219,7 +226,7 @@ pub fn sync_builtin(
         input.push('\n');
     }
     input += "COMMIT\n";
-    restore(backend, &input)?;
+    restore(backend, false, &input)?;
     Ok(true)
 }
 
