@@ -4,12 +4,15 @@
 //! destination: sniffers in every namespace record where each one was delivered.
 mod common;
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
 
 use common::Lab;
 use zdivert_tests::{
     apps::TcpServer,
-    packets::{ACK, SYN, V4, tcp},
+    packets::{ACK, SYN, V4, tcp, v6},
     raw::{self, Sniffer},
     topology::Pod,
 };
@@ -20,8 +23,10 @@ const IPPROTO_TCP: u8 = 6;
 struct Probe {
     what: &'static str,
     from: &'static str,
-    src: Option<Ipv4Addr>,
-    dst: Ipv4Addr,
+    src: Option<IpAddr>,
+    dst: IpAddr,
+    /// IPv6 extension headers (type, bytes).
+    exts: Vec<(u8, Vec<u8>)>,
     dport: u16,
     flags: u8,
     options: Vec<u8>,
@@ -32,14 +37,18 @@ struct Probe {
     may_land: &'static [&'static str],
     /// Where it must be delivered.
     must_land: &'static [&'static str],
+    /// IPv6 the eBPF mode captures, and the fallback (no IPv6 layout) drops.
+    v6_captured: bool,
 }
 
-fn probe(what: &'static str, from: &'static str, dst: Ipv4Addr, dport: u16) -> Probe {
+fn probe(what: &'static str, from: &'static str, dst: impl Into<IpAddr>, dport: u16) -> Probe {
     Probe {
         what,
         from,
         src: None,
-        dst,
+        dst: dst.into(),
+        exts: vec![],
+        v6_captured: false,
         dport,
         flags: SYN,
         options: vec![],
@@ -78,7 +87,7 @@ fn run(mode: &str) -> anyhow::Result<()> {
             ..probe("plain SYN (control)", "productpage-v1", rv1.ip, 9080)
         },
         Probe {
-            src: Some(sleep.ip),
+            src: Some(sleep.ip.into()),
             ..probe(
                 "forged non-ambient source to a non-ambient pod",
                 "productpage-v1",
@@ -87,7 +96,7 @@ fn run(mode: &str) -> anyhow::Result<()> {
             )
         },
         Probe {
-            src: Some(curl_ip),
+            src: Some(curl_ip.into()),
             ..probe(
                 "forged source to a pod on another node",
                 "productpage-v1",
@@ -96,7 +105,7 @@ fn run(mode: &str) -> anyhow::Result<()> {
             )
         },
         Probe {
-            src: Some(rv2.ip),
+            src: Some(rv2.ip.into()),
             ..probe(
                 "another ambient pod's source",
                 "productpage-v1",
@@ -105,7 +114,7 @@ fn run(mode: &str) -> anyhow::Result<()> {
             )
         },
         Probe {
-            src: Some(Ipv4Addr::new(10, 244, 2, 99)),
+            src: Some(Ipv4Addr::new(10, 244, 2, 99).into()),
             ..probe("unknown source", "reviews-v2", sleep.ip, 9080)
         },
         Probe {
@@ -154,6 +163,40 @@ fn run(mode: &str) -> anyhow::Result<()> {
             may_land: &["ztunnel", "node"],
             ..probe("to the node", "productpage-v1", w2.gateway, 10250)
         },
+        Probe {
+            may_land: &["ztunnel"],
+            v6_captured: true,
+            ..probe("IPv6 SYN (control)", "productpage-v1", rv1.ip6, 9080)
+        },
+        Probe {
+            src: Some(sleep.ip6.into()),
+            ..probe("forged IPv6 source", "productpage-v1", sleep.ip6, 9080)
+        },
+        Probe {
+            src: Some(rv2.ip6.into()),
+            ..probe(
+                "another ambient pod's IPv6 source",
+                "productpage-v1",
+                rv1.ip6,
+                9080,
+            )
+        },
+        Probe {
+            exts: vec![(0, hop_by_hop()), (43, routing()), (60, hop_by_hop())],
+            may_land: &["ztunnel"],
+            v6_captured: true,
+            ..probe("IPv6 extension headers", "productpage-v1", rv1.ip6, 9080)
+        },
+        Probe {
+            exts: vec![(44, vec![0, 0, 0, 1, 0, 0, 0, 7])],
+            ..probe("IPv6 first fragment", "productpage-v1", rv1.ip6, 9080)
+        },
+        Probe {
+            flags: ACK,
+            may_land: &["ztunnel"],
+            v6_captured: true,
+            ..probe("inbound IPv6 without SYN", "sleep", rv1.ip6, 9080)
+        },
     ];
     let mut failures = Vec::new();
     for (i, p) in probes.iter().enumerate() {
@@ -163,27 +206,48 @@ fn run(mode: &str) -> anyhow::Result<()> {
         } else {
             pod(p.from)
         };
-        let src = p.src.unwrap_or(from.ip);
+        let src = p.src.unwrap_or(match p.dst {
+            IpAddr::V4(_) => from.ip.into(),
+            IpAddr::V6(_) => from.ip6.into(),
+        });
         let mut segment = tcp(sport, p.dport, p.flags);
         raw::tcp_checksum(src, p.dst, &mut segment);
         segment.truncate(p.tcp_len);
-        let mut v4 = V4::new(src, p.dst, IPPROTO_TCP);
-        v4.options = p.options.clone();
-        v4.frag = p.frag;
-        raw::send(&from.ns, p.dst, v4.packet(&segment))?;
+        match (src, p.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let mut v4 = V4::new(s, d, IPPROTO_TCP);
+                v4.options = p.options.clone();
+                v4.frag = p.frag;
+                raw::send(&from.ns, d, v4.packet(&segment))?;
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                raw::send6(&from.ns, d, v6(s, d, &p.exts, IPPROTO_TCP, &segment))?;
+            }
+            _ => anyhow::bail!("{}: mixed families", p.what),
+        }
+        let must_land: &[&str] = if p.v6_captured && mode == "ebpf" {
+            &["ztunnel"]
+        } else {
+            p.must_land
+        };
         std::thread::sleep(Duration::from_millis(250));
         let landed: Vec<&str> = sniffers
             .iter()
             .filter(|s| !s.with_sport(sport).is_empty())
             .map(|s| s.name.as_str())
             .collect();
-        let wrong: Vec<&&str> = landed.iter().filter(|l| !p.may_land.contains(l)).collect();
-        let missed: Vec<&&str> = p.must_land.iter().filter(|m| !landed.contains(m)).collect();
+        let may_land: &[&str] = if p.v6_captured && mode != "ebpf" {
+            &[]
+        } else {
+            p.may_land
+        };
+        let wrong: Vec<&&str> = landed.iter().filter(|l| !may_land.contains(l)).collect();
+        let missed: Vec<&&str> = must_land.iter().filter(|m| !landed.contains(m)).collect();
         println!("{mode}: {:<50} landed in {landed:?}", p.what);
         if !wrong.is_empty() || !missed.is_empty() {
             failures.push(format!(
                 "{}: landed in {landed:?}, allowed {:?}, required {:?}",
-                p.what, p.may_land, p.must_land
+                p.what, may_land, must_land
             ));
         }
     }
@@ -197,6 +261,16 @@ fn run(mode: &str) -> anyhow::Result<()> {
         assert!(forged >= 4, "the forged-source rule counted {forged}");
     }
     Ok(())
+}
+
+/// A hop-by-hop or destination-options header holding only padding.
+fn hop_by_hop() -> Vec<u8> {
+    vec![0, 0, 1, 4, 0, 0, 0, 0]
+}
+
+/// A routing header with no segments left (nothing to route through).
+fn routing() -> Vec<u8> {
+    vec![0, 0, 2, 0, 0, 0, 0, 0]
 }
 
 #[test]
