@@ -330,3 +330,45 @@ pub fn ping_to_and_from_ambient_pods_works(mode: &str) -> anyhow::Result<()> {
     assert!(lab.z2().records().is_empty(), "ICMP is not proxied");
     Ok(())
 }
+
+/// SYN retransmissions the TCP stack of `ns` counted so far (`TcpExt: TCPSynRetrans`).
+pub fn syn_retransmits(ns: &zdivert_tests::ns::Netns) -> anyhow::Result<u64> {
+    let text = ns.exec(|| std::fs::read_to_string("/proc/thread-self/net/netstat"))?;
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "TCPSynRetrans")
+        .and_then(|(_, v)| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no TCPSynRetrans in /proc/net/netstat"))
+}
+
+/// 16 parallel clients, each opening short connections (connect, one exchange, close) through
+/// ztunnel. Returns (connections, failures, SYN retransmissions in the clients and ztunnel).
+pub fn churn(lab: &Lab, per_client: usize) -> anyhow::Result<(usize, usize, u64)> {
+    let w2 = lab.w2();
+    let rv1 = w2.pod("reviews-v1");
+    let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let clients = ["productpage-v1", "reviews-v2", "reviews-v3", "ratings-v1"];
+    let counted = |lab: &Lab| -> anyhow::Result<u64> {
+        let mut n = syn_retransmits(&lab.w2().ztunnel.ns)?;
+        for c in clients {
+            n += syn_retransmits(&lab.w2().pod(c).ns)?;
+        }
+        Ok(n)
+    };
+    let before = counted(lab)?;
+    let dst = sa(rv1.ip, 9080);
+    let mut threads = Vec::new();
+    for i in 0..16 {
+        let ns = zdivert_tests::ns::Netns::attach(&w2.pod(clients[i % clients.len()]).ns.path())?;
+        threads.push(std::thread::spawn(move || {
+            (0..per_client)
+                .filter(|_| request(&ns, dst).is_err())
+                .count()
+        }));
+    }
+    let failed: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    Ok((16 * per_client, failed, counted(lab)? - before))
+}
