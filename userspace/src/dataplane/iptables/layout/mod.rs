@@ -1,0 +1,169 @@
+//! The article's layout (`../shared/LAYOUT.md`) as data, computed purely from a few node facts:
+//! iptables rules in the form `iptables-save` prints them, policy rules, routes, tunnels and
+//! sysctls, for the node and for ztunnel's netns. Everything the dataplane installs comes from
+//! here, so the golden tests and the kernel see the same lines.
+mod netfilter;
+mod routing;
+mod sysctls;
+
+use std::net::Ipv4Addr;
+
+pub use self::{netfilter::*, routing::*, sysctls::*};
+use crate::nl::TunnelKind;
+
+pub const MARK_OUTBOUND: u32 = 0x100;
+pub const MARK_SKIP: u32 = 0x200;
+pub const MARK_CONN_SPOOFED: u32 = 0x210;
+pub const MARK_CONN_SKIP: u32 = 0x220;
+pub const MARK_SPOOFED_REPLY: u32 = 0x40;
+
+pub const TABLE_INBOUND: u32 = 100;
+pub const TABLE_OUTBOUND: u32 = 101;
+pub const TABLE_SPOOFED_REPLY: u32 = 102;
+
+pub const INBOUND_VNI: u32 = 1000;
+pub const OUTBOUND_VNI: u32 = 1001;
+pub const DEFAULT_TUNNEL_PORT: u16 = 6081;
+
+pub const NODE_INBOUND: &str = "istioin";
+pub const NODE_OUTBOUND: &str = "istioout";
+pub const ZTUNNEL_INBOUND: &str = "pistioin";
+pub const ZTUNNEL_OUTBOUND: &str = "pistioout";
+
+/// Tunnel addresses: `.1` on the node, `.2` in ztunnel's netns.
+pub const INBOUND_NET: [u8; 3] = [192, 168, 126];
+pub const OUTBOUND_NET: [u8; 3] = [192, 168, 127];
+
+pub fn tunnel_addr(net: [u8; 3], host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(net[0], net[1], net[2], host)
+}
+
+/// The node facts the layout is made from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Params {
+    /// The node's address towards its pods, their gateway (HOST_IP).
+    pub host_ip: Ipv4Addr,
+    pub tunnel: TunnelKind,
+    pub tunnel_port: u16,
+    /// Without a ztunnel the layout fails closed: captured traffic is dropped.
+    pub ztunnel: Option<Ztunnel>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ztunnel {
+    /// ztunnel's pod IP (ZIP).
+    pub ip: Ipv4Addr,
+    /// ztunnel's host-side veth (ZVETH) and its index.
+    pub veth: String,
+    pub veth_index: u32,
+    /// ztunnel's interface inside its netns (eth0) and its index there.
+    pub eth0: String,
+    pub eth0_index: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn article() -> Params {
+        Params {
+            host_ip: Ipv4Addr::new(10, 244, 2, 1),
+            tunnel: TunnelKind::Geneve,
+            tunnel_port: 6081,
+            ztunnel: Some(Ztunnel {
+                ip: Ipv4Addr::new(10, 244, 2, 10),
+                veth: "veth6cc9a213".into(),
+                veth_index: 7,
+                eth0: "eth0".into(),
+                eth0_index: 2,
+            }),
+        }
+    }
+
+    #[test]
+    fn node_chains_hold_the_articles_lines() {
+        let all: Vec<String> = node_chains(&article())
+            .into_iter()
+            .flat_map(|c| c.rules)
+            .collect();
+        for line in [
+            "-A ztunnel-PREROUTING -p tcp -m set --match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100",
+            "-A ztunnel-PREROUTING -m mark --mark 0x100/0x100 -j ACCEPT",
+            "-A ztunnel-PREROUTING ! -s 10.244.2.10/32 -i veth6cc9a213 -j MARK --set-xmark 0x210/0x210",
+            "-A ztunnel-PREROUTING -p udp -m udp --dport 6081 -j RETURN",
+            "-A ztunnel-FORWARD -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220",
+            "-A ztunnel-OUTPUT -s 10.244.2.1/32 -j MARK --set-xmark 0x220/0xffffffff",
+        ] {
+            assert!(all.iter().any(|l| l == line), "missing: {line}");
+        }
+        // The capture mark comes last: every exemption is decided before it.
+        let pre = &node_chains(&article())[0].rules;
+        assert!(pre.last().unwrap().contains("--match-set ztunnel-pods-ips"));
+    }
+
+    #[test]
+    fn ztunnel_rules_put_hbone_before_the_plain_inbound_catch_all() {
+        let r = ztunnel_rules(article().ztunnel.as_ref().unwrap());
+        assert_eq!(
+            r[0],
+            "-A PREROUTING -i pistioin -p tcp -m tcp --dport 15008 -j TPROXY --on-port 15008 --on-ip 127.0.0.1 --tproxy-mark 0x400/0xfff"
+        );
+        assert_eq!(
+            r[2],
+            "-A PREROUTING -i pistioin -p tcp -j TPROXY --on-port 15006 --on-ip 127.0.0.1 --tproxy-mark 0x400/0xfff"
+        );
+        assert_eq!(
+            r[3],
+            "-A PREROUTING ! -d 10.244.2.10/32 -i eth0 -p tcp -j MARK --set-xmark 0x4d3/0xfff"
+        );
+    }
+
+    #[test]
+    fn tunnels_use_the_articles_vnis_addresses_and_remotes() {
+        let p = article();
+        let z = p.ztunnel.clone().unwrap();
+        let node = tunnels(&p, &z, true);
+        assert_eq!(
+            (node[0].name.as_str(), node[0].vni, node[0].remote),
+            ("istioin", 1000, z.ip)
+        );
+        assert_eq!(node[1].address, Ipv4Addr::new(192, 168, 127, 1));
+        assert_eq!(node[0].dev, None, "geneve has no underlay device");
+        let zt = tunnels(
+            &Params {
+                tunnel: TunnelKind::Vxlan,
+                ..p.clone()
+            },
+            &z,
+            false,
+        );
+        assert_eq!(
+            (zt[1].name.as_str(), zt[1].remote, zt[1].dev),
+            ("pistioout", p.host_ip, Some(2))
+        );
+        assert!(!zt[1].broadcast);
+    }
+
+    #[test]
+    fn without_ztunnel_the_exemptions_for_its_veth_go_and_capture_stays() {
+        let p = Params {
+            ztunnel: None,
+            ..article()
+        };
+        let pre = &node_chains(&p)[0].rules;
+        assert!(pre.iter().all(|l| !l.contains("veth6cc9a213")));
+        assert!(pre.last().unwrap().contains("--match-set ztunnel-pods-ips"));
+        assert!(node_sysctls(&p, std::iter::empty()).len() == 2);
+    }
+
+    #[test]
+    fn closed_tables_drop_instead_of_falling_through() {
+        let t = node_routes_closed(&[Ipv4Addr::new(10, 244, 2, 3)]);
+        assert!(
+            t.iter()
+                .take(2)
+                .all(|(_, rs)| rs.iter().all(|r| r.kind == crate::nl::RouteKind::Blackhole))
+        );
+        assert_eq!(t[1].1[0].prefix, 0);
+    }
+}

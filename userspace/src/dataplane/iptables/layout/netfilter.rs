@@ -1,0 +1,252 @@
+//! The iptables rules (as `iptables-save` prints them) and ipsets of the layout.
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use super::*;
+
+pub const IPSET: &str = "ztunnel-pods-ips";
+/// `<pod IP>,<its host veth>`: the only source each ambient pod's veth may carry.
+pub const IPSET_SOURCES: &str = "ztunnel-pods-srcs";
+/// `0.0.0.0/0,<host veth>`: the interfaces of ambient pods.
+pub const IPSET_IFACES: &str = "ztunnel-pods-ifaces";
+
+/// The IPv6 sets: the fallback cannot capture IPv6, so it fails closed with them.
+pub const IPSET6: &str = "ztunnel-pods-ips6";
+pub const IPSET6_SOURCES: &str = "ztunnel-pods-srcs6";
+pub const IPSET6_IFACES: &str = "ztunnel-pods-ifaces6";
+
+type IpSet = (&'static str, &'static str, BTreeSet<String>);
+
+/// The fallback's sets: name, type, and members for the given pods (address, host veth).
+pub fn ipsets(pods: &[(IpAddr, String)]) -> Vec<IpSet> {
+    let v4: Vec<(Ipv4Addr, String)> = pods
+        .iter()
+        .filter_map(|(ip, veth)| match ip {
+            IpAddr::V4(a) => Some((*a, veth.clone())),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    let v6: Vec<(&IpAddr, &String)> = pods
+        .iter()
+        .filter(|(ip, _)| ip.is_ipv6())
+        .map(|(i, v)| (i, v))
+        .collect();
+    // Every ambient veth, for both families: a pod without IPv6 still must not send any.
+    let veths: BTreeSet<&String> = pods.iter().map(|(_, v)| v).collect();
+    let mut sets = ipsets_v4(&v4);
+    sets.extend([
+        (
+            IPSET6,
+            "hash:ip family inet6",
+            v6.iter().map(|(ip, _)| ip.to_string()).collect(),
+        ),
+        (
+            IPSET6_SOURCES,
+            "hash:net,iface family inet6",
+            v6.iter().map(|(ip, veth)| format!("{ip},{veth}")).collect(),
+        ),
+        (
+            IPSET6_IFACES,
+            "hash:net,iface family inet6",
+            veths.iter().map(|veth| format!("::/0,{veth}")).collect(),
+        ),
+    ]);
+    sets
+}
+
+fn ipsets_v4(pods: &[(Ipv4Addr, String)]) -> Vec<IpSet> {
+    vec![
+        (
+            IPSET,
+            "hash:ip family inet",
+            pods.iter().map(|(ip, _)| ip.to_string()).collect(),
+        ),
+        (
+            IPSET_SOURCES,
+            "hash:net,iface family inet",
+            pods.iter()
+                .map(|(ip, veth)| format!("{ip},{veth}"))
+                .collect(),
+        ),
+        (
+            IPSET_IFACES,
+            "hash:net,iface family inet",
+            pods.iter()
+                .map(|(_, veth)| format!("0.0.0.0/0,{veth}"))
+                .collect(),
+        ),
+    ]
+}
+
+/// A user chain we own and the built-in chain that jumps to it (inserted first, `-I`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    pub table: &'static str,
+    pub name: &'static str,
+    pub from: &'static str,
+    /// Rules as `iptables-save` prints them, `-A <name> ...`.
+    pub rules: Vec<String>,
+}
+
+fn mark(rule: &str, bits: u32) -> String {
+    format!("{rule} -j MARK --set-xmark {bits:#x}/{bits:#x}")
+}
+
+fn has_mark(bits: u32) -> String {
+    format!("-m mark --mark {bits:#x}/{bits:#x}")
+}
+
+fn save_mark(chain: &str) -> Vec<String> {
+    [MARK_CONN_SKIP, MARK_CONN_SPOOFED]
+        .iter()
+        .map(|b| {
+            format!(
+                "-A {chain} {} -j CONNMARK --save-mark --nfmask {b:#x} --ctmask {b:#x}",
+                has_mark(*b)
+            )
+        })
+        .collect()
+}
+
+/// The node's chains: mangle marks the packets, nat keeps kube-proxy's DNAT off captured ones.
+pub fn node_chains(p: &Params) -> Vec<Chain> {
+    let c = "-A ztunnel-PREROUTING";
+    let port = p.tunnel_port;
+    let skip_return = format!("{c} {} -j RETURN", has_mark(MARK_SKIP));
+    let mut prerouting = vec![
+        // Beyond the article: an ambient pod's veth carries that pod's own source or nothing
+        // (capture keys on the interface, so no pod can pass for another or around ztunnel).
+        format!(
+            "{c} -m set --match-set {IPSET_IFACES} src,src -m set ! --match-set {IPSET_SOURCES} src,src -j DROP"
+        ),
+        mark(&format!("{c} -i {NODE_INBOUND}"), MARK_SKIP),
+        format!("{c} -i {NODE_INBOUND} -j RETURN"),
+        mark(&format!("{c} -i {NODE_OUTBOUND}"), MARK_SKIP),
+        format!("{c} -i {NODE_OUTBOUND} -j RETURN"),
+        format!("{c} -p udp -m udp --dport {port} -j RETURN"),
+        mark(
+            &format!("{c} -m connmark --mark {MARK_CONN_SKIP:#x}/{MARK_CONN_SKIP:#x}"),
+            MARK_SKIP,
+        ),
+        skip_return.clone(),
+    ];
+    // What comes from ztunnel's veth: its own traffic, or its spoofed connections to pods.
+    if let Some(z) = &p.ztunnel {
+        let (zip, zveth) = (z.ip, &z.veth);
+        prerouting.extend([
+            mark(
+                &format!(
+                    "{c} ! -i {zveth} -m connmark --mark {MARK_CONN_SPOOFED:#x}/{MARK_CONN_SPOOFED:#x}"
+                ),
+                MARK_SPOOFED_REPLY,
+            ),
+            format!("{c} {} -j RETURN", has_mark(MARK_SPOOFED_REPLY)),
+            mark(&format!("{c} ! -s {zip}/32 -i {zveth}"), MARK_CONN_SPOOFED),
+            skip_return.clone(),
+            mark(&format!("{c} -i {zveth}"), MARK_CONN_SKIP),
+        ]);
+    }
+    prerouting.extend([
+        mark(&format!("{c} -p udp"), MARK_CONN_SKIP),
+        // Beyond the article: ping to and from ambient pods is not captured (ztunnel's netns
+        // would swallow it). ICMP errors of ztunnel's connections matched 0x210 above.
+        mark(&format!("{c} -p icmp"), MARK_CONN_SKIP),
+        skip_return,
+        mark(
+            &format!("{c} -p tcp -m set --match-set {IPSET} src"),
+            MARK_OUTBOUND,
+        ),
+    ]);
+    let accept = |chain: &str| vec![format!("-A {chain} {} -j ACCEPT", has_mark(MARK_OUTBOUND))];
+    vec![
+        Chain {
+            table: "mangle",
+            name: "ztunnel-PREROUTING",
+            from: "PREROUTING",
+            rules: prerouting,
+        },
+        Chain {
+            table: "mangle",
+            name: "ztunnel-FORWARD",
+            from: "FORWARD",
+            rules: save_mark("ztunnel-FORWARD"),
+        },
+        Chain {
+            table: "mangle",
+            name: "ztunnel-INPUT",
+            from: "INPUT",
+            rules: save_mark("ztunnel-INPUT"),
+        },
+        Chain {
+            table: "mangle",
+            name: "ztunnel-OUTPUT",
+            from: "OUTPUT",
+            // Host-originated traffic (kubelet probes) is never captured.
+            rules: vec![format!(
+                "-A ztunnel-OUTPUT -s {}/32 -j MARK --set-xmark {MARK_CONN_SKIP:#x}/0xffffffff",
+                p.host_ip
+            )],
+        },
+        Chain {
+            table: "mangle",
+            name: "ztunnel-POSTROUTING",
+            from: "POSTROUTING",
+            rules: vec![],
+        },
+        Chain {
+            table: "nat",
+            name: "ztunnel-PREROUTING",
+            from: "PREROUTING",
+            rules: accept("ztunnel-PREROUTING"),
+        },
+        Chain {
+            table: "nat",
+            name: "ztunnel-POSTROUTING",
+            from: "POSTROUTING",
+            rules: accept("ztunnel-POSTROUTING"),
+        },
+    ]
+}
+
+/// The node's IPv6 chain. The article's layout is IPv4 only, so ambient pods' IPv6 TCP is
+/// dropped both ways rather than passed around ztunnel; forged IPv6 sources are dropped too.
+/// Traffic with the node itself (probes and their replies) is exempt.
+pub fn node_chains6() -> Vec<Chain> {
+    let c = "-A ztunnel-PREROUTING";
+    vec![Chain {
+        table: "mangle",
+        name: "ztunnel-PREROUTING",
+        from: "PREROUTING",
+        rules: vec![
+            format!(
+                "{c} -m set --match-set {IPSET6_IFACES} src,src -m set ! --match-set {IPSET6_SOURCES} src,src -j DROP"
+            ),
+            format!(
+                "{c} -p tcp -m set --match-set {IPSET6_IFACES} src,src -m addrtype ! --dst-type LOCAL -j DROP"
+            ),
+            format!("{c} -p tcp -m set --match-set {IPSET6} dst -j DROP"),
+        ],
+    }]
+}
+
+/// The rules in ztunnel's netns, in the built-in mangle PREROUTING chain as the article shows
+/// them (order matters: HBONE's 15008 before the catch-all 15006).
+pub fn ztunnel_rules(z: &Ztunnel) -> Vec<String> {
+    let tproxy = |iface: &str, extra: &str, port: u16| {
+        format!(
+            "-A PREROUTING -i {iface} -p tcp {extra}-j TPROXY --on-port {port} --on-ip 127.0.0.1 \
+             --tproxy-mark 0x400/0xfff"
+        )
+    };
+    vec![
+        tproxy(ZTUNNEL_INBOUND, "-m tcp --dport 15008 ", 15008),
+        tproxy(ZTUNNEL_OUTBOUND, "", 15001),
+        tproxy(ZTUNNEL_INBOUND, "", 15006),
+        format!(
+            "-A PREROUTING ! -d {}/32 -i {} -p tcp -j MARK --set-xmark 0x4d3/0xfff",
+            z.ip, z.eth0
+        ),
+    ]
+}

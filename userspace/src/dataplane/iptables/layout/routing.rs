@@ -1,0 +1,178 @@
+//! Policy rules, routes and tunnels of the layout, on the node and in ztunnel's netns.
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::*;
+use crate::nl::{PolicyRule, Route, RuleTarget};
+
+pub fn node_rules() -> Vec<PolicyRule> {
+    vec![
+        PolicyRule::fwmark(100, MARK_SKIP, MARK_SKIP, RuleTarget::Goto(32766)),
+        PolicyRule::fwmark(
+            101,
+            MARK_OUTBOUND,
+            MARK_OUTBOUND,
+            RuleTarget::Table(TABLE_OUTBOUND),
+        ),
+        PolicyRule::fwmark(
+            102,
+            MARK_SPOOFED_REPLY,
+            MARK_SPOOFED_REPLY,
+            RuleTarget::Table(TABLE_SPOOFED_REPLY),
+        ),
+        PolicyRule {
+            priority: 103,
+            fwmark: None,
+            target: RuleTarget::Table(TABLE_INBOUND),
+        },
+    ]
+}
+
+pub fn ztunnel_policy_rules() -> Vec<PolicyRule> {
+    vec![
+        crate::dataplane::ebpf::TPROXY_RULE,
+        PolicyRule::fwmark(20003, 0x4d3, 0xfff, RuleTarget::Table(100)),
+    ]
+}
+
+fn v4(a: Ipv4Addr) -> IpAddr {
+    IpAddr::V4(a)
+}
+
+fn link_route(table: u32, dst: Ipv4Addr, oif: u32) -> Route {
+    let mut r = Route::to(table, v4(dst), 32);
+    r.oif = Some(oif);
+    r.scope_link = true;
+    r
+}
+
+fn default_via(table: u32, gw: Ipv4Addr, oif: u32) -> Route {
+    let mut r = Route::to(table, v4(Ipv4Addr::UNSPECIFIED), 0);
+    r.gateway = Some(v4(gw));
+    r.oif = Some(oif);
+    r
+}
+
+/// Indexes of the node's tunnel devices, known once they exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunnelIndexes {
+    pub inbound: u32,
+    pub outbound: u32,
+}
+
+/// The node's tables 100/101/102. `pods` are the ambient pods' IPv4 addresses.
+pub fn node_routes(
+    p: &Params,
+    z: &Ztunnel,
+    t: TunnelIndexes,
+    pods: &[Ipv4Addr],
+) -> Vec<(u32, Vec<Route>)> {
+    let zroute = |table| link_route(table, z.ip, z.veth_index);
+    let mut inbound: Vec<Route> = pods
+        .iter()
+        .map(|ip| {
+            let mut r = Route::to(TABLE_INBOUND, v4(*ip), 32);
+            r.gateway = Some(v4(tunnel_addr(INBOUND_NET, 2)));
+            r.oif = Some(t.inbound);
+            r.prefsrc = Some(v4(p.host_ip));
+            r
+        })
+        .collect();
+    inbound.push(zroute(TABLE_INBOUND));
+    let mut spoofed = default_via(TABLE_SPOOFED_REPLY, z.ip, z.veth_index);
+    spoofed.onlink = true;
+    vec![
+        (TABLE_INBOUND, inbound),
+        (
+            TABLE_OUTBOUND,
+            vec![
+                default_via(TABLE_OUTBOUND, tunnel_addr(OUTBOUND_NET, 2), t.outbound),
+                zroute(TABLE_OUTBOUND),
+            ],
+        ),
+        (
+            TABLE_SPOOFED_REPLY,
+            vec![spoofed, zroute(TABLE_SPOOFED_REPLY)],
+        ),
+    ]
+}
+
+/// Without a ztunnel, the tables fail closed: ambient pods' captured traffic is dropped instead
+/// of falling through to the main table, around ztunnel.
+pub fn node_routes_closed(pods: &[Ipv4Addr]) -> Vec<(u32, Vec<Route>)> {
+    let blackhole = |table, dst, prefix| {
+        let mut r = Route::to(table, v4(dst), prefix);
+        r.kind = crate::nl::RouteKind::Blackhole;
+        r
+    };
+    vec![
+        (
+            TABLE_INBOUND,
+            pods.iter()
+                .map(|ip| blackhole(TABLE_INBOUND, *ip, 32))
+                .collect(),
+        ),
+        (
+            TABLE_OUTBOUND,
+            vec![blackhole(TABLE_OUTBOUND, Ipv4Addr::UNSPECIFIED, 0)],
+        ),
+        (TABLE_SPOOFED_REPLY, vec![]),
+    ]
+}
+
+/// ztunnel's tables: 100 delivers tproxied packets locally; 101/102 as the article lists them.
+pub fn ztunnel_routes(
+    p: &Params,
+    z: &Ztunnel,
+    t: TunnelIndexes,
+    lo: u32,
+) -> Vec<(u32, Vec<Route>)> {
+    let mut local = Route::to(100, v4(Ipv4Addr::UNSPECIFIED), 0);
+    local.kind = crate::nl::RouteKind::Local;
+    local.oif = Some(lo);
+    let host = |table| link_route(table, p.host_ip, z.eth0_index);
+    vec![
+        (100, vec![local]),
+        (
+            101,
+            vec![
+                default_via(101, tunnel_addr(OUTBOUND_NET, 1), t.outbound),
+                host(101),
+            ],
+        ),
+        (
+            102,
+            vec![
+                default_via(102, tunnel_addr(INBOUND_NET, 1), t.inbound),
+                host(102),
+            ],
+        ),
+    ]
+}
+
+/// The tunnels on the node (`side_node`) or in ztunnel's netns.
+pub fn tunnels(p: &Params, z: &Ztunnel, side_node: bool) -> Vec<crate::nl::Tunnel> {
+    let (names, remote, host, dev) = if side_node {
+        ([NODE_INBOUND, NODE_OUTBOUND], z.ip, 1, z.veth_index)
+    } else {
+        (
+            [ZTUNNEL_INBOUND, ZTUNNEL_OUTBOUND],
+            p.host_ip,
+            2,
+            z.eth0_index,
+        )
+    };
+    [(INBOUND_VNI, INBOUND_NET), (OUTBOUND_VNI, OUTBOUND_NET)]
+        .into_iter()
+        .zip(names)
+        .map(|((vni, net), name)| crate::nl::Tunnel {
+            name: name.into(),
+            kind: p.tunnel,
+            vni,
+            remote,
+            port: p.tunnel_port,
+            dev: (p.tunnel == TunnelKind::Vxlan).then_some(dev),
+            address: tunnel_addr(net, host),
+            broadcast: side_node,
+        })
+        .collect()
+}

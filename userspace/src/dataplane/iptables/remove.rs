@@ -1,0 +1,98 @@
+//! Taking the layout apart: from a previous ztunnel's netns, from a node with nothing left to
+//! capture, and for `zdivert cleanup` (from the state file and the kernel alone).
+use std::path::{Path, PathBuf};
+
+use super::{
+    CHAINS, CHAINS6, NODE_TABLES, ZTUNNEL_TABLES, ipset, is_ztunnel_rule, layout,
+    saved::{self, Saved, SavedNetns, StateFile},
+    tables::{self, Backend},
+};
+use crate::{error::Result, netns, nl::Netlink};
+
+pub(super) fn remove_ztunnel_side(
+    file: &StateFile,
+    saved: &mut Saved,
+    backend: Backend,
+    ns: &SavedNetns,
+) -> Result<()> {
+    // A netns that is gone took everything in it along.
+    let alive = netns::inode(&ns.path).ok() == Some(ns.inode);
+    if alive {
+        netns::run_in(&ns.path, || -> Result<()> {
+            let nl = Netlink::new()?;
+            tables::sync_builtin(backend, "mangle", "PREROUTING", &[], is_ztunnel_rule)?;
+            for r in layout::ztunnel_policy_rules() {
+                nl.remove_rule(r, false)?;
+            }
+            for t in ZTUNNEL_TABLES {
+                nl.sync_table(t, false, &[])?;
+            }
+            for name in [layout::ZTUNNEL_INBOUND, layout::ZTUNNEL_OUTBOUND] {
+                nl.delete_link(name)?;
+            }
+            saved::restore_sysctls(file, saved, ns.inode, |_| true)
+        })??;
+    } else {
+        saved.sysctls.retain(|s| s.netns_inode != ns.inode);
+    }
+    saved.ztunnel_netns = None;
+    file.store(saved)
+}
+
+/// Removes the whole layout from the node (the calling thread's netns) and from ztunnel's netns.
+pub(super) fn remove_all(file: &StateFile, saved: &mut Saved, backend: Backend) -> Result<()> {
+    if let Some(ns) = saved.ztunnel_netns.clone() {
+        remove_ztunnel_side(file, saved, backend, &ns)?;
+    }
+    tables::remove_chains(backend, false, &CHAINS)?;
+    tables::remove_chains(backend, true, &CHAINS6)?;
+    for (set, _, _) in layout::ipsets(&[]) {
+        ipset::destroy(set)?;
+    }
+    let nl = Netlink::new()?;
+    for r in layout::node_rules() {
+        nl.remove_rule(r, false)?;
+    }
+    for t in NODE_TABLES {
+        nl.sync_table(t, false, &[])?;
+    }
+    for name in [layout::NODE_INBOUND, layout::NODE_OUTBOUND] {
+        nl.delete_link(name)?;
+    }
+    let node_inode = netns::inode(Path::new("/proc/thread-self/ns/net"))?;
+    saved::restore_sysctls(file, saved, node_inode, |_| true)
+}
+
+/// Whether an agent left the fallback's state for `node` here.
+pub fn has_state(state_dir: &Path, node: &str) -> bool {
+    StateFile::new(state_dir, node).exists()
+}
+
+/// What `cleanup` removed.
+#[derive(Debug, Default)]
+pub struct Cleaned {
+    pub state_file: Option<PathBuf>,
+    pub ztunnel_netns: Option<PathBuf>,
+}
+
+/// Removes this node's fallback layout completely, with no agent running: chains and jumps (in
+/// whichever backend holds them), the ipset, rules, routes, tunnels, ztunnel's side, and puts
+/// back every sysctl recorded in the state file.
+pub fn cleanup(state_dir: &Path, node: &str) -> Result<Cleaned> {
+    let file = StateFile::new(state_dir, node);
+    let existed = file.exists();
+    let mut saved = file.load()?;
+    let ztunnel_netns = saved.ztunnel_netns.as_ref().map(|n| n.path.clone());
+    let backends = match saved.backend {
+        Some(b) => vec![b],
+        None => vec![Backend::Nft, Backend::Legacy],
+    };
+    for b in backends {
+        remove_all(&file, &mut saved, b)?;
+    }
+    file.remove()?;
+    Ok(Cleaned {
+        state_file: existed.then(|| file.path.clone()),
+        ztunnel_netns,
+    })
+}
