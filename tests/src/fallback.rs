@@ -52,14 +52,6 @@ impl Dump {
         }
         Ok(d)
     }
-
-    /// Lines of `text` that no line of `output` contains (compared with whitespace trimmed).
-    pub fn missing<'a>(output: &str, lines: &'a [String]) -> Vec<&'a String> {
-        lines
-            .iter()
-            .filter(|want| !output.lines().any(|l| l.trim() == want.trim()))
-            .collect()
-    }
 }
 
 /// Members of the node's `ztunnel-pods-ips` set.
@@ -127,4 +119,131 @@ pub fn rule_packets(ns: &crate::ns::Netns, rule: &str) -> Result<u64> {
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no counters on {line:?}"))?;
     Ok(packets)
+}
+
+/// The article's lines for `node` (LAYOUT.md), with this node's veth names and addresses.
+pub fn article_lines(node: &Node, tunnel: &str) -> (Vec<String>, Vec<String>) {
+    let zveth = &node.ztunnel.host_veth;
+    let (zip, host) = (node.ztunnel.ip, node.gateway);
+    let mut n: Vec<String> = vec!["Name: ztunnel-pods-ips".into()];
+    let mut pods: Vec<_> = node.pods.values().filter(|p| p.ambient).collect();
+    pods.sort_by_key(|p| p.ip);
+    for p in &pods {
+        n.push(p.ip.to_string());
+        n.push(format!("{} via 192.168.126.2 dev istioin src {host}", p.ip));
+    }
+    let pre = "-A ztunnel-PREROUTING";
+    n.extend(
+        [
+            "-A PREROUTING -j ztunnel-PREROUTING".to_string(),
+            format!("{pre} -p tcp -m set --match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100"),
+            format!("{pre} -m mark --mark 0x100/0x100 -j ACCEPT"),
+            format!("{pre} -i istioin -j MARK --set-xmark 0x200/0x200"),
+            format!("{pre} -i istioin -j RETURN"),
+            format!("{pre} -i istioout -j MARK --set-xmark 0x200/0x200"),
+            format!("{pre} -i istioout -j RETURN"),
+            format!("{pre} -p udp -m udp --dport 6081 -j RETURN"),
+            format!("{pre} -m connmark --mark 0x220/0x220 -j MARK --set-xmark 0x200/0x200"),
+            format!("{pre} -m mark --mark 0x200/0x200 -j RETURN"),
+            format!("{pre} ! -i {zveth} -m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40"),
+            format!("{pre} -m mark --mark 0x40/0x40 -j RETURN"),
+            format!("{pre} ! -s {zip}/32 -i {zveth} -j MARK --set-xmark 0x210/0x210"),
+            format!("{pre} -i {zveth} -j MARK --set-xmark 0x220/0x220"),
+            format!("{pre} -p udp -j MARK --set-xmark 0x220/0x220"),
+            "-A ztunnel-FORWARD -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220".into(),
+            "-A ztunnel-FORWARD -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x210 --ctmask 0x210".into(),
+            "-A ztunnel-INPUT -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220".into(),
+            "-A ztunnel-INPUT -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x210 --ctmask 0x210".into(),
+            format!("-A ztunnel-OUTPUT -s {host}/32 -j MARK --set-xmark 0x220/0xffffffff"),
+            "-A FORWARD -j ztunnel-FORWARD".into(),
+            "-A INPUT -j ztunnel-INPUT".into(),
+            "-A OUTPUT -j ztunnel-OUTPUT".into(),
+            "-A POSTROUTING -j ztunnel-POSTROUTING".into(),
+            "-A ztunnel-POSTROUTING -m mark --mark 0x100/0x100 -j ACCEPT".into(),
+            "100:\tfrom all fwmark 0x200/0x200 goto 32766".into(),
+            "101:\tfrom all fwmark 0x100/0x100 lookup 101".into(),
+            "102:\tfrom all fwmark 0x40/0x40 lookup 102".into(),
+            "103:\tfrom all lookup 100".into(),
+            format!("{zip} dev {zveth} scope link"),
+            "default via 192.168.127.2 dev istioout".into(),
+            format!("default via {zip} dev {zveth} onlink"),
+            "inet 192.168.127.1/30 brd 192.168.127.3 scope global istioout".into(),
+            "inet 192.168.126.1/30 brd 192.168.126.3 scope global istioin".into(),
+        ],
+    );
+    let dev = |d: &str| {
+        if tunnel == "vxlan" {
+            format!("dev {d} ")
+        } else {
+            String::new()
+        }
+    };
+    for (vni, name) in [(1000, "istioin"), (1001, "istioout")] {
+        n.push(format!("{name}: <BROADCAST,MULTICAST,UP,LOWER_UP>"));
+        n.push(format!("{tunnel} id {vni} remote {zip} {}", dev(zveth)));
+    }
+    let mut z: Vec<String> = vec![
+        "-A PREROUTING -i pistioin -p tcp -m tcp --dport 15008 -j TPROXY --on-port 15008 --on-ip 127.0.0.1 --tproxy-mark 0x400/0xfff".into(),
+        "-A PREROUTING -i pistioout -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x400/0xfff".into(),
+        "-A PREROUTING -i pistioin -p tcp -j TPROXY --on-port 15006 --on-ip 127.0.0.1 --tproxy-mark 0x400/0xfff".into(),
+        format!("-A PREROUTING ! -d {zip}/32 -i eth0 -p tcp -j MARK --set-xmark 0x4d3/0xfff"),
+        "20000:\tfrom all fwmark 0x400/0xfff lookup 100".into(),
+        "20003:\tfrom all fwmark 0x4d3/0xfff lookup 100".into(),
+        "local default dev lo scope host".into(),
+        "default via 192.168.127.1 dev pistioout".into(),
+        "default via 192.168.126.1 dev pistioin".into(),
+        format!("{host} dev eth0 scope link"),
+        "inet 192.168.127.2/30 scope global pistioout".into(),
+        "inet 192.168.126.2/30 scope global pistioin".into(),
+    ];
+    for (vni, name) in [(1000, "pistioin"), (1001, "pistioout")] {
+        z.push(format!("{name}: <BROADCAST,MULTICAST,UP,LOWER_UP>"));
+        z.push(format!("{tunnel} id {vni} remote {host} {}", dev("eth0")));
+    }
+    (n, z)
+}
+
+/// Wanted lines that no output line is equal to, or (for the link lines, whose tails differ
+/// between iproute2 versions and the header's index and MTU) begins with after its index.
+pub fn missing(output: &str, wanted: &[String]) -> Vec<String> {
+    wanted
+        .iter()
+        .filter(|w| {
+            !output.lines().any(|l| {
+                let l = l.trim();
+                let unindexed = l.split_once(": ").map_or(l, |(_, rest)| rest);
+                l == w.trim()
+                    || (w.contains("id 10") && l.starts_with(w.as_str()))
+                    || (w.ends_with('>') && unindexed.starts_with(w.as_str()))
+            })
+        })
+        .cloned()
+        .collect()
+}
+
+pub fn tunnel_tail_checks(dump: &str) {
+    for l in dump.lines().filter(|l| l.contains(" id 100")) {
+        for flag in ["dstport 6081", "noudpcsum", "udp6zerocsumrx"] {
+            assert!(l.contains(flag), "tunnel line lacks {flag}: {l}");
+        }
+    }
+}
+
+pub fn sysctl_lines(node: &Node) -> (Vec<String>, Vec<String>) {
+    let zveth = &node.ztunnel.host_veth;
+    let mut n: Vec<String> = ["all", "default", zveth, "istioin", "istioout"]
+        .iter()
+        .map(|i| format!("{i}.rp_filter=0"))
+        .collect();
+    for p in node.pods.values().filter(|p| p.ambient) {
+        n.push(format!("{}.rp_filter=0", p.host_veth));
+    }
+    for i in [zveth.as_str(), "istioin", "istioout"] {
+        n.push(format!("{i}.accept_local=1"));
+    }
+    let z = ["all", "default", "eth0", "pistioin", "pistioout"]
+        .iter()
+        .map(|i| format!("{i}.rp_filter=0"))
+        .collect();
+    (n, z)
 }
