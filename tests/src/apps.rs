@@ -182,3 +182,33 @@ pub fn udp_request(ns: &Netns, dst: SocketAddr) -> Result<String> {
 pub fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
 }
+
+/// Requests from a pod, one after another on new connections, until stopped: what a workload
+/// sees while the dataplane changes underneath it.
+pub struct RequestStream {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: thread::JoinHandle<Vec<Result<IpAddr>>>,
+}
+
+impl RequestStream {
+    pub fn start(ns: &Netns, dst: SocketAddr) -> Result<RequestStream> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, ns) = (stop.clone(), Netns::attach(&ns.path())?);
+        let thread = thread::spawn(move || {
+            let mut results = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                results.push(request(&ns, dst).map(|r| r.peer.ip()));
+                thread::sleep(Duration::from_millis(5));
+            }
+            results
+        });
+        Ok(RequestStream { stop, thread })
+    }
+
+    /// Stops the stream; each request's outcome (the peer the server saw).
+    pub fn stop(self) -> Vec<Result<IpAddr>> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("request stream panicked")
+    }
+}

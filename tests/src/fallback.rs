@@ -13,44 +13,34 @@ pub struct Dump {
     pub ztunnel: String,
 }
 
+/// The article's commands; `ipset list` only applies to the node.
+const COMMANDS: [(&str, &str); 8] = [
+    ("ipset", "list"),
+    ("iptables-save", ""),
+    ("ip", "rule"),
+    ("ip", "route show table 100"),
+    ("ip", "route show table 101"),
+    ("ip", "route show table 102"),
+    ("ip", "-d link show"),
+    ("ip", "addr"),
+];
+
+fn run_all(ns: &crate::ns::Netns, commands: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for (cmd, args) in commands {
+        let args: Vec<&str> = args.split_whitespace().collect();
+        out += &format!("### {cmd} {}\n", args.join(" "));
+        out += &ns.cmd(cmd, &args).unwrap_or_else(|e| format!("({e})\n"));
+    }
+    out
+}
+
 impl Dump {
     pub fn take(node: &Node) -> Result<Dump> {
-        let mut d = Dump::default();
-        for (cmd, args) in [
-            ("ipset", "list"),
-            ("iptables-save", ""),
-            ("ip", "rule"),
-            ("ip", "route show table 100"),
-            ("ip", "route show table 101"),
-            ("ip", "route show table 102"),
-            ("ip", "-d link show"),
-            ("ip", "addr"),
-        ] {
-            let args: Vec<&str> = args.split_whitespace().collect();
-            d.node += &format!("### {cmd} {}\n", args.join(" "));
-            d.node += &node
-                .ns
-                .cmd(cmd, &args)
-                .unwrap_or_else(|e| format!("({e})\n"));
-        }
-        for (cmd, args) in [
-            ("iptables-save", ""),
-            ("ip", "rule"),
-            ("ip", "route show table 100"),
-            ("ip", "route show table 101"),
-            ("ip", "route show table 102"),
-            ("ip", "-d link show"),
-            ("ip", "addr"),
-        ] {
-            let args: Vec<&str> = args.split_whitespace().collect();
-            d.ztunnel += &format!("### {cmd} {}\n", args.join(" "));
-            d.ztunnel += &node
-                .ztunnel
-                .ns
-                .cmd(cmd, &args)
-                .unwrap_or_else(|e| format!("({e})\n"));
-        }
-        Ok(d)
+        Ok(Dump {
+            node: run_all(&node.ns, &COMMANDS),
+            ztunnel: run_all(&node.ztunnel.ns, &COMMANDS[1..]),
+        })
     }
 }
 

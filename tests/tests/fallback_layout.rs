@@ -3,18 +3,12 @@
 //! switches leave nothing behind, and geneve is used where the kernel has it.
 mod common;
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
 use common::Lab;
 use zdivert_tests::{
     agent::Agent,
-    apps::{TcpServer, request, sa},
+    apps::{RequestStream, TcpServer, request, sa},
     fallback::{self, Dump, article_lines, missing, sysctl_lines, tunnel_tail_checks},
     ns::Netns,
     snapshot::{assert_same, pins, snapshot, sysctls, tcx_programs},
@@ -93,22 +87,7 @@ fn pods_join_and_leave_while_connections_run() -> anyhow::Result<()> {
     );
     let _s1 = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
     let _s2 = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let stream = {
-        let (stop, ns, dst) = (
-            stop.clone(),
-            Netns::attach(&pp.ns.path())?,
-            sa(rv1.ip, 9080),
-        );
-        std::thread::spawn(move || {
-            let mut results = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                results.push(request(&ns, dst).map(|r| r.peer.ip()));
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            results
-        })
-    };
+    let stream = RequestStream::start(&pp.ns, sa(rv1.ip, 9080))?;
     let agent = &lab.agents[0];
     let table100 = |n: &Node| n.ns.ip("route show table 100");
     let pp_route = table100(w2)?
@@ -146,8 +125,7 @@ fn pods_join_and_leave_while_connections_run() -> anyhow::Result<()> {
     request(&sleep.ns, sa(rv2.ip, 9080))?;
     assert_eq!(via_ztunnel(), 2, "captured again");
 
-    stop.store(true, Ordering::Relaxed);
-    let results = stream.join().unwrap();
+    let results = stream.stop();
     let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
     assert!(results.len() > 10, "the stream ran: {}", results.len());
     assert!(

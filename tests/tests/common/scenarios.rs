@@ -6,7 +6,7 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use super::Lab;
 use zdivert_tests::{
-    apps::{TcpServer, UdpEcho, connect, request, request_timeout, sa, udp_request},
+    apps::{RequestStream, TcpServer, UdpEcho, connect, request, request_timeout, sa, udp_request},
     fallback,
     standin::{HBONE, INBOUND, OUTBOUND},
 };
@@ -258,29 +258,15 @@ pub fn sigkilled_agent_restarts_without_failing_a_connection(mode: &str) -> anyh
     let (pp, rv1) = (lab.w2().pod("productpage-v1"), lab.w2().pod("reviews-v1"));
     let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
     let dst = sa(rv1.ip, 9080);
-    let pp_ns = pp.ns.path();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // A stream of connections from productpage while the agent is killed and restarted.
-    let stream = {
-        let stop = stop.clone();
-        let ns = zdivert_tests::ns::Netns::attach(&pp_ns)?;
-        std::thread::spawn(move || {
-            let mut results = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                results.push(request(&ns, dst).map(|r| r.peer.ip()));
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            results
-        })
-    };
+    let stream = RequestStream::start(&pp.ns, dst)?;
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(300));
         lab.agents[0].restart()?; // SIGKILL, then start again
     }
     lab.wait_ready(lab.w2(), true)?;
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let results = stream.join().unwrap();
+    let results = stream.stop();
     let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
     assert!(
         results.len() > 20,

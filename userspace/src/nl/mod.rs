@@ -87,6 +87,10 @@ impl Netlink {
     }
 
     pub fn links(&self) -> Result<Vec<Link>> {
+        Ok(self.link_messages()?.iter().map(to_link).collect())
+    }
+
+    pub(super) fn link_messages(&self) -> Result<Vec<LinkMessage>> {
         self.rt
             .block_on(async {
                 self.handle
@@ -96,7 +100,6 @@ impl Netlink {
                     .try_collect::<Vec<_>>()
                     .await
             })
-            .map(|v| v.iter().map(to_link).collect())
             .map_err(nl_err("link dump"))
     }
 

@@ -3,7 +3,6 @@
 //! addresses where the kernel has no geneve.
 use std::{fmt, net::Ipv4Addr};
 
-use futures_util::TryStreamExt as _;
 use netlink_packet_route::{
     address::AddressAttribute,
     link::{InfoData, InfoGeneve, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
@@ -122,18 +121,10 @@ impl Tunnel {
 
 impl Netlink {
     fn link_message(&self, name: &str) -> Result<Option<LinkMessage>> {
-        let all = self
-            .rt
-            .block_on(async {
-                self.handle
-                    .link()
-                    .get()
-                    .execute()
-                    .try_collect::<Vec<_>>()
-                    .await
-            })
-            .map_err(nl_err("link dump"))?;
-        Ok(all.into_iter().find(|m| link_name(m) == Some(name)))
+        Ok(self
+            .link_messages()?
+            .into_iter()
+            .find(|m| link_name(m) == Some(name)))
     }
 
     /// Index of the link called `name`, if there is one.
