@@ -112,7 +112,7 @@ pub fn rule_packets(ns: &crate::ns::Netns, rule: &str) -> Result<u64> {
 }
 
 /// The article's lines for `node` (LAYOUT.md), with this node's veth names and addresses.
-pub fn article_lines(node: &Node, tunnel: &str) -> (Vec<String>, Vec<String>) {
+fn article_lines(node: &Node, tunnel: &str) -> (Vec<String>, Vec<String>) {
     let zveth = &node.ztunnel.host_veth;
     let (zip, host) = (node.ztunnel.ip, node.gateway);
     let mut n: Vec<String> = vec!["Name: ztunnel-pods-ips".into()];
@@ -211,7 +211,7 @@ pub fn missing(output: &str, wanted: &[String]) -> Vec<String> {
         .collect()
 }
 
-pub fn tunnel_tail_checks(dump: &str) {
+fn tunnel_tail_checks(dump: &str) {
     for l in dump.lines().filter(|l| l.contains(" id 100")) {
         for flag in ["dstport 6081", "noudpcsum", "udp6zerocsumrx"] {
             assert!(l.contains(flag), "tunnel line lacks {flag}: {l}");
@@ -236,4 +236,19 @@ pub fn sysctl_lines(node: &Node) -> (Vec<String>, Vec<String>) {
         .map(|i| format!("{i}.rp_filter=0"))
         .collect();
     (n, z)
+}
+
+/// Asserts that every line the article shows is on `node` and in its ztunnel's netns, with
+/// the tunnel flags the layout specifies.
+pub fn assert_article_lines(node: &Node, tunnel: &str) -> Result<()> {
+    let dump = Dump::take(node)?;
+    let (want_node, want_zt) = article_lines(node, tunnel);
+    for (side, out, want) in [
+        ("node", &dump.node, want_node),
+        ("ztunnel", &dump.ztunnel, want_zt),
+    ] {
+        assert_eq!(missing(out, &want), Vec::<String>::new(), "{side}:\n{out}");
+        tunnel_tail_checks(out);
+    }
+    Ok(())
 }

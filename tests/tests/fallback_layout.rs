@@ -9,7 +9,7 @@ use common::Lab;
 use zdivert_tests::{
     agent::Agent,
     apps::{RequestStream, TcpServer, request, sa},
-    fallback::{self, Dump, article_lines, missing, sysctl_lines, tunnel_tail_checks},
+    fallback::{self, Dump, missing, sysctl_lines},
     ns::Netns,
     snapshot::{assert_same, pins, snapshot, sysctls, tcx_programs},
     standin_for,
@@ -41,22 +41,7 @@ fn every_line_the_article_shows_is_there_and_applying_again_changes_nothing() ->
     )?;
     let mut agent = Agent::start_mode(node, &node.pods_file(true), "iptables")?;
     fallback::wait_layout(node, 5, true)?;
-    let dump = Dump::take(node)?;
-    let (want_node, want_zt) = article_lines(node, "vxlan");
-    assert_eq!(
-        missing(&dump.node, &want_node),
-        Vec::<String>::new(),
-        "node:\n{}",
-        dump.node
-    );
-    assert_eq!(
-        missing(&dump.ztunnel, &want_zt),
-        Vec::<String>::new(),
-        "ztunnel:\n{}",
-        dump.ztunnel
-    );
-    tunnel_tail_checks(&dump.node);
-    tunnel_tail_checks(&dump.ztunnel);
+    fallback::assert_article_lines(node, "vxlan")?;
     let nat = node.ns.cmd("iptables-save", &["-t", "nat"])?;
     let ours = nat.find("-A PREROUTING -j ztunnel-PREROUTING").unwrap();
     let kube = nat.find("-A PREROUTING -m comment").unwrap();
@@ -266,20 +251,7 @@ fn geneve_tunnels_where_the_kernel_has_geneve() -> anyhow::Result<()> {
         &["--tunnel", "geneve"],
     )?;
     fallback::wait_layout(node, 5, true)?;
-    let dump = Dump::take(node)?;
-    let (want_node, want_zt) = article_lines(node, "geneve");
-    assert_eq!(
-        missing(&dump.node, &want_node),
-        Vec::<String>::new(),
-        "{}",
-        dump.node
-    );
-    assert_eq!(
-        missing(&dump.ztunnel, &want_zt),
-        Vec::<String>::new(),
-        "{}",
-        dump.ztunnel
-    );
+    fallback::assert_article_lines(node, "geneve")?;
     let (pp, rv1) = (node.pod("productpage-v1"), node.pod("reviews-v1"));
     let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
     request(&pp.ns, sa(rv1.ip, 9080))?;
