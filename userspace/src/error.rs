@@ -37,6 +37,12 @@ pub enum Error {
     },
 
     #[error(
+        "ztunnel {pod}: no network namespace on this node holds its address {ip} \
+         (scanned /proc/*/ns/net; the agent needs hostPID)"
+    )]
+    ZtunnelNetnsNotFound { pod: String, ip: IpAddr },
+
+    #[error(
         "the agent was built without the eBPF object: run `cargo xtask build-ebpf` and rebuild"
     )]
     NoEbpfObject,

@@ -123,12 +123,19 @@ fn resolve_ztunnel(nl: &Netlink, z: &ZtunnelSpec) -> Result<ZtunnelFacts> {
         ip: first,
     })?;
     let host_veth = nl.link_by_index(index)?;
-    let eth0 = netns::run_in(&z.netns, || ztunnel_eth0(z, &z.netns))??;
+    let ns = match &z.netns {
+        Some(path) => path.clone(),
+        None => netns::holding(first).ok_or_else(|| Error::ZtunnelNetnsNotFound {
+            pod: z.pod.to_string(),
+            ip: first,
+        })?,
+    };
+    let eth0 = netns::run_in(&ns, || ztunnel_eth0(z, &ns))??;
     Ok(ZtunnelFacts {
         pod: z.pod.clone(),
         ips: z.ips.clone(),
-        netns: z.netns.clone(),
-        netns_inode: netns::inode(&z.netns)?,
+        netns_inode: netns::inode(&ns)?,
+        netns: ns,
         host_veth,
         eth0,
     })

@@ -48,6 +48,61 @@ pub fn inode(path: &Path) -> Result<u64> {
         })
 }
 
+/// `/proc/<pid>/ns/net` of every process, one path per distinct namespace, this thread's own
+/// namespace left out.
+fn process_namespaces() -> Vec<(PathBuf, u64)> {
+    let own = inode(Path::new("/proc/thread-self/ns/net")).ok();
+    let mut seen = std::collections::HashSet::new();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|e| e.path().join("ns/net"))
+        .filter_map(|p| inode(&p).ok().map(|i| (p, i)))
+        .filter(|(_, i)| Some(*i) != own && seen.insert(*i))
+        .collect()
+}
+
+/// The last namespace found by [`holding`], by address: checked (same inode, address still
+/// there) before a new scan.
+static FOUND: std::sync::Mutex<Option<(std::net::IpAddr, PathBuf, u64)>> =
+    std::sync::Mutex::new(None);
+
+fn has_address(path: &Path, ip: std::net::IpAddr) -> bool {
+    run_in(path, || {
+        crate::nl::Netlink::new()
+            .and_then(|nl| nl.addresses())
+            .is_ok_and(|addrs| addrs.iter().any(|(_, a)| *a == ip))
+    })
+    .unwrap_or(false)
+}
+
+/// The network namespace (as `/proc/<pid>/ns/net`) in which an interface holds `ip`: how the
+/// agent finds ztunnel's netns on a node, where pod namespaces have no names. Needs hostPID.
+pub fn holding(ip: std::net::IpAddr) -> Option<PathBuf> {
+    let mut found = FOUND.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((cached_ip, path, ino)) = found.as_ref()
+        && *cached_ip == ip
+        && inode(path).ok() == Some(*ino)
+        && has_address(path, ip)
+    {
+        return Some(path.clone());
+    }
+    *found = None;
+    for (path, ino) in process_namespaces() {
+        if has_address(&path, ip) {
+            *found = Some((ip, path.clone(), ino));
+            return Some(path);
+        }
+    }
+    None
+}
+
 /// A path to the network namespace with this inode, if any process or `/run/netns` name still
 /// holds it: how `cleanup` finds ztunnel's netns from a pin name alone.
 pub fn find_by_inode(ino: u64) -> Option<PathBuf> {

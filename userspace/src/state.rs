@@ -26,8 +26,10 @@ pub struct PodSpec {
 pub struct ZtunnelSpec {
     pub pod: PodId,
     pub ips: Vec<IpAddr>,
-    /// ztunnel's network namespace (a `/run/netns` name or `/proc/<pid>/ns/net`).
-    pub netns: PathBuf,
+    /// ztunnel's network namespace (a `/run/netns` name or `/proc/<pid>/ns/net`); `None`: the
+    /// namespace that holds ztunnel's address, found by scanning `/proc` (the DaemonSet runs
+    /// with hostPID, and Kubernetes gives pod namespaces no names).
+    pub netns: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

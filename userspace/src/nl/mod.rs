@@ -2,7 +2,7 @@
 //! single-threaded runtime and a socket bound to the netns it was created in.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use futures_util::TryStreamExt as _;
+use futures::TryStreamExt as _;
 use netlink_packet_route::{
     address::AddressAttribute,
     link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},

@@ -2,7 +2,7 @@
 //! a table is compared with what it should hold and only the difference is changed.
 use std::net::IpAddr;
 
-use futures_util::TryStreamExt as _;
+use futures::TryStreamExt as _;
 use netlink_packet_route::{
     AddressFamily,
     route::{

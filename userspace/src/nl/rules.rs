@@ -1,6 +1,6 @@
 //! Policy routing rules (`ip rule`): the eBPF mode's tproxy rule in ztunnel's netns and the
 //! fallback's rules 100–103 and 20000/20003.
-use futures_util::TryStreamExt as _;
+use futures::TryStreamExt as _;
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::IpVersion;
 

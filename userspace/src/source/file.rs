@@ -31,7 +31,8 @@ struct ZtunnelEntry {
     #[serde(default = "istio_system")]
     namespace: String,
     ips: Vec<String>,
-    netns: PathBuf,
+    #[serde(default)]
+    netns: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
