@@ -3,6 +3,7 @@
 //! binary run on a simulated node (`agent`).
 pub mod agent;
 pub mod apps;
+pub mod fakeapi;
 pub mod fallback;
 pub mod ns;
 pub mod packets;

@@ -1,19 +1,26 @@
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::ExitCode,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
 use clap::{Parser, Subcommand, ValueEnum};
 use zdivert::{
-    agent::FileLoop,
+    agent::{
+        self, Reconciler,
+        health::{self, Health},
+    },
     dataplane::{
         Dataplane,
         ebpf::{self, EbpfDataplane},
         iptables::{self, IptablesDataplane, TunnelChoice},
     },
-    source::file,
+    source::{self, file, kube::select::SelectConfig},
     status,
 };
 
@@ -36,11 +43,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Keep the node's dataplane in sync with a node description file.
+    /// Keep the node's dataplane in sync with the Kubernetes API (or a node description file).
     Run {
-        /// YAML node description: ztunnel (name, ips, netns) and ambient pods (name, ips).
+        /// Take the desired state from this YAML node description instead of the Kubernetes API:
+        /// ztunnel (name, ips, netns) and ambient pods (name, ips).
         #[arg(long)]
-        pods_file: PathBuf,
+        pods_file: Option<PathBuf>,
+        /// Namespace of the ztunnel DaemonSet (its pods are labelled app=ztunnel).
+        #[arg(long, env = "ZTUNNEL_NAMESPACE", default_value = "istio-system")]
+        ztunnel_namespace: String,
+        /// Do not patch `ambient.istio.io/redirection: enabled` onto captured pods.
+        #[arg(long)]
+        no_annotate: bool,
+        /// Listener for /healthz, /readyz and /metrics (`off`: none).
+        #[arg(long, default_value = "0.0.0.0:9805")]
+        health_addr: String,
+        /// Quiet time after a change before it is applied (a burst of events is one apply).
+        #[arg(long, default_value_t = 100)]
+        debounce_ms: u64,
         /// Seconds between full resyncs (the file is also watched for changes).
         #[arg(long, default_value_t = 30)]
         resync_secs: u64,
@@ -104,20 +124,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run {
             pods_file,
+            ztunnel_namespace,
+            no_annotate,
+            health_addr,
+            debounce_ms,
             resync_secs,
             mode,
             tunnel,
         } => {
-            let initial = file::read(&pods_file)?;
-            let node = match cli.node {
-                Some(n) if n != initial.node => {
-                    anyhow::bail!(
-                        "--node {n} but {} describes node {}",
-                        pods_file.display(),
-                        initial.node
-                    )
+            let node = match (&pods_file, cli.node) {
+                (Some(path), node) => {
+                    let described = file::read(path)?.node;
+                    if let Some(n) = node.filter(|n| *n != described) {
+                        anyhow::bail!(
+                            "--node {n} but {} describes node {described}",
+                            path.display()
+                        );
+                    }
+                    described
                 }
-                _ => initial.node.clone(),
+                (None, Some(node)) => node,
+                (None, None) => anyhow::bail!(
+                    "no node name: set NODE_NAME (the DaemonSet takes it from spec.nodeName) or --node"
+                ),
             };
             // SAFETY: the handler only stores to an atomic.
             unsafe {
@@ -131,12 +160,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let mut dp = dataplane(&cli.bpffs, &cli.state_dir, &node, mode, tunnel)?;
-            let lp = FileLoop {
-                path: pods_file,
+            let health = Arc::new(Health::new(&node, dp.name(), cli.bpffs.clone()));
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            if health_addr != "off" {
+                let addr: SocketAddr = health_addr
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--health-addr {health_addr}: {e}"))?;
+                let listener = rt
+                    .block_on(tokio::net::TcpListener::bind(addr))
+                    .map_err(|e| anyhow::anyhow!("--health-addr {addr}: {e}"))?;
+                log::info!("health and metrics on http://{addr}");
+                rt.spawn(health::serve(listener, health.clone()));
+            }
+            let (states, desired) = std::sync::mpsc::channel();
+            let mut reconciler = Reconciler {
                 resync: Duration::from_secs(resync_secs),
-                poll: Duration::from_millis(200),
+                debounce: Duration::from_millis(debounce_ms),
+                health: health.clone(),
+                on_applied: None,
             };
-            lp.run(dp.as_mut(), &STOP);
+            match pods_file {
+                Some(path) => {
+                    let health = health.clone();
+                    std::thread::spawn(move || {
+                        agent::file::watch(path, Duration::from_millis(200), states, &health, &STOP)
+                    });
+                }
+                None => {
+                    let client = rt.block_on(kube::Client::try_default()).map_err(|e| {
+                        anyhow::anyhow!(
+                            "no Kubernetes client (in-cluster config or KUBECONFIG): {e}"
+                        )
+                    })?;
+                    let captured = (!no_annotate).then(|| {
+                        let (tx, rx) = tokio::sync::watch::channel(None);
+                        reconciler.on_applied = Some(Box::new(move |pods| {
+                            tx.send_replace(Some(pods));
+                        }));
+                        rx
+                    });
+                    let cfg = SelectConfig::new(&node, &ztunnel_namespace);
+                    log::info!("watching the Kubernetes API for node {node}'s pods");
+                    rt.spawn(source::kube::run(client, cfg, states, health, captured));
+                }
+            }
+            reconciler.run(dp.as_mut(), desired, &STOP);
+            rt.shutdown_background();
             // Deliberately no cleanup: the kernel state keeps redirecting while no agent runs.
             log::info!("stopping; redirection stays in place");
             Ok(())

@@ -1,3 +1,149 @@
-//! The Kubernetes source: node-scoped reflectors on pods and a reflector on namespaces, feeding
-//! the pure selection.
+//! The Kubernetes source: a node-scoped reflector on pods (`spec.nodeName=$NODE_NAME`) and one on
+//! namespaces, feeding the pure [`select::select`]. Nothing is sent before both have listed
+//! once; during a relist (410 Gone, a dropped watch) the reflectors keep serving the previous
+//! list until the new one is complete, and while the API server is unreachable nothing is sent
+//! at all: the kernel keeps the last good state.
+use std::{
+    sync::{Arc, mpsc::Sender},
+    time::Duration,
+};
+
+use futures::{StreamExt as _, stream};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::{
+    Api, Client,
+    runtime::{
+        WatchStreamExt as _, reflector,
+        utils::ResetTimerBackoff,
+        watcher::{self, Event, watcher},
+    },
+};
+
+use crate::{agent::health::Health, state::NodeState};
+
+/// The pods captured by the last successful apply (`None` before the first).
+pub type CapturedRx =
+    tokio::sync::watch::Receiver<Option<std::collections::BTreeSet<crate::state::PodId>>>;
+
+pub mod annotate;
 pub mod select;
+
+use select::{SelectConfig, select};
+
+/// Retries of a failed list or watch: quick at first, doubling to at most 5 s, back to quick
+/// after a minute without errors.
+struct Backoff {
+    next: Duration,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+impl Iterator for Backoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let d = self.next;
+        self.next = (d * 2).min(BACKOFF_MAX);
+        Some(d)
+    }
+}
+
+impl kube::runtime::utils::Backoff for Backoff {
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+}
+
+fn backoff() -> ResetTimerBackoff<Backoff> {
+    ResetTimerBackoff::new(Backoff { next: BACKOFF_MIN }, Duration::from_secs(60))
+}
+
+enum Change {
+    Pods(Result<Event<Pod>, watcher::Error>),
+    Namespaces(Result<Event<Namespace>, watcher::Error>),
+}
+
+/// Watches until the runtime stops, sending each new desired state. With `captured` (the pods
+/// the dataplane captured after each apply), also keeps the pods' status annotation in step.
+pub async fn run(
+    client: Client,
+    cfg: SelectConfig,
+    states: Sender<NodeState>,
+    health: Arc<Health>,
+    captured: Option<CapturedRx>,
+) {
+    let node_pods = watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node));
+    let (pod_store, pod_writer) = reflector::store::<Pod>();
+    let (ns_store, ns_writer) = reflector::store::<Namespace>();
+    let (pods_changed, pods_changed_rx) = tokio::sync::watch::channel(());
+    if let Some(captured) = captured {
+        tokio::spawn(annotate::run(
+            client.clone(),
+            pod_store.clone(),
+            captured,
+            pods_changed_rx,
+        ));
+    }
+    let pods = reflector(
+        pod_writer,
+        watcher(Api::<Pod>::all(client.clone()), node_pods),
+    )
+    .backoff(backoff())
+    .map(Change::Pods);
+    let namespaces = reflector(
+        ns_writer,
+        watcher(Api::<Namespace>::all(client), watcher::Config::default()),
+    )
+    .backoff(backoff())
+    .map(Change::Namespaces);
+    let mut changes = std::pin::pin!(stream::select(pods, namespaces));
+    let (mut pods_listed, mut namespaces_listed) = (false, false);
+    let mut last: Option<NodeState> = None;
+    while let Some(change) = changes.next().await {
+        let (what, settled, listed) = match change {
+            Change::Pods(r) => ("pods", r.map(|e| settled(&e)), &mut pods_listed),
+            Change::Namespaces(r) => ("namespaces", r.map(|e| settled(&e)), &mut namespaces_listed),
+        };
+        match settled {
+            Err(e) => {
+                health.source_error();
+                log::warn!("watch on {what}: {e}; the kernel keeps its state while this retries");
+                continue;
+            }
+            // Half a relist: the store still holds the previous complete list.
+            Ok(None) => continue,
+            Ok(Some(init_done)) => *listed |= init_done,
+        }
+        if !(pods_listed && namespaces_listed) {
+            continue;
+        }
+        let pods = pod_store.state();
+        let nss = ns_store.state();
+        let sel = select(
+            &cfg,
+            &pods.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
+            &nss.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
+        );
+        pods_changed.send_replace(());
+        if last.as_ref() == Some(&sel.state) {
+            continue;
+        }
+        for (pod, why) in &sel.skipped {
+            log::debug!("{pod}: not captured: {why}");
+        }
+        if states.send(sel.state.clone()).is_err() {
+            return;
+        }
+        last = Some(sel.state);
+    }
+}
+
+/// Whether the stores are settled after `event`: `None` in the middle of a (re)list, else
+/// `Some(true)` when a list just completed.
+fn settled<K>(event: &Event<K>) -> Option<bool> {
+    match event {
+        Event::Init | Event::InitApply(_) => None,
+        Event::InitDone => Some(true),
+        Event::Apply(_) | Event::Delete(_) => Some(false),
+    }
+}
