@@ -22,6 +22,8 @@ pub struct Agent {
     pub node: String,
     node_ns: PathBuf,
     pub pods_file: PathBuf,
+    /// Set: the agent watches the (fake) Kubernetes API this kubeconfig names, not the file.
+    pub kubeconfig: Option<PathBuf>,
     /// `--mode`: ebpf or iptables.
     pub mode: String,
     /// More `run` options (`--tunnel geneve`).
@@ -57,6 +59,27 @@ impl Agent {
             node: node.name.clone(),
             node_ns: node.ns.path(),
             pods_file,
+            kubeconfig: None,
+            mode: mode.into(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        a.spawn()?;
+        Ok(a)
+    }
+
+    /// Starts the agent on `node` with the Kubernetes source, as the DaemonSet runs it.
+    pub fn start_kube(
+        node: &Node,
+        kubeconfig: &std::path::Path,
+        mode: &str,
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let mut a = Agent {
+            node: node.name.clone(),
+            node_ns: node.ns.path(),
+            pods_file: PathBuf::new(),
+            kubeconfig: Some(kubeconfig.into()),
             mode: mode.into(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
@@ -66,18 +89,15 @@ impl Agent {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", self.node_ns.display()))
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.node_ns.display()))
             .arg(zdivert_bin())
-            .args([
-                "--node",
-                &self.node,
-                "run",
-                "--mode",
-                &self.mode,
-                "--pods-file",
-            ])
-            .arg(&self.pods_file)
+            .args(["--node", &self.node, "run", "--mode", &self.mode]);
+        match &self.kubeconfig {
+            Some(k) => cmd.env("KUBECONFIG", k),
+            None => cmd.arg("--pods-file").arg(&self.pods_file),
+        };
+        let child = cmd
             .args(&self.extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -125,6 +145,41 @@ impl Agent {
         zdivert_in(&self.node_ns, &["--node", &self.node, "cleanup"])
     }
 
+    /// `GET path` on the agent's health listener (the default 0.0.0.0:9805 in the node's netns):
+    /// the status code and body.
+    pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
+        use std::io::{Read as _, Write as _};
+        let addr = "127.0.0.1:9805".parse()?;
+        let mut conn = zdivert::netns::run_in(&self.node_ns, || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        })??;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(conn, "GET {path} HTTP/1.1\r\nHost: agent\r\n\r\n")?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text)?;
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("no status line")?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_string();
+        Ok((code, body))
+    }
+
+    /// The value of a sample on /metrics (`name` with its labels, as printed).
+    pub fn metric(&self, sample: &str) -> Result<f64> {
+        let (_, body) = self.http_get("/metrics")?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+            .with_context(|| format!("no sample {sample} in /metrics"))?
+            .trim()
+            .parse()
+            .context("not a number")
+    }
+
     /// Packets counted for `path`/`outcome`.
     pub fn counter(&self, path: &str, outcome: &str) -> Result<u64> {
         let st = self.status()?;
@@ -164,6 +219,8 @@ impl Drop for Agent {
         if let Err(e) = self.cleanup() {
             eprintln!("cleanup of {}: {e}", self.node);
         }
-        let _ = std::fs::remove_file(&self.pods_file);
+        if self.kubeconfig.is_none() {
+            let _ = std::fs::remove_file(&self.pods_file);
+        }
     }
 }

@@ -35,3 +35,22 @@ pub fn standin_for(
         },
     )
 }
+
+/// Polls `check` until it holds; fails naming `what` after `within`, with the last error seen.
+pub fn eventually(
+    what: &str,
+    within: std::time::Duration,
+    mut check: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + within;
+    let mut last = String::from("never held");
+    while std::time::Instant::now() < deadline {
+        match check() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    anyhow::bail!("{what}: not within {within:?} ({last})")
+}

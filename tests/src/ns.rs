@@ -164,3 +164,26 @@ pub fn unique_prefix(tag: &str) -> String {
         N.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// A process that does nothing inside a netns, as a pod's pause container does: on a node, this
+/// is what lets the agent find a pod's namespace under `/proc` (pod namespaces have no names).
+pub struct Pause(std::process::Child);
+
+impl Pause {
+    pub fn start(ns: &Netns) -> Result<Pause> {
+        let child = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .args(["sleep", "infinity"])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .context("starting a pause process")?;
+        Ok(Pause(child))
+    }
+}
+
+impl Drop for Pause {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -170,6 +170,9 @@ async fn list_or_watch(mut conn: TcpStream, shared: &Shared, kind: Kind, req: &R
     if req.is_watch() {
         return watch(conn, shared, kind, req).await;
     }
+    if shared.down.load(Ordering::SeqCst) {
+        return; // went down while this request waited
+    }
     let list = {
         let c = shared.cluster();
         let items: Vec<&Value> = c
@@ -242,7 +245,12 @@ async fn watch(mut conn: TcpStream, shared: &Shared, kind: Kind, req: &Request) 
     let mut tick = tokio::time::interval(shared.bookmark_every);
     loop {
         tokio::select! {
+            biased;
+            // Cut mid-stream, without the terminating chunk.
+            _ = epoch.changed() => return,
             r = rx.recv() => match r {
+                // Down: nothing more gets out, even what was already on its way.
+                _ if shared.down.load(Ordering::SeqCst) => return,
                 Ok(change) => {
                     last_rv = change.rv;
                     if change.kind == kind && matches(&change.object, &req.query)
@@ -253,8 +261,6 @@ async fn watch(mut conn: TcpStream, shared: &Shared, kind: Kind, req: &Request) 
                 // Too slow a reader: cut, the client resumes from what it saw.
                 Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => return,
             },
-            // Cut mid-stream, without the terminating chunk.
-            _ = epoch.changed() => return,
             _ = tick.tick() => {
                 if bookmarks {
                     let bm = json!({ "type": "BOOKMARK", "object": { "kind": kind.name(), "apiVersion": "v1",

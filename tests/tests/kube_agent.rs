@@ -1,0 +1,250 @@
+//! The agent with its Kubernetes source, in the simulated article node, driven by the fake API
+//! server: the namespace label decides whose traffic goes through the stand-in ztunnel, the pods
+//! get their status annotation, /metrics shows live counters, an unreachable API server (even
+//! across an agent restart) leaves the capture as it was, and losing ztunnel fails closed.
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use zdivert_tests::{
+    agent::Agent,
+    apps::{TcpServer, request, request_timeout, sa},
+    eventually,
+    fakeapi::{
+        FakeApi, Kind,
+        objects::{namespace, node_objects, ztunnel},
+    },
+    ns::Pause,
+    standin::{OUTBOUND, Standin},
+    standin_for,
+    topology::{Node, Topology},
+};
+
+const REDIRECTION: &str = "ambient.istio.io/redirection";
+const WAIT: Duration = Duration::from_secs(20);
+
+struct KubeLab {
+    // Dropped in this order: the agent (it removes its pins) before the nodes.
+    agent: Agent,
+    standin: Standin,
+    _pause: Pause,
+    api: FakeApi,
+    topo: Topology,
+}
+
+impl KubeLab {
+    /// The article node's objects in the fake API (namespace `default` labelled ambient or
+    /// not), the stand-in ztunnel, and an agent watching the API from inside the node.
+    fn start(default_ambient: bool) -> Result<KubeLab> {
+        let topo = Topology::article()?;
+        let w2 = topo.worker2();
+        let api = FakeApi::start()?;
+        for obj in node_objects(w2) {
+            api.apply(obj)?;
+        }
+        if default_ambient {
+            api.apply(namespace("default", Some("ambient")))?;
+        }
+        let addr = api.listen_in(&w2.ns.path())?;
+        let dir = std::env::temp_dir().join("zdivert-tests");
+        std::fs::create_dir_all(&dir)?;
+        let kubeconfig = FakeApi::write_kubeconfig(&dir, &w2.name, addr)?;
+        let standin = standin_for(w2, vec![])?;
+        // The agent finds ztunnel's netns through a process in it, not by a name.
+        let pause = Pause::start(&w2.ztunnel.ns)?;
+        let agent = Agent::start_kube(w2, &kubeconfig, "ebpf", &[])?;
+        let lab = KubeLab {
+            agent,
+            standin,
+            _pause: pause,
+            api,
+            topo,
+        };
+        lab.wait_readyz()?;
+        Ok(lab)
+    }
+
+    fn w2(&self) -> &Node {
+        self.topo.worker2()
+    }
+
+    fn wait_readyz(&self) -> Result<()> {
+        eventually("/readyz answers 200", WAIT, || {
+            Ok(self.agent.http_get("/readyz")?.0 == 200)
+        })
+    }
+
+    /// Waits until the pinned pod map holds `pods` ambient pods (two addresses each).
+    fn wait_pods_in_map(&self, pods: usize) -> Result<()> {
+        eventually(&format!("{pods} pods in the map"), WAIT, || {
+            let st = self.agent.status()?;
+            Ok(st["pods"].as_array().map_or(0, Vec::len) == pods * 2)
+        })
+    }
+
+    fn annotation(&self, pod: &str) -> Option<String> {
+        let ns = &self.w2().pod(pod).namespace;
+        let obj: Value = self.api.get(Kind::Pod, ns, pod)?;
+        obj["metadata"]["annotations"][REDIRECTION]
+            .as_str()
+            .map(str::to_string)
+    }
+
+    fn ambient_pods(&self) -> Vec<String> {
+        let w2 = self.w2();
+        w2.pods
+            .values()
+            .filter(|p| p.ambient)
+            .map(|p| p.name.clone())
+            .collect()
+    }
+}
+
+/// productpage → reviews-v1:9080: whether it went through the stand-in's :15001.
+fn through_ztunnel(lab: &KubeLab) -> Result<bool> {
+    let (pp, rv1) = (lab.w2().pod("productpage-v1"), lab.w2().pod("reviews-v1"));
+    let before = lab.standin.to(sa(rv1.ip, 9080)).len();
+    let reply = request(&pp.ns, sa(rv1.ip, 9080))?;
+    assert_eq!(reply.server, "reviews-v1");
+    assert_eq!(
+        reply.peer.ip(),
+        pp.ip,
+        "the server sees the client pod either way"
+    );
+    let recs = lab.standin.to(sa(rv1.ip, 9080));
+    if recs.len() == before {
+        return Ok(false);
+    }
+    let last = recs.last().context("a record")?;
+    assert_eq!(last.listener, OUTBOUND);
+    assert_eq!(last.peer.ip(), pp.ip);
+    Ok(true)
+}
+
+#[test]
+fn the_namespace_label_decides_capture_and_the_pods_are_annotated() -> Result<()> {
+    let lab = KubeLab::start(false)?;
+    let _server = TcpServer::start(&lab.w2().pod("reviews-v1").ns, "reviews-v1", 9080)?;
+    assert!(
+        !through_ztunnel(&lab)?,
+        "no namespace is ambient yet: nothing captured"
+    );
+    assert_eq!(lab.annotation("productpage-v1"), None);
+
+    // Label the namespace: its five pods are captured and annotated.
+    lab.api.apply(namespace("default", Some("ambient")))?;
+    lab.wait_pods_in_map(5)?;
+    assert!(through_ztunnel(&lab)?, "labelled ambient: through ztunnel");
+    for pod in lab.ambient_pods() {
+        eventually(&format!("{pod} annotated"), WAIT, || {
+            Ok(lab.annotation(&pod).as_deref() == Some("enabled"))
+        })?;
+    }
+    assert_eq!(
+        lab.annotation("sleep"),
+        None,
+        "the legacy namespace's pod is not annotated"
+    );
+
+    // Live counters on /metrics.
+    let redirected = "zdivert_packets_total{path=\"outbound\",outcome=\"redirected\"}";
+    let before = lab.agent.metric(redirected)?;
+    assert!(before > 0.0, "outbound packets were redirected");
+    assert!(through_ztunnel(&lab)?);
+    assert!(
+        lab.agent.metric(redirected)? > before,
+        "the counter moves with traffic"
+    );
+    assert_eq!(lab.agent.metric("zdivert_pods_in_map")?, 10.0);
+    assert_eq!(lab.agent.metric("zdivert_ztunnel_ready")?, 1.0);
+    assert!(lab.agent.metric("zdivert_last_sync_age_seconds")? >= 0.0);
+    let (code, body) = lab.agent.http_get("/healthz")?;
+    assert_eq!((code, body.trim()), (200, "ok"));
+
+    // Remove the label: capture stops and the annotation goes.
+    lab.api.apply(namespace("default", None))?;
+    lab.wait_pods_in_map(0)?;
+    assert!(
+        !through_ztunnel(&lab)?,
+        "label removed: not captured any more"
+    );
+    for pod in lab.ambient_pods() {
+        eventually(&format!("{pod}'s annotation removed"), WAIT, || {
+            Ok(lab.annotation(&pod).is_none())
+        })?;
+    }
+    Ok(())
+}
+
+#[test]
+fn an_unreachable_api_server_even_across_a_restart_keeps_the_capture() -> Result<()> {
+    let mut lab = KubeLab::start(true)?;
+    let _server = TcpServer::start(&lab.w2().pod("reviews-v1").ns, "reviews-v1", 9080)?;
+    lab.wait_pods_in_map(5)?;
+    assert!(through_ztunnel(&lab)?);
+
+    lab.api.set_down(true);
+    // Meanwhile the namespace loses its label; the agent cannot know.
+    lab.api.apply(namespace("default", None))?;
+    eventually("watch errors counted", WAIT, || {
+        Ok(lab.agent.metric("zdivert_source_errors_total")? > 0.0)
+    })?;
+    assert!(
+        through_ztunnel(&lab)?,
+        "API down: the kernel keeps the last good state"
+    );
+
+    // A restarted agent that cannot reach the API adopts the pinned state and waits.
+    lab.agent.restart()?;
+    eventually("the restarted agent serves /readyz", WAIT, || {
+        Ok(lab.agent.http_get("/readyz")?.0 == 503)
+    })?;
+    assert!(
+        through_ztunnel(&lab)?,
+        "restart without the API: still captured"
+    );
+    lab.wait_pods_in_map(5)?;
+
+    // Back: the agent converges on what changed meanwhile.
+    lab.api.set_down(false);
+    lab.wait_readyz()?;
+    lab.wait_pods_in_map(0)?;
+    assert!(!through_ztunnel(&lab)?);
+    Ok(())
+}
+
+#[test]
+fn without_its_ztunnel_pod_ambient_traffic_fails_closed() -> Result<()> {
+    let lab = KubeLab::start(true)?;
+    let server = TcpServer::start(&lab.w2().pod("reviews-v1").ns, "reviews-v1", 9080)?;
+    lab.wait_pods_in_map(5)?;
+    assert!(through_ztunnel(&lab)?);
+    let served = server.seen().len();
+
+    let z = ztunnel(lab.w2());
+    let name = z["metadata"]["name"].as_str().context("name")?.to_string();
+    lab.api.delete(Kind::Pod, "istio-system", &name)?;
+    eventually("ztunnel unwired", WAIT, || {
+        Ok(lab.agent.status()?["ztunnel"].is_null())
+    })?;
+    let (pp, rv1) = (lab.w2().pod("productpage-v1"), lab.w2().pod("reviews-v1"));
+    let r = request_timeout(&pp.ns, sa(rv1.ip, 9080), Duration::from_millis(1500));
+    assert!(
+        r.is_err(),
+        "no ztunnel: the connection must not get through ({r:?})"
+    );
+    assert_eq!(
+        server.seen().len(),
+        served,
+        "nothing reached the server around ztunnel"
+    );
+    assert_eq!(lab.agent.metric("zdivert_ztunnel_ready")?, 0.0);
+
+    // ztunnel back (a new pod): traffic flows through it again.
+    lab.api.apply(z)?;
+    eventually("ztunnel rewired", WAIT, || {
+        Ok(!lab.agent.status()?["ztunnel"].is_null())
+    })?;
+    assert!(through_ztunnel(&lab)?);
+    Ok(())
+}
