@@ -1,0 +1,381 @@
+//! deploy/ parsed into k8s-openapi types (as the API server would decode them), and checked for
+//! what the agent needs on a node: host namespaces, privileges, bpffs, the node name, probes on
+//! the agent's own endpoints, every taint tolerated, a one-at-a-time rollout, and just the RBAC
+//! the Kubernetes source uses.
+use std::{collections::BTreeSet, path::PathBuf};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{Container, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use serde::Deserialize;
+use serde_json::Value;
+
+fn deploy() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+#[derive(Default)]
+struct Manifests {
+    namespace: String,
+    daemonsets: Vec<DaemonSet>,
+    service_accounts: Vec<ServiceAccount>,
+    roles: Vec<ClusterRole>,
+    bindings: Vec<ClusterRoleBinding>,
+}
+
+/// Every document of every resource the kustomization lists, decoded by its kind.
+fn load() -> Result<Manifests> {
+    let kustomization: Value = serde_yaml::from_str(&std::fs::read_to_string(
+        deploy().join("kustomization.yaml"),
+    )?)?;
+    let mut m = Manifests {
+        namespace: kustomization["namespace"]
+            .as_str()
+            .context("kustomization sets a namespace")?
+            .into(),
+        ..Manifests::default()
+    };
+    let resources = kustomization["resources"].as_array().context("resources")?;
+    for r in resources {
+        let file = r.as_str().context("resource is a path")?;
+        let text = std::fs::read_to_string(deploy().join(file))
+            .with_context(|| format!("deploy/{file}"))?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v = Value::deserialize(doc).with_context(|| format!("deploy/{file}: not YAML"))?;
+            let kind = v["kind"].as_str().unwrap_or_default().to_string();
+            let decode = |what: &str| format!("deploy/{file}: {what} does not decode");
+            match kind.as_str() {
+                "DaemonSet" => m
+                    .daemonsets
+                    .push(serde_json::from_value(v).with_context(|| decode("DaemonSet"))?),
+                "ServiceAccount" => m
+                    .service_accounts
+                    .push(serde_json::from_value(v).with_context(|| decode("ServiceAccount"))?),
+                "ClusterRole" => m
+                    .roles
+                    .push(serde_json::from_value(v).with_context(|| decode("ClusterRole"))?),
+                "ClusterRoleBinding" => m
+                    .bindings
+                    .push(serde_json::from_value(v).with_context(|| decode("ClusterRoleBinding"))?),
+                other => bail!("deploy/{file}: unexpected kind {other:?}"),
+            }
+        }
+    }
+    // Every manifest in deploy/ is part of the kustomization.
+    let listed: BTreeSet<&str> = resources.iter().filter_map(Value::as_str).collect();
+    for entry in std::fs::read_dir(deploy())? {
+        let name = entry?.file_name().into_string().unwrap_or_default();
+        if name.ends_with(".yaml") && name != "kustomization.yaml" {
+            assert!(
+                listed.contains(name.as_str()),
+                "deploy/{name} is not in kustomization.yaml"
+            );
+        }
+    }
+    Ok(m)
+}
+
+fn agent(ds: &DaemonSet) -> &Container {
+    let spec = ds.spec.template.spec.as_ref().expect("pod spec");
+    spec.containers
+        .iter()
+        .find(|c| c.name == "zdivert")
+        .expect("a zdivert container")
+}
+
+#[test]
+fn the_daemonset_has_what_the_agent_needs_on_a_node() -> Result<()> {
+    let m = load()?;
+    assert_eq!(m.daemonsets.len(), 1);
+    let ds = &m.daemonsets[0];
+    let spec = &ds.spec;
+    let pod = spec.template.spec.as_ref().context("pod spec")?;
+
+    assert_eq!(
+        pod.host_network,
+        Some(true),
+        "hostNetwork: the veths are in the node's netns"
+    );
+    assert_eq!(
+        pod.host_pid,
+        Some(true),
+        "hostPID: ztunnel's netns is found under /proc"
+    );
+    assert_eq!(pod.service_account_name.as_deref(), Some("zdivert"));
+    let tolerations = pod.tolerations.as_ref().context("tolerations")?;
+    assert!(
+        tolerations
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists")
+                && t.key.is_none()
+                && t.effect.is_none()),
+        "tolerates every taint: {tolerations:?}"
+    );
+
+    let strategy = spec.update_strategy.as_ref().context("updateStrategy")?;
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    let max = strategy
+        .rolling_update
+        .as_ref()
+        .and_then(|r| r.max_unavailable.as_ref());
+    assert_eq!(
+        max,
+        Some(&k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+    let selector = spec.selector.match_labels.as_ref().context("matchLabels")?;
+    let labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.as_ref())
+        .context("labels")?;
+    assert!(
+        selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        "the selector matches the template"
+    );
+
+    let c = agent(ds);
+    let sc = c.security_context.as_ref().context("securityContext")?;
+    let caps: BTreeSet<&str> = sc
+        .capabilities
+        .as_ref()
+        .and_then(|c| c.add.as_ref())
+        .map(|a| a.iter().map(String::as_str).collect())
+        .unwrap_or_default();
+    let privileged = sc.privileged == Some(true);
+    assert!(
+        privileged
+            || ["BPF", "NET_ADMIN", "SYS_ADMIN"]
+                .iter()
+                .all(|cap| caps.contains(cap)),
+        "privileged or BPF+NET_ADMIN+SYS_ADMIN: {sc:?}"
+    );
+
+    // bpffs: the host's /sys/fs/bpf, Bidirectional (which the API server only allows privileged).
+    let volumes = pod.volumes.as_ref().context("volumes")?;
+    let bpffs = volumes
+        .iter()
+        .find(|v| v.name == "bpffs")
+        .context("a bpffs volume")?;
+    assert_eq!(
+        bpffs.host_path.as_ref().map(|h| h.path.as_str()),
+        Some("/sys/fs/bpf")
+    );
+    let mounts = c.volume_mounts.as_ref().context("volumeMounts")?;
+    let m_bpffs = mounts
+        .iter()
+        .find(|m| m.name == "bpffs")
+        .context("bpffs mounted")?;
+    assert_eq!(m_bpffs.mount_path, "/sys/fs/bpf");
+    assert_eq!(m_bpffs.mount_propagation.as_deref(), Some("Bidirectional"));
+    assert!(
+        privileged,
+        "Bidirectional propagation needs a privileged container"
+    );
+    for m in mounts {
+        assert!(
+            volumes.iter().any(|v| v.name == m.name),
+            "mount {} has a volume",
+            m.name
+        );
+    }
+    // ...and mounted if the node booted without it.
+    let init = pod.init_containers.as_ref().context("an init container")?;
+    let mounter = init
+        .iter()
+        .find(|c| c.name == "mount-bpffs")
+        .context("mount-bpffs")?;
+    let script = mounter.command.as_ref().context("command")?.join(" ");
+    assert!(script.contains("mount -t bpf bpf /sys/fs/bpf"), "{script}");
+    assert!(
+        mounter
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == "bpffs" && m.mount_propagation.as_deref() == Some("Bidirectional"))
+    );
+
+    // NODE_NAME from the downward API.
+    let env = c.env.as_ref().context("env")?;
+    let node = env
+        .iter()
+        .find(|e| e.name == "NODE_NAME")
+        .context("NODE_NAME")?;
+    let field = node
+        .value_from
+        .as_ref()
+        .and_then(|v| v.field_ref.as_ref())
+        .context("fieldRef")?;
+    assert_eq!(field.field_path, "spec.nodeName");
+
+    // Probes on the agent's own endpoints, on the port it listens on.
+    let args = c.args.as_ref().context("args")?;
+    let addr = args
+        .windows(2)
+        .find(|w| w[0] == "--health-addr")
+        .map(|w| w[1].clone())
+        .context("--health-addr")?;
+    let port: i32 = addr.rsplit(':').next().context("port")?.parse()?;
+    for (probe, path) in [
+        (&c.readiness_probe, "/readyz"),
+        (&c.liveness_probe, "/healthz"),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .with_context(|| format!("{path} probe"))?;
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port)
+        );
+    }
+    assert!(
+        c.ports.iter().flatten().any(|p| p.container_port == port),
+        "port {port} declared"
+    );
+    assert_eq!(
+        args.first().map(String::as_str),
+        Some("run"),
+        "Kubernetes is the default source: no --pods-file"
+    );
+    assert!(!args.iter().any(|a| a == "--pods-file"));
+    Ok(())
+}
+
+#[test]
+fn rbac_grants_what_the_source_uses_and_no_more() -> Result<()> {
+    let m = load()?;
+    assert_eq!(m.service_accounts.len(), 1);
+    let sa = m.service_accounts[0]
+        .metadata
+        .name
+        .as_deref()
+        .context("name")?;
+    assert_eq!(m.roles.len(), 1);
+    let role = &m.roles[0];
+    let mut granted: BTreeSet<(String, String)> = BTreeSet::new();
+    for rule in role.rules.iter().flatten() {
+        assert_eq!(
+            rule.api_groups.as_deref(),
+            Some(&[String::new()][..]),
+            "core API group only"
+        );
+        for r in rule.resources.iter().flatten() {
+            for v in &rule.verbs {
+                granted.insert((r.clone(), v.clone()));
+            }
+        }
+    }
+    let want: BTreeSet<(String, String)> = [
+        ("pods", "get"),
+        ("pods", "list"),
+        ("pods", "watch"),
+        ("pods", "patch"),
+        ("namespaces", "get"),
+        ("namespaces", "list"),
+        ("namespaces", "watch"),
+    ]
+    .iter()
+    .map(|(r, v)| (r.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(granted, want);
+
+    assert_eq!(m.bindings.len(), 1);
+    let b = &m.bindings[0];
+    assert_eq!(
+        (b.role_ref.kind.as_str(), b.role_ref.name.as_str()),
+        (
+            "ClusterRole",
+            role.metadata.name.as_deref().unwrap_or_default()
+        )
+    );
+    let subject = b.subjects.iter().flatten().next().context("a subject")?;
+    assert_eq!(
+        (subject.kind.as_str(), subject.name.as_str()),
+        ("ServiceAccount", sa)
+    );
+    assert_eq!(
+        subject.namespace.as_deref(),
+        Some(m.namespace.as_str()),
+        "the subject lives where kustomize puts the account"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_image_recipe_builds_in_stages_and_ships_the_fallback_tools() -> Result<()> {
+    let text = std::fs::read_to_string(deploy().join("Containerfile"))?;
+    let stages: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
+    assert!(stages.len() >= 2, "multi-stage: {stages:?}");
+    assert!(
+        text.contains("cargo xtask build-ebpf --release"),
+        "the agent embeds the eBPF object"
+    );
+    let runtime = text.rsplit("\nFROM ").next().context("a runtime stage")?;
+    for tool in ["iptables", "ipset", "util-linux"] {
+        assert!(runtime.contains(tool), "the runtime stage installs {tool}");
+    }
+    assert!(runtime.contains("COPY --from=build"));
+    let kustomization = std::fs::read_to_string(deploy().join("kustomization.yaml"))?;
+    let ds = std::fs::read_to_string(deploy().join("daemonset.yaml"))?;
+    assert!(
+        ds.contains("image: zdivert") && kustomization.contains("- name: zdivert"),
+        "kustomize sets the image"
+    );
+    Ok(())
+}
+
+#[test]
+fn kustomize_renders_the_namespace_and_image() -> Result<()> {
+    let out = match std::process::Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(deploy())
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            println!("SKIP kustomize_renders_the_namespace_and_image: no kubectl here ({e})");
+            return Ok(());
+        }
+    };
+    assert!(
+        out.status.success(),
+        "kubectl kustomize: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout)?;
+    let mut kinds = vec![];
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = Value::deserialize(doc)?;
+        let kind = v["kind"].as_str().unwrap_or_default().to_string();
+        if kind != "ClusterRole" && kind != "ClusterRoleBinding" {
+            assert_eq!(
+                v["metadata"]["namespace"], "istio-system",
+                "{kind} lands in istio-system"
+            );
+        }
+        if kind == "DaemonSet" {
+            let ds: DaemonSet = serde_json::from_value(v)?;
+            assert_eq!(
+                agent(&ds).image.as_deref(),
+                Some("ghcr.io/zdivert/zdivert:0.1.0")
+            );
+        }
+        kinds.push(kind);
+    }
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "DaemonSet",
+            "ServiceAccount"
+        ]
+    );
+    Ok(())
+}
