@@ -25,3 +25,10 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// Does nothing: the floor `cargo xtask bench` measures the other programs' per-packet cost
+/// against (the cost of running any TC program at all). Never attached.
+#[aya_ebpf::macros::classifier]
+pub fn zd_floor(_ctx: aya_ebpf::programs::TcContext) -> i32 {
+    zdivert_common::TCX_NEXT
+}

@@ -115,6 +115,11 @@ impl Agent {
         Ok(())
     }
 
+    /// The agent's process id (nsenter execs it in place).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

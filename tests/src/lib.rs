@@ -5,6 +5,7 @@ pub mod agent;
 pub mod apps;
 pub mod fakeapi;
 pub mod fallback;
+pub mod load;
 pub mod ns;
 pub mod packets;
 pub mod raw;
@@ -15,25 +16,29 @@ pub mod topology;
 
 use topology::Node;
 
-/// The stand-in ztunnel configured for `node` of the article's topology.
+/// The stand-in ztunnel's configuration for `node` of the article's topology.
+pub fn standin_config(
+    node: &Node,
+    services: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
+) -> standin::Config {
+    let o = node.gateway.octets();
+    let net = std::net::Ipv4Addr::new(o[0], o[1], o[2], 0);
+    standin::Config {
+        ztunnel_ip: node.ztunnel.ip,
+        ztunnel_ip6: node.ztunnel.ip6,
+        local_cidr: (net, 24),
+        local_cidr6: (topology::v6_of(net), 64),
+        services,
+        explicit: vec![],
+    }
+}
+
+/// The stand-in ztunnel for `node` of the article's topology, running.
 pub fn standin_for(
     node: &Node,
     services: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
 ) -> anyhow::Result<standin::Standin> {
-    let o = node.gateway.octets();
-    standin::Standin::start(
-        &node.ztunnel.ns,
-        standin::Config {
-            ztunnel_ip: node.ztunnel.ip,
-            ztunnel_ip6: node.ztunnel.ip6,
-            local_cidr: (std::net::Ipv4Addr::new(o[0], o[1], o[2], 0), 24),
-            local_cidr6: (
-                topology::v6_of(std::net::Ipv4Addr::new(o[0], o[1], o[2], 0)),
-                64,
-            ),
-            services,
-        },
-    )
+    standin::Standin::start(&node.ztunnel.ns, standin_config(node, services))
 }
 
 /// Polls `check` until it holds; fails naming `what` after `within`, with the last error seen.

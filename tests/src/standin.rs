@@ -49,6 +49,17 @@ pub struct Config {
     pub local_cidr6: (Ipv6Addr, u8),
     /// Service VIP → endpoint.
     pub services: Vec<(SocketAddr, SocketAddr)>,
+    /// Explicit-proxy listeners (nothing captured; the benchmark's baseline): a client connects
+    /// to ztunnel's own address on `port` and is forwarded from ztunnel's own address.
+    pub explicit: Vec<Explicit>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Explicit {
+    pub port: u16,
+    pub target: SocketAddr,
+    /// A pod on another node: through that node's ztunnel (:15008), as the captured path goes.
+    pub via: Option<SocketAddr>,
 }
 
 struct Shared {
@@ -70,11 +81,22 @@ impl Standin {
             ns_path: ns.path(),
         });
         let mut listeners = Vec::new();
+        let explicit: Vec<u16> = shared.cfg.explicit.iter().map(|e| e.port).collect();
         let ports = [OUTBOUND, INBOUND, HBONE];
-        for (port, v6) in ports.iter().flat_map(|p| [(*p, false), (*p, true)]) {
+        let all = ports
+            .iter()
+            .flat_map(|p| [(*p, false), (*p, true)])
+            .chain(explicit.into_iter().map(|p| (p, false)));
+        for (port, v6) in all {
             let l = Arc::new(ns.exec(move || transparent_listener(port, v6))?);
             let (l2, sh) = (l.clone(), shared.clone());
             thread::spawn(move || {
+                // The accept thread and the handlers it spawns live in ztunnel's netns: their
+                // upstream sockets are created there, with no setns per connection.
+                if let Err(e) = enter(&sh.ns_path) {
+                    eprintln!("stand-in ztunnel :{port}: {e:#}");
+                    return;
+                }
                 for conn in l2.incoming() {
                     let Ok(conn) = conn else { break };
                     let sh = sh.clone();
@@ -187,32 +209,32 @@ impl Config {
     }
 }
 
-/// A socket in ztunnel's netns, bound to `src` (transparently if it is not ztunnel's), connected
-/// to `dst`.
+fn enter(ns: &std::path::Path) -> Result<()> {
+    let file = std::fs::File::open(ns)?;
+    // SAFETY: setns on an fd we own, for the calling thread only.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A socket bound to `src` (transparently if it is not ztunnel's), connected to `dst`; created
+/// by a handler thread, so in ztunnel's netns.
 fn connect_from(sh: &Shared, src: IpAddr, dst: SocketAddr) -> Result<TcpStream> {
     let spoof = src != sh.cfg.own(src);
-    let file = std::fs::File::open(&sh.ns_path)?;
-    // A short-lived thread in the netns creates the socket; it stays in that netns.
-    let sock = thread::spawn(move || -> Result<Socket> {
-        // SAFETY: setns on an fd we own, in this thread only.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns: {}", std::io::Error::last_os_error());
-        }
-        let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-        if spoof {
-            set_transparent(&s, dst.is_ipv6())?;
-        }
-        s.bind(&SocketAddr::new(src, 0).into())?;
-        Ok(s)
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("socket thread panicked"))??;
-    sock.connect_timeout(&dst.into(), Duration::from_secs(3))
+    let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+    if spoof {
+        set_transparent(&s, dst.is_ipv6())?;
+    }
+    s.set_nodelay(true)?;
+    s.bind(&SocketAddr::new(src, 0).into())?;
+    s.connect_timeout(&dst.into(), Duration::from_secs(3))
         .with_context(|| format!("{src} -> {dst}"))?;
-    Ok(sock.into())
+    Ok(s.into())
 }
 
 fn handle(sh: &Shared, port: u16, mut conn: TcpStream) -> Result<()> {
+    conn.set_nodelay(true)?;
     let peer = conn.peer_addr()?;
     let orig_dst = conn.local_addr()?;
     let mut rec = Record {
@@ -248,7 +270,24 @@ fn handle(sh: &Shared, port: u16, mut conn: TcpStream) -> Result<()> {
             };
             let (src, dst): (SocketAddr, SocketAddr) = (src.parse()?, dst.parse()?);
             rec.hbone = Some((src, dst));
-            (connect_from(sh, src.ip(), dst)?, None)
+            // An explicit client (unspecified source) is forwarded from ztunnel's own address.
+            let from = if src.ip().is_unspecified() {
+                sh.cfg.own(dst.ip())
+            } else {
+                src.ip()
+            };
+            (connect_from(sh, from, dst)?, None)
+        }
+        p if let Some(e) = sh.cfg.explicit.iter().find(|e| e.port == p) => {
+            let own = sh.cfg.own(e.target.ip());
+            match e.via {
+                None => (connect_from(sh, own, e.target)?, None),
+                Some(via) => {
+                    let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+                    let header = format!("ZDHBONE {any} {}\n", e.target);
+                    (connect_from(sh, own, via)?, Some(header))
+                }
+            }
         }
         _ => (connect_from(sh, peer.ip(), orig_dst)?, None),
     };
@@ -278,14 +317,65 @@ fn read_line(conn: &mut TcpStream) -> Result<String> {
 
 /// Copies both ways until each side closes, half-closing as TCP does.
 fn splice(a: TcpStream, b: TcpStream) -> Result<()> {
-    let (mut a2, mut b2) = (a.try_clone()?, b.try_clone()?);
+    let (a2, b2) = (a.try_clone()?, b.try_clone()?);
     let t = thread::spawn(move || {
-        let _ = std::io::copy(&mut a2, &mut b2);
+        pump(&a2, &b2);
         let _ = b2.shutdown(std::net::Shutdown::Write);
     });
-    let (mut a3, mut b3) = (a, b);
-    let _ = std::io::copy(&mut b3, &mut a3);
-    let _ = a3.shutdown(std::net::Shutdown::Write);
+    pump(&b, &a);
+    let _ = a.shutdown(std::net::Shutdown::Write);
     let _ = t.join();
     Ok(())
+}
+
+/// `from` → `to` until EOF: zero-copy through a pipe with splice(2), as a proxy should; a plain
+/// copy where the kernel refuses.
+fn pump(from: &TcpStream, to: &TcpStream) {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 fills two fds we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        let _ = std::io::copy(&mut &*from, &mut &*to);
+        return;
+    }
+    const CHUNK: usize = 1 << 16;
+    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_MORE;
+    'outer: loop {
+        // SAFETY: splice between fds we own (the sockets outlive this call, the pipe is ours).
+        let n = unsafe {
+            libc::splice(
+                from.as_raw_fd(),
+                std::ptr::null_mut(),
+                fds[1],
+                std::ptr::null_mut(),
+                CHUNK,
+                flags,
+            )
+        };
+        if n <= 0 {
+            break;
+        }
+        let mut left = n as usize;
+        while left > 0 {
+            // SAFETY: as above.
+            let m = unsafe {
+                libc::splice(
+                    fds[0],
+                    std::ptr::null_mut(),
+                    to.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    left,
+                    flags,
+                )
+            };
+            if m <= 0 {
+                break 'outer;
+            }
+            left -= m as usize;
+        }
+    }
+    // SAFETY: closing the pipe fds we created.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
 }

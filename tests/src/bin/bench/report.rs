@@ -1,0 +1,179 @@
+//! The tables: every figure with its spread, the ratios between variants, and the targets.
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::stats::{Figure, find};
+
+#[derive(Serialize)]
+pub struct Ratio {
+    pub name: String,
+    pub value: f64,
+}
+
+#[derive(Serialize)]
+pub struct Target {
+    pub what: String,
+    pub target: String,
+    pub measured: f64,
+    pub met: bool,
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    pub date: String,
+    pub kernel: String,
+    pub command: String,
+    pub figures: Vec<Figure>,
+    pub ratios: Vec<Ratio>,
+    pub targets: Vec<Target>,
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn median(figs: &[Figure], case: &str, metric: &str) -> f64 {
+    find(figs, case, metric).map_or(f64::NAN, |f| f.median)
+}
+
+impl Report {
+    pub fn new(figures: Vec<Figure>, command: &str) -> Report {
+        let mut ratios = vec![];
+        let mut targets = vec![];
+        for side in ["same-node", "cross-node"] {
+            let m = |variant: &str, metric: &str| {
+                median(&figures, &format!("{side}/{variant}"), metric)
+            };
+            for metric in ["rr_p50", "rr_p99", "conn_p99"] {
+                for (num, den) in [
+                    ("c-ebpf", "b-explicit"),
+                    ("c-ebpf", "d-iptables"),
+                    ("d-iptables", "b-explicit"),
+                    ("b-explicit", "a-direct"),
+                ] {
+                    ratios.push(Ratio {
+                        name: format!("{side} {metric} {}/{}", &num[..1], &den[..1]),
+                        value: m(num, metric) / m(den, metric),
+                    });
+                }
+            }
+            for metric in ["conn_per_s", "bulk_1", "bulk_4"] {
+                for (num, den) in [
+                    ("c-ebpf", "b-explicit"),
+                    ("c-ebpf", "d-iptables"),
+                    ("d-iptables", "b-explicit"),
+                    ("b-explicit", "a-direct"),
+                ] {
+                    ratios.push(Ratio {
+                        name: format!("{side} {metric} {}/{}", &num[..1], &den[..1]),
+                        value: m(num, metric) / m(den, metric),
+                    });
+                }
+            }
+            let overhead = m("c-ebpf", "rr_p50") / m("b-explicit", "rr_p50");
+            targets.push(Target {
+                what: format!("{side}: capture overhead, latency p50 c/b"),
+                target: "≤ 1.02".into(),
+                measured: overhead,
+                met: overhead <= 1.02,
+            });
+            let cd = m("c-ebpf", "rr_p50") / m("d-iptables", "rr_p50");
+            targets.push(Target {
+                what: format!("{side}: latency p50 c/d"),
+                target: "≤ 0.80".into(),
+                measured: cd,
+                met: cd <= 0.80,
+            });
+            for metric in ["bulk_1", "bulk_4"] {
+                let t = m("c-ebpf", metric) / m("d-iptables", metric);
+                targets.push(Target {
+                    what: format!("{side}: throughput {metric} c/d"),
+                    target: "≥ 1.25".into(),
+                    measured: t,
+                    met: t >= 1.25,
+                });
+            }
+        }
+        for prog in ["zd_outbound", "zd_inbound", "zd_zt_return", "zd_zt_tproxy"] {
+            let ns = median(&figures, &format!("10000 pods/{prog}"), "ns_per_packet");
+            targets.push(Target {
+                what: format!("{prog} per packet at 10k pods"),
+                target: "≤ 50 ns".into(),
+                measured: ns,
+                met: ns <= 50.0,
+            });
+        }
+        let maps = median(&figures, "10000 pods/ebpf", "apply_from_empty");
+        targets.push(Target {
+            what: "10k pods applied from empty, eBPF maps".into(),
+            target: "≤ 50 ms".into(),
+            measured: maps,
+            met: maps <= 50.0,
+        });
+        let fb = median(&figures, "10000 pods/iptables", "apply_from_empty");
+        targets.push(Target {
+            what: "10k pods applied from empty, fallback".into(),
+            target: "≤ 2000 ms".into(),
+            measured: fb,
+            met: fb <= 2000.0,
+        });
+        let rss = median(&figures, "1000 pods/ebpf", "agent_rss");
+        targets.push(Target {
+            what: "agent RSS at 1k pods (eBPF mode)".into(),
+            target: "≤ 30 MiB".into(),
+            measured: rss,
+            met: rss <= 30.0,
+        });
+        Report {
+            date: sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+            kernel: sh("uname", &["-r"]),
+            command: command.into(),
+            figures,
+            ratios,
+            targets,
+        }
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "Measured {} on kernel {} with `{}` (medians over rounds; spread is min–max).\n",
+            self.date, self.kernel, self.command
+        );
+        let _ = writeln!(s, "| target | wanted | measured | |\n|---|---|---|---|");
+        for t in &self.targets {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.3} | {} |",
+                t.what,
+                t.target,
+                t.measured,
+                if t.met { "met" } else { "**missed**" }
+            );
+        }
+        let _ = writeln!(s, "\n| ratio | value |\n|---|---|");
+        for r in &self.ratios {
+            let _ = writeln!(s, "| {} | {:.3} |", r.name, r.value);
+        }
+        for section in ["datapath", "per_packet", "control"] {
+            let _ = writeln!(
+                s,
+                "\n| {section} case | metric | median | spread | unit |\n|---|---|---|---|---|"
+            );
+            for f in self.figures.iter().filter(|f| f.section == section) {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.2} | {:.2}–{:.2} | {} |",
+                    f.case, f.metric, f.median, f.min, f.max, f.unit
+                );
+            }
+        }
+        s
+    }
+}
