@@ -120,11 +120,15 @@ fn connect(dst: SocketAddr, kind: u8) -> Result<TcpStream> {
     Ok(c)
 }
 
-/// `n` one-byte transactions on one connection: each round trip's time.
+/// `n` one-byte transactions on one connection, after `n / 10` to warm up: each round trip's time.
 pub fn request_response(ns: &Path, dst: SocketAddr, n: usize) -> Result<Vec<Duration>> {
     let mut r = in_ns(ns, 1, move |_| {
         let mut c = connect(dst, ECHO)?;
         let mut b = [0u8];
+        for _ in 0..n / 10 {
+            c.write_all(b"x")?;
+            c.read_exact(&mut b)?;
+        }
         let mut times = Vec::with_capacity(n);
         for _ in 0..n {
             let t = Instant::now();

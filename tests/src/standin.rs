@@ -328,54 +328,20 @@ fn splice(a: TcpStream, b: TcpStream) -> Result<()> {
     Ok(())
 }
 
-/// `from` → `to` until EOF: zero-copy through a pipe with splice(2), as a proxy should; a plain
-/// copy where the kernel refuses.
-fn pump(from: &TcpStream, to: &TcpStream) {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: pipe2 fills two fds we then own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        let _ = std::io::copy(&mut &*from, &mut &*to);
-        return;
-    }
-    const CHUNK: usize = 1 << 16;
-    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_MORE;
-    'outer: loop {
-        // SAFETY: splice between fds we own (the sockets outlive this call, the pipe is ours).
-        let n = unsafe {
-            libc::splice(
-                from.as_raw_fd(),
-                std::ptr::null_mut(),
-                fds[1],
-                std::ptr::null_mut(),
-                CHUNK,
-                flags,
-            )
-        };
-        if n <= 0 {
-            break;
-        }
-        let mut left = n as usize;
-        while left > 0 {
-            // SAFETY: as above.
-            let m = unsafe {
-                libc::splice(
-                    fds[0],
-                    std::ptr::null_mut(),
-                    to.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    left,
-                    flags,
-                )
-            };
-            if m <= 0 {
-                break 'outer;
+/// `from` → `to` until EOF through a 64 KiB buffer. Not splice(2): zero-copy was tried, and on
+/// this kernel a spliced 1-byte segment can sit in the send queue under the persist timer on the
+/// fallback's cross-node path, stalling request/response traffic; a copy behaves the same in
+/// every mode, which is what a side-by-side comparison needs.
+fn pump(mut from: &TcpStream, mut to: &TcpStream) {
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
             }
-            left -= m as usize;
         }
-    }
-    // SAFETY: closing the pipe fds we created.
-    unsafe {
-        libc::close(fds[0]);
-        libc::close(fds[1]);
     }
 }

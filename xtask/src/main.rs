@@ -28,6 +28,15 @@ enum Cmd {
         /// Only integration tests whose name contains this.
         filter: Option<String>,
     },
+    /// Measure what each redirection path costs (release build); writes bench/results.{json,md}.
+    Bench {
+        /// Tiny sizes: checks that every part runs, measures nothing worth publishing.
+        #[arg(long)]
+        quick: bool,
+        /// Repetitions of each comparison, interleaved.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Rebuild the article's node in network namespaces and show traffic passing through ztunnel.
     Demo {
         /// Dataplane: ebpf, or iptables (then the rules are shown as the article lists them).
@@ -130,6 +139,29 @@ fn main() -> Result<()> {
                 c.arg(f);
             }
             c.env("ZDIVERT_BIN", root().join("target/debug/zdivert"));
+            run(&mut c)
+        }
+        Cmd::Bench { quick, rounds } => {
+            setup::all()?;
+            build_ebpf()?;
+            build_agent(true)?;
+            setup::remove_leftovers()?;
+            let mut c = cargo();
+            c.args([
+                "run",
+                "--quiet",
+                "--release",
+                "-p",
+                "zdivert-tests",
+                "--bin",
+                "bench",
+                "--",
+            ])
+            .args(["--rounds", &rounds.to_string()])
+            .env("ZDIVERT_BIN", root().join("target/release/zdivert"));
+            if quick {
+                c.arg("--quick");
+            }
             run(&mut c)
         }
         Cmd::Demo { mode } => {
