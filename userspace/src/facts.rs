@@ -2,7 +2,7 @@
 //! the route to its address, as in the article's ptp network) and where ztunnel is. A pod that
 //! cannot be resolved is reported with its name and left out; it never blocks the others.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -10,7 +10,7 @@ use std::{
 use crate::{
     error::{Error, Result},
     netns,
-    nl::{Link, Netlink},
+    nl::{Link, Netlink, RouteKind},
     state::{NodeState, PodId, ZtunnelSpec},
 };
 
@@ -61,8 +61,13 @@ pub fn resolve(nl: &Netlink, state: &NodeState) -> Result<NodeFacts> {
         }
     }
     let ztunnel_veth = facts.ztunnel.as_ref().map(|z| z.host_veth.index);
+    // Two dumps instead of two netlink round trips per pod: an apply at 10k pods stays cheap.
+    let view = NodeView {
+        routes: MainRoutes::load(nl)?,
+        links: nl.links()?.into_iter().map(|l| (l.index, l)).collect(),
+    };
     for (id, pod) in &state.pods {
-        match resolve_pod(nl, id, &pod.ips, ztunnel_veth) {
+        match resolve_pod(nl, &view, id, &pod.ips, ztunnel_veth) {
             Ok(pf) => {
                 facts.pods.insert(id.clone(), pf);
             }
@@ -79,19 +84,100 @@ fn is_node_ip(ip: &IpAddr) -> bool {
     }
 }
 
+/// The main routing table and the links, dumped once per reconcile.
+struct NodeView {
+    routes: MainRoutes,
+    links: HashMap<u32, Link>,
+}
+
+/// Unicast routes of the main table by prefix length, longest first, for longest-prefix
+/// matches without a netlink round trip per address.
+struct MainRoutes(Vec<(u8, bool, HashMap<u128, u32>)>);
+
+const MAIN_TABLE: u32 = 254;
+
+fn masked(ip: IpAddr, len: u8) -> (bool, u128) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - len as u32)
+            };
+            (false, u128::from(u32::from(v4) & mask))
+        }
+        IpAddr::V6(v6) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len as u32)
+            };
+            (true, u128::from(v6) & mask)
+        }
+    }
+}
+
+impl MainRoutes {
+    fn load(nl: &Netlink) -> Result<Self> {
+        let mut routes = nl.routes(MAIN_TABLE, false)?;
+        routes.extend(nl.routes(MAIN_TABLE, true)?);
+        Ok(Self::from_routes(&routes))
+    }
+
+    fn from_routes(routes: &[crate::nl::Route]) -> Self {
+        let mut by_len: BTreeMap<(u8, bool), HashMap<u128, u32>> = BTreeMap::new();
+        for r in routes {
+            if let (RouteKind::Unicast, Some(oif)) = (r.kind, r.oif) {
+                let (is_v6, key) = masked(r.dst, r.prefix);
+                by_len
+                    .entry((r.prefix, is_v6))
+                    .or_default()
+                    .insert(key, oif);
+            }
+        }
+        MainRoutes(
+            by_len
+                .into_iter()
+                .rev()
+                .map(|((len, v6), m)| (len, v6, m))
+                .collect(),
+        )
+    }
+
+    fn oif(&self, ip: IpAddr) -> Option<u32> {
+        self.0
+            .iter()
+            .filter(|(_, v6, _)| *v6 == ip.is_ipv6())
+            .find_map(|(len, _, m)| m.get(&masked(ip, *len).1).copied())
+    }
+}
+
 fn resolve_pod(
     nl: &Netlink,
+    view: &NodeView,
     id: &PodId,
     ips: &[IpAddr],
     ztunnel_veth: Option<u32>,
 ) -> Result<PodFacts> {
     let mut veth: Option<Link> = None;
     for &ip in ips {
-        let index = nl.route_oif(ip)?.ok_or(Error::PodRoute {
-            pod: id.to_string(),
-            ip,
-        })?;
-        let link = nl.link_by_index(index)?;
+        // A veth from the main table is the ptp answer; anything else (policy routing, a
+        // covering default route) is asked of the kernel, as `ip route get` would.
+        let from_main = view
+            .routes
+            .oif(ip)
+            .filter(|i| view.links.get(i).is_some_and(|l| l.is_veth));
+        let index = match from_main {
+            Some(i) => i,
+            None => nl.route_oif(ip)?.ok_or(Error::PodRoute {
+                pod: id.to_string(),
+                ip,
+            })?,
+        };
+        let link = match view.links.get(&index) {
+            Some(l) => l.clone(),
+            None => nl.link_by_index(index)?,
+        };
         if !link.is_veth || Some(link.index) == ztunnel_veth {
             return Err(Error::PodNotVeth {
                 pod: id.to_string(),
@@ -156,4 +242,42 @@ fn ztunnel_eth0(z: &ZtunnelSpec, ns: &Path) -> Result<Link> {
             netns: ns.into(),
         })?;
     nl.link_by_index(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nl::Route;
+
+    fn route(dst: &str, prefix: u8, oif: u32) -> Route {
+        let mut r = Route::to(MAIN_TABLE, dst.parse().unwrap(), prefix);
+        r.oif = Some(oif);
+        r
+    }
+
+    #[test]
+    fn longest_prefix_wins_per_family() {
+        let mut blackhole = route("10.244.2.99", 32, 9);
+        blackhole.kind = RouteKind::Blackhole;
+        let routes = MainRoutes::from_routes(&[
+            route("0.0.0.0", 0, 1),
+            route("10.244.0.0", 16, 2),
+            route("10.244.2.3", 32, 3),
+            route("fd00:10:244:2::", 64, 4),
+            route("fd00:10:244:2::3", 128, 5),
+            blackhole,
+        ]);
+        let cases = [
+            ("10.244.2.3", Some(3)),
+            ("10.244.2.4", Some(2)),
+            ("10.9.9.9", Some(1)),
+            ("10.244.2.99", Some(2)),
+            ("fd00:10:244:2::3", Some(5)),
+            ("fd00:10:244:2::7", Some(4)),
+            ("fd00:10:244:3::7", None),
+        ];
+        for (ip, want) in cases {
+            assert_eq!(routes.oif(ip.parse().unwrap()), want, "{ip}");
+        }
+    }
 }

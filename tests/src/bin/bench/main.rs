@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: what each redirection path costs, side by side in one run. Prints the
 //! tables and writes `bench/results.json` and `bench/results.md`.
 //!
-//! Usage: bench [--quick] [--rounds N] [--out DIR]
+//! Usage: bench [--quick] [--rounds N] [--only datapath|perpacket|control] [--out DIR]
 mod control;
 mod datapath;
 mod perpacket;
@@ -14,6 +14,8 @@ use anyhow::{Context, Result, bail};
 
 struct Args {
     quick: bool,
+    /// Only this part: datapath, perpacket or control.
+    only: Option<String>,
     rounds: usize,
     out: PathBuf,
 }
@@ -21,7 +23,8 @@ struct Args {
 fn args() -> Result<Args> {
     let mut a = Args {
         quick: false,
-        rounds: 5,
+        only: None,
+        rounds: 3,
         out: PathBuf::from("bench"),
     };
     let mut it = std::env::args().skip(1);
@@ -35,6 +38,7 @@ fn args() -> Result<Args> {
                     .parse()
                     .context("--rounds N")?
             }
+            "--only" => a.only = Some(it.next().context("--only datapath|perpacket|control")?),
             "--out" => a.out = it.next().context("--out DIR")?.into(),
             other => {
                 bail!("unknown argument {other:?}; usage: bench [--quick] [--rounds N] [--out DIR]")
@@ -65,18 +69,25 @@ fn main() -> Result<()> {
             rounds: a.rounds,
         }
     };
-    eprintln!("bench: data path ({} rounds)", sizes.rounds);
-    datapath::run(&sizes, &mut samples)?;
+    let part = |name: &str| a.only.as_deref().is_none_or(|o| o == name);
+    if part("datapath") {
+        eprintln!("bench: data path ({} rounds)", sizes.rounds);
+        datapath::run(&sizes, &mut samples)?;
+    }
     let repeat = if a.quick { 10_000 } else { 1_000_000 };
-    eprintln!("bench: per-packet cost ({repeat} repeats)");
-    perpacket::run(repeat, if a.quick { 1 } else { 3 }, &mut samples)?;
+    if part("perpacket") {
+        eprintln!("bench: per-packet cost ({repeat} repeats)");
+        perpacket::run(repeat, if a.quick { 1 } else { 3 }, &mut samples)?;
+    }
     let pods: &[u32] = if a.quick {
         &[100]
     } else {
         &[100, 1_000, 10_000]
     };
-    eprintln!("bench: control path");
-    control::run(pods, if a.quick { 1 } else { 3 }, &mut samples)?;
+    if part("control") {
+        eprintln!("bench: control path");
+        control::run(pods, if a.quick { 1 } else { 3 }, &mut samples)?;
+    }
 
     let figures = samples.figures();
     let command = if a.quick {
