@@ -157,6 +157,33 @@ impl Report {
                 if t.met { "met" } else { "**missed**" }
             );
         }
+        // The data path at a glance: one row per case, the medians.
+        let metrics = [
+            "rr_p50",
+            "rr_p99",
+            "conn_per_s",
+            "conn_p99",
+            "bulk_1",
+            "bulk_4",
+        ];
+        let _ = writeln!(
+            s,
+            "\n| data path | RR p50 µs | RR p99 µs | conn/s (16 clients) | conn p99 ms | 1 stream Gbit/s | 4 streams Gbit/s |\n|---|---|---|---|---|---|---|"
+        );
+        let mut cases: Vec<&str> = self
+            .figures
+            .iter()
+            .filter(|f| f.section == "datapath")
+            .map(|f| f.case.as_str())
+            .collect();
+        cases.dedup();
+        for case in cases {
+            let row: Vec<String> = metrics
+                .iter()
+                .map(|m| format!("{:.1}", median(&self.figures, case, m)))
+                .collect();
+            let _ = writeln!(s, "| {case} | {} |", row.join(" | "));
+        }
         let _ = writeln!(s, "\n| ratio | value |\n|---|---|");
         for r in &self.ratios {
             let _ = writeln!(s, "| {} | {:.3} |", r.name, r.value);
