@@ -162,6 +162,10 @@ pub fn churn(ns: &Path, dst: SocketAddr, clients: usize, duration: Duration) -> 
                 c.write_all(b"x")?;
                 let mut b = [0u8];
                 c.read_exact(&mut b)?;
+                // Closed with a reset: thousands of client TIME_WAITs would otherwise make
+                // every later connect search longer for a port, and the figure would depend
+                // on what ran before.
+                socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO))?;
                 Ok(())
             })();
             match ok {

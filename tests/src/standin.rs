@@ -227,6 +227,20 @@ fn connect_from(sh: &Shared, src: IpAddr, dst: SocketAddr) -> Result<TcpStream> 
         set_transparent(&s, dst.is_ipv6())?;
     }
     s.set_nodelay(true)?;
+    // The port is picked at connect time, against the full 4-tuple, as proxies do: a bind to
+    // port 0 would search ports still in TIME_WAIT on this address, slower with every
+    // connection of a churn.
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a pointer to a live c_int and its size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
     s.bind(&SocketAddr::new(src, 0).into())?;
     s.connect_timeout(&dst.into(), Duration::from_secs(3))
         .with_context(|| format!("{src} -> {dst}"))?;
