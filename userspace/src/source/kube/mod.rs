@@ -58,9 +58,14 @@ fn backoff() -> ResetTimerBackoff<Backoff> {
     ResetTimerBackoff::new(Backoff { next: BACKOFF_MIN }, Duration::from_secs(60))
 }
 
-enum Change {
-    Pods(Result<Event<Pod>, watcher::Error>),
-    Namespaces(Result<Event<Namespace>, watcher::Error>),
+/// What one watcher event means here, once its reflector has stored it: which resource, and
+/// whether the stores are settled (see [`settled`]) or the watch failed.
+type Change = (Resource, Result<Option<bool>, watcher::Error>);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Resource {
+    Pods,
+    Namespaces,
 }
 
 /// Watches until the runtime stops, sending each new desired state. With `captured` (the pods
@@ -89,25 +94,27 @@ pub async fn run(
         watcher(Api::<Pod>::all(client.clone()), node_pods),
     )
     .backoff(backoff())
-    .map(Change::Pods);
+    .map(|r| -> Change { (Resource::Pods, r.map(|e| settled(&e))) });
     let namespaces = reflector(
         ns_writer,
         watcher(Api::<Namespace>::all(client), watcher::Config::default()),
     )
     .backoff(backoff())
-    .map(Change::Namespaces);
+    .map(|r| -> Change { (Resource::Namespaces, r.map(|e| settled(&e))) });
     let mut changes = std::pin::pin!(stream::select(pods, namespaces));
     let (mut pods_listed, mut namespaces_listed) = (false, false);
     let mut last: Option<NodeState> = None;
-    while let Some(change) = changes.next().await {
-        let (what, settled, listed) = match change {
-            Change::Pods(r) => ("pods", r.map(|e| settled(&e)), &mut pods_listed),
-            Change::Namespaces(r) => ("namespaces", r.map(|e| settled(&e)), &mut namespaces_listed),
+    while let Some((resource, settled)) = changes.next().await {
+        let listed = match resource {
+            Resource::Pods => &mut pods_listed,
+            Resource::Namespaces => &mut namespaces_listed,
         };
         match settled {
             Err(e) => {
                 health.source_error();
-                log::warn!("watch on {what}: {e}; the kernel keeps its state while this retries");
+                log::warn!(
+                    "watch on {resource:?}: {e}; the kernel keeps its state while this retries"
+                );
                 continue;
             }
             // Half a relist: the store still holds the previous complete list.
