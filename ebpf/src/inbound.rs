@@ -10,7 +10,7 @@ use zdivert_common::{TCX_NEXT, counter::*};
 
 use crate::{
     maps::{count, is_node_ip, is_ztunnel_ip, ztunnel},
-    packet::{Frame, IPPROTO_TCP, parse, set_dst_mac, tcp},
+    packet::{Frame, IPPROTO_TCP, Ip, Quoted, icmp_error_quote, parse, set_dst_mac, tcp},
 };
 
 #[classifier]
@@ -20,6 +20,9 @@ pub fn zd_inbound(ctx: TcContext) -> i32 {
         Frame::Malformed => return drop(IN_DROP_MALFORMED),
         Frame::Ip(ip) => ip,
     };
+    if let Some(quoted) = icmp_error_quote(&ctx, &ip) {
+        return icmp_error(&ctx, &ip, &quoted);
+    }
     if ip.proto != IPPROTO_TCP || is_node_ip(&ip.src) {
         return pass();
     }
@@ -40,6 +43,26 @@ pub fn zd_inbound(ctx: TcContext) -> i32 {
     // Egress cannot use bpf_redirect_peer; transmitting on ztunnel's host veth delivers the frame
     // to ztunnel's eth0. Crossing netns clears the mark, so ztunnel's tproxy program treats an
     // unmarked captured packet as inbound (:15006, or :15008 for HBONE).
+    // SAFETY: plain helper call; returns TC_ACT_REDIRECT, or TC_ACT_SHOT on a bad ifindex.
+    unsafe { bpf_redirect(z.host_ifindex, 0) as i32 }
+}
+
+/// An ICMP error about TCP "from" this pod that comes from outside concerns a connection
+/// ztunnel made in the pod's name (the pod's own TCP never leaves the node uncaptured): it goes
+/// to ztunnel, whose socket needs it (path MTU, unreachable); the pod has no such connection.
+/// Errors from ztunnel itself, or about the pod's direct traffic with the node, are the pod's.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, ip: &Ip, quoted: &Quoted) -> i32 {
+    if quoted.proto != IPPROTO_TCP || quoted.src != ip.dst || is_node_ip(&quoted.dst) {
+        return pass();
+    }
+    let Some(z) = ztunnel() else {
+        return pass();
+    };
+    if is_ztunnel_ip(&z, &ip.src, ip.v6) || !set_dst_mac(ctx, &z.mac) {
+        return pass();
+    }
+    count(IN_REDIRECTED);
     // SAFETY: plain helper call; returns TC_ACT_REDIRECT, or TC_ACT_SHOT on a bad ifindex.
     unsafe { bpf_redirect(z.host_ifindex, 0) as i32 }
 }

@@ -7,6 +7,8 @@ pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPPROTO_TCP: u8 = 6;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
 const IPV6_HLEN: usize = 40;
 /// IPv6 extension headers walked before giving up (and calling the packet malformed).
 const MAX_IPV6_EXT_HEADERS: usize = 8;
@@ -149,6 +151,51 @@ fn parse_v6(ctx: &TcContext) -> Frame {
         l4_off: off,
         fragment,
     })
+}
+
+/// The packet an ICMP error quotes (after the 8-byte ICMP header, RFC 792 / RFC 4443).
+pub struct Quoted {
+    pub proto: u8,
+    pub src: IpKey,
+    pub dst: IpKey,
+}
+
+/// If `ip` is an ICMP error (destination unreachable, time exceeded, parameter problem, and for
+/// IPv6 packet too big), the header of the packet it is about.
+#[inline(always)]
+pub fn icmp_error_quote(ctx: &TcContext, ip: &Ip) -> Option<Quoted> {
+    if ip.fragment {
+        return None;
+    }
+    let icmp_type = ctx.load::<u8>(ip.l4_off).ok()?;
+    let inner = ip.l4_off + 8;
+    if !ip.v6 && ip.proto == IPPROTO_ICMP && matches!(icmp_type, 3 | 11 | 12) {
+        let h = ctx.load::<[u8; 20]>(inner).ok()?;
+        if h[0] >> 4 != 4 {
+            return None;
+        }
+        return Some(Quoted {
+            proto: h[9],
+            src: IpKey::from_v4([h[12], h[13], h[14], h[15]]),
+            dst: IpKey::from_v4([h[16], h[17], h[18], h[19]]),
+        });
+    }
+    if ip.v6 && ip.proto == IPPROTO_ICMPV6 && matches!(icmp_type, 1..=4) {
+        let h = ctx.load::<[u8; 40]>(inner).ok()?;
+        if h[0] >> 4 != 6 {
+            return None;
+        }
+        let (mut src, mut dst) = ([0u8; 16], [0u8; 16]);
+        src.copy_from_slice(&h[8..24]);
+        dst.copy_from_slice(&h[24..40]);
+        // The quoted next header; a quote behind extension headers is not looked into.
+        return Some(Quoted {
+            proto: h[6],
+            src: IpKey::from_v6(src),
+            dst: IpKey::from_v6(dst),
+        });
+    }
+    None
 }
 
 /// The TCP ports and flags, if the header is all there (20 bytes at least).

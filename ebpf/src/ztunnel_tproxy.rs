@@ -24,7 +24,7 @@ use zdivert_common::{
 
 use crate::{
     maps::{count, is_ztunnel_ip, ztunnel},
-    packet::{Frame, IPPROTO_TCP, Ip, Tcp, mark, parse, tcp},
+    packet::{Frame, IPPROTO_TCP, Ip, Tcp, icmp_error_quote, mark, parse, tcp},
 };
 
 const V4_TUPLE_LEN: u32 = 12;
@@ -38,7 +38,7 @@ pub fn zd_zt_tproxy(ctx: TcContext) -> i32 {
         return pass();
     };
     if ip.proto != IPPROTO_TCP {
-        return pass();
+        return icmp_error(&ctx, &ip);
     }
     // Traffic addressed to ztunnel itself (its own connections' replies, direct clients) is
     // ordinary local traffic; only captured segments carry someone else's address.
@@ -89,6 +89,23 @@ pub fn zd_zt_tproxy(ctx: TcContext) -> i32 {
             return drop(TP_DROP_NO_LISTENER);
         }
         assign(&ctx, sk, TP_LISTENER)
+    }
+}
+
+/// An ICMP error the inbound program handed over, addressed to a pod in whose name ztunnel
+/// connected: delivered locally (mark 0x400), where the stack gives it to the socket the quoted
+/// tuple names, ztunnel's.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, ip: &Ip) -> i32 {
+    let Some(quoted) = icmp_error_quote(ctx, ip) else {
+        return pass();
+    };
+    match ztunnel() {
+        Some(z) if quoted.proto == IPPROTO_TCP && !is_ztunnel_ip(&z, &ip.dst, ip.v6) => {
+            ctx.skb.set_mark((mark(ctx) & !MARK_MASK) | MARK_TPROXY);
+            pass()
+        }
+        _ => pass(),
     }
 }
 

@@ -116,3 +116,96 @@ fn connection_churn_through_ztunnel_never_retransmits_a_syn() -> anyhow::Result<
     );
     Ok(())
 }
+
+/// `Icmp: InDestUnreachs` of a netns: ICMP errors its stack took in.
+fn dest_unreachs(ns: &zdivert_tests::ns::Netns) -> anyhow::Result<u64> {
+    let snmp = ns.cmd("cat", &["/proc/net/snmp"])?;
+    let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp:"));
+    let (names, values) = (icmp.next().unwrap_or(""), icmp.next().unwrap_or(""));
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "InDestUnreachs")
+        .and_then(|(_, v)| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no InDestUnreachs in /proc/net/snmp"))
+}
+
+fn inet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[test]
+fn icmp_errors_about_ztunnels_connections_reach_ztunnel_not_the_pod() -> anyhow::Result<()> {
+    use zdivert_tests::{
+        apps::{TcpServer, connect, exchange, sa},
+        packets::V4,
+        raw,
+    };
+    let lab = common::Lab::start()?;
+    let (w2, pp, rv1) = (
+        lab.w2(),
+        lab.w2().pod("productpage-v1"),
+        lab.w2().pod("reviews-v1"),
+    );
+    let sender = lab.w1().pod("details-v1");
+    let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    // productpage → reviews-v1 through ztunnel, kept open: ztunnel's upstream connection is
+    // made in productpage's name (source 10.244.2.3, a port of ztunnel's choosing).
+    let conn = connect(&pp.ns, sa(rv1.ip, 9080), std::time::Duration::from_secs(3))?;
+    exchange(&conn)?;
+    let rec = lab.z2().to(sa(rv1.ip, 9080));
+    let (_, upstream_src) = rec
+        .last()
+        .and_then(|r| r.upstream)
+        .expect("an upstream connection");
+    assert_eq!(upstream_src.ip(), std::net::IpAddr::from(pp.ip));
+
+    // A router on the way says: fragmentation needed for that upstream connection.
+    let mut quoted_tcp = vec![0u8; 8];
+    quoted_tcp[..2].copy_from_slice(&upstream_src.port().to_be_bytes());
+    quoted_tcp[2..4].copy_from_slice(&9080u16.to_be_bytes());
+    let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0x00]; // type 3 code 4, next-hop MTU 1280
+    icmp.extend(V4::new(pp.ip, rv1.ip, 6).packet(&quoted_tcp));
+    let sum = inet_checksum(&icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let packet = V4::new(sender.ip, pp.ip, 1).packet(&icmp);
+
+    let (zt_before, pod_before) = (dest_unreachs(&w2.ztunnel.ns)?, dest_unreachs(&pp.ns)?);
+    raw::send(&sender.ns, pp.ip, packet)?;
+    zdivert_tests::eventually(
+        "ztunnel's stack took the ICMP error",
+        std::time::Duration::from_secs(5),
+        || Ok(dest_unreachs(&w2.ztunnel.ns)? > zt_before),
+    )?;
+    assert_eq!(
+        dest_unreachs(&pp.ns)?,
+        pod_before,
+        "the pod has no such connection: it must not get the error"
+    );
+
+    // An error about the pod's direct traffic with the node stays the pod's.
+    let mut quoted = V4::new(pp.ip, w2.gateway, 6).packet(&quoted_tcp);
+    let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0x00];
+    icmp.append(&mut quoted);
+    let sum = inet_checksum(&icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    raw::send(
+        &sender.ns,
+        pp.ip,
+        V4::new(sender.ip, pp.ip, 1).packet(&icmp),
+    )?;
+    zdivert_tests::eventually(
+        "the pod took the error about its node traffic",
+        std::time::Duration::from_secs(5),
+        || Ok(dest_unreachs(&pp.ns)? > pod_before),
+    )?;
+    drop(conn);
+    Ok(())
+}
