@@ -48,11 +48,8 @@ pub fn inode(path: &Path) -> Result<u64> {
         })
 }
 
-/// `/proc/<pid>/ns/net` of every process, one path per distinct namespace, this thread's own
-/// namespace left out.
-fn process_namespaces() -> Vec<(PathBuf, u64)> {
-    let own = inode(Path::new("/proc/thread-self/ns/net")).ok();
-    let mut seen = std::collections::HashSet::new();
+/// `/proc/<pid>/ns/net` of every process.
+fn process_netns_paths() -> impl Iterator<Item = PathBuf> {
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -63,6 +60,13 @@ fn process_namespaces() -> Vec<(PathBuf, u64)> {
                 .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
         })
         .map(|e| e.path().join("ns/net"))
+}
+
+/// One `/proc/<pid>/ns/net` per distinct namespace, this thread's own namespace left out.
+fn process_namespaces() -> Vec<(PathBuf, u64)> {
+    let own = inode(Path::new("/proc/thread-self/ns/net")).ok();
+    let mut seen = std::collections::HashSet::new();
+    process_netns_paths()
         .filter_map(|p| inode(&p).ok().map(|i| (p, i)))
         .filter(|(_, i)| Some(*i) != own && seen.insert(*i))
         .collect()
@@ -111,15 +115,7 @@ pub fn find_by_inode(ino: u64) -> Option<PathBuf> {
         .flatten()
         .flatten()
         .map(|e| e.path());
-    let procs = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .map(|e| e.path().join("ns/net"));
-    named.chain(procs).find(|p| inode(p).ok() == Some(ino))
+    named
+        .chain(process_netns_paths())
+        .find(|p| inode(p).ok() == Some(ino))
 }

@@ -49,20 +49,15 @@ impl Report {
             let m = |variant: &str, metric: &str| {
                 median(&figures, &format!("{side}/{variant}"), metric)
             };
-            for metric in ["rr_p50", "rr_p99", "conn_p99"] {
-                for (num, den) in [
-                    ("c-ebpf", "b-explicit"),
-                    ("c-ebpf", "d-iptables"),
-                    ("d-iptables", "b-explicit"),
-                    ("b-explicit", "a-direct"),
-                ] {
-                    ratios.push(Ratio {
-                        name: format!("{side} {metric} {}/{}", &num[..1], &den[..1]),
-                        value: m(num, metric) / m(den, metric),
-                    });
-                }
-            }
-            for metric in ["conn_per_s", "bulk_1", "bulk_4"] {
+            let metrics = [
+                "rr_p50",
+                "rr_p99",
+                "conn_p99",
+                "conn_per_s",
+                "bulk_1",
+                "bulk_4",
+            ];
+            for metric in metrics {
                 for (num, den) in [
                     ("c-ebpf", "b-explicit"),
                     ("c-ebpf", "d-iptables"),
