@@ -24,7 +24,8 @@ pub struct Agent {
     pub pods_file: PathBuf,
     /// Set: the agent watches the (fake) Kubernetes API this kubeconfig names, not the file.
     pub kubeconfig: Option<PathBuf>,
-    /// `--mode`: ebpf or iptables.
+    /// `--mode`: ebpf or iptables; `ebpf-clsact`: ebpf attached through tc clsact, as on a kernel
+    /// without TCX (`--attach netlink`).
     pub mode: String,
     /// More `run` options (`--tunnel geneve`).
     pub extra: Vec<String>,
@@ -92,7 +93,11 @@ impl Agent {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.node_ns.display()))
             .arg(zdivert_bin())
-            .args(["--node", &self.node, "run", "--mode", &self.mode]);
+            .args(["--node", &self.node, "run"]);
+        match self.mode.as_str() {
+            "ebpf-clsact" => cmd.args(["--mode", "ebpf", "--attach", "netlink"]),
+            mode => cmd.args(["--mode", mode]),
+        };
         match &self.kubeconfig {
             Some(k) => cmd.env("KUBECONFIG", k),
             None => cmd.arg("--pods-file").arg(&self.pods_file),

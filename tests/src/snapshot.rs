@@ -71,21 +71,40 @@ pub fn snapshot(ns: &Netns) -> anyhow::Result<String> {
     }
     s += &format!("## sysctl\n{}", sysctls(ns)?);
     s += &format!("## tcx\n{}", tcx_programs(ns)?);
+    s += &format!("## tc clsact\n{}", clsact_filters(ns)?);
     Ok(s)
 }
 
-/// The programs attached through TCX to every interface of `ns`, as the kernel reports them
-/// (this bpftool predates TCX and shows nothing).
-pub fn tcx_programs(ns: &Netns) -> anyhow::Result<String> {
+fn interfaces(ns: &Netns) -> anyhow::Result<Vec<String>> {
     let links = ns.ip("-o link show")?;
-    let names: Vec<String> = links
+    Ok(links
         .lines()
         .filter_map(|l| {
             l.split(": ")
                 .nth(1)
                 .map(|n| n.split('@').next().unwrap_or(n).to_string())
         })
-        .collect();
+        .collect())
+}
+
+/// The qdiscs of `ns` and the filters on every interface's clsact hooks, as `tc` shows them.
+pub fn clsact_filters(ns: &Netns) -> anyhow::Result<String> {
+    let mut out = ns.cmd("tc", &["qdisc", "show"])?;
+    for name in interfaces(ns)? {
+        for dir in ["ingress", "egress"] {
+            let f = ns.cmd("tc", &["filter", "show", "dev", &name, dir])?;
+            if !f.trim().is_empty() {
+                out += &format!("{name} {dir}:\n{f}");
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The programs attached through TCX to every interface of `ns`, as the kernel reports them
+/// (this bpftool predates TCX and shows nothing).
+pub fn tcx_programs(ns: &Netns) -> anyhow::Result<String> {
+    let names = interfaces(ns)?;
     ns.exec(move || -> anyhow::Result<String> {
         let mut out = String::new();
         for name in names {

@@ -10,11 +10,22 @@ use zdivert_tests::{
 
 #[test]
 fn cleanup_after_sigkill_restores_both_namespaces_and_bpffs() -> anyhow::Result<()> {
+    after_sigkill("ebpf")
+}
+
+/// Filters cannot be pinned: cleanup finds them from the recorded programs, in both namespaces,
+/// and removes the clsact qdiscs it leaves empty.
+#[test]
+fn cleanup_after_sigkill_in_clsact_mode_restores_both_namespaces_and_bpffs() -> anyhow::Result<()> {
+    after_sigkill("ebpf-clsact")
+}
+
+fn after_sigkill(mode: &str) -> anyhow::Result<()> {
     let topo = Topology::article()?;
     let node = topo.worker2();
     let before = (snapshot(&node.ns)?, snapshot(&node.ztunnel.ns)?);
 
-    let mut agent = Agent::start(node, &node.pods_file(true))?;
+    let mut agent = Agent::start_mode(node, &node.pods_file(true), mode)?;
     let (a, l) = common::expected(node, true);
     agent.wait_ready(a * 2, l)?;
     let during = (snapshot(&node.ns)?, snapshot(&node.ztunnel.ns)?);
@@ -34,9 +45,12 @@ fn cleanup_after_sigkill_restores_both_namespaces_and_bpffs() -> anyhow::Result<
     );
     assert_eq!(
         pins(&agent.node).len(),
-        2 + 4 + l,
-        "maps/, links/, 4 maps, {l} links"
+        3 + 4 + l,
+        "maps/, links/, filters/, 4 maps, {l} attachments"
     );
+    if mode == "ebpf-clsact" {
+        assert!(during.1.contains("zd_zt_tproxy"), "{}", during.1);
+    }
 
     agent.kill();
     // Pinned state survives the agent: still attached.

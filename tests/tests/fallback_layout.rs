@@ -11,7 +11,7 @@ use zdivert_tests::{
     apps::{RequestStream, TcpServer, request, sa},
     fallback::{self, Dump, missing, sysctl_lines},
     ns::Netns,
-    snapshot::{assert_same, pins, snapshot, sysctls, tcx_programs},
+    snapshot::{assert_same, clsact_filters, pins, snapshot, sysctls, tcx_programs},
     standin_for,
     topology::{Node, Topology},
 };
@@ -161,8 +161,11 @@ fn no_fallback_residue(node: &Node) -> anyhow::Result<()> {
 
 fn no_ebpf_residue(node: &Node, agent: &Agent) -> anyhow::Result<()> {
     for ns in [&node.ns, &node.ztunnel.ns] {
-        let tcx = tcx_programs(ns)?;
-        assert!(!tcx.contains("zd_"), "programs left attached:\n{tcx}");
+        let attached = tcx_programs(ns)? + &clsact_filters(ns)?;
+        assert!(
+            !attached.contains("zd_"),
+            "programs left attached:\n{attached}"
+        );
     }
     // (Rule 20000 in ztunnel's netns stays: the fallback's layout has the same one.)
     assert_eq!(pins(&agent.node), Vec::<String>::new());

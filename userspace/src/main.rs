@@ -17,7 +17,7 @@ use zdivert::{
     },
     dataplane::{
         Dataplane,
-        ebpf::{self, EbpfDataplane},
+        ebpf::{self, EbpfDataplane, attach::AttachMode},
         iptables::{self, IptablesDataplane, TunnelChoice},
     },
     source::{self, file, kube::select::SelectConfig},
@@ -70,6 +70,10 @@ enum Command {
         /// Tunnel kind for the iptables fallback.
         #[arg(long, value_enum, default_value_t = TunnelChoice::Auto)]
         tunnel: TunnelChoice,
+        /// How the eBPF dataplane attaches its programs (default: TCX where the kernel has it,
+        /// 6.6+, else tc clsact through netlink).
+        #[arg(long, value_enum)]
+        attach: Option<AttachMode>,
     },
     /// Show the pinned maps, attachments and packet counters.
     Status {
@@ -131,6 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             resync_secs,
             mode,
             tunnel,
+            attach,
         } => {
             let node = match (&pods_file, cli.node) {
                 (Some(path), node) => {
@@ -159,7 +164,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
                 );
             }
-            let mut dp = dataplane(&cli.bpffs, &cli.state_dir, &node, mode, tunnel)?;
+            let attach = attach.unwrap_or_else(AttachMode::for_kernel);
+            let mut dp = dataplane(&cli.bpffs, &cli.state_dir, &node, mode, tunnel, attach)?;
             let health = Arc::new(Health::new(&node, dp.name(), cli.bpffs.clone()));
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -273,13 +279,16 @@ fn dataplane(
     node: &str,
     mode: Mode,
     tunnel: TunnelChoice,
+    attach: AttachMode,
 ) -> anyhow::Result<Box<dyn Dataplane>> {
     let use_ebpf = match mode {
         Mode::Ebpf => true,
         Mode::Iptables => false,
-        Mode::Auto => match ebpf::probe(bpffs) {
+        Mode::Auto => match ebpf::probe(bpffs, attach) {
             Ok(()) => {
-                log::info!("mode auto: eBPF (programs load, TCX attaches, bpf_sk_assign usable)");
+                log::info!(
+                    "mode auto: eBPF (programs load, {attach} attaches, bpf_sk_assign usable)"
+                );
                 true
             }
             Err(why) => {
@@ -293,9 +302,9 @@ fn dataplane(
             iptables::cleanup(state_dir, node)?;
             log::info!("removed the iptables layout an earlier agent left");
         }
-        let dp = EbpfDataplane::load(bpffs, node)?;
+        let dp = EbpfDataplane::load(bpffs, node, attach)?;
         log::info!(
-            "ebpf dataplane for node {node}, pins under {}",
+            "ebpf dataplane for node {node}, attached through {attach}, pins under {}",
             dp.dirs().root.display()
         );
         Ok(Box::new(dp))

@@ -71,9 +71,9 @@ pub fn read(bpffs: &Path, node: &str) -> Result<Status> {
             })
             .collect(),
         node_ips: snap.node_ips,
-        links: attach::pinned(&dirs.links)?
-            .values()
-            .map(|p| p.to_string())
+        links: attach::all_pinned(&dirs)?
+            .iter()
+            .map(|(_, mode, p)| format!("{p} via {mode}"))
             .collect(),
         counters: snap
             .counters

@@ -31,10 +31,12 @@ pub struct Netlink {
 
 mod routes;
 mod rules;
+mod tc;
 mod tunnels;
 
 pub use routes::{Route, RouteKind};
 pub use rules::{PolicyRule, RuleTarget};
+pub use tc::TcFilter;
 pub use tunnels::{Tunnel, TunnelKind};
 
 pub(crate) fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {

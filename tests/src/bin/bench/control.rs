@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use zdivert::{
     dataplane::{
         Dataplane,
-        ebpf::{self, EbpfDataplane},
+        ebpf::{self, EbpfDataplane, attach::AttachMode},
         iptables::{self, IptablesDataplane, TunnelChoice},
     },
     state::{NodeState, PodId, PodSpec, ZtunnelSpec},
@@ -144,7 +144,8 @@ pub fn run(sizes: &[u32], rounds: usize, samples: &mut Samples) -> Result<()> {
                     move || -> Result<(Duration, Duration)> {
                         let result = match mode {
                             "ebpf" => {
-                                let mut dp = EbpfDataplane::load(Path::new(BPFFS), &node)?;
+                                let mut dp =
+                                    EbpfDataplane::load(Path::new(BPFFS), &node, AttachMode::Tcx)?;
                                 apply_times(&mut dp, &node, &z, n)
                             }
                             _ => {

@@ -1,5 +1,5 @@
 //! The eBPF dataplane: TC programs on the pods' and ztunnel's veths, maps and links pinned under
-//! `<bpffs>/zdivert/<PIN_VERSION>/<node>/{maps,links}`.
+//! `<bpffs>/zdivert/<PIN_VERSION>/<node>/{maps,links,filters}`.
 pub mod attach;
 pub mod maps;
 mod probe;
@@ -17,7 +17,7 @@ use zdivert_common::{
     MARK_MASK, MARK_TPROXY, PIN_VERSION, ZTUNNEL_TPROXY_RULE_PRIORITY, ZTUNNEL_TPROXY_TABLE,
 };
 
-use self::attach::{Attachment, Hook};
+use self::attach::{AttachMode, Attachment, Hook};
 use super::{Dataplane, Report};
 use crate::{
     error::{Error, Result},
@@ -47,7 +47,10 @@ pub const TPROXY_RULE: PolicyRule = PolicyRule::fwmark(
 pub struct PinDirs {
     pub root: PathBuf,
     pub maps: PathBuf,
+    /// TCX links.
     pub links: PathBuf,
+    /// The programs of tc clsact filters (kernels without TCX).
+    pub filters: PathBuf,
 }
 
 impl PinDirs {
@@ -56,6 +59,7 @@ impl PinDirs {
         PinDirs {
             maps: root.join("maps"),
             links: root.join("links"),
+            filters: root.join("filters"),
             root,
         }
     }
@@ -65,6 +69,7 @@ pub struct EbpfDataplane {
     ebpf: Ebpf,
     maps: maps::Maps,
     dirs: PinDirs,
+    attach: AttachMode,
     nl: Netlink,
     node_netns_inode: u64,
     /// Link pins this process has already swapped its programs into.
@@ -101,7 +106,7 @@ fn ensure_bpffs(bpffs: &Path) -> Result<()> {
 }
 
 fn mkdirs(dirs: &PinDirs) -> Result<()> {
-    for d in [&dirs.maps, &dirs.links] {
+    for d in [&dirs.maps, &dirs.links, &dirs.filters] {
         std::fs::create_dir_all(d).map_err(|e| Error::Bpffs {
             path: d.clone(),
             reason: e.to_string(),
@@ -111,8 +116,9 @@ fn mkdirs(dirs: &PinDirs) -> Result<()> {
 }
 
 impl EbpfDataplane {
-    /// Loads the programs, reusing the node's pinned maps if an earlier agent left them.
-    pub fn load(bpffs: &Path, node: &str) -> Result<Self> {
+    /// Loads the programs, reusing the node's pinned maps if an earlier agent left them;
+    /// programs will be attached through `attach`.
+    pub fn load(bpffs: &Path, node: &str, attach: AttachMode) -> Result<Self> {
         if OBJECT.is_empty() {
             return Err(Error::NoEbpfObject);
         }
@@ -140,6 +146,7 @@ impl EbpfDataplane {
             ebpf,
             maps,
             dirs,
+            attach,
             nl: Netlink::new()?,
             node_netns_inode: netns::inode(Path::new("/proc/self/ns/net"))?,
             adopted: BTreeSet::new(),
@@ -149,6 +156,10 @@ impl EbpfDataplane {
 
     pub fn dirs(&self) -> &PinDirs {
         &self.dirs
+    }
+
+    pub fn attach_mode(&self) -> AttachMode {
+        self.attach
     }
 
     fn attachments(&self, facts: &NodeFacts) -> Vec<(Option<crate::state::PodId>, Attachment)> {
@@ -250,8 +261,14 @@ impl Dataplane for EbpfDataplane {
         self.maps.upsert(&desired)?;
         let owned = self.attachments(&facts);
         let wanted: Vec<Attachment> = owned.iter().map(|(_, a)| a.clone()).collect();
-        let failures = attach::ensure(&mut self.ebpf, &self.dirs.links, &wanted, &mut self.adopted);
-        attach::remove_stale(&self.dirs.links, &wanted, &mut self.adopted)?;
+        let failures = attach::ensure(
+            &mut self.ebpf,
+            &self.dirs,
+            self.attach,
+            &wanted,
+            &mut self.adopted,
+        );
+        attach::remove_stale(&self.dirs, self.attach, &wanted, &mut self.adopted)?;
         self.maps.remove_stale(&desired)?;
 
         let mut failed_pods = BTreeSet::new();
@@ -288,7 +305,7 @@ pub struct Cleaned {
 pub fn cleanup(bpffs: &Path, node: &str) -> Result<Cleaned> {
     let dirs = PinDirs::new(bpffs, node);
     let mut cleaned = Cleaned::default();
-    for (name, pinned) in attach::pinned(&dirs.links)? {
+    for (name, mode, pinned) in attach::all_pinned(&dirs)? {
         if pinned.hook == Hook::ZtunnelTproxy
             && let Some(ns) = netns::find_by_inode(pinned.netns_inode)
         {
@@ -298,7 +315,7 @@ pub fn cleanup(bpffs: &Path, node: &str) -> Result<Cleaned> {
                 Err(e) => log::warn!("ztunnel netns {}: {e}", ns.display()),
             }
         }
-        attach::unpin(&dirs.links, &name)?;
+        attach::detach(&dirs, mode, &name, &pinned)?;
         cleaned.links += 1;
     }
     for name in maps::ALL {
@@ -311,8 +328,21 @@ pub fn cleanup(bpffs: &Path, node: &str) -> Result<Cleaned> {
             cleaned.maps += 1;
         }
     }
+    // A re-record an agent did not finish (see attach::clsact).
+    for e in std::fs::read_dir(&dirs.filters)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if e.file_name()
+            .to_string_lossy()
+            .starts_with(attach::REPIN_PREFIX)
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     // Remove our directories bottom-up, stopping at the first that holds something else.
-    for d in [&dirs.links, &dirs.maps, &dirs.root] {
+    for d in [&dirs.links, &dirs.filters, &dirs.maps, &dirs.root] {
         let _ = std::fs::remove_dir(d);
     }
     let mut up = dirs.root.parent();

@@ -1,19 +1,26 @@
 //! `--mode auto`: whether the eBPF dataplane can run here, found by doing what it does on a
 //! scratch interface: load every program (the verifier accepts `bpf_sk_assign` and the socket
-//! lookups only where the kernel has them) and attach one with TCX to a scratch veth. Leaves
-//! nothing behind.
+//! lookups only where the kernel has them) and attach one, the way the agent will (TCX or tc
+//! clsact), to a scratch veth. Leaves nothing behind.
 use std::path::Path;
 
 use aya::{
     EbpfLoader,
-    programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        tc::{self, NlOptions, TcAttachOptions},
+    },
 };
 
-use super::{OBJECT, attach::Hook, ensure_bpffs};
+use super::{
+    OBJECT,
+    attach::{AttachMode, Hook},
+    ensure_bpffs,
+};
 use crate::nl::Netlink;
 
 /// Ok, or why the eBPF dataplane cannot run on this node.
-pub fn probe(bpffs: &Path) -> Result<(), String> {
+pub fn probe(bpffs: &Path, attach: AttachMode) -> Result<(), String> {
     if OBJECT.is_empty() {
         return Err("the agent was built without the eBPF object".into());
     }
@@ -22,13 +29,13 @@ pub fn probe(bpffs: &Path) -> Result<(), String> {
         .join("zdivert")
         .join(format!("probe-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
-    let result = load_and_attach(&scratch);
+    let result = load_and_attach(&scratch, attach);
     let _ = std::fs::remove_dir_all(&scratch);
     let _ = std::fs::remove_dir(bpffs.join("zdivert"));
     result
 }
 
-fn load_and_attach(pins: &Path) -> Result<(), String> {
+fn load_and_attach(pins: &Path, attach: AttachMode) -> Result<(), String> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pins)
         .load(OBJECT)
@@ -50,16 +57,25 @@ fn load_and_attach(pins: &Path) -> Result<(), String> {
         .expect("loaded above")
         .try_into()
         .expect("checked above");
-    let attached = prog
-        .attach_with_options(
-            &name,
-            TcAttachType::Ingress,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        )
-        .map(|id| {
-            let _ = prog.detach(id);
-        })
-        .map_err(|e| format!("TCX attach failed (kernel < 6.6?): {e}"));
+    let options = match attach {
+        AttachMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
+        AttachMode::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
+    };
+    let attached = match attach {
+        AttachMode::Netlink => tc::qdisc_add_clsact(&name).map_err(|e| e.to_string()),
+        AttachMode::Tcx => Ok(()),
+    }
+    .and_then(|()| {
+        prog.attach_with_options(&name, TcAttachType::Ingress, options)
+            .map_err(|e| e.to_string())
+    })
+    .map(|id| {
+        let _ = prog.detach(id);
+    })
+    .map_err(|e| match attach {
+        AttachMode::Tcx => format!("TCX attach failed (kernel < 6.6? try --attach netlink): {e}"),
+        AttachMode::Netlink => format!("tc clsact attach failed: {e}"),
+    });
     let _ = nl.delete_link(&name);
     attached
 }

@@ -1,6 +1,15 @@
-//! Program attachments as pinned TCX links: the pin is the state. An attachment exists exactly
-//! while its pin does, so a restarted (or SIGKILLed) agent drops nothing, and adopts each pinned
-//! link by atomically swapping in its freshly loaded program (`bpf_link_update`): no gap.
+//! Program attachments, recorded in bpffs: an attachment exists exactly while its pin does, so
+//! a restarted (or SIGKILLed) agent drops nothing and adopts each one by swapping its freshly
+//! loaded program in atomically. Two mechanisms, one per kernel generation:
+//! - TCX (6.6+): the pin is the link itself (`links/`); removing it detaches.
+//! - tc clsact through netlink (older kernels): filters cannot be pinned, so the pin is the
+//!   program the filter runs (`filters/`), written before the filter exists; the filter sits at
+//!   a fixed priority and handle, which is how a restarted agent finds and replaces it.
+mod clsact;
+mod tcx;
+
+pub use clsact::REPIN_PREFIX;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -9,18 +18,15 @@ use std::{
 
 use aya::{
     Ebpf,
-    programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
-        links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
-    },
+    programs::{SchedClassifier, TcAttachType},
+    util::KernelVersion,
 };
 
+use super::PinDirs;
 use crate::{
     error::{Error, Result},
     netns,
 };
-
 /// A packet path and where its program attaches (DESIGN.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Hook {
@@ -96,6 +102,15 @@ impl Attachment {
     pub fn pin_name(&self) -> String {
         pin_name(self.hook, self.netns_inode, self.ifindex)
     }
+
+    fn error(&self, reason: String) -> Error {
+        Error::Attach {
+            program: self.hook.program(),
+            interface: self.ifname.clone(),
+            direction: self.hook.direction(),
+            reason,
+        }
+    }
 }
 
 fn pin_name(hook: Hook, netns_inode: u64, ifindex: u32) -> String {
@@ -154,7 +169,7 @@ pub fn pinned(dir: &Path) -> Result<BTreeMap<String, PinnedAttachment>> {
         .collect())
 }
 
-/// Detaches by removing the pin (the last reference to the link).
+/// Removes a pin: for a TCX link its last reference, so this detaches it.
 pub fn unpin(dir: &Path, name: &str) -> Result<()> {
     let path = dir.join(name);
     match std::fs::remove_file(&path) {
@@ -167,24 +182,81 @@ pub fn unpin(dir: &Path, name: &str) -> Result<()> {
     }
 }
 
-/// Keeps the links in `dir` equal to `desired`: adopts (program swap) or creates what is
-/// desired, never touching links of other owners. `adopted` remembers which pins this process
-/// already swapped, so a steady-state apply does no link syscalls at all.
+/// How programs are attached to interfaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// TCX links (Linux 6.6+), pinned.
+    Tcx,
+    /// tc filters on a clsact qdisc, through netlink (any kernel with BPF TC).
+    Netlink,
+}
+
+impl AttachMode {
+    pub const ALL: [AttachMode; 2] = [AttachMode::Tcx, AttachMode::Netlink];
+
+    /// What aya itself picks: TCX where the kernel has it (6.6), netlink clsact before.
+    pub fn for_kernel() -> AttachMode {
+        match KernelVersion::current() {
+            Ok(v) if v < KernelVersion::new(6, 6, 0) => AttachMode::Netlink,
+            _ => AttachMode::Tcx,
+        }
+    }
+
+    pub fn dir(self, dirs: &PinDirs) -> &Path {
+        match self {
+            AttachMode::Tcx => &dirs.links,
+            AttachMode::Netlink => &dirs.filters,
+        }
+    }
+}
+
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AttachMode::Tcx => "tcx",
+            AttachMode::Netlink => "tc clsact",
+        })
+    }
+}
+
+/// Every recorded attachment of a node, of both mechanisms: pin name, mechanism, what.
+pub fn all_pinned(dirs: &PinDirs) -> Result<Vec<(String, AttachMode, PinnedAttachment)>> {
+    let mut out = Vec::new();
+    for mode in AttachMode::ALL {
+        for (name, p) in pinned(mode.dir(dirs))? {
+            out.push((name, mode, p));
+        }
+    }
+    Ok(out)
+}
+
+/// Makes every `desired` attachment exist through `mode`: adopts (program swap) or creates,
+/// never touching attachments of other owners. `adopted` remembers which this process already
+/// swapped, so a steady-state apply does no attach syscalls at all.
 pub fn ensure(
     ebpf: &mut Ebpf,
-    dir: &Path,
+    dirs: &PinDirs,
+    mode: AttachMode,
     desired: &[Attachment],
     adopted: &mut BTreeSet<String>,
 ) -> Vec<(Attachment, Error)> {
+    let dir = mode.dir(dirs);
     let mut failures = Vec::new();
     for a in desired {
         let name = a.pin_name();
         if adopted.contains(&name) && dir.join(&name).exists() {
             continue;
         }
+        let attach = |ebpf: &mut Ebpf| -> Result<()> {
+            let prog = program(ebpf, a)?;
+            match mode {
+                AttachMode::Tcx => tcx::attach(prog, dir, a),
+                AttachMode::Netlink => clsact::attach(prog, dir, a),
+            }
+        };
         let result = match a.netns.clone() {
-            None => attach_one(ebpf, dir, a),
-            Some(ns) => netns::run_in(&ns, || attach_one(ebpf, dir, a)).and_then(|r| r),
+            None => attach(ebpf),
+            Some(ns) => netns::run_in(&ns, || attach(ebpf)).and_then(|r| r),
         };
         match result {
             Ok(()) => {
@@ -196,66 +268,41 @@ pub fn ensure(
     failures
 }
 
-/// Removes every pinned link in `dir` that is not desired.
+/// Detaches every attachment of `mode` that is not desired, and every one of the other
+/// mechanism (left by an agent that attached differently): called after `ensure`, so a switch
+/// of mechanism has the new attachments in place before the old ones go.
 pub fn remove_stale(
-    dir: &Path,
+    dirs: &PinDirs,
+    mode: AttachMode,
     desired: &[Attachment],
     adopted: &mut BTreeSet<String>,
 ) -> Result<()> {
     let keep: BTreeSet<String> = desired.iter().map(Attachment::pin_name).collect();
-    for name in pinned(dir)?.into_keys().filter(|n| !keep.contains(n)) {
-        unpin(dir, &name)?;
-        adopted.remove(&name);
+    for (name, m, p) in all_pinned(dirs)? {
+        if m != mode || !keep.contains(&name) {
+            detach(dirs, m, &name, &p)?;
+            if m == mode {
+                adopted.remove(&name);
+            }
+        }
     }
     Ok(())
 }
 
-fn attach_one(ebpf: &mut Ebpf, dir: &Path, a: &Attachment) -> Result<()> {
-    let program = a.hook.program();
-    let err = |reason: String| Error::Attach {
-        program,
-        interface: a.ifname.clone(),
-        direction: a.hook.direction(),
-        reason,
-    };
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(program)
-        .ok_or_else(|| err("program missing from the object".into()))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| err(e.to_string()))?;
-    let pin = dir.join(a.pin_name());
-
-    // Adopt: swap our program into the existing link, atomically.
-    if pin.exists() {
-        let adopted = PinnedLink::from_pin(&pin)
-            .map_err(|e| e.to_string())
-            .and_then(|p| SchedClassifierLink::try_from(FdLink::from(p)).map_err(|e| e.to_string()))
-            .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()))
-            .and_then(|id| prog.take_link(id).map_err(|e| e.to_string()));
-        match adopted {
-            // Dropping our fd leaves the link alive: the pin holds it.
-            Ok(_link) => return Ok(()),
-            // A defunct link (its interface went away and came back with this index): replace.
-            Err(reason) => {
-                log::warn!("replacing unusable pinned link {}: {reason}", pin.display());
-                unpin(dir, &a.pin_name())?;
-            }
-        }
+/// Detaches one recorded attachment and removes its record.
+pub fn detach(dirs: &PinDirs, mode: AttachMode, name: &str, p: &PinnedAttachment) -> Result<()> {
+    match mode {
+        AttachMode::Tcx => unpin(mode.dir(dirs), name),
+        AttachMode::Netlink => clsact::detach(mode.dir(dirs), name, p),
     }
+}
 
-    let id = prog
-        .attach_with_options(
-            &a.ifname,
-            a.hook.attach_type(),
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        )
-        .map_err(|e| err(e.to_string()))?;
-    let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
-    let fd_link = FdLink::try_from(link).map_err(|e| err(e.to_string()))?;
-    fd_link
-        .pin(&pin)
-        .map_err(|e| err(format!("pinning at {}: {e}", pin.display())))?;
-    Ok(())
+fn program<'a>(ebpf: &'a mut Ebpf, a: &Attachment) -> Result<&'a mut SchedClassifier> {
+    let program = a.hook.program();
+    ebpf.program_mut(program)
+        .ok_or_else(|| a.error("program missing from the object".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| a.error(e.to_string()))
 }
 
 #[cfg(test)]

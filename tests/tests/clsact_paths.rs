@@ -1,0 +1,284 @@
+//! The eBPF dataplane attached through tc clsact filters (netlink), as on kernels without TCX:
+//! the shared packet-path scenarios, where the programs sit, adoption by a restarted agent, a
+//! switch of mechanism under traffic, and pods leaving. This kernel has TCX, so the agent is told
+//! `--attach netlink`; the kernel path is the one an older kernel takes.
+mod common;
+
+use common::{Lab, scenarios};
+use zdivert_tests::{
+    apps::{RequestStream, TcpServer, request, sa},
+    eventually,
+    ns::Netns,
+    snapshot::{clsact_filters, tcx_programs},
+    topology::Node,
+};
+
+const MODE: &str = "ebpf-clsact";
+const SECS_20: std::time::Duration = std::time::Duration::from_secs(20);
+
+#[test]
+fn outbound_same_node_goes_through_15001_with_original_destination() -> anyhow::Result<()> {
+    scenarios::outbound_same_node_goes_through_15001_with_original_destination(MODE)
+}
+
+#[test]
+fn inbound_from_a_non_ambient_pod_lands_on_15006_and_port_15008_on_15008() -> anyhow::Result<()> {
+    scenarios::inbound_from_a_non_ambient_pod_lands_on_15006_and_port_15008_on_15008(MODE)
+}
+
+#[test]
+fn cross_node_goes_ztunnel_to_ztunnel_and_the_server_sees_the_client_pod() -> anyhow::Result<()> {
+    scenarios::cross_node_goes_ztunnel_to_ztunnel_and_the_server_sees_the_client_pod(MODE)
+}
+
+#[test]
+fn non_ambient_node_and_udp_traffic_is_not_captured() -> anyhow::Result<()> {
+    scenarios::non_ambient_node_and_udp_traffic_is_not_captured(MODE)
+}
+
+#[test]
+fn without_a_ztunnel_ambient_traffic_is_dropped_not_delivered() -> anyhow::Result<()> {
+    scenarios::without_a_ztunnel_ambient_traffic_is_dropped_not_delivered(MODE)
+}
+
+#[test]
+fn sigkilled_agent_restarts_without_failing_a_connection() -> anyhow::Result<()> {
+    scenarios::sigkilled_agent_restarts_without_failing_a_connection(MODE)
+}
+
+#[test]
+fn ping_to_and_from_ambient_pods_works() -> anyhow::Result<()> {
+    scenarios::ping_to_and_from_ambient_pods_works(MODE)
+}
+
+/// `(interface, direction, program, program id)` of our filters (priority 1, handle 0x7a64) in
+/// `ns`, as `tc filter show` prints them.
+fn our_filters(ns: &Netns) -> anyhow::Result<Vec<(String, String, String, u32)>> {
+    let mut out = Vec::new();
+    let text = clsact_filters(ns)?;
+    let mut at = None;
+    for line in text.lines() {
+        if let Some(head) = line.strip_suffix(':')
+            && let Some((ifname, dir)) = head.split_once(' ')
+        {
+            at = Some((ifname.to_string(), dir.to_string()));
+            continue;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let after = |key: &str| {
+            words
+                .iter()
+                .position(|w| *w == key)
+                .and_then(|i| words.get(i + 1))
+        };
+        if let (Some((ifname, dir)), Some(&"1"), Some(&"0x7a64"), Some(id)) =
+            (&at, after("pref"), after("handle"), after("id"))
+        {
+            let prog = words
+                .iter()
+                .find(|w| w.starts_with("zd_"))
+                .map_or("?".to_string(), |w| w.split(':').next().unwrap_or(w).into());
+            out.push((ifname.clone(), dir.clone(), prog, id.parse()?));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Every program where the article's node wants it, as one filter each, and nothing on TCX.
+fn assert_placed(node: &Node) -> anyhow::Result<()> {
+    let mut want: Vec<(String, String, String)> = vec![(
+        node.ztunnel.host_veth.clone(),
+        "ingress".into(),
+        "zd_zt_return".into(),
+    )];
+    for p in node.pods.values().filter(|p| p.ambient) {
+        want.push((p.host_veth.clone(), "ingress".into(), "zd_outbound".into()));
+        want.push((p.host_veth.clone(), "egress".into(), "zd_inbound".into()));
+    }
+    want.sort();
+    let have: Vec<_> = our_filters(&node.ns)?
+        .into_iter()
+        .map(|(i, d, p, _)| (i, d, p))
+        .collect();
+    assert_eq!(have, want, "filters on the node");
+    let zt: Vec<_> = our_filters(&node.ztunnel.ns)?
+        .into_iter()
+        .map(|(i, d, p, _)| (i, d, p))
+        .collect();
+    assert_eq!(
+        zt,
+        vec![("eth0".into(), "ingress".into(), "zd_zt_tproxy".into())],
+        "filters in ztunnel's netns"
+    );
+    for ns in [&node.ns, &node.ztunnel.ns] {
+        let tcx = tcx_programs(ns)?;
+        assert!(!tcx.contains("zd_"), "nothing through TCX:\n{tcx}");
+    }
+    Ok(())
+}
+
+#[test]
+fn programs_sit_in_clsact_filters_and_a_restarted_agent_swaps_them_in_place() -> anyhow::Result<()>
+{
+    let mut lab = Lab::start_mode(MODE, vec![])?;
+    let w2 = lab.w2();
+    assert_placed(w2)?;
+    let links = lab.agent2().status()?["links"].clone();
+    let links = links.as_array().cloned().unwrap_or_default();
+    assert!(
+        !links.is_empty()
+            && links
+                .iter()
+                .all(|l| l.as_str().is_some_and(|s| s.ends_with("via tc clsact"))),
+        "{links:?}"
+    );
+    let ids = |ns: &Netns| -> anyhow::Result<Vec<u32>> {
+        Ok(our_filters(ns)?.into_iter().map(|f| f.3).collect())
+    };
+    let before = (ids(&w2.ns)?, ids(&w2.ztunnel.ns)?);
+
+    // SIGKILL: the filters stay (nothing is detached on a crash), and the next agent replaces
+    // each filter's program rather than adding a second filter.
+    lab.agents[0].restart()?;
+    let w2 = lab.w2();
+    eventually("every filter runs the new agent's program", SECS_20, || {
+        let now = (ids(&w2.ns)?, ids(&w2.ztunnel.ns)?);
+        Ok(now.0.len() == before.0.len()
+            && now.0.iter().zip(&before.0).all(|(n, b)| n != b)
+            && now.1.len() == 1
+            && now.1 != before.1)
+    })?;
+    assert_placed(w2)?;
+    // Each record now holds the program its filter runs: the old programs are not kept alive.
+    let pins = zdivert_tests::snapshot::pins(&lab.agents[0].node);
+    let records: Vec<&String> = pins.iter().filter(|p| p.contains("/filters/")).collect();
+    let (_, l) = common::expected(w2, true);
+    assert_eq!(records.len(), l, "{pins:?}");
+    let mut pinned_ids = std::collections::BTreeSet::new();
+    for r in records {
+        let out = zdivert_tests::ns::run("bpftool", &["-j", "prog", "show", "pinned", r])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        pinned_ids.insert(v["id"].as_u64().unwrap_or(0) as u32);
+    }
+    let attached_ids: std::collections::BTreeSet<u32> = ids(&w2.ns)?
+        .into_iter()
+        .chain(ids(&w2.ztunnel.ns)?)
+        .collect();
+    assert_eq!(pinned_ids, attached_ids);
+
+    let (pp, rv1) = (w2.pod("productpage-v1"), w2.pod("reviews-v1"));
+    let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let r = request(&pp.ns, sa(rv1.ip, 9080))?;
+    assert_eq!(r.peer.ip(), pp.ip);
+    assert_eq!(lab.z2().to(sa(rv1.ip, 9080)).len(), 1, "through ztunnel");
+    Ok(())
+}
+
+/// TCX → clsact → TCX with connections running: each switch puts the new attachments in place
+/// before it removes the old, so no connection gets past ztunnel or fails.
+#[test]
+fn switching_between_tcx_and_clsact_under_traffic_fails_no_connection() -> anyhow::Result<()> {
+    let mut lab = Lab::start_mode("ebpf", vec![])?;
+    let (pp, rv1) = (lab.w2().pod("productpage-v1"), lab.w2().pod("reviews-v1"));
+    let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let dst = sa(rv1.ip, 9080);
+    let stream = RequestStream::start(&pp.ns, dst)?;
+    let (_, l) = common::expected(lab.w2(), true);
+    let only_via = |lab: &Lab, mechanism: &str| -> anyhow::Result<bool> {
+        let st = lab.agent2().status()?;
+        let links: Vec<String> = st["links"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l.as_str().map(str::to_string))
+            .collect();
+        Ok(links.len() == l && links.iter().all(|s| s.ends_with(mechanism)))
+    };
+
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    lab.agents[0].restart_in(MODE)?;
+    eventually("all attachments via tc clsact", SECS_20, || {
+        only_via(&lab, "via tc clsact")
+    })?;
+    assert_placed(lab.w2())?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    lab.agents[0].restart_in("ebpf")?;
+    eventually("all attachments via tcx", SECS_20, || {
+        only_via(&lab, "via tcx")
+    })?;
+    for ns in [&lab.w2().ns, &lab.w2().ztunnel.ns] {
+        let tc = clsact_filters(ns)?;
+        assert!(
+            !tc.contains("zd_") && !tc.contains("clsact"),
+            "filters and their clsact qdiscs are gone:\n{tc}"
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    let results = stream.stop();
+    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    assert!(results.len() > 20, "the stream ran: {}", results.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        results.len()
+    );
+    assert_eq!(
+        lab.z2().to(dst).len(),
+        results.len(),
+        "every one went through ztunnel"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_pod_leaving_ambient_loses_its_filters_and_its_clsact_qdisc() -> anyhow::Result<()> {
+    let lab = Lab::start_mode(MODE, vec![])?;
+    let (w2, rv2, sleep) = (lab.w2(), lab.w2().pod("reviews-v2"), lab.w2().pod("sleep"));
+    let _server = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
+    let qdisc_on = |ifname: &str| -> anyhow::Result<bool> {
+        Ok(w2
+            .ns
+            .cmd("tc", &["qdisc", "show", "dev", ifname])?
+            .contains("clsact"))
+    };
+    assert!(qdisc_on(&rv2.host_veth)?);
+
+    let without_v2 = w2.pods_file(true).replace(
+        &format!(
+            "  - {{ name: reviews-v2, namespace: default, ips: [{}, {}] }}\n",
+            rv2.ip, rv2.ip6
+        ),
+        "",
+    );
+    assert_ne!(without_v2, w2.pods_file(true));
+    lab.agent2().describe(&without_v2)?;
+    let (a, l) = common::expected(w2, true);
+    lab.agent2().wait_ready((a - 1) * 2, l - 2)?;
+    assert!(
+        !our_filters(&w2.ns)?
+            .iter()
+            .any(|(i, ..)| *i == rv2.host_veth),
+        "{:?}",
+        our_filters(&w2.ns)?
+    );
+    assert!(
+        !qdisc_on(&rv2.host_veth)?,
+        "the clsact qdisc went with them"
+    );
+    request(&sleep.ns, sa(rv2.ip, 9080))?;
+    assert!(
+        lab.z2().to(sa(rv2.ip, 9080)).is_empty(),
+        "sleep → reviews-v2 is no longer captured"
+    );
+
+    lab.agent2().describe(&w2.pods_file(true))?;
+    lab.agent2().wait_ready(a * 2, l)?;
+    assert_placed(w2)?;
+    request(&sleep.ns, sa(rv2.ip, 9080))?;
+    assert_eq!(lab.z2().to(sa(rv2.ip, 9080)).len(), 1, "captured again");
+    Ok(())
+}
