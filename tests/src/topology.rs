@@ -137,7 +137,6 @@ pub struct Topology {
     pub prefix: String,
     // Pods before nodes: deleting a pod's netns removes its veth pair from the node too.
     pub nodes: Vec<Node>,
-    _underlay: (),
 }
 
 fn veth_name(node: &str, pod: &str) -> String {
@@ -190,11 +189,7 @@ impl Topology {
                 )?;
             }
         }
-        Ok(Topology {
-            prefix,
-            nodes,
-            _underlay: (),
-        })
+        Ok(Topology { prefix, nodes })
     }
 
     pub fn node(&self, article_name: &str) -> &Node {
