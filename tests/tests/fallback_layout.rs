@@ -262,8 +262,9 @@ fn geneve_tunnels_where_the_kernel_has_geneve() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--mode auto` on a node: what the agent logs about its choice within two seconds.
-fn auto_choice(node: &Node, extra: &[&str]) -> anyhow::Result<String> {
+/// `--mode auto` on a node: what the agent logs about its choice within two seconds. `extra`
+/// are global options, `run_extra` options of `run`.
+fn auto_choice(node: &Node, extra: &[&str], run_extra: &[&str]) -> anyhow::Result<String> {
     let pods = std::env::temp_dir().join(format!("{}-auto.yaml", node.name));
     std::fs::write(&pods, node.pods_file(true))?;
     let mut child = std::process::Command::new("nsenter")
@@ -272,6 +273,7 @@ fn auto_choice(node: &Node, extra: &[&str]) -> anyhow::Result<String> {
         .args(extra)
         .args(["--node", &node.name, "run", "--mode", "auto", "--pods-file"])
         .arg(&pods)
+        .args(run_extra)
         .env("RUST_LOG", "info")
         .stderr(std::process::Stdio::piped())
         .spawn()?;
@@ -293,14 +295,24 @@ fn auto_choice(node: &Node, extra: &[&str]) -> anyhow::Result<String> {
 fn auto_mode_picks_ebpf_where_it_runs_and_says_why_it_falls_back() -> anyhow::Result<()> {
     let topo = Topology::article()?;
     let node = topo.worker2();
-    let log = auto_choice(node, &[])?;
+    let log = auto_choice(node, &[], &[])?;
     assert!(log.contains("mode auto: eBPF"), "{log}");
-    assert!(log.contains("ebpf dataplane for node"), "{log}");
+    assert!(
+        log.contains("ebpf dataplane for node") && log.contains("attached through tcx"),
+        "{log}"
+    );
+    // The probe attaches the way the agent will.
+    let log = auto_choice(node, &[], &["--attach", "netlink"])?;
+    assert!(
+        log.contains("mode auto: eBPF (programs load, tc clsact attaches"),
+        "{log}"
+    );
+    assert!(log.contains("attached through tc clsact"), "{log}");
 
     // No bpffs where the agent is told to pin: the programs cannot be kept, so: the fallback.
     let not_bpffs = std::env::temp_dir().join(format!("{}-nobpffs", node.name));
     std::fs::create_dir_all(&not_bpffs)?;
-    let log = auto_choice(node, &["--bpffs", not_bpffs.to_str().unwrap()])?;
+    let log = auto_choice(node, &["--bpffs", not_bpffs.to_str().unwrap()], &[])?;
     std::fs::remove_dir_all(&not_bpffs)?;
     assert!(
         log.contains("mode auto: iptables fallback, because") && log.contains("not a bpffs mount"),

@@ -7,7 +7,7 @@ use std::path::Path;
 use aya::{
     EbpfLoader,
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         tc::{self, NlOptions, TcAttachOptions},
     },
 };
@@ -57,24 +57,24 @@ fn load_and_attach(pins: &Path, attach: AttachMode) -> Result<(), String> {
         .expect("loaded above")
         .try_into()
         .expect("checked above");
-    let options = match attach {
-        AttachMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
-        AttachMode::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
-    };
     let attached = match attach {
-        AttachMode::Netlink => tc::qdisc_add_clsact(&name).map_err(|e| e.to_string()),
-        AttachMode::Tcx => Ok(()),
+        AttachMode::Tcx => prog
+            .attach_with_options(
+                &name,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|e| format!("TCX attach failed (kernel < 6.6? try --attach netlink): {e}")),
+        AttachMode::Netlink => tc::qdisc_add_clsact(&name)
+            .map_err(ProgramError::from)
+            .and_then(|()| {
+                let options = TcAttachOptions::Netlink(NlOptions::default());
+                prog.attach_with_options(&name, TcAttachType::Ingress, options)
+            })
+            .map_err(|e| format!("tc clsact attach failed: {e}")),
     }
-    .and_then(|()| {
-        prog.attach_with_options(&name, TcAttachType::Ingress, options)
-            .map_err(|e| e.to_string())
-    })
     .map(|id| {
         let _ = prog.detach(id);
-    })
-    .map_err(|e| match attach {
-        AttachMode::Tcx => format!("TCX attach failed (kernel < 6.6? try --attach netlink): {e}"),
-        AttachMode::Netlink => format!("tc clsact attach failed: {e}"),
     });
     let _ = nl.delete_link(&name);
     attached
