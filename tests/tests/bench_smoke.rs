@@ -59,8 +59,12 @@ fn the_bench_runs_every_part_and_writes_its_tables() -> Result<()> {
             get(&case, "ns_per_packet").with_context(|| format!("{case} measured"))?;
         }
     }
-    for mode in ["ebpf", "iptables"] {
-        for metric in ["apply_from_empty", "apply_one_more", "agent_rss"] {
+    for (mode, metrics) in [
+        ("ebpf", &["apply_from_empty", "apply_one_more", "agent_rss"][..]),
+        ("ebpf-clsact", &["apply_from_empty", "apply_one_more"][..]),
+        ("iptables", &["apply_from_empty", "apply_one_more", "agent_rss"][..]),
+    ] {
+        for metric in metrics {
             get(&format!("100 pods/{mode}"), metric)
                 .with_context(|| format!("100 pods/{mode} {metric}"))?;
         }

@@ -1,6 +1,7 @@
 //! The control path: applying N pods from empty and one incremental change at each N, eBPF maps
-//! against the fallback (ipset + routes), measured in-process around `Dataplane::apply` on the
-//! article's node; and the agent's resident memory at each N, measured on the real binary.
+//! (programs attached through TCX, and through tc clsact) against the fallback (ipset + routes),
+//! measured in-process around `Dataplane::apply` on the article's node; and the agent's resident
+//! memory at each N, measured on the real binary.
 //! The N pods sit behind 16 veths, each routing a /20 of 10.200.0.0/16, as a node's pods sit
 //! behind their veths: the agent finds each pod's veth from the route to its address.
 use std::{
@@ -132,20 +133,22 @@ pub fn run(sizes: &[u32], rounds: usize, samples: &mut Samples) -> Result<()> {
     let node = w2.name.clone();
     for &n in sizes {
         for round in 0..rounds {
-            let order: [&str; 2] = if round % 2 == 0 {
-                ["ebpf", "iptables"]
-            } else {
-                ["iptables", "ebpf"]
-            };
+            // eBPF attached through TCX (the default) and through tc clsact, and the fallback,
+            // in a rotating order.
+            let mut order = ["ebpf", "ebpf-clsact", "iptables"];
+            order.rotate_left(round % 3);
             for mode in order {
                 let (node, z) = (node.clone(), z.clone());
                 let (full, one) = zdivert::netns::run_in(
                     &w2.ns.path(),
                     move || -> Result<(Duration, Duration)> {
                         let result = match mode {
-                            "ebpf" => {
-                                let mut dp =
-                                    EbpfDataplane::load(Path::new(BPFFS), &node, AttachMode::Tcx)?;
+                            "ebpf" | "ebpf-clsact" => {
+                                let attach = match mode {
+                                    "ebpf" => AttachMode::Tcx,
+                                    _ => AttachMode::Netlink,
+                                };
+                                let mut dp = EbpfDataplane::load(Path::new(BPFFS), &node, attach)?;
                                 apply_times(&mut dp, &node, &z, n)
                             }
                             _ => {

@@ -7,7 +7,7 @@ mod probe;
 pub use probe::probe;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -24,7 +24,7 @@ use crate::{
     facts::{self, NodeFacts},
     netns,
     nl::{Netlink, PolicyRule, RuleTarget},
-    state::NodeState,
+    state::{NodeState, PodId},
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zdivert.bpf.o"));
@@ -162,7 +162,9 @@ impl EbpfDataplane {
         self.attach
     }
 
-    fn attachments(&self, facts: &NodeFacts) -> Vec<(Option<crate::state::PodId>, Attachment)> {
+    /// Each attachment the node needs, with the pods that need it (in a ptp network no two pods
+    /// share a veth, but nothing here relies on it).
+    fn attachments(&self, facts: &NodeFacts) -> BTreeMap<Attachment, Vec<PodId>> {
         let node = |hook, link: &crate::nl::Link| Attachment {
             hook,
             netns_inode: self.node_netns_inode,
@@ -170,23 +172,26 @@ impl EbpfDataplane {
             ifname: link.name.clone(),
             netns: None,
         };
-        let mut out = Vec::new();
+        let mut out: BTreeMap<Attachment, Vec<PodId>> = BTreeMap::new();
         if let Some(z) = &facts.ztunnel {
-            out.push((Some(z.pod.clone()), node(Hook::ZtunnelReturn, &z.host_veth)));
-            out.push((
-                Some(z.pod.clone()),
-                Attachment {
-                    hook: Hook::ZtunnelTproxy,
-                    netns_inode: z.netns_inode,
-                    ifindex: z.eth0.index,
-                    ifname: z.eth0.name.clone(),
-                    netns: Some(z.netns.clone()),
-                },
-            ));
+            out.entry(node(Hook::ZtunnelReturn, &z.host_veth))
+                .or_default()
+                .push(z.pod.clone());
+            let tproxy = Attachment {
+                hook: Hook::ZtunnelTproxy,
+                netns_inode: z.netns_inode,
+                ifindex: z.eth0.index,
+                ifname: z.eth0.name.clone(),
+                netns: Some(z.netns.clone()),
+            };
+            out.entry(tproxy).or_default().push(z.pod.clone());
         }
         for (id, pod) in &facts.pods {
-            out.push((Some(id.clone()), node(Hook::PodOutbound, &pod.veth)));
-            out.push((Some(id.clone()), node(Hook::PodInbound, &pod.veth)));
+            for hook in [Hook::PodOutbound, Hook::PodInbound] {
+                out.entry(node(hook, &pod.veth))
+                    .or_default()
+                    .push(id.clone());
+            }
         }
         out
     }
@@ -260,22 +265,26 @@ impl Dataplane for EbpfDataplane {
         let desired = maps::desired(&facts);
         self.maps.upsert(&desired)?;
         let owned = self.attachments(&facts);
-        let wanted: Vec<Attachment> = owned.iter().map(|(_, a)| a.clone()).collect();
+        let wanted: Vec<Attachment> = owned.keys().cloned().collect();
         let failures = attach::ensure(
             &mut self.ebpf,
             &self.dirs,
             self.attach,
             &wanted,
             &mut self.adopted,
-        );
+        )?;
         attach::remove_stale(&self.dirs, self.attach, &wanted, &mut self.adopted)?;
         self.maps.remove_stale(&desired)?;
 
         let mut failed_pods = BTreeSet::new();
         for (a, e) in failures {
-            if let Some((Some(id), _)) = owned.iter().find(|(_, o)| *o == a) {
-                failed_pods.insert(id.clone());
-                report.failed.push((id.clone(), e));
+            let pods = owned.get(&a).map_or(&[][..], Vec::as_slice);
+            failed_pods.extend(pods.iter().cloned());
+            if let Some((first, rest)) = pods.split_first() {
+                for id in rest {
+                    report.failed.push((id.clone(), a.error(e.to_string())));
+                }
+                report.failed.push((first.clone(), e));
             }
         }
         report.ztunnel_ready = facts

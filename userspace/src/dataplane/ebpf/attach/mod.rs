@@ -103,7 +103,7 @@ impl Attachment {
         pin_name(self.hook, self.netns_inode, self.ifindex)
     }
 
-    fn error(&self, reason: String) -> Error {
+    pub(crate) fn error(&self, reason: String) -> Error {
         Error::Attach {
             program: self.hook.program(),
             interface: self.ifname.clone(),
@@ -232,19 +232,21 @@ pub fn all_pinned(dirs: &PinDirs) -> Result<Vec<(String, AttachMode, PinnedAttac
 
 /// Makes every `desired` attachment exist through `mode`: adopts (program swap) or creates,
 /// never touching attachments of other owners. `adopted` remembers which this process already
-/// swapped, so a steady-state apply does no attach syscalls at all.
+/// swapped, so a steady-state apply does no attach syscalls at all: one directory read.
+/// Returns the attachments that failed.
 pub fn ensure(
     ebpf: &mut Ebpf,
     dirs: &PinDirs,
     mode: AttachMode,
     desired: &[Attachment],
     adopted: &mut BTreeSet<String>,
-) -> Vec<(Attachment, Error)> {
+) -> Result<Vec<(Attachment, Error)>> {
     let dir = mode.dir(dirs);
+    let present = pinned(dir)?;
     let mut failures = Vec::new();
     for a in desired {
         let name = a.pin_name();
-        if adopted.contains(&name) && dir.join(&name).exists() {
+        if adopted.contains(&name) && present.contains_key(&name) {
             continue;
         }
         let attach = |ebpf: &mut Ebpf| -> Result<()> {
@@ -265,7 +267,7 @@ pub fn ensure(
             Err(e) => failures.push((a.clone(), e)),
         }
     }
-    failures
+    Ok(failures)
 }
 
 /// Detaches every attachment of `mode` that is not desired, and every one of the other
