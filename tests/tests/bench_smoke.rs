@@ -60,9 +60,15 @@ fn the_bench_runs_every_part_and_writes_its_tables() -> Result<()> {
         }
     }
     for (mode, metrics) in [
-        ("ebpf", &["apply_from_empty", "apply_one_more", "agent_rss"][..]),
+        (
+            "ebpf",
+            &["apply_from_empty", "apply_one_more", "agent_rss"][..],
+        ),
         ("ebpf-clsact", &["apply_from_empty", "apply_one_more"][..]),
-        ("iptables", &["apply_from_empty", "apply_one_more", "agent_rss"][..]),
+        (
+            "iptables",
+            &["apply_from_empty", "apply_one_more", "agent_rss"][..],
+        ),
     ] {
         for metric in metrics {
             get(&format!("100 pods/{mode}"), metric)

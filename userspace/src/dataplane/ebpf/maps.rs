@@ -1,6 +1,11 @@
 //! The maps' contents: computed from node facts (pure), written by diff, and read back from the
 //! pins for `zdivert status` and `/metrics` without loading any program.
-use std::{collections::BTreeMap, net::IpAddr, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use zdivert_common::{
@@ -113,7 +118,13 @@ pub struct Maps {
     pods: HashMap<MapData, IpKey, PodEntry>,
     node_ips: HashMap<MapData, IpKey, u32>,
     ztunnel: Array<MapData, ZtunnelEntry>,
+    /// What the maps hold, as this process last wrote or read it: a diff needs no read-back.
+    /// Re-read from the kernel every `REREAD` (or after a failed write), so that an entry
+    /// changed behind the agent's back is put right at the next resync.
+    known: Option<(Instant, Desired)>,
 }
+
+const REREAD: Duration = Duration::from_secs(30);
 
 impl Maps {
     pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self> {
@@ -131,48 +142,88 @@ impl Maps {
             pods: take(ebpf, PODS)?,
             node_ips: take(ebpf, NODE_IPS)?,
             ztunnel: take(ebpf, ZTUNNEL)?,
+            known: None,
         })
     }
 
+    /// The maps' contents, taken: remembered, or read from the kernel when too old. Put back
+    /// only after every write succeeded, so a failed write makes the next apply read again.
+    fn take_known(&mut self) -> Result<(Instant, Desired)> {
+        match self.known.take() {
+            Some(known) if known.0.elapsed() < REREAD => Ok(known),
+            _ => Ok((
+                Instant::now(),
+                Desired {
+                    pods: self
+                        .pods
+                        .iter()
+                        .collect::<Result<_, _>>()
+                        .map_err(map_err(PODS))?,
+                    node_ips: self
+                        .node_ips
+                        .iter()
+                        .collect::<Result<_, _>>()
+                        .map_err(map_err(NODE_IPS))?,
+                    ztunnel: self.ztunnel.get(&0, 0).map_err(map_err(ZTUNNEL))?,
+                },
+            )),
+        }
+    }
+
     pub fn upsert(&mut self, d: &Desired) -> Result<()> {
-        let current = self.ztunnel.get(&0, 0).map_err(map_err(ZTUNNEL))?;
-        if current != d.ztunnel {
+        let (at, mut known) = self.take_known()?;
+        if known.ztunnel != d.ztunnel {
             self.ztunnel
                 .set(0, d.ztunnel, 0)
                 .map_err(map_err(ZTUNNEL))?;
+            known.ztunnel = d.ztunnel;
         }
         for (k, v) in &d.node_ips {
-            if self.node_ips.get(k, 0).ok().as_ref() != Some(v) {
+            if known.node_ips.get(k) != Some(v) {
                 self.node_ips.insert(k, v, 0).map_err(map_err(NODE_IPS))?;
+                known.node_ips.insert(*k, *v);
             }
         }
         for (k, v) in &d.pods {
-            if self.pods.get(k, 0).ok().as_ref() != Some(v) {
+            if known.pods.get(k) != Some(v) {
                 self.pods.insert(k, v, 0).map_err(map_err(PODS))?;
+                known.pods.insert(*k, *v);
             }
         }
+        self.known = Some((at, known));
         Ok(())
     }
 
     pub fn remove_stale(&mut self, d: &Desired) -> Result<()> {
-        let stale: Vec<IpKey> = self
+        let (at, mut known) = self.take_known()?;
+        // An entry already absent is what was wanted.
+        let absent = |r: std::result::Result<(), MapError>| match r {
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            r => r,
+        };
+        let stale: Vec<IpKey> = known
             .pods
             .keys()
-            .flatten()
             .filter(|k| !d.pods.contains_key(k))
+            .copied()
             .collect();
         for k in stale {
-            self.pods.remove(&k).map_err(map_err(PODS))?;
+            absent(self.pods.remove(&k)).map_err(map_err(PODS))?;
+            known.pods.remove(&k);
         }
-        let stale: Vec<IpKey> = self
+        let stale: Vec<IpKey> = known
             .node_ips
             .keys()
-            .flatten()
             .filter(|k| !d.node_ips.contains_key(k))
+            .copied()
             .collect();
         for k in stale {
-            self.node_ips.remove(&k).map_err(map_err(NODE_IPS))?;
+            absent(self.node_ips.remove(&k)).map_err(map_err(NODE_IPS))?;
+            known.node_ips.remove(&k);
         }
+        self.known = Some((at, known));
         Ok(())
     }
 }
