@@ -72,7 +72,7 @@ pub struct EbpfDataplane {
     attach: AttachMode,
     nl: Netlink,
     node_netns_inode: u64,
-    /// Link pins this process has already swapped its programs into.
+    /// Attachment pins this process has already swapped its programs into.
     adopted: BTreeSet<String>,
     /// ztunnel netns (path, has IPv6) whose tproxy routing this process set up.
     routed_ztunnel: Option<(PathBuf, bool)>,
@@ -156,10 +156,6 @@ impl EbpfDataplane {
 
     pub fn dirs(&self) -> &PinDirs {
         &self.dirs
-    }
-
-    pub fn attach_mode(&self) -> AttachMode {
-        self.attach
     }
 
     /// Each attachment the node needs, with the pods that need it (in a ptp network no two pods

@@ -27,6 +27,7 @@ use crate::{
     error::{Error, Result},
     netns,
 };
+
 /// A packet path and where its program attaches (DESIGN.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Hook {
