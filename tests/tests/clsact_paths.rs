@@ -218,14 +218,7 @@ fn switching_between_tcx_and_clsact_under_traffic_fails_no_connection() -> anyho
     std::thread::sleep(std::time::Duration::from_millis(300));
 
     let results = stream.stop();
-    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
-    assert!(results.len() > 20, "the stream ran: {}", results.len());
-    assert!(
-        failed.is_empty(),
-        "{} of {} failed: {failed:?}",
-        failed.len(),
-        results.len()
-    );
+    common::assert_none_failed(&results, 20);
     assert_eq!(
         lab.z2().to(dst).len(),
         results.len(),

@@ -111,14 +111,7 @@ fn pods_join_and_leave_while_connections_run() -> anyhow::Result<()> {
     assert_eq!(via_ztunnel(), 2, "captured again");
 
     let results = stream.stop();
-    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
-    assert!(results.len() > 10, "the stream ran: {}", results.len());
-    assert!(
-        failed.is_empty(),
-        "{} of {} failed: {failed:?}",
-        failed.len(),
-        results.len()
-    );
+    common::assert_none_failed(&results, 10);
     assert!(
         lab.z2().to(sa(rv1.ip, 9080)).len() >= results.len(),
         "every one via ztunnel"

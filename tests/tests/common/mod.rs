@@ -25,6 +25,18 @@ pub fn expected(node: &Node, with_ztunnel: bool) -> (usize, usize) {
     (pods, pods * 2 + if with_ztunnel { 2 } else { 0 })
 }
 
+/// Asserts that a request stream ran (more than `min` requests) and that none failed.
+pub fn assert_none_failed(results: &[Result<std::net::IpAddr>], min: usize) {
+    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    assert!(results.len() > min, "the stream ran: {}", results.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        results.len()
+    );
+}
+
 impl Lab {
     pub fn start() -> Result<Lab> {
         Self::start_with_services(vec![])

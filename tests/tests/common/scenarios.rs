@@ -267,18 +267,7 @@ pub fn sigkilled_agent_restarts_without_failing_a_connection(mode: &str) -> anyh
     lab.wait_ready(lab.w2(), true)?;
     std::thread::sleep(Duration::from_millis(300));
     let results = stream.stop();
-    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
-    assert!(
-        results.len() > 20,
-        "the stream ran: {} connections",
-        results.len()
-    );
-    assert!(
-        failed.is_empty(),
-        "{} of {} failed: {failed:?}",
-        failed.len(),
-        results.len()
-    );
+    super::assert_none_failed(&results, 20);
     assert_eq!(
         lab.z2().to(dst).len(),
         results.len(),
