@@ -131,6 +131,22 @@ impl Netns {
         run("nsenter", &a)
     }
 
+    /// A counter of the netns's stack from `/proc/net/<file>` (`snmp`, `netstat`), where each
+    /// `group:` (`Icmp`, `TcpExt`) is a line of names followed by a line of values.
+    pub fn net_counter(&self, file: &str, group: &str, name: &str) -> Result<u64> {
+        let path = format!("/proc/thread-self/net/{file}");
+        let text = self.exec(move || std::fs::read_to_string(&path))?;
+        let prefix = format!("{group}:");
+        let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+        let (names, values) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.parse().ok())
+            .with_context(|| format!("no {group}: {name} in /proc/net/{file}"))
+    }
+
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
         let value = value.to_string();

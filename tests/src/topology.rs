@@ -112,6 +112,11 @@ impl Node {
 
     /// The node description the agent reads: ztunnel and the ambient pods.
     pub fn pods_file(&self, with_ztunnel: bool) -> String {
+        self.pods_file_without(with_ztunnel, &[])
+    }
+
+    /// The node description with the ambient pods named in `left` out of ambient.
+    pub fn pods_file_without(&self, with_ztunnel: bool, left: &[&str]) -> String {
         let mut s = format!("node: {}\n", self.name);
         if with_ztunnel {
             s += &format!(
@@ -123,7 +128,11 @@ impl Node {
             );
         }
         s += "pods:\n";
-        for p in self.pods.values().filter(|p| p.ambient) {
+        for p in self
+            .pods
+            .values()
+            .filter(|p| p.ambient && !left.contains(&p.name.as_str()))
+        {
             s += &format!(
                 "  - {{ name: {}, namespace: {}, ips: [{}, {}] }}\n",
                 p.name, p.namespace, p.ip, p.ip6

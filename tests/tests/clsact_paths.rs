@@ -240,13 +240,7 @@ fn a_pod_leaving_ambient_loses_its_filters_and_its_clsact_qdisc() -> anyhow::Res
     };
     assert!(qdisc_on(&rv2.host_veth)?);
 
-    let without_v2 = w2.pods_file(true).replace(
-        &format!(
-            "  - {{ name: reviews-v2, namespace: default, ips: [{}, {}] }}\n",
-            rv2.ip, rv2.ip6
-        ),
-        "",
-    );
+    let without_v2 = w2.pods_file_without(true, &["reviews-v2"]);
     assert_ne!(without_v2, w2.pods_file(true));
     lab.agent2().describe(&without_v2)?;
     let (a, l) = common::expected(w2, true);

@@ -119,15 +119,7 @@ fn connection_churn_through_ztunnel_never_retransmits_a_syn() -> anyhow::Result<
 
 /// `Icmp: InDestUnreachs` of a netns: ICMP errors its stack took in.
 fn dest_unreachs(ns: &zdivert_tests::ns::Netns) -> anyhow::Result<u64> {
-    let snmp = ns.cmd("cat", &["/proc/net/snmp"])?;
-    let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp:"));
-    let (names, values) = (icmp.next().unwrap_or(""), icmp.next().unwrap_or(""));
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "InDestUnreachs")
-        .and_then(|(_, v)| v.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no InDestUnreachs in /proc/net/snmp"))
+    ns.net_counter("snmp", "Icmp", "InDestUnreachs")
 }
 
 fn inet_checksum(data: &[u8]) -> u16 {

@@ -308,15 +308,7 @@ pub fn ping_to_and_from_ambient_pods_works(mode: &str) -> anyhow::Result<()> {
 
 /// SYN retransmissions the TCP stack of `ns` counted so far (`TcpExt: TCPSynRetrans`).
 pub fn syn_retransmits(ns: &zdivert_tests::ns::Netns) -> anyhow::Result<u64> {
-    let text = ns.exec(|| std::fs::read_to_string("/proc/thread-self/net/netstat"))?;
-    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
-    let (names, values) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "TCPSynRetrans")
-        .and_then(|(_, v)| v.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no TCPSynRetrans in /proc/net/netstat"))
+    ns.net_counter("netstat", "TcpExt", "TCPSynRetrans")
 }
 
 /// 16 parallel clients, each opening short connections (connect, one exchange, close) through
