@@ -7,7 +7,16 @@
 
 /// The pinned state lives under `<bpffs>/zdivert/<PIN_VERSION>/<node>`; a change to any layout in
 /// this file must bump it, because aya reuses a pinned map without checking its key/value sizes.
-pub const PIN_VERSION: &str = "v1";
+macro_rules! pin_version {
+    () => {
+        "v2"
+    };
+}
+pub const PIN_VERSION: &str = pin_version!();
+/// Where bpffs is mounted on a node.
+pub const BPFFS: &str = "/sys/fs/bpf";
+/// `<bpffs>/zdivert/<PIN_VERSION>`: every node's pinned state lives in a directory below it.
+pub const PIN_ROOT: &str = concat!("/sys/fs/bpf/zdivert/", pin_version!());
 
 /// An IP address as a map key: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`) so that one map
 /// serves both families without a format change.
@@ -100,6 +109,20 @@ pub const PORT_INBOUND_HBONE: u16 = 15008;
 pub const ZTUNNEL_TPROXY_TABLE: u32 = 100;
 pub const ZTUNNEL_TPROXY_RULE_PRIORITY: u32 = 20000;
 
+/// `LISTENERS` sockmap slots: ztunnel's listener for each (family, port), recorded by the tproxy
+/// program for the sk_lookup program (see `listener_slot`).
+pub const LISTENER_SLOTS: u32 = 6;
+
+/// The `LISTENERS` slot of ztunnel's listener on `port` for one address family.
+pub const fn listener_slot(v6: bool, port: u16) -> u32 {
+    let base = if v6 { 3 } else { 0 };
+    base + match port {
+        PORT_OUTBOUND => 0,
+        PORT_INBOUND_PLAIN => 1,
+        _ => 2,
+    }
+}
+
 pub const PODS_MAX_ENTRIES: u32 = 65536;
 pub const NODE_IPS_MAX_ENTRIES: u32 = 256;
 
@@ -135,9 +158,14 @@ counters! {
     TP_PASSED = 13, "ztunnel_tproxy", "passed";
     TP_DROP_NO_LISTENER = 14, "ztunnel_tproxy", "dropped_no_listener";
     TP_DROP_MALFORMED = 15, "ztunnel_tproxy", "dropped_malformed";
+    RET_HBONE_LOOPED = 16, "ztunnel_return", "hbone_to_ztunnel";
+    RET_DROP_NO_ZTUNNEL = 17, "ztunnel_return", "dropped_no_ztunnel";
+    TP_TIME_WAIT_REUSED = 18, "ztunnel_tproxy", "syn_to_time_wait";
+    LOOKUP_ASSIGNED = 19, "ztunnel_sk_lookup", "assigned_listener";
+    LOOKUP_NO_LISTENER = 20, "ztunnel_sk_lookup", "no_listener";
 }
 
-pub const COUNTER_SLOTS: u32 = 16;
+pub const COUNTER_SLOTS: u32 = 32;
 
 const _: () = {
     assert!(core::mem::size_of::<IpKey>() == 16);

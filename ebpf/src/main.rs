@@ -11,6 +11,7 @@ mod packet;
 
 mod inbound;
 mod outbound;
+mod ztunnel_lookup;
 mod ztunnel_return;
 mod ztunnel_tproxy;
 

@@ -2,11 +2,11 @@
 //! finds the very maps the attached programs use.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, SockMap},
 };
 use zdivert_common::{
-    COUNTER_SLOTS, IpKey, NODE_IPS_MAX_ENTRIES, PODS_MAX_ENTRIES, PodEntry, ZTUNNEL_F_PRESENT,
-    ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZtunnelEntry,
+    COUNTER_SLOTS, IpKey, LISTENER_SLOTS, NODE_IPS_MAX_ENTRIES, PODS_MAX_ENTRIES, PodEntry,
+    ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZtunnelEntry,
 };
 
 /// Ambient pods on this node: pod IP (each of its addresses) → its host veth.
@@ -24,6 +24,11 @@ pub static ZTUNNEL: Array<ZtunnelEntry> = Array::pinned(1, 0);
 /// Per-CPU packet counters, indexed by `zdivert_common::counter`.
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+
+/// ztunnel's listeners by `listener_slot`, written by the tproxy program when a SYN meets a
+/// TIME_WAIT socket, read by the sk_lookup program that answers the kernel's listener lookup.
+#[map(name = "LISTENERS")]
+pub static LISTENERS: SockMap = SockMap::pinned(LISTENER_SLOTS, 0);
 
 #[inline(always)]
 pub fn count(index: u32) {

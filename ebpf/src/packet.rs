@@ -47,6 +47,9 @@ impl Tcp {
     pub fn dport(&self) -> u16 {
         u16::from_be(self.dport_be)
     }
+    pub fn sport(&self) -> u16 {
+        u16::from_be(self.sport_be)
+    }
     /// A connection request: SYN without ACK.
     pub fn is_syn(&self) -> bool {
         self.flags & (TCP_SYN | TCP_ACK) == TCP_SYN

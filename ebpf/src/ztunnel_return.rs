@@ -4,12 +4,20 @@
 //! address as source) is handed straight to the pod with `bpf_redirect_peer`: it bypasses the
 //! node's stack, so inbound capture does not loop it back and the node's conntrack never sees the
 //! spoofed flow next to the client's own (the collisions that stall the iptables layout).
-use aya_ebpf::{helpers::bpf_redirect_peer, macros::classifier, programs::TcContext};
-use zdivert_common::{TCX_NEXT, counter::*};
+//!
+//! HBONE between two ambient pods of this node is the exception. ztunnel dials
+//! `<destination pod>:15008` from the source pod's address and expects a ztunnel, this very one,
+//! to answer; the pod has nothing on :15008. So a segment to an ambient pod's :15008, and the
+//! answer of ztunnel's :15008 socket to it (source port 15008), go back into ztunnel's netns,
+//! where the tproxy program hands each to its socket or to the :15008 listener.
+use aya_ebpf::{
+    bindings::TC_ACT_SHOT, helpers::bpf_redirect_peer, macros::classifier, programs::TcContext,
+};
+use zdivert_common::{PORT_INBOUND_HBONE, TCX_NEXT, counter::*};
 
 use crate::{
-    maps::{count, pod},
-    packet::{Frame, IPPROTO_TCP, parse, set_dst_mac, set_src_mac},
+    maps::{count, pod, ztunnel},
+    packet::{Frame, IPPROTO_TCP, parse, set_dst_mac, set_src_mac, tcp},
 };
 
 #[classifier]
@@ -23,15 +31,40 @@ pub fn zd_zt_return(ctx: TcContext) -> i32 {
     let Some(p) = pod(&ip.dst) else {
         return pass();
     };
-    // The pod sees the frame as coming from its gateway, as routed traffic would. Its own MAC is
-    // written when known; delivery does not depend on it (the peer redirect marks it for host).
-    let known_pod_mac = p.pod_mac != [0; 6];
-    if (known_pod_mac && !set_dst_mac(&ctx, &p.pod_mac)) || !set_src_mac(&ctx, &p.host_mac) {
+    if ip.fragment {
+        return pass();
+    }
+    let Some(seg) = tcp(&ctx, &ip) else {
+        return pass();
+    };
+    if seg.dport() == PORT_INBOUND_HBONE || seg.sport() == PORT_INBOUND_HBONE {
+        return back_to_ztunnel(&ctx);
+    }
+    // The pod sees the frame as coming from its gateway, as routed traffic would; the peer
+    // redirect marks it for the host, whatever its destination MAC.
+    if !set_src_mac(&ctx, &p.host_mac) {
         return pass();
     }
     count(RET_DELIVERED);
     // SAFETY: plain helper call; returns TC_ACT_REDIRECT, or TC_ACT_SHOT if the pod is gone.
     unsafe { bpf_redirect_peer(p.host_ifindex, 0) as i32 }
+}
+
+/// Same-node HBONE: into ztunnel's eth0 again, addressed to it. Without a ztunnel there is no
+/// one to send it back to, and the pod must not get it.
+#[inline(always)]
+fn back_to_ztunnel(ctx: &TcContext) -> i32 {
+    let Some(z) = ztunnel() else {
+        count(RET_DROP_NO_ZTUNNEL);
+        return TC_ACT_SHOT as i32;
+    };
+    if !set_dst_mac(ctx, &z.mac) {
+        count(RET_DROP_NO_ZTUNNEL);
+        return TC_ACT_SHOT as i32;
+    }
+    count(RET_HBONE_LOOPED);
+    // SAFETY: plain helper call; the peer of ztunnel's host veth is its eth0.
+    unsafe { bpf_redirect_peer(z.host_ifindex, 0) as i32 }
 }
 
 #[inline(always)]

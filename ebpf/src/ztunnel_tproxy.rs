@@ -10,20 +10,22 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT, bpf_sock,
-        bpf_sock_tuple,
+        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_sock, bpf_sock_tuple,
     },
-    helpers::{bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{
+        bpf_map_update_elem, bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp,
+    },
     macros::classifier,
     programs::TcContext,
 };
 use zdivert_common::{
     MARK_MASK, MARK_OUTBOUND, MARK_TPROXY, PORT_INBOUND_HBONE, PORT_INBOUND_PLAIN, PORT_OUTBOUND,
-    TCX_NEXT, counter::*,
+    TCX_NEXT, counter::*, listener_slot,
 };
 
 use crate::{
-    maps::{count, is_ztunnel_ip, ztunnel},
+    maps::{LISTENERS, count, is_ztunnel_ip, ztunnel},
     packet::{Frame, IPPROTO_TCP, Ip, Tcp, icmp_error_quote, mark, parse, tcp},
 };
 
@@ -60,36 +62,98 @@ pub fn zd_zt_tproxy(ctx: TcContext) -> i32 {
         let sk = tuple.lookup(&ctx, Lookup::AnyState);
         if !sk.is_null() {
             let state = (*sk).state;
-            // A listener on the original port is not this connection's socket; a TIME_WAIT socket
-            // would turn a reused 4-tuple's SYN away, so a new SYN goes to ztunnel's listener.
-            let own = state != BPF_TCP_LISTEN && !(state == BPF_TCP_TIME_WAIT && seg.is_syn());
-            if own {
+            if state == BPF_TCP_TIME_WAIT && seg.is_syn() {
+                return syn_to_time_wait(&ctx, sk, &mut tuple, &ip, &seg);
+            }
+            // A listener on the original port is not this connection's socket.
+            if state != BPF_TCP_LISTEN {
                 return assign(&ctx, sk, TP_ESTABLISHED);
             }
             bpf_sk_release(sk as *mut c_void);
         }
-
-        let port = if mark(&ctx) & MARK_OUTBOUND != 0 {
-            PORT_OUTBOUND
-        } else if seg.dport() == PORT_INBOUND_HBONE {
-            PORT_INBOUND_HBONE
-        } else {
-            PORT_INBOUND_PLAIN
-        };
-        tuple.set_dport(port);
-        // A listener on the wildcard address matches any destination; one bound to loopback (as
-        // the original TPROXY rules' --on-ip 127.0.0.1 expected) only matches loopback.
-        let mut sk = tuple.lookup(&ctx, Lookup::FullSocket);
-        if sk.is_null() {
-            tuple.set_loopback_dst(ip.v6);
-            sk = tuple.lookup(&ctx, Lookup::FullSocket);
-        }
-        if sk.is_null() {
+        let listener = listener(&ctx, &mut tuple, listener_port(&ctx, &seg), ip.v6);
+        if listener.is_null() {
             // ztunnel is not listening: nothing may pass around it.
             return drop(TP_DROP_NO_LISTENER);
         }
-        assign(&ctx, sk, TP_LISTENER)
+        assign(&ctx, listener, TP_LISTENER)
     }
+}
+
+/// A SYN whose 4-tuple a TIME_WAIT socket still holds (ztunnel closed first, and the client
+/// reuses its port). Given to the listener, it would be dropped: its request cannot be hashed
+/// beside the TIME_WAIT socket, and the client would wait for a retransmission. Given to the
+/// TIME_WAIT socket, the kernel retires it when the SYN is acceptable and asks for a listener,
+/// a lookup the sk_lookup program answers with the listener recorded here.
+///
+/// # Safety
+/// `tw` must be a TIME_WAIT socket reference from a lookup helper, not yet released.
+#[inline(always)]
+unsafe fn syn_to_time_wait(
+    ctx: &TcContext,
+    tw: *mut bpf_sock,
+    tuple: &mut Tuple,
+    ip: &Ip,
+    seg: &Tcp,
+) -> i32 {
+    let port = listener_port(ctx, seg);
+    let listener = listener(ctx, tuple, port, ip.v6);
+    if listener.is_null() {
+        unsafe { bpf_sk_release(tw as *mut c_void) };
+        return drop(TP_DROP_NO_LISTENER);
+    }
+    unsafe {
+        record_listener(listener, listener_slot(ip.v6, port));
+        bpf_sk_release(listener as *mut c_void);
+        assign(ctx, tw, TP_TIME_WAIT_REUSED)
+    }
+}
+
+/// ztunnel's listener for a captured connection: :15001 for outbound (the outbound program
+/// marked it), :15008 for HBONE, :15006 for other inbound.
+#[inline(always)]
+fn listener_port(ctx: &TcContext, seg: &Tcp) -> u16 {
+    if mark(ctx) & MARK_OUTBOUND != 0 {
+        PORT_OUTBOUND
+    } else if seg.dport() == PORT_INBOUND_HBONE {
+        PORT_INBOUND_HBONE
+    } else {
+        PORT_INBOUND_PLAIN
+    }
+}
+
+/// The listener on `port` (wildcard, else loopback as the original TPROXY rules' `--on-ip
+/// 127.0.0.1` expected), with a reference the caller must release; null if there is none.
+#[inline(always)]
+fn listener(ctx: &TcContext, tuple: &mut Tuple, port: u16, v6: bool) -> *mut bpf_sock {
+    tuple.set_dport(port);
+    let sk = tuple.lookup(ctx, Lookup::FullSocket);
+    if !sk.is_null() {
+        return sk;
+    }
+    tuple.set_loopback_dst(v6);
+    tuple.lookup(ctx, Lookup::FullSocket)
+}
+
+/// Keeps `LISTENERS[slot]` on the listener the sk_lookup program must answer with. Done only
+/// for a SYN that meets a TIME_WAIT socket, so always current (a restarted ztunnel's old
+/// listeners leave the map when they close) and never on the common path.
+///
+/// # Safety
+/// `listener` must be a live socket reference from a lookup helper.
+#[inline(always)]
+unsafe fn record_listener(listener: *mut bpf_sock, slot: u32) {
+    let map = &LISTENERS as *const _ as *mut c_void;
+    // A failed update leaves the slot as it was; the kernel then answers the SYN with a
+    // challenge ACK, as it would without zdivert.
+    let _ = unsafe {
+        bpf_map_update_elem(
+            map,
+            &slot as *const u32 as *const c_void,
+            listener as *const c_void,
+            BPF_ANY as u64,
+        )
+    };
 }
 
 /// An ICMP error the inbound program handed over, addressed to a pod in whose name ztunnel

@@ -125,7 +125,7 @@ pub fn tcx_programs(ns: &Netns) -> anyhow::Result<String> {
 }
 
 pub fn pins(node: &str) -> Vec<String> {
-    let root = std::path::Path::new("/sys/fs/bpf/zdivert/v1").join(node);
+    let root = std::path::Path::new(zdivert_common::PIN_ROOT).join(node);
     let mut out = Vec::new();
     let mut stack = vec![root];
     while let Some(d) = stack.pop() {

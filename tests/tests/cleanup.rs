@@ -67,7 +67,7 @@ fn after_sigkill(mode: &str) -> anyhow::Result<()> {
     assert_same(&before.1, &snapshot(&node.ztunnel.ns)?, "ztunnel's netns");
     assert!(pins(&agent.node).is_empty(), "{:?}", pins(&agent.node));
     assert!(
-        !std::path::Path::new("/sys/fs/bpf/zdivert/v1")
+        !std::path::Path::new(zdivert_common::PIN_ROOT)
             .join(&agent.node)
             .exists()
     );

@@ -29,7 +29,7 @@ use zdivert::{
 #[command(version)]
 struct Cli {
     /// Where bpffs is mounted.
-    #[arg(long, global = true, default_value = "/sys/fs/bpf")]
+    #[arg(long, global = true, default_value = zdivert_common::BPFFS)]
     bpffs: PathBuf,
     /// Where the iptables fallback keeps what it must restore (original sysctls, its choices).
     #[arg(long, global = true, default_value = "/run/zdivert")]

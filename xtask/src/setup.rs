@@ -153,7 +153,7 @@ pub fn remove_leftovers() -> Result<()> {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
     }
-    let pins = Path::new("/sys/fs/bpf/zdivert").join("v1");
+    let pins = Path::new(zdivert_common::PIN_ROOT);
     for node in std::fs::read_dir(&pins).into_iter().flatten().flatten() {
         let name = node.file_name().to_string_lossy().into_owned();
         if name.starts_with("zdt") {

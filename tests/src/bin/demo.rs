@@ -177,7 +177,7 @@ fn main() -> Result<()> {
                 &["--node", &agents[0].node, "status"]
             )?
         );
-        let pods_map = format!("/sys/fs/bpf/zdivert/v1/{}/maps/PODS", agents[0].node);
+        let pods_map = format!("{}/{}/maps/PODS", zdivert_common::PIN_ROOT, agents[0].node);
         println!(
             "\n== bpftool map dump pinned {pods_map}  (key: IPv4-mapped pod IP; value: host ifindex, flags, pod MAC, gateway MAC)"
         );
@@ -201,7 +201,7 @@ fn main() -> Result<()> {
     let left_pins = node_names
         .iter()
         .filter(|n| {
-            Path::new("/sys/fs/bpf/zdivert/v1").join(n).exists()
+            Path::new(zdivert_common::PIN_ROOT).join(n).exists()
                 || Path::new("/run/zdivert").join(n).exists()
         })
         .count();

@@ -25,7 +25,7 @@ use zdivert_tests::{agent::Agent, eventually, fallback, topology::Topology};
 use crate::stats::Samples;
 
 const VETHS: u32 = 16;
-const BPFFS: &str = "/sys/fs/bpf";
+use zdivert_common::BPFFS;
 const STATE_DIR: &str = "/run/zdivert";
 
 fn pod_ip(i: u32) -> Ipv4Addr {

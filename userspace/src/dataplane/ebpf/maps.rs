@@ -22,7 +22,9 @@ pub const PODS: &str = "PODS";
 pub const NODE_IPS: &str = "NODE_IPS";
 pub const ZTUNNEL: &str = "ZTUNNEL";
 pub const STATS: &str = "STATS";
-pub const ALL: [&str; 4] = [PODS, NODE_IPS, ZTUNNEL, STATS];
+/// ztunnel's listeners, kept by the programs themselves (see `ebpf/src/ztunnel_lookup.rs`).
+pub const LISTENERS: &str = "LISTENERS";
+pub const ALL: [&str; 5] = [PODS, NODE_IPS, ZTUNNEL, STATS, LISTENERS];
 
 pub fn key(ip: IpAddr) -> IpKey {
     match ip {

@@ -1,6 +1,7 @@
 //! The eBPF dataplane: TC programs on the pods' and ztunnel's veths, maps and links pinned under
 //! `<bpffs>/zdivert/<PIN_VERSION>/<node>/{maps,links,filters}`.
 pub mod attach;
+mod lookup;
 pub mod maps;
 mod probe;
 
@@ -74,7 +75,7 @@ pub struct EbpfDataplane {
     node_netns_inode: u64,
     /// Attachment pins this process has already swapped its programs into.
     adopted: BTreeSet<String>,
-    /// ztunnel netns (path, has IPv6) whose tproxy routing this process set up.
+    /// ztunnel netns (path, has IPv6) whose tproxy routing and lookup link this process set up.
     routed_ztunnel: Option<(PathBuf, bool)>,
 }
 
@@ -141,6 +142,12 @@ impl EbpfDataplane {
             prog.load()
                 .map_err(|source| Error::Program { program, source })?;
         }
+        lookup::program(&mut ebpf)?
+            .load()
+            .map_err(|source| Error::Program {
+                program: lookup::PROGRAM,
+                source,
+            })?;
         let maps = maps::Maps::take(&mut ebpf)?;
         Ok(EbpfDataplane {
             ebpf,
@@ -192,25 +199,34 @@ impl EbpfDataplane {
         out
     }
 
-    /// `ip rule 20000 fwmark 0x400/0xfff lookup 100` and `local default dev lo table 100` in
-    /// ztunnel's netns, and their removal from a previous ztunnel's netns if it still exists.
+    /// In ztunnel's netns: `ip rule 20000 fwmark 0x400/0xfff lookup 100`, `local default dev lo
+    /// table 100` and the sk_lookup link; their removal from a previous ztunnel's netns.
     fn route_ztunnel(&mut self, facts: &NodeFacts) -> Result<()> {
-        let want = facts
-            .ztunnel
-            .as_ref()
-            .map(|z| (z.netns.clone(), z.ips.iter().any(IpAddr::is_ipv6)));
-        if let Some((old, v6)) = self.routed_ztunnel.take()
-            && Some(&old) != want.as_ref().map(|w| &w.0)
+        let want = facts.ztunnel.as_ref().map(|z| {
+            (
+                z.netns.clone(),
+                z.ips.iter().any(IpAddr::is_ipv6),
+                z.netns_inode,
+            )
+        });
+        let done = self.routed_ztunnel.take();
+        if let Some((old, v6)) = &done
+            && Some(old) != want.as_ref().map(|w| &w.0)
             && old.exists()
-            && let Err(e) = unroute_ztunnel(&old, v6)
+            && let Err(e) = unroute_ztunnel(old, *v6)
         {
             log::warn!(
                 "removing tproxy routing from old ztunnel netns {}: {e}",
                 old.display()
             );
         }
-        if let Some((ns, v6)) = want {
+        lookup::remove_others(&self.dirs, want.as_ref().map(|w| w.2))?;
+        if let Some((ns, v6, inode)) = want {
             tproxy_routing(&ns, v6, true)?;
+            let pinned = self.dirs.links.join(lookup::pin_name(inode)).exists();
+            if done.as_ref().is_none_or(|d| d.0 != ns) || !pinned {
+                lookup::attach(&mut self.ebpf, &self.dirs, &ns, inode)?;
+            }
             self.routed_ztunnel = Some((ns, v6));
         }
         Ok(())
@@ -323,6 +339,7 @@ pub fn cleanup(bpffs: &Path, node: &str) -> Result<Cleaned> {
         attach::detach(&dirs, mode, &name, &pinned)?;
         cleaned.links += 1;
     }
+    cleaned.links += lookup::remove_others(&dirs, None)?;
     for name in maps::ALL {
         let path = dirs.maps.join(name);
         if path.exists() {
@@ -333,9 +350,11 @@ pub fn cleanup(bpffs: &Path, node: &str) -> Result<Cleaned> {
             cleaned.maps += 1;
         }
     }
-    // A re-record an agent did not finish (see attach::clsact).
-    for e in std::fs::read_dir(&dirs.filters)
+    // A re-record or re-pin an agent did not finish (see attach::clsact, lookup).
+    let dirs_with_repins = [&dirs.filters, &dirs.links];
+    for e in dirs_with_repins
         .into_iter()
+        .flat_map(std::fs::read_dir)
         .flatten()
         .flatten()
     {
