@@ -13,6 +13,7 @@ pub mod snapshot;
 pub mod standin;
 pub mod testrun;
 pub mod topology;
+pub mod ztunnel;
 
 use topology::Node;
 

@@ -20,6 +20,8 @@ use crate::ns::Netns;
 
 const ECHO: u8 = b'E';
 const SINK: u8 = b'S';
+/// One byte back, then the server closes first, as `Connection: close` HTTP does.
+const CLOSE_FIRST: u8 = b'C';
 
 fn enter(ns: &Path) -> Result<()> {
     let f = std::fs::File::open(ns)?;
@@ -34,7 +36,8 @@ fn enter(ns: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Echo (`E`: every byte back) or sink (`S`: count to EOF, answer the count) on `port`.
+/// Echo (`E`: every byte back), sink (`S`: count to EOF, answer the count) or close-first (`C`:
+/// one byte back, then close) on `port`.
 pub struct Server {
     listener: Arc<TcpListener>,
 }
@@ -66,6 +69,13 @@ fn serve(mut conn: TcpStream) {
     if conn.read_exact(&mut kind).is_err() {
         return;
     }
+    if kind[0] == CLOSE_FIRST {
+        let mut b = [0u8];
+        if conn.read_exact(&mut b).is_ok() {
+            let _ = conn.write_all(&b);
+        }
+        return;
+    }
     let mut buf = vec![0u8; 1 << 16];
     let mut total = 0u64;
     loop {
@@ -90,11 +100,21 @@ fn in_ns<T: Send + 'static>(
     n: usize,
     f: impl Fn(usize) -> Result<T> + Send + Sync + 'static,
 ) -> Result<Vec<T>> {
+    in_each_ns(&[ns.into()], n, f)
+}
+
+/// Runs `f(i)` on `n` threads, thread `i` inside the netns `from[i % from.len()]`; all start
+/// together.
+fn in_each_ns<T: Send + 'static>(
+    from: &[PathBuf],
+    n: usize,
+    f: impl Fn(usize) -> Result<T> + Send + Sync + 'static,
+) -> Result<Vec<T>> {
     let f = Arc::new(f);
     let barrier = Arc::new(std::sync::Barrier::new(n));
     let handles: Vec<_> = (0..n)
         .map(|i| {
-            let (ns, f, barrier): (PathBuf, _, _) = (ns.into(), f.clone(), barrier.clone());
+            let (ns, f, barrier) = (from[i % from.len()].clone(), f.clone(), barrier.clone());
             thread::spawn(move || {
                 enter(&ns)?;
                 barrier.wait();
@@ -149,23 +169,35 @@ pub struct Churn {
     pub failures: usize,
 }
 
-/// `clients` threads each connecting, exchanging one byte and closing, for `duration`.
-pub fn churn(ns: &Path, dst: SocketAddr, clients: usize, duration: Duration) -> Result<Churn> {
+/// How long a churn runs.
+#[derive(Clone, Copy, Debug)]
+pub enum Amount {
+    For(Duration),
+    /// Connections per client.
+    Each(usize),
+}
+
+/// `clients` threads, spread over the netns in `from`, each opening short connections: connect,
+/// one byte each way, and the server closes first (FIN, as `Connection: close` HTTP does); the
+/// client reads to the end and closes. Nothing is shaped to dodge TIME_WAIT: whoever closes
+/// first holds it, as in production.
+pub fn churn(from: &[PathBuf], dst: SocketAddr, clients: usize, amount: Amount) -> Result<Churn> {
     let start = Instant::now();
-    let per = in_ns(ns, clients, move |_| {
+    let per = in_each_ns(from, clients, move |_| {
         let (mut times, mut failures) = (vec![], 0);
-        let end = Instant::now() + duration;
-        while Instant::now() < end {
+        let end = Instant::now() + Duration::from_secs(3600);
+        let (deadline, count) = match amount {
+            Amount::For(d) => (Instant::now() + d, usize::MAX),
+            Amount::Each(n) => (end, n),
+        };
+        while Instant::now() < deadline && times.len() + failures < count {
             let t = Instant::now();
             let ok = (|| -> Result<()> {
-                let mut c = connect(dst, ECHO)?;
+                let mut c = connect(dst, CLOSE_FIRST)?;
                 c.write_all(b"x")?;
-                let mut b = [0u8];
-                c.read_exact(&mut b)?;
-                // Closed with a reset: thousands of client TIME_WAITs would otherwise make
-                // every later connect search longer for a port, and the figure would depend
-                // on what ran before.
-                socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO))?;
+                let mut answer = Vec::new();
+                c.read_to_end(&mut answer)?;
+                anyhow::ensure!(answer == b"x", "answer {answer:?}");
                 Ok(())
             })();
             match ok {

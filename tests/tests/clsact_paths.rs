@@ -1,11 +1,12 @@
-//! The eBPF dataplane attached through tc clsact filters (netlink), as on kernels without TCX:
-//! the shared packet-path scenarios, where the programs sit, adoption by a restarted agent, a
+//! The eBPF dataplane attached through tc clsact filters (netlink), as on kernels without TCX
+//! (the shared packet-path scenarios run in this mode from `paths.rs`): where the programs sit, adoption by a restarted agent, a
 //! switch of mechanism under traffic, and pods leaving. This kernel has TCX, so the agent is told
 //! `--attach netlink`; the kernel path is the one an older kernel takes.
 mod common;
 
-use common::{Lab, scenarios};
+use common::{Lab, Mode, scenarios::from_to};
 use zdivert_tests::{
+    ztunnel::MeshConfig,
     apps::{RequestStream, TcpServer, request, sa},
     eventually,
     ns::Netns,
@@ -13,43 +14,8 @@ use zdivert_tests::{
     topology::Node,
 };
 
-const MODE: &str = "ebpf-clsact";
+const MODE: Mode = Mode::EbpfClsact;
 const SECS_20: std::time::Duration = std::time::Duration::from_secs(20);
-
-#[test]
-fn outbound_same_node_goes_through_15001_with_original_destination() -> anyhow::Result<()> {
-    scenarios::outbound_same_node_goes_through_15001_with_original_destination(MODE)
-}
-
-#[test]
-fn inbound_from_a_non_ambient_pod_lands_on_15006_and_port_15008_on_15008() -> anyhow::Result<()> {
-    scenarios::inbound_from_a_non_ambient_pod_lands_on_15006_and_port_15008_on_15008(MODE)
-}
-
-#[test]
-fn cross_node_goes_ztunnel_to_ztunnel_and_the_server_sees_the_client_pod() -> anyhow::Result<()> {
-    scenarios::cross_node_goes_ztunnel_to_ztunnel_and_the_server_sees_the_client_pod(MODE)
-}
-
-#[test]
-fn non_ambient_node_and_udp_traffic_is_not_captured() -> anyhow::Result<()> {
-    scenarios::non_ambient_node_and_udp_traffic_is_not_captured(MODE)
-}
-
-#[test]
-fn without_a_ztunnel_ambient_traffic_is_dropped_not_delivered() -> anyhow::Result<()> {
-    scenarios::without_a_ztunnel_ambient_traffic_is_dropped_not_delivered(MODE)
-}
-
-#[test]
-fn sigkilled_agent_restarts_without_failing_a_connection() -> anyhow::Result<()> {
-    scenarios::sigkilled_agent_restarts_without_failing_a_connection(MODE)
-}
-
-#[test]
-fn ping_to_and_from_ambient_pods_works() -> anyhow::Result<()> {
-    scenarios::ping_to_and_from_ambient_pods_works(MODE)
-}
 
 /// `(interface, direction, program, program id)` of our filters (priority 1, handle 0x7a64) in
 /// `ns`, as `tc filter show` prints them.
@@ -121,7 +87,7 @@ fn assert_placed(node: &Node) -> anyhow::Result<()> {
 #[test]
 fn programs_sit_in_clsact_filters_and_a_restarted_agent_swaps_them_in_place() -> anyhow::Result<()>
 {
-    let mut lab = Lab::start_mode(MODE, vec![])?;
+    let mut lab = Lab::real(MODE, |_| MeshConfig::default())?;
     let w2 = lab.w2();
     assert_placed(w2)?;
     let links = lab.agent2().status()?["links"].clone();
@@ -171,7 +137,8 @@ fn programs_sit_in_clsact_filters_and_a_restarted_agent_swaps_them_in_place() ->
     let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
     let r = request(&pp.ns, sa(rv1.ip, 9080))?;
     assert_eq!(r.peer.ip(), pp.ip);
-    assert_eq!(lab.z2().to(sa(rv1.ip, 9080)).len(), 1, "through ztunnel");
+    lab.zt2()
+        .wait_access(1, from_to(pp, sa(rv1.ip, 9080), "inbound"))?;
     Ok(())
 }
 
@@ -179,12 +146,13 @@ fn programs_sit_in_clsact_filters_and_a_restarted_agent_swaps_them_in_place() ->
 /// before it removes the old, so no connection gets past ztunnel or fails.
 #[test]
 fn switching_between_tcx_and_clsact_under_traffic_fails_no_connection() -> anyhow::Result<()> {
-    let mut lab = Lab::start_mode("ebpf", vec![])?;
-    let (pp, rv1) = (lab.w2().pod("productpage-v1"), lab.w2().pod("reviews-v1"));
+    let mut lab = Lab::real(Mode::Ebpf, |_| MeshConfig::default())?;
+    let w2 = lab.topo.worker2();
+    let (pp, rv1) = (w2.pod("productpage-v1"), w2.pod("reviews-v1"));
     let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
     let dst = sa(rv1.ip, 9080);
     let stream = RequestStream::start(&pp.ns, dst)?;
-    let (_, l) = common::expected(lab.w2(), true);
+    let (_, l) = common::expected(w2, true);
     let only_via = |lab: &Lab, mechanism: &str| -> anyhow::Result<bool> {
         let st = lab.agent2().status()?;
         let links: Vec<String> = st["links"]
@@ -197,18 +165,18 @@ fn switching_between_tcx_and_clsact_under_traffic_fails_no_connection() -> anyho
     };
 
     std::thread::sleep(std::time::Duration::from_millis(300));
-    lab.agents[0].restart_in(MODE)?;
+    lab.agents[0].restart_in(MODE.as_str())?;
     eventually("all attachments via tc clsact", SECS_20, || {
         only_via(&lab, "via tc clsact")
     })?;
-    assert_placed(lab.w2())?;
+    assert_placed(w2)?;
     std::thread::sleep(std::time::Duration::from_millis(300));
 
     lab.agents[0].restart_in("ebpf")?;
     eventually("all attachments via tcx", SECS_20, || {
         only_via(&lab, "via tcx")
     })?;
-    for ns in [&lab.w2().ns, &lab.w2().ztunnel.ns] {
+    for ns in [&w2.ns, &w2.ztunnel.ns] {
         let tc = clsact_filters(ns)?;
         assert!(
             !tc.contains("zd_") && !tc.contains("clsact"),
@@ -219,17 +187,14 @@ fn switching_between_tcx_and_clsact_under_traffic_fails_no_connection() -> anyho
 
     let results = stream.stop();
     common::assert_none_failed(&results, 20);
-    assert_eq!(
-        lab.z2().to(dst).len(),
-        results.len(),
-        "every one went through ztunnel"
-    );
+    lab.zt2()
+        .wait_access(results.len(), from_to(pp, dst, "inbound"))?;
     Ok(())
 }
 
 #[test]
 fn a_pod_leaving_ambient_loses_its_filters_and_its_clsact_qdisc() -> anyhow::Result<()> {
-    let lab = Lab::start_mode(MODE, vec![])?;
+    let lab = Lab::real(MODE, |_| MeshConfig::default())?;
     let (w2, rv2, sleep) = (lab.w2(), lab.w2().pod("reviews-v2"), lab.w2().pod("sleep"));
     let _server = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
     let qdisc_on = |ifname: &str| -> anyhow::Result<bool> {
@@ -256,16 +221,20 @@ fn a_pod_leaving_ambient_loses_its_filters_and_its_clsact_qdisc() -> anyhow::Res
         !qdisc_on(&rv2.host_veth)?,
         "the clsact qdisc went with them"
     );
-    request(&sleep.ns, sa(rv2.ip, 9080))?;
-    assert!(
-        lab.z2().to(sa(rv2.ip, 9080)).is_empty(),
+    let dst = sa(rv2.ip, 9080);
+    request(&sleep.ns, dst)?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        lab.zt2().access_log().iter().filter(|a| from_to(sleep, dst, "inbound")(a)).count(),
+        0,
         "sleep → reviews-v2 is no longer captured"
     );
 
     lab.agent2().describe(&w2.pods_file(true))?;
     lab.agent2().wait_ready(a * 2, l)?;
     assert_placed(w2)?;
-    request(&sleep.ns, sa(rv2.ip, 9080))?;
-    assert_eq!(lab.z2().to(sa(rv2.ip, 9080)).len(), 1, "captured again");
+    request(&sleep.ns, dst)?;
+    lab.zt2()
+        .wait_access(1, from_to(sleep, dst, "inbound"))?;
     Ok(())
 }

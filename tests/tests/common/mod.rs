@@ -10,11 +10,41 @@ use zdivert_tests::{
     standin::Standin,
     standin_for,
     topology::{Node, Topology},
+    ztunnel::{MeshConfig, Ztunnel},
 };
+
+/// A dataplane as the tests run it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// eBPF, attached through TCX.
+    Ebpf,
+    /// eBPF attached through tc clsact filters, as on kernels without TCX.
+    EbpfClsact,
+    /// The iptables fallback.
+    Iptables,
+}
+
+impl Mode {
+    /// The agent's name for it (see `Agent`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Ebpf => "ebpf",
+            Mode::EbpfClsact => "ebpf-clsact",
+            Mode::Iptables => "iptables",
+        }
+    }
+
+    pub fn is_ebpf(self) -> bool {
+        self != Mode::Iptables
+    }
+}
 
 pub struct Lab {
     pub agents: Vec<Agent>,
+    /// The real ztunnel on each node (empty when the lab runs the stand-in).
+    pub ztunnels: Vec<Ztunnel>,
     pub standins: Vec<Standin>,
+    pub mesh: MeshConfig,
     pub topo: Topology,
 }
 
@@ -37,6 +67,15 @@ pub fn assert_none_failed(results: &[Result<std::net::IpAddr>], min: usize) {
     );
 }
 
+/// Waits until `agent` has set `node` up in its mode, with or without a ztunnel.
+pub fn wait_set_up(agent: &Agent, node: &Node, with_ztunnel: bool) -> Result<()> {
+    let (a, l) = expected(node, with_ztunnel);
+    match agent.mode.as_str() {
+        "iptables" => fallback::wait_layout(node, a, with_ztunnel),
+        _ => agent.wait_ready(a * 2, l).map(|_| ()),
+    }
+}
+
 impl Lab {
     pub fn start() -> Result<Lab> {
         Self::start_with_services(vec![])
@@ -47,12 +86,38 @@ impl Lab {
         Self::start_mode("ebpf", services)
     }
 
-    /// Both nodes with agents in `mode` (ebpf or iptables).
+    /// Both nodes, each with the real ztunnel told `mesh` and an agent in `mode`.
+    pub fn real(mode: Mode, mesh: impl FnOnce(&Topology) -> MeshConfig) -> Result<Lab> {
+        let mode = mode.as_str();
+        let topo = Topology::article()?;
+        let mesh = mesh(&topo);
+        let mut lab = Lab {
+            agents: vec![],
+            ztunnels: vec![],
+            standins: vec![],
+            mesh,
+            topo,
+        };
+        for node in &lab.topo.nodes {
+            lab.ztunnels
+                .push(Ztunnel::start(&lab.topo, node, &lab.mesh)?);
+        }
+        for node in lab.topo.nodes.iter() {
+            let agent = Agent::start_mode(node, &node.pods_file(true), mode)?;
+            lab.agents.push(agent);
+            lab.wait_ready(node, true)?;
+        }
+        Ok(lab)
+    }
+
+    /// Both nodes with agents in `mode` (ebpf or iptables) and the stand-in ztunnel.
     pub fn start_mode(mode: &str, services: Vec<(SocketAddr, SocketAddr)>) -> Result<Lab> {
         let topo = Topology::article()?;
         let mut lab = Lab {
             agents: vec![],
+            ztunnels: vec![],
             standins: vec![],
+            mesh: MeshConfig::default(),
             topo,
         };
         for (i, node) in lab.topo.nodes.iter().enumerate() {
@@ -72,11 +137,7 @@ impl Lab {
             .iter()
             .find(|a| a.node == node.name)
             .expect("an agent per node");
-        let (a, l) = expected(node, with_ztunnel);
-        match agent.mode.as_str() {
-            "iptables" => fallback::wait_layout(node, a, with_ztunnel),
-            _ => agent.wait_ready(a * 2, l).map(|_| ()),
-        }
+        wait_set_up(agent, node, with_ztunnel)
     }
 
     pub fn w2(&self) -> &Node {
@@ -91,6 +152,13 @@ impl Lab {
     }
     pub fn z1(&self) -> &Standin {
         &self.standins[1]
+    }
+    /// The real ztunnels of the article's node and of the other one.
+    pub fn zt2(&self) -> &Ztunnel {
+        &self.ztunnels[0]
+    }
+    pub fn zt1(&self) -> &Ztunnel {
+        &self.ztunnels[1]
     }
     pub fn agent2(&self) -> &Agent {
         &self.agents[0]

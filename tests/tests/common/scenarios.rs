@@ -1,78 +1,98 @@
-//! The packet-path scenarios both dataplanes must pass, each run by `ebpf_paths` and
-//! `iptables_paths` with its mode: which ztunnel listener accepted each connection, which
-//! original destination it saw, and which source the server saw.
+//! The packet-path scenarios every dataplane must pass with the real ztunnel, run by `paths.rs`
+//! in each mode: what ztunnel's access log recorded (direction, workloads, identity, policy
+//! decision), and which source the server saw.
 #![allow(dead_code)]
-use std::{net::Ipv4Addr, time::Duration};
-
-use super::Lab;
-use zdivert_tests::{
-    apps::{RequestStream, TcpServer, UdpEcho, connect, request, request_timeout, sa, udp_request},
-    fallback,
-    standin::{HBONE, INBOUND, OUTBOUND},
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
 };
 
-pub fn outbound_same_node_goes_through_15001_with_original_destination(
-    mode: &str,
-) -> anyhow::Result<()> {
-    let lab = Lab::start_mode(mode, vec![])?;
+use super::{Lab, Mode};
+use zdivert_tests::{
+    apps::{RequestStream, TcpServer, UdpEcho, request, request_timeout, sa, udp_request},
+    fallback,
+    topology::Pod,
+    ztunnel::{Access, MeshConfig, Policy, Service, identity},
+};
+
+/// ztunnel's record of a connection from `src` to `dst` in `direction`.
+pub fn from_to(src: &Pod, dst: SocketAddr, direction: &'static str) -> impl Fn(&Access) -> bool {
+    let src_ips: [IpAddr; 2] = [src.ip.into(), src.ip6.into()];
+    move |a: &Access| {
+        a.direction() == direction
+            && a.dst() == Some(dst)
+            && a.src_ip().is_some_and(|ip| src_ips.contains(&ip))
+    }
+}
+
+pub fn same_node_ambient_to_ambient_is_hbone_through_ztunnel(mode: Mode) -> anyhow::Result<()> {
+    let lab = Lab::real(mode, |_| MeshConfig::default())?;
     let (pp, rv1) = (lab.w2().pod("productpage-v1"), lab.w2().pod("reviews-v1"));
-    let server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let dst = sa(rv1.ip, 9080);
 
-    let reply = request(&pp.ns, sa(rv1.ip, 9080))?;
+    let reply = request(&pp.ns, dst)?;
 
-    let recs = lab.z2().to(sa(rv1.ip, 9080));
-    assert_eq!(recs.len(), 1, "one connection through ztunnel: {recs:?}");
-    assert_eq!(recs[0].listener, OUTBOUND);
-    assert_eq!(recs[0].peer.ip(), pp.ip);
-    // ztunnel connected to the pod with the client's address, and the pod saw the client.
-    assert_eq!(
-        recs[0].upstream.map(|(to, from)| (to, from.ip())),
-        Some((sa(rv1.ip, 9080), pp.ip.into()))
-    );
     assert_eq!(reply.server, "reviews-v1");
-    assert_eq!(reply.peer.ip(), pp.ip);
-    assert_eq!(server.seen().len(), 1);
-    if mode != "iptables" {
-        assert!(lab.agent2().counter("outbound", "redirected")? > 0);
-        assert!(
-            lab.agent2()
-                .counter("ztunnel_tproxy", "assigned_listener")?
-                >= 1
-        );
-    } else {
+    assert_eq!(reply.peer.ip(), pp.ip, "the server sees the client pod");
+    let out = lab.zt2().wait_access(1, from_to(pp, dst, "outbound"))?;
+    assert_eq!(out[0].dst_workload(), "reviews-v1");
+    assert_eq!(
+        out[0].get("dst.addr"),
+        Some(format!("{}:15008", rv1.ip).as_str()),
+        "HBONE to the pod's :15008, on this node"
+    );
+    let inb = lab.zt2().wait_access(1, from_to(pp, dst, "inbound"))?;
+    assert_eq!(inb[0].src_identity(), identity(pp), "mTLS identity");
+    assert_eq!(inb[0].error(), None);
+    if mode == Mode::Iptables {
         // The article's path, by the rules' own packet counters: marked 0x100 on the node,
-        // tproxied from pistioout in ztunnel's netns, the reply steered back by 0x40 / 0x4d3.
+        // tproxied from pistioout, and HBONE sent back in through pistioin to :15008.
         let (node, zt) = (&lab.w2().ns, &lab.w2().ztunnel.ns);
         for (ns, rule) in [
             (
                 node,
                 "--match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100",
             ),
-            (
-                node,
-                "-m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40",
-            ),
+            (node, "--dport 15008 -m set --match-set ztunnel-pods-ips dst"),
+            (node, "--sport 15008 -m set --match-set ztunnel-pods-ips dst"),
             (zt, "-i pistioout -p tcp -j TPROXY --on-port 15001"),
-            (zt, "-j MARK --set-xmark 0x4d3/0xfff"),
+            (zt, "--dport 15008 -j TPROXY --on-port 15008"),
         ] {
             assert!(
                 fallback::rule_packets(ns, rule)? > 0,
                 "no packet hit {rule}"
             );
         }
+    } else {
+        let agent = lab.agent2();
+        assert!(agent.counter("outbound", "redirected")? > 0);
+        assert!(agent.counter("ztunnel_return", "hbone_to_ztunnel")? > 0);
     }
     Ok(())
 }
 
-pub fn service_vip_reaches_ztunnel_before_any_dnat(mode: &str) -> anyhow::Result<()> {
-    let vip = sa(Ipv4Addr::new(10, 96, 0, 10), 9080);
-    let lab = Lab::start_mode(mode, vec![(vip, sa(Ipv4Addr::new(10, 244, 2, 7), 9080))])?;
-    let (w2, pp, rv1) = (
+pub fn service_vip_reaches_ztunnel_before_any_dnat(mode: Mode) -> anyhow::Result<()> {
+    let vip = Ipv4Addr::new(10, 96, 0, 10);
+    let lab = Lab::real(mode, |_| MeshConfig {
+        services: vec![Service {
+            name: "reviews".into(),
+            namespace: "default".into(),
+            vip: vip.into(),
+            port: 9080,
+            target_port: 9080,
+            endpoints: vec!["reviews-v1".into()],
+        }],
+        policies: vec![],
+    })?;
+    let (w2, pp, rv1, rv2) = (
         lab.w2(),
         lab.w2().pod("productpage-v1"),
         lab.w2().pod("reviews-v1"),
+        lab.w2().pod("reviews-v2"),
     );
-    // kube-proxy's DNAT for the Service, in the node's netns: it must never see captured packets.
+    // kube-proxy's DNAT for the Service, in the node's netns, to the *wrong* endpoint: it must
+    // never see captured packets, so ztunnel sees the VIP and picks the endpoint itself.
     w2.ns.cmd(
         "iptables",
         &[
@@ -81,7 +101,7 @@ pub fn service_vip_reaches_ztunnel_before_any_dnat(mode: &str) -> anyhow::Result
             "-A",
             "PREROUTING",
             "-d",
-            "10.96.0.10/32",
+            &format!("{vip}/32"),
             "-p",
             "tcp",
             "--dport",
@@ -89,99 +109,96 @@ pub fn service_vip_reaches_ztunnel_before_any_dnat(mode: &str) -> anyhow::Result
             "-j",
             "DNAT",
             "--to-destination",
-            &format!("{}:9080", rv1.ip),
+            &format!("{}:9080", rv2.ip),
         ],
     )?;
-    let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let _s1 = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let _s2 = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
 
-    let reply = request(&pp.ns, vip)?;
+    let reply = request(&pp.ns, sa(vip, 9080))?;
 
-    let recs = lab.z2().to(vip);
-    assert_eq!(
-        recs.len(),
-        1,
-        "ztunnel saw the VIP as original destination: {:?}",
-        lab.z2().records()
-    );
-    assert_eq!(recs[0].listener, OUTBOUND);
-    assert_eq!(reply.server, "reviews-v1");
+    assert_eq!(reply.server, "reviews-v1", "ztunnel's endpoint, not kube-proxy's");
     assert_eq!(reply.peer.ip(), pp.ip);
+    let out = lab
+        .zt2()
+        .wait_access(1, |a| a.direction() == "outbound" && a.src_workload() == pp.name)?;
+    assert_eq!(
+        out[0].get("dst.service"),
+        Some("reviews.default.svc.cluster.local"),
+        "ztunnel saw the VIP: {}",
+        out[0]
+    );
     Ok(())
 }
 
-pub fn inbound_from_a_non_ambient_pod_lands_on_15006_and_port_15008_on_15008(
-    mode: &str,
-) -> anyhow::Result<()> {
-    let lab = Lab::start_mode(mode, vec![])?;
+pub fn non_ambient_to_ambient_goes_through_ztunnels_inbound(mode: Mode) -> anyhow::Result<()> {
+    let lab = Lab::real(mode, |_| MeshConfig::default())?;
     let (sleep, rv1) = (lab.w2().pod("sleep"), lab.w2().pod("reviews-v1"));
+    let curl = lab.w1().pod("curl");
     let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let in_pod_15008 = TcpServer::start(&rv1.ns, "reviews-v1-15008", 15008)?;
+    let dst = sa(rv1.ip, 9080);
 
-    let reply = request(&sleep.ns, sa(rv1.ip, 9080))?;
-    let recs = lab.z2().to(sa(rv1.ip, 9080));
-    assert_eq!(recs.len(), 1, "{recs:?}");
-    assert_eq!(recs[0].listener, INBOUND);
-    assert_eq!(recs[0].peer.ip(), sleep.ip);
-    assert_eq!(reply.peer.ip(), sleep.ip, "the pod sees the real client");
-
-    // Plain traffic to :15008 is HBONE's port: it goes to ztunnel's :15008 listener.
-    let conn = connect(&sleep.ns, sa(rv1.ip, HBONE), Duration::from_secs(3))?;
-    std::io::Write::write_all(&mut &conn, b"GET / HTTP/1.1\n")?;
-    let mut answer = String::new();
-    std::io::Read::read_to_string(&mut &conn, &mut answer)?;
-    assert!(answer.contains("HBONE header required"), "{answer:?}");
-    let recs = lab.z2().to(sa(rv1.ip, HBONE));
-    assert_eq!(recs.len(), 1);
-    assert_eq!(recs[0].listener, HBONE);
+    for client in [sleep, curl] {
+        let reply = request(&client.ns, dst)?;
+        assert_eq!(reply.peer.ip(), client.ip, "the pod sees the real client");
+        let inb = lab.zt2().wait_access(1, from_to(client, dst, "inbound"))?;
+        assert_eq!(inb[0].error(), None, "{}", inb[0]);
+    }
+    // Plain TCP to :15008 is HBONE's port: ztunnel's listener takes it (and wants mTLS), the
+    // pod's own socket on that port never sees it.
+    let plain = request_timeout(&sleep.ns, sa(rv1.ip, 15008), Duration::from_secs(2));
+    assert!(plain.is_err(), "plain TCP is no HBONE: {plain:?}");
+    assert!(
+        in_pod_15008.seen().is_empty(),
+        "the pod's :15008 was reached around ztunnel: {:?}",
+        in_pod_15008.seen()
+    );
     Ok(())
 }
 
-pub fn cross_node_goes_ztunnel_to_ztunnel_and_the_server_sees_the_client_pod(
-    mode: &str,
-) -> anyhow::Result<()> {
-    let lab = Lab::start_mode(mode, vec![])?;
+pub fn cross_node_ambient_to_ambient_is_hbone_between_ztunnels(mode: Mode) -> anyhow::Result<()> {
+    let lab = Lab::real(mode, |_| MeshConfig::default())?;
     let pp = lab.w2().pod("productpage-v1");
     let details = lab.w1().pod("details-v1");
     let _server = TcpServer::start(&details.ns, "details-v1", 9080)?;
+    let dst = sa(details.ip, 9080);
 
-    let reply = request(&pp.ns, sa(details.ip, 9080))?;
+    let reply = request(&pp.ns, dst)?;
 
-    let out = lab.z2().to(sa(details.ip, 9080));
-    assert_eq!(
-        out.len(),
-        1,
-        "source node's ztunnel: {:?}",
-        lab.z2().records()
-    );
-    assert_eq!(out[0].listener, OUTBOUND);
-    assert_eq!(
-        out[0].upstream.map(|(to, from)| (to, from.ip())),
-        Some((sa(details.ip, HBONE), lab.w2().ztunnel.ip.into())),
-        "tunnelled to the pod's :15008"
-    );
-    let inn = lab.z1().to(sa(details.ip, HBONE));
-    assert_eq!(
-        inn.len(),
-        1,
-        "destination node's ztunnel: {:?}",
-        lab.z1().records()
-    );
-    assert_eq!(inn[0].listener, HBONE);
-    assert_eq!(inn[0].peer.ip(), lab.w2().ztunnel.ip);
-    assert_eq!(
-        inn[0].hbone.map(|(src, dst)| (src.ip(), dst)),
-        Some((pp.ip.into(), sa(details.ip, 9080)))
-    );
     assert_eq!(reply.server, "details-v1");
+    assert_eq!(reply.peer.ip(), pp.ip, "the server sees the client pod");
+    let out = lab.zt2().wait_access(1, from_to(pp, dst, "outbound"))?;
+    assert_eq!(out[0].dst_workload(), "details-v1");
+    let inb = lab.zt1().wait_access(1, from_to(pp, dst, "inbound"))?;
     assert_eq!(
-        reply.peer.ip(),
-        pp.ip,
-        "the server sees the client pod's address"
+        inb[0].src_identity(),
+        identity(pp),
+        "the other node's ztunnel authenticated the client pod over mTLS"
     );
     Ok(())
 }
 
-pub fn non_ambient_node_and_udp_traffic_is_not_captured(mode: &str) -> anyhow::Result<()> {
-    let lab = Lab::start_mode(mode, vec![])?;
+pub fn ambient_to_non_ambient_goes_through_ztunnel(mode: Mode) -> anyhow::Result<()> {
+    let lab = Lab::real(mode, |_| MeshConfig::default())?;
+    let (pp, sleep) = (lab.w2().pod("productpage-v1"), lab.w2().pod("sleep"));
+    let curl = lab.w1().pod("curl");
+    let _s1 = TcpServer::start(&sleep.ns, "sleep", 8080)?;
+    let _s2 = TcpServer::start(&curl.ns, "curl", 8080)?;
+
+    for server in [sleep, curl] {
+        let dst = sa(server.ip, 8080);
+        let reply = request(&pp.ns, dst)?;
+        assert_eq!(reply.server, server.name);
+        assert_eq!(reply.peer.ip(), pp.ip, "ztunnel connects as the client pod");
+        let out = lab.zt2().wait_access(1, from_to(pp, dst, "outbound"))?;
+        assert_eq!(out[0].dst_workload(), server.name);
+    }
+    Ok(())
+}
+
+pub fn node_probes_udp_and_non_ambient_traffic_are_not_captured(mode: Mode) -> anyhow::Result<()> {
+    let lab = Lab::real(mode, |_| MeshConfig::default())?;
     let (w2, pp, rv1, sleep) = (
         lab.w2(),
         lab.w2().pod("productpage-v1"),
@@ -206,56 +223,75 @@ pub fn non_ambient_node_and_udp_traffic_is_not_captured(mode: &str) -> anyhow::R
     // UDP (DNS-like) from an ambient pod
     let echo = udp_request(&pp.ns, sa(rv1.ip, 5353))?;
     assert!(echo.starts_with(&format!("{}:", pp.ip)), "{echo}");
-    assert!(
-        lab.z2().records().is_empty(),
-        "nothing went through ztunnel: {:?}",
-        lab.z2().records()
-    );
-    assert!(lab.z1().records().is_empty(), "{:?}", lab.z1().records());
+    std::thread::sleep(Duration::from_millis(300));
+    for z in &lab.ztunnels {
+        assert!(
+            z.access_log().is_empty(),
+            "nothing went through ztunnel on {}:\n{}",
+            z.node,
+            z.access_summary()
+        );
+    }
     Ok(())
 }
 
-pub fn without_a_ztunnel_ambient_traffic_is_dropped_not_delivered(
-    mode: &str,
-) -> anyhow::Result<()> {
-    let lab = Lab::start_mode(mode, vec![])?;
-    let (w2, pp, rv1, sleep) = (
-        lab.w2(),
-        lab.w2().pod("productpage-v1"),
-        lab.w2().pod("reviews-v1"),
-        lab.w2().pod("sleep"),
+/// Whether a request from `client` to `dst` fails and the server never sees it.
+fn refused_around_ztunnel(client: &Pod, dst: SocketAddr, server: &TcpServer) -> bool {
+    let r = request_timeout(&client.ns, dst, Duration::from_millis(700));
+    r.is_err() && server.seen().is_empty()
+}
+
+pub fn without_a_ztunnel_ambient_traffic_is_dropped_not_delivered(mode: Mode) -> anyhow::Result<()> {
+    let mut lab = Lab::real(mode, |_| MeshConfig::default())?;
+    let w2 = lab.topo.worker2();
+    let (pp, rv1, sleep) = (
+        w2.pod("productpage-v1"),
+        w2.pod("reviews-v1"),
+        w2.pod("sleep"),
     );
     let server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
-    let agent = &lab.agents[0];
-    agent.describe(&w2.pods_file(false))?;
-    lab.wait_ready(w2, false)?;
-    if mode != "iptables" {
-        assert!(agent.status()?["ztunnel"].is_null());
-    }
+    let dst = sa(rv1.ip, 9080);
 
+    // ztunnel's process gone (crashed, being replaced): its listeners are gone.
+    lab.ztunnels[0].kill();
     for client in [pp, sleep] {
-        let r = request_timeout(&client.ns, sa(rv1.ip, 9080), Duration::from_millis(700));
         assert!(
-            r.is_err(),
-            "{} reached the ambient pod without ztunnel: {r:?}",
-            client.name
+            refused_around_ztunnel(client, dst, &server),
+            "{} reached the ambient pod while ztunnel was down: {:?}",
+            client.name,
+            server.seen()
         );
     }
-    assert!(
-        server.seen().is_empty(),
-        "the server never saw a connection: {:?}",
-        server.seen()
-    );
-    if mode != "iptables" {
+    lab.ztunnels[0].restart()?;
+    let reply = request(&pp.ns, dst)?;
+    assert_eq!(reply.peer.ip(), pp.ip, "back through the restarted ztunnel");
+    lab.ztunnels[0].wait_access(1, from_to(pp, dst, "inbound"))?;
+
+    // The agent told there is no ztunnel on the node (its pod deleted).
+    server.peers.lock().unwrap().clear();
+    let agent = &lab.agents[0];
+    agent.describe(&w2.pods_file(false))?;
+    super::wait_set_up(agent, w2, false)?;
+    for client in [pp, sleep] {
+        assert!(
+            refused_around_ztunnel(client, dst, &server),
+            "{} reached the ambient pod without ztunnel: {:?}",
+            client.name,
+            server.seen()
+        );
+    }
+    if mode.is_ebpf() {
+        assert!(agent.status()?["ztunnel"].is_null());
         assert!(agent.counter("outbound", "dropped_no_ztunnel")? > 0);
         assert!(agent.counter("inbound", "dropped_no_ztunnel")? > 0);
     }
     Ok(())
 }
 
-pub fn sigkilled_agent_restarts_without_failing_a_connection(mode: &str) -> anyhow::Result<()> {
-    let mut lab = Lab::start_mode(mode, vec![])?;
-    let (pp, rv1) = (lab.w2().pod("productpage-v1"), lab.w2().pod("reviews-v1"));
+pub fn sigkilled_agent_restarts_without_failing_a_connection(mode: Mode) -> anyhow::Result<()> {
+    let mut lab = Lab::real(mode, |_| MeshConfig::default())?;
+    let w2 = lab.topo.worker2();
+    let (pp, rv1) = (w2.pod("productpage-v1"), w2.pod("reviews-v1"));
     let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
     let dst = sa(rv1.ip, 9080);
     // A stream of connections from productpage while the agent is killed and restarted.
@@ -264,20 +300,17 @@ pub fn sigkilled_agent_restarts_without_failing_a_connection(mode: &str) -> anyh
         std::thread::sleep(Duration::from_millis(300));
         lab.agents[0].restart()?; // SIGKILL, then start again
     }
-    lab.wait_ready(lab.w2(), true)?;
+    super::wait_set_up(&lab.agents[0], w2, true)?;
     std::thread::sleep(Duration::from_millis(300));
     let results = stream.stop();
     super::assert_none_failed(&results, 20);
-    assert_eq!(
-        lab.z2().to(dst).len(),
-        results.len(),
-        "every one went through ztunnel"
-    );
-    Ok(())
+    lab.ztunnels[0]
+        .wait_access(results.len(), from_to(pp, dst, "inbound"))
+        .map(|_| ())
 }
 
-pub fn ping_to_and_from_ambient_pods_works(mode: &str) -> anyhow::Result<()> {
-    let lab = Lab::start_mode(mode, vec![])?;
+pub fn ping_to_and_from_ambient_pods_works(mode: Mode) -> anyhow::Result<()> {
+    let lab = Lab::real(mode, |_| MeshConfig::default())?;
     let (w2, pp, rv1, sleep) = (
         lab.w2(),
         lab.w2().pod("productpage-v1"),
@@ -299,10 +332,10 @@ pub fn ping_to_and_from_ambient_pods_works(mode: &str) -> anyhow::Result<()> {
         let out = ping(ns, to);
         assert!(
             out.as_ref().is_ok_and(|o| o.contains("1 received")),
-            "{mode}: ping {from} → {to}: {out:?}"
+            "{mode:?}: ping {from} → {to}: {out:?}"
         );
     }
-    assert!(lab.z2().records().is_empty(), "ICMP is not proxied");
+    assert!(lab.zt2().access_log().is_empty(), "ICMP is not proxied");
     Ok(())
 }
 
@@ -311,13 +344,114 @@ pub fn syn_retransmits(ns: &zdivert_tests::ns::Netns) -> anyhow::Result<u64> {
     ns.net_counter("netstat", "TcpExt", "TCPSynRetrans")
 }
 
-/// 16 parallel clients, each opening short connections (connect, one exchange, close) through
-/// ztunnel. Returns (connections, failures, SYN retransmissions in the clients and ztunnel).
-pub fn churn(lab: &Lab, per_client: usize) -> anyhow::Result<(usize, usize, u64)> {
+/// A DENY policy on reviews-v1:9080 holds on every way in, and nothing else is denied.
+pub fn deny_policy_holds_on_every_way_in(mode: Mode) -> anyhow::Result<()> {
+    let lab = Lab::real(mode, |topo| MeshConfig {
+        services: vec![],
+        policies: vec![Policy::deny_port(
+            topo.worker2().pod("reviews-v1"),
+            9080,
+        )],
+    })?;
+    let (w2, pp, rv1, rv2, sleep) = (
+        lab.w2(),
+        lab.w2().pod("productpage-v1"),
+        lab.w2().pod("reviews-v1"),
+        lab.w2().pod("reviews-v2"),
+        lab.w2().pod("sleep"),
+    );
+    let (details, curl) = (lab.w1().pod("details-v1"), lab.w1().pod("curl"));
+    let denied = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let _allowed = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
+    // A NodePort as kube-proxy makes it: DNAT on the node's port, masqueraded to the node's
+    // address, so the pod sees the node as its client.
+    let node_port = 30080;
+    for (to, port) in [(rv1.ip, node_port), (rv2.ip, node_port + 1)] {
+        node_port_rule(lab.w2(), port, sa(to, 9080))?;
+    }
+    let node_addr = SocketAddr::new(w2.underlay_ip.into(), node_port);
+
+    let ways_in: [(&str, &Pod, SocketAddr); 4] = [
+        ("same node, ambient", pp, sa(rv1.ip, 9080)),
+        ("other node, ambient", details, sa(rv1.ip, 9080)),
+        ("same node, not ambient", sleep, sa(rv1.ip, 9080)),
+        ("NodePort from the other node", curl, node_addr),
+    ];
+    for (way, client, dst) in ways_in {
+        let r = request_timeout(&client.ns, dst, Duration::from_secs(2));
+        assert!(r.is_err(), "{way}: DENY did not hold, the pod answered: {r:?}");
+    }
+    assert!(
+        denied.seen().is_empty(),
+        "reviews-v1 was reached around ztunnel: {:?}",
+        denied.seen()
+    );
+    let rejections = lab.zt2().wait_access(4, |a| a.denied())?;
+    assert!(
+        rejections
+            .iter()
+            .any(|a| a.src_ip() == Some(IpAddr::from(w2.gateway))
+                || a.src_ip() == Some(IpAddr::from(w2.underlay_ip))),
+        "the NodePort connection was denied by ztunnel: {}",
+        lab.zt2().access_summary()
+    );
+
+    // Allowed pairs still work, the NodePort one included.
+    for (client, dst) in [
+        (pp, sa(rv2.ip, 9080)),
+        (details, sa(rv2.ip, 9080)),
+        (sleep, sa(rv2.ip, 9080)),
+        (curl, SocketAddr::new(w2.underlay_ip.into(), node_port + 1)),
+    ] {
+        let reply = request(&client.ns, dst)?;
+        assert_eq!(reply.server, "reviews-v2", "{} → {dst}", client.name);
+    }
+    lab.zt2()
+        .wait_access(4, |a| a.direction() == "inbound" && a.dst_workload() == "reviews-v2")
+        .map(|_| ())
+}
+
+/// kube-proxy's NodePort in the node's netns: DNAT `port` on the node to `to`, and masquerade
+/// what it forwards there (`externalTrafficPolicy: Cluster`).
+fn node_port_rule(
+    node: &zdivert_tests::topology::Node,
+    port: u16,
+    to: SocketAddr,
+) -> anyhow::Result<()> {
+    let (port, to_ip, dest) = (port.to_string(), to.ip().to_string(), to.to_string());
+    node.ns.cmd(
+        "iptables",
+        &[
+            "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", &port, "-j", "DNAT",
+            "--to-destination", &dest,
+        ],
+    )?;
+    node.ns.cmd(
+        "iptables",
+        &[
+            "-t", "nat", "-A", "POSTROUTING", "-d", &to_ip, "-p", "tcp", "-m", "conntrack",
+            "--ctstate", "DNAT", "-j", "MASQUERADE",
+        ],
+    )?;
+    Ok(())
+}
+
+/// Short connections from four ambient pods, 16 clients, to a server that answers and closes
+/// first, as `Connection: close` HTTP does: ztunnel closes its client side first and holds
+/// TIME_WAIT, and the clients take ports from a narrowed range, so new SYNs meet ztunnel's
+/// TIME_WAIT sockets again and again.
+/// Returns (connections, failures, SYN retransmissions in the clients and ztunnel).
+pub fn churn_with_normal_closes(lab: &Lab, per_client: usize) -> anyhow::Result<(usize, usize, u64)> {
+    use zdivert_tests::load;
     let w2 = lab.w2();
     let rv1 = w2.pod("reviews-v1");
-    let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let _server = load::Server::start(&rv1.ns, 9080)?;
     let clients = ["productpage-v1", "reviews-v2", "reviews-v3", "ratings-v1"];
+    for c in clients {
+        w2.pod(c)
+            .ns
+            .sysctl("net.ipv4.ip_local_port_range", "40000 40063")?;
+    }
     let counted = |lab: &Lab| -> anyhow::Result<u64> {
         let mut n = syn_retransmits(&lab.w2().ztunnel.ns)?;
         for c in clients {
@@ -326,16 +460,31 @@ pub fn churn(lab: &Lab, per_client: usize) -> anyhow::Result<(usize, usize, u64)
         Ok(n)
     };
     let before = counted(lab)?;
-    let dst = sa(rv1.ip, 9080);
-    let mut threads = Vec::new();
-    for i in 0..16 {
-        let ns = zdivert_tests::ns::Netns::attach(&w2.pod(clients[i % clients.len()]).ns.path())?;
-        threads.push(std::thread::spawn(move || {
-            (0..per_client)
-                .filter(|_| request(&ns, dst).is_err())
-                .count()
-        }));
+    let from: Vec<_> = clients.iter().map(|c| w2.pod(c).ns.path()).collect();
+    let run = load::churn(&from, sa(rv1.ip, 9080), 16, load::Amount::Each(per_client))?;
+    Ok((
+        run.connections + run.failures,
+        run.failures,
+        counted(lab)? - before,
+    ))
+}
+
+pub fn connection_churn_with_normal_closes_never_waits_for_a_retransmission(
+    mode: Mode,
+) -> anyhow::Result<()> {
+    let lab = Lab::real(mode, |_| MeshConfig::default())?;
+    let (total, failed, retransmits) = churn_with_normal_closes(&lab, 125)?;
+    assert_eq!(failed, 0, "{failed} of {total} connections failed");
+    assert_eq!(
+        retransmits, 0,
+        "{retransmits} SYN retransmissions over {total} connections"
+    );
+    if mode.is_ebpf() {
+        assert!(
+            lab.agent2().counter("ztunnel_tproxy", "syn_to_time_wait")? > 0,
+            "no SYN met a TIME_WAIT socket: the test did not test it"
+        );
+        assert!(lab.agent2().counter("ztunnel_sk_lookup", "assigned_listener")? > 0);
     }
-    let failed: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
-    Ok((16 * per_client, failed, counted(lab)? - before))
+    Ok(())
 }

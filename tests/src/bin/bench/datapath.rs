@@ -133,7 +133,12 @@ pub fn run(sizes: &Sizes, samples: &mut Samples) -> Result<()> {
                     "µs",
                     load::quantile(&mut rr, 0.99).as_secs_f64() * 1e6,
                 );
-                let mut churn = load::churn(&client_ns, dst, 16, sizes.churn)?;
+                let mut churn = load::churn(
+                    std::slice::from_ref(&client_ns),
+                    dst,
+                    16,
+                    load::Amount::For(sizes.churn),
+                )?;
                 samples.add(
                     "datapath",
                     &case,

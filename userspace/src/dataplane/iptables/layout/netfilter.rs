@@ -135,6 +135,14 @@ pub fn node_chains(p: &Params) -> Vec<Chain> {
     // What comes from ztunnel's veth: its own traffic, or its spoofed connections to pods.
     if let Some(z) = &p.ztunnel {
         let (zip, zveth) = (z.ip, &z.veth);
+        // Beyond the article: ztunnel (1.22) speaks HBONE to same-node pods too, dialling
+        // `<pod>:15008` from the source pod's address. That connection, both ways, must end on
+        // ztunnel's sockets, not the pod's: left unmarked, rule 103 sends it back through
+        // istioin, where TPROXY finds ztunnel's socket or its :15008 listener.
+        let hbone = |port: &str| {
+            format!("{c} -i {zveth} -p tcp -m tcp --{port} 15008 -m set --match-set {IPSET} dst -j RETURN")
+        };
+        prerouting.extend([hbone("dport"), hbone("sport")]);
         prerouting.extend([
             mark(
                 &format!(
