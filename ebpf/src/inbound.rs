@@ -1,5 +1,5 @@
 //! Inbound capture: TC egress of an ambient pod's host veth, i.e. packets the node routes to the
-//! pod. TCP from anywhere but the node itself (kubelet probes) and ztunnel goes to ztunnel.
+//! pod. TCP from anywhere but the node's own sockets (kubelet probes) and ztunnel goes to ztunnel.
 //!
 //! ztunnel's own deliveries to the pod never come through here: the return program hands them to
 //! the pod with `bpf_redirect_peer`, so no "skip" mark is needed or honoured on this path.
@@ -23,7 +23,10 @@ pub fn zd_inbound(ctx: TcContext) -> i32 {
     if let Some(quoted) = icmp_error_quote(&ctx, &ip) {
         return icmp_error(&ctx, &ip, &quoted);
     }
-    if ip.proto != IPPROTO_TCP || is_node_ip(&ip.src) {
+    // The node's own connections (kubelet probes) are not captured: they come from a local
+    // socket. What the node only forwards, a NodePort client's connection masqueraded to the
+    // node's address included, has none and is captured (as istio/istio#46936 narrowed it).
+    if ip.proto != IPPROTO_TCP || from_local_socket(&ctx) {
         return pass();
     }
     let Some(z) = ztunnel() else {
@@ -65,6 +68,12 @@ fn icmp_error(ctx: &TcContext, ip: &Ip, quoted: &Quoted) -> i32 {
     count(IN_REDIRECTED);
     // SAFETY: plain helper call; returns TC_ACT_REDIRECT, or TC_ACT_SHOT on a bad ifindex.
     unsafe { bpf_redirect(z.host_ifindex, 0) as i32 }
+}
+
+#[inline(always)]
+fn from_local_socket(ctx: &TcContext) -> bool {
+    // SAFETY: reading the context's socket pointer; it is not dereferenced.
+    unsafe { !(*ctx.skb.skb).__bindgen_anon_2.sk.is_null() }
 }
 
 #[inline(always)]

@@ -8,6 +8,7 @@
 
 mod maps;
 mod packet;
+mod socket;
 
 mod inbound;
 mod outbound;

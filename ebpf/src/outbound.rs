@@ -11,6 +11,7 @@ use zdivert_common::{MARK_OUTBOUND, TCX_NEXT, counter::*};
 use crate::{
     maps::{count, is_node_ip, is_ztunnel_ip, pod, ztunnel},
     packet::{Frame, IPPROTO_TCP, Ip, ifindex, mark, parse, set_dst_mac, tcp},
+    socket::owned_here,
 };
 
 const IPPROTO_ICMPV6: u8 = 58;
@@ -35,10 +36,17 @@ pub fn zd_outbound(ctx: TcContext) -> i32 {
     }
     // Fragments carry no (trustworthy) ports; pods do not fragment TCP (DF, PMTU), so a TCP
     // fragment is either broken or an evasion attempt.
-    if ip.fragment || tcp(&ctx, &ip).is_none() {
+    if ip.fragment {
         return drop(OUT_DROP_MALFORMED);
     }
-    if is_node_ip(&ip.dst) {
+    let Some(seg) = tcp(&ctx, &ip) else {
+        return drop(OUT_DROP_MALFORMED);
+    };
+    // The pod's own connections to the node, and its answers on the node's connections (kubelet
+    // probes), are not captured. An answer to the node's address on a connection the node does
+    // not hold is one ztunnel made in a NodePort client's name (masqueraded to the node's
+    // address): it goes back to ztunnel.
+    if is_node_ip(&ip.dst) && (seg.is_syn() || owned_here(&ctx, &ip, &seg)) {
         return pass();
     }
     let Some(z) = ztunnel() else {

@@ -9,13 +9,8 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{
-        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT,
-        bpf_sock, bpf_sock_tuple,
-    },
-    helpers::{
-        bpf_map_update_elem, bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp,
-    },
+    bindings::{BPF_ANY, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT, bpf_sock},
+    helpers::{bpf_map_update_elem, bpf_sk_assign, bpf_sk_release},
     macros::classifier,
     programs::TcContext,
 };
@@ -27,12 +22,8 @@ use zdivert_common::{
 use crate::{
     maps::{LISTENERS, count, is_ztunnel_ip, ztunnel},
     packet::{Frame, IPPROTO_TCP, Ip, Tcp, icmp_error_quote, mark, parse, tcp},
+    socket::{Lookup, Tuple},
 };
-
-const V4_TUPLE_LEN: u32 = 12;
-const V6_TUPLE_LEN: u32 = 36;
-const LOOPBACK_V4: [u8; 4] = [127, 0, 0, 1];
-const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 #[classifier]
 pub fn zd_zt_tproxy(ctx: TcContext) -> i32 {
@@ -173,8 +164,6 @@ fn icmp_error(ctx: &TcContext, ip: &Ip) -> i32 {
     }
 }
 
-const NETNS: u64 = BPF_F_CURRENT_NETNS as u64;
-
 /// Assigns `sk` to the packet and releases the lookup's reference.
 ///
 /// # Safety
@@ -189,88 +178,6 @@ unsafe fn assign(ctx: &TcContext, sk: *mut bpf_sock, counter: u32) -> i32 {
     ctx.skb.set_mark((mark(ctx) & !MARK_MASK) | MARK_TPROXY);
     count(counter);
     TC_ACT_OK as i32
-}
-
-struct Tuple {
-    raw: bpf_sock_tuple,
-    v6: bool,
-}
-
-#[derive(Clone, Copy)]
-enum Lookup {
-    /// `bpf_skc_lookup_tcp`: also request (SYN_RECV) and TIME_WAIT sockets.
-    AnyState,
-    /// `bpf_sk_lookup_tcp`: full sockets, listeners included.
-    FullSocket,
-}
-
-impl Tuple {
-    #[inline(always)]
-    fn new(ip: &Ip, seg: &Tcp) -> Self {
-        // SAFETY: bpf_sock_tuple is a C union of integer arrays; all-zero is valid.
-        let mut raw: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-        let (s, d) = (&ip.src.addr, &ip.dst.addr);
-        if ip.v6 {
-            let t = unsafe { &mut raw.__bindgen_anon_1.ipv6 };
-            t.saddr = words(s);
-            t.daddr = words(d);
-            t.sport = seg.sport_be;
-            t.dport = seg.dport_be;
-        } else {
-            let t = unsafe { &mut raw.__bindgen_anon_1.ipv4 };
-            t.saddr = u32::from_ne_bytes([s[12], s[13], s[14], s[15]]);
-            t.daddr = u32::from_ne_bytes([d[12], d[13], d[14], d[15]]);
-            t.sport = seg.sport_be;
-            t.dport = seg.dport_be;
-        }
-        Tuple { raw, v6: ip.v6 }
-    }
-
-    #[inline(always)]
-    fn set_dport(&mut self, port: u16) {
-        // Writing a union field is safe; `new` chose the member by family.
-        if self.v6 {
-            self.raw.__bindgen_anon_1.ipv6.dport = port.to_be();
-        } else {
-            self.raw.__bindgen_anon_1.ipv4.dport = port.to_be();
-        }
-    }
-
-    #[inline(always)]
-    fn set_loopback_dst(&mut self, v6: bool) {
-        if v6 {
-            self.raw.__bindgen_anon_1.ipv6.daddr = words(&LOOPBACK_V6);
-        } else {
-            self.raw.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes(LOOPBACK_V4);
-        }
-    }
-
-    /// The socket for this tuple, with a reference the caller must release. The tuple's size
-    /// must be a constant for the verifier, hence one call per family.
-    #[inline(always)]
-    fn lookup(&mut self, ctx: &TcContext, how: Lookup) -> *mut bpf_sock {
-        let skb = ctx.skb.skb as *mut c_void;
-        let t: *mut bpf_sock_tuple = &mut self.raw;
-        // SAFETY: `t` points to a live tuple of the size passed.
-        unsafe {
-            match (how, self.v6) {
-                (Lookup::AnyState, false) => bpf_skc_lookup_tcp(skb, t, V4_TUPLE_LEN, NETNS, 0),
-                (Lookup::AnyState, true) => bpf_skc_lookup_tcp(skb, t, V6_TUPLE_LEN, NETNS, 0),
-                (Lookup::FullSocket, false) => bpf_sk_lookup_tcp(skb, t, V4_TUPLE_LEN, NETNS, 0),
-                (Lookup::FullSocket, true) => bpf_sk_lookup_tcp(skb, t, V6_TUPLE_LEN, NETNS, 0),
-            }
-        }
-    }
-}
-
-#[inline(always)]
-fn words(a: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-    ]
 }
 
 #[inline(always)]

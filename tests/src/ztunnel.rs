@@ -106,6 +106,11 @@ impl Service {
 pub struct MeshConfig {
     pub services: Vec<Service>,
     pub policies: Vec<Policy>,
+    /// Workloads with their IPv4 address only. ztunnel 1.22.8 sends a Service's connection to
+    /// one of the endpoint's addresses picked at random, either family
+    /// (`pick_workload_destination_or_resolve`), so a dual-stack endpoint fails half of the
+    /// IPv4 clients' connections.
+    pub ipv4_only: bool,
 }
 
 /// A pod's service account, as bookinfo names them: `reviews-v1` runs as `reviews`.
@@ -145,7 +150,11 @@ impl MeshConfig {
                     "namespace": pod.namespace,
                     "serviceAccount": service_account(pod),
                     "trustDomain": "cluster.local",
-                    "workloadIps": [pod.ip.to_string(), pod.ip6.to_string()],
+                    "workloadIps": if self.ipv4_only {
+                        vec![pod.ip.to_string()]
+                    } else {
+                        vec![pod.ip.to_string(), pod.ip6.to_string()]
+                    },
                     "protocol": if pod.ambient { "HBONE" } else { "TCP" },
                     "node": node.name,
                     "network": "",
@@ -174,7 +183,8 @@ impl MeshConfig {
 }
 
 /// JSON object keys are strings, but ztunnel reads port maps as `u16 → u16`: YAML's flow
-/// style takes `{9080: 9080}`, so numeric keys lose their quotes.
+/// style takes `{9080: 9080}`, so numeric keys lose their quotes. (The values written here
+/// hold no escaped quotes.)
 fn unquote_numeric_keys(json: &str) -> String {
     let mut out = String::with_capacity(json.len());
     let mut rest = json;
@@ -183,8 +193,15 @@ fn unquote_numeric_keys(json: &str) -> String {
         let after = &rest[at + 1..];
         let end = after.find('"').map_or(after.len(), |e| e);
         let (word, tail) = (&after[..end], after.get(end + 1..).unwrap_or(""));
-        if !word.is_empty() && word.bytes().all(|b| b.is_ascii_digit()) && tail.starts_with(':') {
+        if let Some(value) = tail.strip_prefix(':')
+            && !word.is_empty()
+            && word.bytes().all(|b| b.is_ascii_digit())
+        {
+            // `{9080:9080}` would be one scalar: a flow mapping needs the space.
             out.push_str(word);
+            out.push_str(": ");
+            rest = value;
+            continue;
         } else {
             out.push('"');
             out.push_str(word);

@@ -84,6 +84,7 @@ pub fn service_vip_reaches_ztunnel_before_any_dnat(mode: Mode) -> anyhow::Result
             endpoints: vec!["reviews-v1".into()],
         }],
         policies: vec![],
+        ipv4_only: true,
     })?;
     let (w2, pp, rv1, rv2) = (
         lab.w2(),
@@ -352,6 +353,7 @@ pub fn deny_policy_holds_on_every_way_in(mode: Mode) -> anyhow::Result<()> {
             topo.worker2().pod("reviews-v1"),
             9080,
         )],
+        ..Default::default()
     })?;
     let (w2, pp, rv1, rv2, sleep) = (
         lab.w2(),
