@@ -98,7 +98,6 @@ fn words(a: &[u8; 16]) -> [u32; 4] {
     ]
 }
 
-
 /// Whether a socket of the current netns (any state, listeners included) owns this segment's
 /// connection, seen from the receiving end: the tuple's source is the remote side.
 #[inline(always)]

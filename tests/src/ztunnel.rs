@@ -138,7 +138,11 @@ impl MeshConfig {
         for node in &topo.nodes {
             for pod in node.pods.values() {
                 let mut services = serde_json::Map::new();
-                for s in self.services.iter().filter(|s| s.endpoints.contains(&pod.name)) {
+                for s in self
+                    .services
+                    .iter()
+                    .filter(|s| s.endpoints.contains(&pod.name))
+                {
                     services.insert(
                         format!("{}/{}", s.namespace, s.hostname()),
                         json!({ s.port.to_string(): s.target_port }),
@@ -176,8 +180,7 @@ impl MeshConfig {
             })
             .collect();
         let policies: Vec<Value> = self.policies.iter().map(Policy::xds).collect();
-        let json =
-            json!({ "workloads": workloads, "services": services, "policies": policies });
+        let json = json!({ "workloads": workloads, "services": services, "policies": policies });
         unquote_numeric_keys(&json.to_string())
     }
 }
@@ -449,7 +452,10 @@ impl Access {
     }
     /// The source address ztunnel saw.
     pub fn src_ip(&self) -> Option<IpAddr> {
-        self.get("src.addr")?.parse::<SocketAddr>().ok().map(|a| a.ip())
+        self.get("src.addr")?
+            .parse::<SocketAddr>()
+            .ok()
+            .map(|a| a.ip())
     }
     /// The destination: for HBONE, the address inside the tunnel (`dst.hbone_addr`).
     pub fn dst(&self) -> Option<SocketAddr> {
@@ -474,7 +480,9 @@ impl std::fmt::Display for Access {
             self.get("src.addr").unwrap_or("?"),
             self.dst_workload(),
             self.dst(),
-            self.error().map(|e| format!(" error={e}")).unwrap_or_default()
+            self.error()
+                .map(|e| format!(" error={e}"))
+                .unwrap_or_default()
         )
     }
 }

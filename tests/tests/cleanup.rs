@@ -45,8 +45,8 @@ fn after_sigkill(mode: &str) -> anyhow::Result<()> {
     );
     assert_eq!(
         pins(&agent.node).len(),
-        3 + 4 + l,
-        "maps/, links/, filters/, 4 maps, {l} attachments"
+        3 + 5 + l + 1,
+        "maps/, links/, filters/, 5 maps, {l} attachments, the sk_lookup link"
     );
     if mode == "ebpf-clsact" {
         assert!(during.1.contains("zd_zt_tproxy"), "{}", during.1);
@@ -58,7 +58,8 @@ fn after_sigkill(mode: &str) -> anyhow::Result<()> {
     let out = agent.cleanup()?;
     assert!(
         out.contains(&format!(
-            "removed {l} links, 4 maps, tproxy routing in 1 ztunnel netns"
+            "removed {} links, 5 maps, tproxy routing in 1 ztunnel netns",
+            l + 1
         )),
         "{out}"
     );

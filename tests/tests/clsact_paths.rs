@@ -6,12 +6,12 @@ mod common;
 
 use common::{Lab, Mode, scenarios::from_to};
 use zdivert_tests::{
-    ztunnel::MeshConfig,
     apps::{RequestStream, TcpServer, request, sa},
     eventually,
     ns::Netns,
     snapshot::{clsact_filters, tcx_programs},
     topology::Node,
+    ztunnel::MeshConfig,
 };
 
 const MODE: Mode = Mode::EbpfClsact;
@@ -225,7 +225,11 @@ fn a_pod_leaving_ambient_loses_its_filters_and_its_clsact_qdisc() -> anyhow::Res
     request(&sleep.ns, dst)?;
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(
-        lab.zt2().access_log().iter().filter(|a| from_to(sleep, dst, "inbound")(a)).count(),
+        lab.zt2()
+            .access_log()
+            .iter()
+            .filter(|a| from_to(sleep, dst, "inbound")(a))
+            .count(),
         0,
         "sleep → reviews-v2 is no longer captured"
     );
@@ -234,7 +238,6 @@ fn a_pod_leaving_ambient_loses_its_filters_and_its_clsact_qdisc() -> anyhow::Res
     lab.agent2().wait_ready(a * 2, l)?;
     assert_placed(w2)?;
     request(&sleep.ns, dst)?;
-    lab.zt2()
-        .wait_access(1, from_to(sleep, dst, "inbound"))?;
+    lab.zt2().wait_access(1, from_to(sleep, dst, "inbound"))?;
     Ok(())
 }

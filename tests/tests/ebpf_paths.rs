@@ -24,7 +24,11 @@ fn ipv6_tcp_is_captured_like_ipv4() -> anyhow::Result<()> {
     let dst = sa(rv1.ip6, 9080);
     for client in [pp, sleep] {
         let reply = request(&client.ns, dst)?;
-        assert_eq!(reply.peer.ip(), client.ip6, "the server sees the client's IPv6 address");
+        assert_eq!(
+            reply.peer.ip(),
+            client.ip6,
+            "the server sees the client's IPv6 address"
+        );
         lab.zt2().wait_access(1, from_to(client, dst, "inbound"))?;
     }
     lab.zt2().wait_access(1, from_to(pp, dst, "outbound"))?;
@@ -68,7 +72,11 @@ fn icmp_errors_about_ztunnels_connections_reach_ztunnel_not_the_pod() -> anyhow:
     let _server = TcpServer::start(&details.ns, "details-v1", 9080)?;
     // productpage → details-v1 through ztunnel, kept open: ztunnel's HBONE connection to
     // details-v1:15008 is made in productpage's name (its address, a port of ztunnel's choosing).
-    let conn = connect(&pp.ns, sa(details.ip, 9080), std::time::Duration::from_secs(3))?;
+    let conn = connect(
+        &pp.ns,
+        sa(details.ip, 9080),
+        std::time::Duration::from_secs(3),
+    )?;
     exchange(&conn)?;
     let upstream_src = hbone_source(&w2.ztunnel.ns, sa(details.ip, 15008))?;
     assert_eq!(upstream_src.ip(), std::net::IpAddr::from(pp.ip));

@@ -29,4 +29,3 @@ fn ipv6_tcp_of_ambient_pods_fails_closed() -> anyhow::Result<()> {
     assert_eq!(reply.peer.ip(), sleep.ip6);
     Ok(())
 }
-

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use common::Lab;
+use common::{Lab, Mode};
 use zdivert_tests::{
     apps::TcpServer,
     packets::{ACK, SYN, V4, tcp, v6},
@@ -59,8 +59,8 @@ fn probe(what: &'static str, from: &'static str, dst: impl Into<IpAddr>, dport: 
     }
 }
 
-fn run(mode: &str) -> anyhow::Result<()> {
-    let lab = Lab::start_mode(mode, vec![])?;
+fn run(mode: Mode) -> anyhow::Result<()> {
+    let lab = Lab::real(mode, |_| zdivert_tests::ztunnel::MeshConfig::default())?;
     let w2 = lab.w2();
     let pod = |n: &str| -> &Pod { w2.pod(n) };
     let (_pp, rv1, rv2, sleep) = (
@@ -225,7 +225,7 @@ fn run(mode: &str) -> anyhow::Result<()> {
             }
             _ => anyhow::bail!("{}: mixed families", p.what),
         }
-        let must_land: &[&str] = if p.v6_captured && mode == "ebpf" {
+        let must_land: &[&str] = if p.v6_captured && mode.is_ebpf() {
             &["ztunnel"]
         } else {
             p.must_land
@@ -236,14 +236,14 @@ fn run(mode: &str) -> anyhow::Result<()> {
             .filter(|s| !s.with_sport(sport).is_empty())
             .map(|s| s.name.as_str())
             .collect();
-        let may_land: &[&str] = if p.v6_captured && mode != "ebpf" {
+        let may_land: &[&str] = if p.v6_captured && !mode.is_ebpf() {
             &[]
         } else {
             p.may_land
         };
         let wrong: Vec<&&str> = landed.iter().filter(|l| !may_land.contains(l)).collect();
         let missed: Vec<&&str> = must_land.iter().filter(|m| !landed.contains(m)).collect();
-        println!("{mode}: {:<50} landed in {landed:?}", p.what);
+        println!("{mode:?}: {:<50} landed in {landed:?}", p.what);
         if !wrong.is_empty() || !missed.is_empty() {
             failures.push(format!(
                 "{}: landed in {landed:?}, allowed {:?}, required {:?}",
@@ -251,8 +251,8 @@ fn run(mode: &str) -> anyhow::Result<()> {
             ));
         }
     }
-    assert!(failures.is_empty(), "{mode}:\n{}", failures.join("\n"));
-    if mode == "ebpf" {
+    assert!(failures.is_empty(), "{mode:?}:\n{}", failures.join("\n"));
+    if mode.is_ebpf() {
         assert!(lab.agent2().counter("outbound", "dropped_forged_source")? >= 4);
         assert!(lab.agent2().counter("outbound", "dropped_malformed")? >= 1);
     } else {
@@ -275,10 +275,10 @@ fn routing() -> Vec<u8> {
 
 #[test]
 fn ebpf_mode_delivers_odd_packets_to_ztunnel_or_nowhere() -> anyhow::Result<()> {
-    run("ebpf")
+    run(Mode::Ebpf)
 }
 
 #[test]
 fn iptables_mode_delivers_odd_packets_to_ztunnel_or_nowhere() -> anyhow::Result<()> {
-    run("iptables")
+    run(Mode::Iptables)
 }

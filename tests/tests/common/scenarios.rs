@@ -54,8 +54,14 @@ pub fn same_node_ambient_to_ambient_is_hbone_through_ztunnel(mode: Mode) -> anyh
                 node,
                 "--match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100",
             ),
-            (node, "--dport 15008 -m set --match-set ztunnel-pods-ips dst"),
-            (node, "--sport 15008 -m set --match-set ztunnel-pods-ips dst"),
+            (
+                node,
+                "--dport 15008 -m set --match-set ztunnel-pods-ips dst",
+            ),
+            (
+                node,
+                "--sport 15008 -m set --match-set ztunnel-pods-ips dst",
+            ),
             (zt, "-i pistioout -p tcp -j TPROXY --on-port 15001"),
             (zt, "--dport 15008 -j TPROXY --on-port 15008"),
         ] {
@@ -118,11 +124,14 @@ pub fn service_vip_reaches_ztunnel_before_any_dnat(mode: Mode) -> anyhow::Result
 
     let reply = request(&pp.ns, sa(vip, 9080))?;
 
-    assert_eq!(reply.server, "reviews-v1", "ztunnel's endpoint, not kube-proxy's");
+    assert_eq!(
+        reply.server, "reviews-v1",
+        "ztunnel's endpoint, not kube-proxy's"
+    );
     assert_eq!(reply.peer.ip(), pp.ip);
-    let out = lab
-        .zt2()
-        .wait_access(1, |a| a.direction() == "outbound" && a.src_workload() == pp.name)?;
+    let out = lab.zt2().wait_access(1, |a| {
+        a.direction() == "outbound" && a.src_workload() == pp.name
+    })?;
     assert_eq!(
         out[0].get("dst.service"),
         Some("reviews.default.svc.cluster.local"),
@@ -242,7 +251,9 @@ fn refused_around_ztunnel(client: &Pod, dst: SocketAddr, server: &TcpServer) -> 
     r.is_err() && server.seen().is_empty()
 }
 
-pub fn without_a_ztunnel_ambient_traffic_is_dropped_not_delivered(mode: Mode) -> anyhow::Result<()> {
+pub fn without_a_ztunnel_ambient_traffic_is_dropped_not_delivered(
+    mode: Mode,
+) -> anyhow::Result<()> {
     let mut lab = Lab::real(mode, |_| MeshConfig::default())?;
     let w2 = lab.topo.worker2();
     let (pp, rv1, sleep) = (
@@ -349,10 +360,7 @@ pub fn syn_retransmits(ns: &zdivert_tests::ns::Netns) -> anyhow::Result<u64> {
 pub fn deny_policy_holds_on_every_way_in(mode: Mode) -> anyhow::Result<()> {
     let lab = Lab::real(mode, |topo| MeshConfig {
         services: vec![],
-        policies: vec![Policy::deny_port(
-            topo.worker2().pod("reviews-v1"),
-            9080,
-        )],
+        policies: vec![Policy::deny_port(topo.worker2().pod("reviews-v1"), 9080)],
         ..Default::default()
     })?;
     let (w2, pp, rv1, rv2, sleep) = (
@@ -381,7 +389,10 @@ pub fn deny_policy_holds_on_every_way_in(mode: Mode) -> anyhow::Result<()> {
     ];
     for (way, client, dst) in ways_in {
         let r = request_timeout(&client.ns, dst, Duration::from_secs(2));
-        assert!(r.is_err(), "{way}: DENY did not hold, the pod answered: {r:?}");
+        assert!(
+            r.is_err(),
+            "{way}: DENY did not hold, the pod answered: {r:?}"
+        );
     }
     assert!(
         denied.seen().is_empty(),
@@ -419,7 +430,9 @@ pub fn deny_policy_holds_on_every_way_in(mode: Mode) -> anyhow::Result<()> {
         assert_eq!(reply.server, "reviews-v2", "{} → {dst}", client.name);
     }
     lab.zt2()
-        .wait_access(4, |a| a.direction() == "inbound" && a.dst_workload() == "reviews-v2")
+        .wait_access(4, |a| {
+            a.direction() == "inbound" && a.dst_workload() == "reviews-v2"
+        })
         .map(|_| ())
 }
 
@@ -434,15 +447,37 @@ fn node_port_rule(
     node.ns.cmd(
         "iptables",
         &[
-            "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", &port, "-j", "DNAT",
-            "--to-destination", &dest,
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            &port,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &dest,
         ],
     )?;
     node.ns.cmd(
         "iptables",
         &[
-            "-t", "nat", "-A", "POSTROUTING", "-d", &to_ip, "-p", "tcp", "-m", "conntrack",
-            "--ctstate", "DNAT", "-j", "MASQUERADE",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-d",
+            &to_ip,
+            "-p",
+            "tcp",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "DNAT",
+            "-j",
+            "MASQUERADE",
         ],
     )?;
     Ok(())
@@ -453,7 +488,10 @@ fn node_port_rule(
 /// TIME_WAIT, and the clients take ports from a narrowed range, so new SYNs meet ztunnel's
 /// TIME_WAIT sockets again and again.
 /// Returns (connections, failures, SYN retransmissions in the clients and ztunnel).
-pub fn churn_with_normal_closes(lab: &Lab, per_client: usize) -> anyhow::Result<(usize, usize, u64)> {
+pub fn churn_with_normal_closes(
+    lab: &Lab,
+    per_client: usize,
+) -> anyhow::Result<(usize, usize, u64)> {
     use zdivert_tests::load;
     let w2 = lab.w2();
     let rv1 = w2.pod("reviews-v1");
@@ -496,7 +534,11 @@ pub fn connection_churn_with_normal_closes_never_waits_for_a_retransmission(
             lab.agent2().counter("ztunnel_tproxy", "syn_to_time_wait")? > 0,
             "no SYN met a TIME_WAIT socket: the test did not test it"
         );
-        assert!(lab.agent2().counter("ztunnel_sk_lookup", "assigned_listener")? > 0);
+        assert!(
+            lab.agent2()
+                .counter("ztunnel_sk_lookup", "assigned_listener")?
+                > 0
+        );
     }
     Ok(())
 }

@@ -140,7 +140,9 @@ pub fn node_chains(p: &Params) -> Vec<Chain> {
         // ztunnel's sockets, not the pod's: left unmarked, rule 103 sends it back through
         // istioin, where TPROXY finds ztunnel's socket or its :15008 listener.
         let hbone = |port: &str| {
-            format!("{c} -i {zveth} -p tcp -m tcp --{port} 15008 -m set --match-set {IPSET} dst -j RETURN")
+            format!(
+                "{c} -i {zveth} -p tcp -m tcp --{port} 15008 -m set --match-set {IPSET} dst -j RETURN"
+            )
         };
         prerouting.extend([hbone("dport"), hbone("sport")]);
         prerouting.extend([
