@@ -1,5 +1,5 @@
-//! `cargo xtask demo`: the article's nodes in network namespaces, zdivert on each, a stand-in
-//! ztunnel on each, bookinfo-like traffic, and a trace of every connection's path.
+//! `cargo xtask demo`: the article's nodes in network namespaces, zdivert and the real ztunnel on
+//! each, bookinfo-like traffic, and what each ztunnel's access log says about every connection.
 use std::{collections::HashMap, net::IpAddr, path::Path};
 
 use anyhow::Result;
@@ -8,9 +8,8 @@ use zdivert_tests::{
     apps::{TcpServer, request, sa},
     fallback,
     ns::{Netns, run},
-    standin::{HBONE, Record, Standin},
-    standin_for,
     topology::{Node, Topology},
+    ztunnel::{MeshConfig, Policy, Ztunnel},
 };
 
 fn main() -> Result<()> {
@@ -56,10 +55,16 @@ fn main() -> Result<()> {
     }
     let name = |ip: IpAddr| names.get(&ip).cloned().unwrap_or_else(|| ip.to_string());
 
-    let standins: Vec<Standin> = topo
+    // One policy, to show that ztunnel decides: nobody may reach ratings-v1 on :9080.
+    let mesh = MeshConfig {
+        policies: vec![Policy::deny_port(topo.worker2().pod("ratings-v1"), 9080)],
+        ..Default::default()
+    };
+    println!("  policy: {} (ztunnel enforces it)", mesh.policies[0].name);
+    let ztunnels: Vec<Ztunnel> = topo
         .nodes
         .iter()
-        .map(|n| standin_for(n, vec![]))
+        .map(|n| Ztunnel::start(&topo, n, &mesh))
         .collect::<Result<_>>()?;
     let mut agents = Vec::new();
     for n in &topo.nodes {
@@ -80,7 +85,9 @@ fn main() -> Result<()> {
         }
     }
 
-    println!("\n== traffic (each line: a connection, then its path as the ztunnels recorded it)");
+    println!(
+        "\n== traffic (each connection, then what the ztunnels' access logs recorded about it)"
+    );
     let cases = [
         (
             &w2.pod("productpage-v1").ns,
@@ -98,7 +105,7 @@ fn main() -> Result<()> {
             &w2.pod("reviews-v2").ns,
             w2.pod("reviews-v2").ip,
             w2.pod("ratings-v1").ip,
-            "same node, ambient → ambient",
+            "same node, ambient → ambient, denied by policy",
         ),
         (
             &w2.pod("sleep").ns,
@@ -120,9 +127,7 @@ fn main() -> Result<()> {
         ),
     ];
     for (ns, src, dst, what) in cases {
-        for s in &standins {
-            s.clear();
-        }
+        let seen_before: Vec<usize> = ztunnels.iter().map(|z| z.access_log().len()).collect();
         let dst = sa(dst, 9080);
         match request(ns, dst) {
             Ok(reply) => println!(
@@ -131,38 +136,31 @@ fn main() -> Result<()> {
                 reply.server,
                 reply.peer.ip()
             ),
-            Err(e) => println!("\n{} → {dst}: FAILED: {e:#}", name(src.into())),
+            Err(e) => println!(
+                "\n{} {src} → {dst}   [{what}]\n  FAILED: {e:#}",
+                name(src.into())
+            ),
         }
-        let hops: Vec<(usize, Record)> = standins
-            .iter()
-            .enumerate()
-            .flat_map(|(i, s)| s.records().into_iter().map(move |r| (i, r)))
-            .collect();
-        if hops.is_empty() {
-            println!("  (no ztunnel involved)");
-        }
-        for (i, r) in hops {
-            let node = topo.nodes[i].article_name;
-            let orig = r.hbone.map_or(r.orig_dst, |(_, d)| d);
-            let mut line = format!(
-                "  → ztunnel@{node} :{} from {} (original destination {orig})",
-                r.listener,
-                name(r.peer.ip())
-            );
-            if let Some((to, from)) = r.upstream {
-                let via = if to.port() == HBONE && r.listener != HBONE {
-                    " (HBONE to the peer)"
-                } else {
-                    ""
-                };
-                line += &format!(
-                    " → connects {} → {}:{}{via}",
-                    name(from.ip()),
-                    name(to.ip()),
-                    to.port()
+        // ztunnel logs a connection when it closes, a moment after the client has its answer.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let mut any = false;
+        for ((z, n), before) in ztunnels.iter().zip(&topo.nodes).zip(seen_before) {
+            for a in z.access_log().into_iter().skip(before) {
+                any = true;
+                println!(
+                    "  ztunnel@{} {:<8} {} ({}) → {} at {}{}",
+                    n.article_name,
+                    a.direction(),
+                    a.src_workload(),
+                    a.src_identity(),
+                    a.dst_workload(),
+                    a.get("dst.addr").unwrap_or("?"),
+                    a.error().map(|e| format!("  error: {e}")).unwrap_or_default()
                 );
             }
-            println!("{line}");
+        }
+        if !any {
+            println!("  (no ztunnel involved)");
         }
     }
 
@@ -191,7 +189,7 @@ fn main() -> Result<()> {
     let node_names: Vec<String> = agents.iter().map(|a| a.node.clone()).collect();
     drop(servers);
     drop(agents);
-    drop(standins);
+    drop(ztunnels);
     let prefix = topo.prefix.clone();
     drop(topo);
     let left_ns = run("ip", &["netns", "list"])?

@@ -1,14 +1,10 @@
-//! The fixture shared by the eBPF-mode integration tests: both article nodes, a stand-in ztunnel
-//! and an agent on each, all torn down on drop (agents first: they remove their pins).
+//! The fixture shared by the integration tests: both article nodes, the real ztunnel and an agent
+//! on each, all torn down on drop (agents first: they remove their pins).
 #![allow(dead_code)]
-use std::net::SocketAddr;
-
 use anyhow::Result;
 use zdivert_tests::{
     agent::Agent,
     fallback,
-    standin::Standin,
-    standin_for,
     topology::{Node, Topology},
     ztunnel::{MeshConfig, Ztunnel},
 };
@@ -41,9 +37,8 @@ impl Mode {
 
 pub struct Lab {
     pub agents: Vec<Agent>,
-    /// The real ztunnel on each node (empty when the lab runs the stand-in).
+    /// The real ztunnel on each node.
     pub ztunnels: Vec<Ztunnel>,
-    pub standins: Vec<Standin>,
     pub mesh: MeshConfig,
     pub topo: Topology,
 }
@@ -77,15 +72,6 @@ pub fn wait_set_up(agent: &Agent, node: &Node, with_ztunnel: bool) -> Result<()>
 }
 
 impl Lab {
-    pub fn start() -> Result<Lab> {
-        Self::start_with_services(vec![])
-    }
-
-    /// With Service VIP → endpoint entries for the article node's stand-in ztunnel.
-    pub fn start_with_services(services: Vec<(SocketAddr, SocketAddr)>) -> Result<Lab> {
-        Self::start_mode("ebpf", services)
-    }
-
     /// Both nodes, each with the real ztunnel told `mesh` and an agent in `mode`.
     pub fn real(mode: Mode, mesh: impl FnOnce(&Topology) -> MeshConfig) -> Result<Lab> {
         let mode = mode.as_str();
@@ -94,7 +80,6 @@ impl Lab {
         let mut lab = Lab {
             agents: vec![],
             ztunnels: vec![],
-            standins: vec![],
             mesh,
             topo,
         };
@@ -103,26 +88,6 @@ impl Lab {
                 .push(Ztunnel::start(&lab.topo, node, &lab.mesh)?);
         }
         for node in lab.topo.nodes.iter() {
-            let agent = Agent::start_mode(node, &node.pods_file(true), mode)?;
-            lab.agents.push(agent);
-            lab.wait_ready(node, true)?;
-        }
-        Ok(lab)
-    }
-
-    /// Both nodes with agents in `mode` (ebpf or iptables) and the stand-in ztunnel.
-    pub fn start_mode(mode: &str, services: Vec<(SocketAddr, SocketAddr)>) -> Result<Lab> {
-        let topo = Topology::article()?;
-        let mut lab = Lab {
-            agents: vec![],
-            ztunnels: vec![],
-            standins: vec![],
-            mesh: MeshConfig::default(),
-            topo,
-        };
-        for (i, node) in lab.topo.nodes.iter().enumerate() {
-            let services = if i == 0 { services.clone() } else { vec![] };
-            lab.standins.push(standin_for(node, services)?);
             let agent = Agent::start_mode(node, &node.pods_file(true), mode)?;
             lab.agents.push(agent);
             lab.wait_ready(node, true)?;
@@ -145,13 +110,6 @@ impl Lab {
     }
     pub fn w1(&self) -> &Node {
         self.topo.worker()
-    }
-    /// The stand-in and agent of the article's node.
-    pub fn z2(&self) -> &Standin {
-        &self.standins[0]
-    }
-    pub fn z1(&self) -> &Standin {
-        &self.standins[1]
     }
     /// The real ztunnels of the article's node and of the other one.
     pub fn zt2(&self) -> &Ztunnel {
