@@ -38,4 +38,5 @@ in_every_mode!(
     ping_to_and_from_ambient_pods_works,
     deny_policy_holds_on_every_way_in,
     connection_churn_with_normal_closes_never_waits_for_a_retransmission,
+    bulk_transfers_complete_same_node_and_cross_node,
 );

@@ -155,7 +155,9 @@ fn main() -> Result<()> {
                     a.src_identity(),
                     a.dst_workload(),
                     a.get("dst.addr").unwrap_or("?"),
-                    a.error().map(|e| format!("  error: {e}")).unwrap_or_default()
+                    a.error()
+                        .map(|e| format!("  error: {e}"))
+                        .unwrap_or_default()
                 );
             }
         }

@@ -542,3 +542,20 @@ pub fn connection_churn_with_normal_closes_never_waits_for_a_retransmission(
     }
     Ok(())
 }
+
+/// Full-size segments both ways, same node and cross node: nothing on the path may be smaller
+/// than what the two ends agreed on (the fallback's tunnels are 50 bytes smaller).
+pub fn bulk_transfers_complete_same_node_and_cross_node(mode: Mode) -> anyhow::Result<()> {
+    use zdivert_tests::load;
+    let lab = Lab::real(mode, |_| MeshConfig::default())?;
+    let pp = lab.w2().pod("productpage-v1");
+    for server in [lab.w2().pod("reviews-v1"), lab.w1().pod("details-v1")] {
+        let _sink = load::Server::start(&server.ns, 7000)?;
+        let dst = sa(server.ip, 7000);
+        let bits = load::bulk(&pp.ns.path(), dst, 1, Duration::from_millis(300))
+            .map_err(|e| anyhow::anyhow!("{mode:?}: bulk to {}: {e:#}", server.name))?;
+        assert!(bits > 0.0, "{} received nothing", server.name);
+        lab.zt2().wait_access(1, from_to(pp, dst, "outbound"))?;
+    }
+    Ok(())
+}

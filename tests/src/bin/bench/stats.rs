@@ -6,7 +6,7 @@ use serde::Serialize;
 #[derive(Clone, Debug, Serialize)]
 pub struct Figure {
     pub section: &'static str,
-    /// What was measured against what: `same-node/c-ebpf`, `10k pods/zd_outbound`, ...
+    /// What was measured against what: `same-node/b-ebpf`, `10k pods/zd_outbound`, ...
     pub case: String,
     pub metric: &'static str,
     pub unit: &'static str,

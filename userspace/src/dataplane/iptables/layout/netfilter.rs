@@ -181,7 +181,10 @@ pub fn node_chains(p: &Params) -> Vec<Chain> {
             table: "mangle",
             name: "ztunnel-FORWARD",
             from: "FORWARD",
-            rules: save_mark("ztunnel-FORWARD"),
+            rules: save_mark("ztunnel-FORWARD")
+                .into_iter()
+                .chain(clamp_mss_into_tunnels())
+                .collect(),
         },
         Chain {
             table: "mangle",
@@ -218,6 +221,22 @@ pub fn node_chains(p: &Params) -> Vec<Chain> {
             rules: accept("ztunnel-POSTROUTING"),
         },
     ]
+}
+
+/// Beyond the article: the tunnels carry 50 bytes of encapsulation, and the pods and ztunnel
+/// size their segments for 1500-byte links. A pod learns the tunnel's MTU from the node's
+/// "fragmentation needed", but ztunnel's same-node HBONE connections carry a pod's address, so
+/// that error goes to the pod and ztunnel's big segments are lost for good. Every connection
+/// that enters a tunnel agrees on segments that fit it from the start.
+fn clamp_mss_into_tunnels() -> Vec<String> {
+    [NODE_INBOUND, NODE_OUTBOUND]
+        .iter()
+        .map(|t| {
+            format!(
+                "-A ztunnel-FORWARD -o {t} -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --clamp-mss-to-pmtu"
+            )
+        })
+        .collect()
 }
 
 /// The node's IPv6 chain. The article's layout is IPv4 only, so ambient pods' IPv6 TCP is
