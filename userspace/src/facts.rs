@@ -26,6 +26,9 @@ pub struct ZtunnelFacts {
     pub ips: Vec<IpAddr>,
     pub netns: PathBuf,
     pub netns_inode: u64,
+    /// ztunnel's listeners that are not there (not started yet, or exited): captured traffic
+    /// is dropped until they are.
+    pub missing_listeners: Vec<u16>,
     /// ztunnel's veth in the node's netns.
     pub host_veth: Link,
     /// The interface holding ztunnel's address inside its netns.
@@ -217,7 +220,9 @@ fn resolve_ztunnel(nl: &Netlink, z: &ZtunnelSpec) -> Result<ZtunnelFacts> {
         })?,
     };
     let eth0 = netns::run_in(&ns, || ztunnel_eth0(z, &ns))??;
+    let missing_listeners = crate::ztunnel::missing(&crate::ztunnel::listening(&ns)?);
     Ok(ZtunnelFacts {
+        missing_listeners,
         pod: z.pod.clone(),
         ips: z.ips.clone(),
         netns_inode: netns::inode(&ns)?,

@@ -12,5 +12,6 @@ pub mod nl;
 pub mod source;
 pub mod state;
 pub mod status;
+pub mod ztunnel;
 
 pub use error::{Error, Result};

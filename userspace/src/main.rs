@@ -187,6 +187,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 debounce: Duration::from_millis(debounce_ms),
                 health: health.clone(),
                 on_applied: None,
+                last_ztunnel: Default::default(),
             };
             match pods_file {
                 Some(path) => {

@@ -21,6 +21,9 @@ pub struct Status {
 
 #[derive(Debug, Serialize)]
 pub struct ZtunnelStatus {
+    /// ztunnel's listeners (:15001, :15006, :15008) that are not there now: while any is
+    /// missing, what they would take is dropped.
+    pub missing_listeners: Option<Vec<u16>>,
     pub host_ifindex: u32,
     pub mac: String,
     pub ipv4: Option<IpAddr>,
@@ -51,7 +54,17 @@ pub fn mac(m: &[u8; 6]) -> String {
 pub fn read(bpffs: &Path, node: &str) -> Result<Status> {
     let dirs = PinDirs::new(bpffs, node);
     let snap = maps::snapshot(&dirs.maps)?;
+    let pinned = attach::all_pinned(&dirs)?;
+    // ztunnel's netns, by the inode its tproxy attachment was recorded with.
+    let ztunnel_netns = pinned
+        .iter()
+        .find(|(_, _, p)| p.hook == attach::Hook::ZtunnelTproxy)
+        .and_then(|(_, _, p)| crate::netns::find_by_inode(p.netns_inode));
+    let missing_listeners = ztunnel_netns
+        .and_then(|ns| crate::ztunnel::listening(&ns).ok())
+        .map(|ports| crate::ztunnel::missing(&ports));
     let ztunnel = snap.ztunnel.map(|z| ZtunnelStatus {
+        missing_listeners,
         host_ifindex: z.host_ifindex,
         mac: mac(&z.mac),
         ipv4: (z.flags & zdivert_common::ZTUNNEL_F_V4 != 0).then(|| IpAddr::from(z.ipv4)),
@@ -71,7 +84,7 @@ pub fn read(bpffs: &Path, node: &str) -> Result<Status> {
             })
             .collect(),
         node_ips: snap.node_ips,
-        links: attach::all_pinned(&dirs)?
+        links: pinned
             .iter()
             .map(|(_, mode, p)| format!("{p} via {mode}"))
             .collect(),
@@ -106,6 +119,19 @@ impl Status {
                     z.host_ifindex,
                     z.mac
                 );
+                let listening = match z.missing_listeners.as_deref() {
+                    None => "its netns was not found".to_string(),
+                    Some([]) => "listening on :15001, :15006, :15008".to_string(),
+                    Some(missing) => format!(
+                        "NOT listening on {} (starting, or exited): that traffic is dropped",
+                        missing
+                            .iter()
+                            .map(|p| format!(":{p}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                };
+                let _ = writeln!(s, "  {listening}");
             }
             None => {
                 let _ = writeln!(

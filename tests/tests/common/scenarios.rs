@@ -274,7 +274,21 @@ pub fn without_a_ztunnel_ambient_traffic_is_dropped_not_delivered(
             server.seen()
         );
     }
+    // The agent says so: not ready, by metric; status names the missing listeners.
+    let agent = &lab.agents[0];
+    zdivert_tests::eventually("the agent saw ztunnel go", Duration::from_secs(10), || {
+        Ok(agent.metric("zdivert_ztunnel_ready")? == 0.0)
+    })?;
+    if mode.is_ebpf() {
+        assert_eq!(
+            agent.status()?["ztunnel"]["missing_listeners"],
+            serde_json::json!([15001, 15006, 15008])
+        );
+    }
     lab.ztunnels[0].restart()?;
+    zdivert_tests::eventually("the agent saw ztunnel back", Duration::from_secs(10), || {
+        Ok(agent.metric("zdivert_ztunnel_ready")? == 1.0)
+    })?;
     let reply = request(&pp.ns, dst)?;
     assert_eq!(reply.peer.ip(), pp.ip, "back through the restarted ztunnel");
     lab.ztunnels[0].wait_access(1, from_to(pp, dst, "inbound"))?;

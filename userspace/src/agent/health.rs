@@ -61,7 +61,7 @@ impl Health {
         self.captured
             .store(report.captured.len() as u64, Ordering::Relaxed);
         self.ztunnel_ready
-            .store(report.ztunnel_ready, Ordering::Relaxed);
+            .store(report.ztunnel.is_ready(), Ordering::Relaxed);
         *self.last_success.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         self.ready.store(true, Ordering::Relaxed);
     }

@@ -13,7 +13,7 @@ use std::{
 };
 
 use crate::{
-    dataplane::Dataplane,
+    dataplane::{Dataplane, ZtunnelState},
     state::{NodeState, PodId},
 };
 
@@ -26,6 +26,9 @@ use health::Health;
 const RETRY: Duration = Duration::from_secs(1);
 /// How often the stop flag is looked at while nothing happens.
 const TICK: Duration = Duration::from_millis(200);
+/// How often a ready ztunnel's listeners are looked at between applies: an exited ztunnel is
+/// reported (and re-applied) within this, not at the next resync.
+const ZTUNNEL_CHECK: Duration = Duration::from_secs(2);
 
 pub struct Reconciler {
     pub resync: Duration,
@@ -34,6 +37,8 @@ pub struct Reconciler {
     pub health: Arc<Health>,
     /// Told which pods are captured after every successful apply (the status annotation).
     pub on_applied: Option<Box<dyn Fn(BTreeSet<PodId>) + Send>>,
+    /// What the last apply found of ztunnel, to log changes only.
+    pub last_ztunnel: std::sync::Mutex<ZtunnelState>,
 }
 
 impl Reconciler {
@@ -42,6 +47,7 @@ impl Reconciler {
         let mut due: Option<Instant> = None;
         // A burst that never quiets down is still applied this long after it started.
         let mut first_change: Option<Instant> = None;
+        let mut checked = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let wait = due.map_or(TICK, |d| {
                 d.saturating_duration_since(Instant::now()).min(TICK)
@@ -69,6 +75,12 @@ impl Reconciler {
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             self.health.beat();
+            if checked.elapsed() >= ZTUNNEL_CHECK {
+                checked = Instant::now();
+                if self.ztunnel_stopped_listening() {
+                    due = Some(checked);
+                }
+            }
             let Some(state) = &desired else { continue };
             if due.is_some_and(|d| Instant::now() < d) {
                 continue;
@@ -79,6 +91,17 @@ impl Reconciler {
         }
     }
 
+    /// Whether the ztunnel the last apply found ready has lost a listener since.
+    fn ztunnel_stopped_listening(&self) -> bool {
+        let last = self.last_ztunnel.lock().unwrap_or_else(|p| p.into_inner());
+        let ZtunnelState::Ready { netns, .. } = &*last else {
+            return false;
+        };
+        crate::ztunnel::listening(netns)
+            .map(|ports| !crate::ztunnel::missing(&ports).is_empty())
+            .unwrap_or(true)
+    }
+
     /// Applies `state` and logs the outcome; false if anything needs a retry.
     fn apply(&self, dp: &mut dyn Dataplane, state: &NodeState) -> bool {
         match dp.apply(state) {
@@ -86,11 +109,16 @@ impl Reconciler {
                 for (pod, e) in &report.failed {
                     log::warn!("{pod}: {e}");
                 }
-                if !report.ztunnel_ready {
-                    log::warn!(
-                        "no usable ztunnel: ambient pods' TCP is dropped until one is ready"
-                    );
+                // Said once per change, not on every apply.
+                let mut last = self.last_ztunnel.lock().unwrap_or_else(|p| p.into_inner());
+                if *last != report.ztunnel {
+                    match report.ztunnel.is_ready() {
+                        true => log::info!("{}", report.ztunnel),
+                        false => log::warn!("{}", report.ztunnel),
+                    }
+                    *last = report.ztunnel.clone();
                 }
+                drop(last);
                 log::debug!(
                     "{} dataplane: {} pods captured",
                     dp.name(),
@@ -100,7 +128,9 @@ impl Reconciler {
                 if let Some(f) = &self.on_applied {
                     f(report.captured.iter().cloned().collect());
                 }
+                // A ztunnel that is not listening yet is looked at again soon, not at the resync.
                 report.failed.is_empty()
+                    && !matches!(report.ztunnel, ZtunnelState::NotListening { .. })
             }
             Err(e) => {
                 log::error!("{} dataplane: {e}", dp.name());

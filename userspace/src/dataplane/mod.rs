@@ -15,8 +15,64 @@ pub struct Report {
     pub captured: Vec<PodId>,
     /// Pods (or ztunnel) that could not be set up this time; retried on the next apply.
     pub failed: Vec<(PodId, Error)>,
-    /// Whether a ztunnel is wired in; without one, captured traffic is dropped.
-    pub ztunnel_ready: bool,
+    /// Whether a ztunnel is wired in and listening; without one, captured traffic is dropped.
+    pub ztunnel: ZtunnelState,
+}
+
+/// The node's ztunnel as the last apply found it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ZtunnelState {
+    /// None on the node (or it could not be wired in).
+    #[default]
+    Absent,
+    /// Wired in, but not listening on these ports (starting, or its process exited).
+    NotListening { pod: PodId, missing: Vec<u16> },
+    Ready {
+        pod: PodId,
+        /// Where to look for its listeners between applies.
+        netns: std::path::PathBuf,
+    },
+}
+
+impl ZtunnelState {
+    /// From what facts found about the ztunnel that is wired in, if any.
+    pub fn of(z: Option<&crate::facts::ZtunnelFacts>) -> Self {
+        match z {
+            None => ZtunnelState::Absent,
+            Some(z) if !z.missing_listeners.is_empty() => ZtunnelState::NotListening {
+                pod: z.pod.clone(),
+                missing: z.missing_listeners.clone(),
+            },
+            Some(z) => ZtunnelState::Ready {
+                pod: z.pod.clone(),
+                netns: z.netns.clone(),
+            },
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(self, ZtunnelState::Ready { .. })
+    }
+}
+
+impl std::fmt::Display for ZtunnelState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ZtunnelState::Absent => {
+                write!(f, "no usable ztunnel: ambient pods' TCP is dropped until one is ready")
+            }
+            ZtunnelState::NotListening { pod, missing } => {
+                let ports: Vec<String> = missing.iter().map(|p| format!(":{p}")).collect();
+                write!(
+                    f,
+                    "ztunnel {pod} is not listening on {} (starting, or exited): ambient pods' \
+                     TCP is dropped until it is",
+                    ports.join(", ")
+                )
+            }
+            ZtunnelState::Ready { pod, .. } => write!(f, "ztunnel {pod} is ready"),
+        }
+    }
 }
 
 pub trait Dataplane {

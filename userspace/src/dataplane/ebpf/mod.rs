@@ -299,10 +299,12 @@ impl Dataplane for EbpfDataplane {
                 report.failed.push((first.clone(), e));
             }
         }
-        report.ztunnel_ready = facts
-            .ztunnel
-            .as_ref()
-            .is_some_and(|z| !failed_pods.contains(&z.pod));
+        report.ztunnel = super::ZtunnelState::of(
+            facts
+                .ztunnel
+                .as_ref()
+                .filter(|z| !failed_pods.contains(&z.pod)),
+        );
         report.captured = facts
             .pods
             .keys()

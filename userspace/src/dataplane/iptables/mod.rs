@@ -358,7 +358,7 @@ impl Dataplane for IptablesDataplane {
         } else {
             self.apply_node(&p, &facts, &pods)?;
         }
-        report.ztunnel_ready = facts.ztunnel.is_some();
+        report.ztunnel = super::ZtunnelState::of(facts.ztunnel.as_ref());
         report.captured = facts.pods.keys().cloned().collect();
         Ok(report)
     }
