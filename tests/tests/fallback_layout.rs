@@ -172,6 +172,16 @@ fn switching_ebpf_to_iptables_to_ebpf_leaves_no_residue() -> anyhow::Result<()> 
         lab.zt2()
             .wait_access(1, |a| from_to(pp, dst, "inbound")(a) && a.error().is_none())?;
         lab.zt2().wait_access(before + 2, |_| true)?;
+        // Full-size segments on the HBONE connection ztunnel pooled under the previous mode:
+        // the fallback's smaller tunnels must tell ztunnel's socket, not the pod.
+        let _sink = zdivert_tests::load::Server::start(&rv1.ns, 7000)?;
+        let bulk = zdivert_tests::load::bulk(
+            &pp.ns.path(),
+            sa(rv1.ip, 7000),
+            1,
+            std::time::Duration::from_millis(500),
+        );
+        assert!(bulk.is_ok(), "bulk on a pooled HBONE connection: {bulk:?}");
         Ok(())
     };
     check_traffic(&lab)?;

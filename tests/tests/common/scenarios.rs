@@ -286,9 +286,11 @@ pub fn without_a_ztunnel_ambient_traffic_is_dropped_not_delivered(
         );
     }
     lab.ztunnels[0].restart()?;
-    zdivert_tests::eventually("the agent saw ztunnel back", Duration::from_secs(10), || {
-        Ok(agent.metric("zdivert_ztunnel_ready")? == 1.0)
-    })?;
+    zdivert_tests::eventually(
+        "the agent saw ztunnel back",
+        Duration::from_secs(10),
+        || Ok(agent.metric("zdivert_ztunnel_ready")? == 1.0),
+    )?;
     let reply = request(&pp.ns, dst)?;
     assert_eq!(reply.peer.ip(), pp.ip, "back through the restarted ztunnel");
     lab.ztunnels[0].wait_access(1, from_to(pp, dst, "inbound"))?;

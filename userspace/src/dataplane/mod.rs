@@ -59,7 +59,10 @@ impl std::fmt::Display for ZtunnelState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ZtunnelState::Absent => {
-                write!(f, "no usable ztunnel: ambient pods' TCP is dropped until one is ready")
+                write!(
+                    f,
+                    "no usable ztunnel: ambient pods' TCP is dropped until one is ready"
+                )
             }
             ZtunnelState::NotListening { pod, missing } => {
                 let ports: Vec<String> = missing.iter().map(|p| format!(":{p}")).collect();

@@ -302,6 +302,11 @@ impl IptablesDataplane {
         for r in layout::node_rules() {
             self.nl.ensure_rule(r, false)?;
         }
+        // The local rule's new place first, then the old one goes: never a moment without.
+        for r in layout::local_rule_move() {
+            self.nl.ensure_rule(r, false)?;
+        }
+        self.nl.remove_rule(layout::LOCAL_RULE_AT_0, false)?;
         let members: Vec<(IpAddr, String)> = facts
             .pods
             .values()

@@ -50,7 +50,11 @@ pub(super) fn remove_all(file: &StateFile, saved: &mut Saved, backend: Backend) 
         ipset::destroy(set)?;
     }
     let nl = Netlink::new()?;
-    for r in layout::node_rules() {
+    nl.ensure_rule(layout::LOCAL_RULE_AT_0, false)?;
+    for r in layout::local_rule_move()
+        .into_iter()
+        .chain(layout::node_rules())
+    {
         nl.remove_rule(r, false)?;
     }
     for t in NODE_TABLES {

@@ -16,6 +16,9 @@ pub const MARK_SKIP: u32 = 0x200;
 pub const MARK_CONN_SPOOFED: u32 = 0x210;
 pub const MARK_CONN_SKIP: u32 = 0x220;
 pub const MARK_SPOOFED_REPLY: u32 = 0x40;
+/// Beyond the article: a same-node HBONE connection (ztunnel to ztunnel through istioin),
+/// kept in conntrack so the node's ICMP errors about it go back to ztunnel.
+pub const MARK_CONN_HBONE_LOOP: u32 = 0x800;
 
 pub const TABLE_INBOUND: u32 = 100;
 pub const TABLE_OUTBOUND: u32 = 101;

@@ -99,7 +99,7 @@ fn has_mark(bits: u32) -> String {
 }
 
 fn save_mark(chain: &str) -> Vec<String> {
-    [MARK_CONN_SKIP, MARK_CONN_SPOOFED]
+    [MARK_CONN_SKIP, MARK_CONN_SPOOFED, MARK_CONN_HBONE_LOOP]
         .iter()
         .map(|b| {
             format!(
@@ -140,11 +140,18 @@ pub fn node_chains(p: &Params) -> Vec<Chain> {
         // ztunnel's sockets, not the pod's: left unmarked, rule 103 sends it back through
         // istioin, where TPROXY finds ztunnel's socket or its :15008 listener.
         let hbone = |port: &str| {
-            format!(
-                "{c} -i {zveth} -p tcp -m tcp --{port} 15008 -m set --match-set {IPSET} dst -j RETURN"
+            mark(
+                &format!(
+                    "{c} -i {zveth} -p tcp -m tcp --{port} 15008 -m set --match-set {IPSET} dst"
+                ),
+                MARK_CONN_HBONE_LOOP,
             )
         };
-        prerouting.extend([hbone("dport"), hbone("sport")]);
+        prerouting.extend([
+            hbone("dport"),
+            hbone("sport"),
+            format!("{c} {} -j RETURN", has_mark(MARK_CONN_HBONE_LOOP)),
+        ]);
         prerouting.extend([
             mark(
                 &format!(
@@ -196,11 +203,25 @@ pub fn node_chains(p: &Params) -> Vec<Chain> {
             table: "mangle",
             name: "ztunnel-OUTPUT",
             from: "OUTPUT",
-            // Host-originated traffic (kubelet probes) is never captured.
-            rules: vec![format!(
-                "-A ztunnel-OUTPUT -s {}/32 -j MARK --set-xmark {MARK_CONN_SKIP:#x}/0xffffffff",
-                p.host_ip
-            )],
+            rules: vec![
+                // The node's "fragmentation needed" (the tunnels are smaller) about a same-node
+                // HBONE connection is for ztunnel's socket, not the pod whose address it carries.
+                mark(
+                    &format!(
+                        "-A ztunnel-OUTPUT -p icmp -m connmark --mark {MARK_CONN_HBONE_LOOP:#x}/{MARK_CONN_HBONE_LOOP:#x}"
+                    ),
+                    MARK_SPOOFED_REPLY,
+                ),
+                format!(
+                    "-A ztunnel-OUTPUT {} -j RETURN",
+                    has_mark(MARK_SPOOFED_REPLY)
+                ),
+                // Host-originated traffic (kubelet probes) is never captured.
+                format!(
+                    "-A ztunnel-OUTPUT -s {}/32 -j MARK --set-xmark {MARK_CONN_SKIP:#x}/0xffffffff",
+                    p.host_ip
+                ),
+            ],
         },
         Chain {
             table: "mangle",
@@ -275,6 +296,12 @@ pub fn ztunnel_rules(z: &Ztunnel) -> Vec<String> {
         tproxy(ZTUNNEL_INBOUND, "", 15006),
         format!(
             "-A PREROUTING ! -d {}/32 -i {} -p tcp -j MARK --set-xmark 0x4d3/0xfff",
+            z.ip, z.eth0
+        ),
+        // Beyond the article: ICMP errors the node sends back about ztunnel's connections in a
+        // pod's name (0x40 on the node) are delivered here, to ztunnel's socket.
+        format!(
+            "-A PREROUTING ! -d {}/32 -i {} -p icmp -j MARK --set-xmark 0x4d3/0xfff",
             z.ip, z.eth0
         ),
     ]

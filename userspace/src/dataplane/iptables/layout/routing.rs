@@ -4,6 +4,34 @@ use std::net::{IpAddr, Ipv4Addr};
 use super::*;
 use crate::nl::{PolicyRule, Route, RuleTarget};
 
+/// The kernel's own first rule, `0: from all lookup local`.
+pub const LOCAL_RULE_AT_0: PolicyRule = PolicyRule {
+    priority: 0,
+    fwmark: None,
+    target: RuleTarget::Table(TABLE_LOCAL),
+};
+const TABLE_LOCAL: u32 = 255;
+
+/// Beyond the article: ztunnel's connection in a NodePort client's name carries the address
+/// the node masqueraded the client to, one of the node's own. The pod's answers (0x40) must go
+/// to ztunnel before the local table would deliver them to the node, which has no such
+/// connection. So the local rule moves from 0 to 99, after rule 98 for 0x40 (Cilium moves it
+/// the same way for its proxy); cleanup puts it back at 0 first.
+pub fn local_rule_move() -> [PolicyRule; 2] {
+    [
+        PolicyRule::fwmark(
+            98,
+            MARK_SPOOFED_REPLY,
+            MARK_SPOOFED_REPLY,
+            RuleTarget::Table(TABLE_SPOOFED_REPLY),
+        ),
+        PolicyRule {
+            priority: 99,
+            ..LOCAL_RULE_AT_0
+        },
+    ]
+}
+
 pub fn node_rules() -> Vec<PolicyRule> {
     vec![
         PolicyRule::fwmark(100, MARK_SKIP, MARK_SKIP, RuleTarget::Goto(32766)),
