@@ -19,7 +19,8 @@ use crate::topology::{Node, Pod, Topology};
 /// The last release with the node-level proxy that zdivert's node mode feeds.
 pub const NODE_LEVEL_RELEASE: &str = "ztunnel-1.22.8";
 
-/// The binary: `ZTUNNEL_BIN`, else `../shared/ztunnel/ztunnel-1.22.8` beside the repository.
+/// The binary: `ZTUNNEL_BIN`, else `../shared/ztunnel/ztunnel-1.22.8` beside the repository,
+/// else the one `cargo xtask setup --ztunnel-src DIR` built.
 pub fn binary() -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os("ZTUNNEL_BIN") {
         let bin = PathBuf::from(bin);
@@ -34,11 +35,18 @@ pub fn binary() -> Result<PathBuf> {
     if shared.is_file() {
         return Ok(shared);
     }
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/ztunnel")
+        .join(NODE_LEVEL_RELEASE);
+    if built.is_file() {
+        return Ok(built);
+    }
     bail!(
         "no ztunnel binary: set ZTUNNEL_BIN to a ztunnel {NODE_LEVEL_RELEASE} built with the \
          `testing` feature, or build one from a ztunnel 1.22.8 checkout with \
-         `cargo xtask setup --ztunnel-src DIR` (looked for {})",
-        shared.display()
+         `cargo xtask setup --ztunnel-src DIR` (looked for {} and {})",
+        shared.display(),
+        built.display()
     )
 }
 

@@ -16,7 +16,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install prerequisites: rust-src for nightly, bpf-linker, Debian packages, bpffs.
-    Setup,
+    Setup {
+        /// Also build the real ztunnel (1.22.8) from this checkout, for the lab.
+        #[arg(long)]
+        ztunnel_src: Option<PathBuf>,
+    },
     /// Build the eBPF object (always optimised: the verifier rejects debug builds).
     BuildEbpf {
         /// Also build the agent in release mode.
@@ -111,7 +115,10 @@ fn build_agent(release: bool) -> Result<()> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Setup => setup::all(),
+        Cmd::Setup { ztunnel_src } => {
+            setup::all()?;
+            ztunnel_src.map_or(Ok(()), |src| setup::ztunnel(&src))
+        }
         Cmd::BuildEbpf { release } => {
             setup::toolchain()?;
             build_ebpf()?;

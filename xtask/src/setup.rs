@@ -177,3 +177,51 @@ pub fn remove_leftovers() -> Result<()> {
     }
     Ok(())
 }
+
+/// Where `cargo xtask setup --ztunnel-src DIR` puts the ztunnel it builds; the tests look here
+/// after `ZTUNNEL_BIN` and `../shared/ztunnel/` (tests/src/ztunnel.rs).
+pub const BUILT_ZTUNNEL: &str = "target/ztunnel/ztunnel-1.22.8";
+
+/// Builds ztunnel from a checkout of its 1.22.8 tag (node-level mode, fake CA for the lab), as
+/// `../shared/ztunnel/README.md` describes: protobuf-compiler, then the `quick-release` profile
+/// with the `testing` feature. The debug profile is not usable: 1.22.8 asserts on future sizes
+/// that rustc 1.95 does not meet.
+pub fn ztunnel(src: &Path) -> Result<()> {
+    if output(Command::new("sh").args(["-c", "command -v protoc"])).is_none() {
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "protobuf-compiler",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let manifest = src.join("Cargo.toml");
+    anyhow::ensure!(
+        manifest.is_file(),
+        "--ztunnel-src {}: no Cargo.toml there (a checkout of github.com/istio/ztunnel at 1.22.8)",
+        src.display()
+    );
+    let target = src.join("target");
+    run(Command::new("cargo")
+        .args([
+            "build",
+            "--profile",
+            "quick-release",
+            "--features",
+            "testing",
+        ])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .env("CARGO_TARGET_DIR", &target))?;
+    let built = target.join("quick-release/ztunnel");
+    let dest = crate::root().join(BUILT_ZTUNNEL);
+    std::fs::create_dir_all(dest.parent().expect("has a parent"))?;
+    std::fs::copy(&built, &dest)
+        .map_err(|e| anyhow::anyhow!("copying {}: {e}", built.display()))?;
+    eprintln!("setup: ztunnel built at {}", dest.display());
+    Ok(())
+}
