@@ -105,6 +105,27 @@ pub const PORT_OUTBOUND: u16 = 15001;
 pub const PORT_INBOUND_PLAIN: u16 = 15006;
 pub const PORT_INBOUND_HBONE: u16 = 15008;
 
+/// DNS, and ztunnel's DNS proxy (`--dns-capture`).
+pub const PORT_DNS: u16 = 53;
+pub const PORT_DNS_PROXY: u16 = 15053;
+
+/// `CONFIG` (single-slot array) bits, written by the agent when it loads the programs.
+pub const CONFIG_DNS_CAPTURE: u32 = 1 << 0;
+
+/// `DNS_FLOWS` key: one DNS flow of an ambient pod (IPv4), as the pod sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsFlowKey {
+    pub pod: [u8; 4],
+    /// The pod's port, network byte order.
+    pub port_be: u16,
+    /// IPPROTO_UDP or IPPROTO_TCP.
+    pub proto: u8,
+    pub _reserved: u8,
+}
+
+pub const DNS_FLOWS_MAX_ENTRIES: u32 = 16384;
+
 /// The routing table and rule priority used in ztunnel's netns for assigned packets.
 pub const ZTUNNEL_TPROXY_TABLE: u32 = 100;
 pub const ZTUNNEL_TPROXY_RULE_PRIORITY: u32 = 20000;
@@ -163,6 +184,8 @@ counters! {
     TP_TIME_WAIT_REUSED = 18, "ztunnel_tproxy", "syn_to_time_wait";
     LOOKUP_ASSIGNED = 19, "ztunnel_sk_lookup", "assigned_listener";
     LOOKUP_NO_LISTENER = 20, "ztunnel_sk_lookup", "no_listener";
+    OUT_DNS = 21, "outbound", "dns_to_ztunnel";
+    RET_DNS = 22, "ztunnel_return", "dns_answer";
 }
 
 pub const COUNTER_SLOTS: u32 = 32;
@@ -171,6 +194,7 @@ const _: () = {
     assert!(core::mem::size_of::<IpKey>() == 16);
     assert!(core::mem::size_of::<PodEntry>() == 20);
     assert!(core::mem::size_of::<ZtunnelEntry>() == 36);
+    assert!(core::mem::size_of::<DnsFlowKey>() == 8);
     assert!(COUNTERS.len() as u32 <= COUNTER_SLOTS);
 };
 
@@ -180,4 +204,5 @@ mod pod_impls {
     unsafe impl aya::Pod for super::IpKey {}
     unsafe impl aya::Pod for super::PodEntry {}
     unsafe impl aya::Pod for super::ZtunnelEntry {}
+    unsafe impl aya::Pod for super::DnsFlowKey {}
 }

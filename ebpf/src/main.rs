@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod dns;
 mod maps;
 mod packet;
 mod socket;

@@ -2,11 +2,12 @@
 //! finds the very maps the attached programs use.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, SockMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
 };
 use zdivert_common::{
-    COUNTER_SLOTS, IpKey, LISTENER_SLOTS, NODE_IPS_MAX_ENTRIES, PODS_MAX_ENTRIES, PodEntry,
-    ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZtunnelEntry,
+    CONFIG_DNS_CAPTURE, COUNTER_SLOTS, DNS_FLOWS_MAX_ENTRIES, DnsFlowKey, IpKey, LISTENER_SLOTS,
+    NODE_IPS_MAX_ENTRIES, PODS_MAX_ENTRIES, PodEntry, ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4,
+    ZTUNNEL_F_V6, ZtunnelEntry,
 };
 
 /// Ambient pods on this node: pod IP (each of its addresses) → its host veth.
@@ -29,6 +30,20 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 /// TIME_WAIT socket, read by the sk_lookup program that answers the kernel's listener lookup.
 #[map(name = "LISTENERS")]
 pub static LISTENERS: SockMap = SockMap::pinned(LISTENER_SLOTS, 0);
+
+/// Settings the agent writes once at load, slot 0: `CONFIG_*` bits.
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<u32> = Array::pinned(1, 0);
+
+/// The original DNS server of each captured DNS flow, to answer from it (`dns.rs`).
+#[map(name = "DNS_FLOWS")]
+pub static DNS_FLOWS: LruHashMap<DnsFlowKey, [u8; 4]> =
+    LruHashMap::pinned(DNS_FLOWS_MAX_ENTRIES, 0);
+
+#[inline(always)]
+pub fn dns_capture() -> bool {
+    CONFIG.get(0).is_some_and(|c| c & CONFIG_DNS_CAPTURE != 0)
+}
 
 #[inline(always)]
 pub fn count(index: u32) {

@@ -6,10 +6,11 @@
 use aya_ebpf::{
     bindings::TC_ACT_SHOT, helpers::bpf_redirect_peer, macros::classifier, programs::TcContext,
 };
-use zdivert_common::{MARK_OUTBOUND, TCX_NEXT, counter::*};
+use zdivert_common::{MARK_OUTBOUND, TCX_NEXT, ZtunnelEntry, counter::*};
 
 use crate::{
-    maps::{count, is_node_ip, is_ztunnel_ip, pod, ztunnel},
+    dns,
+    maps::{count, dns_capture, is_node_ip, is_ztunnel_ip, pod, ztunnel},
     packet::{Frame, IPPROTO_TCP, Ip, ifindex, mark, parse, set_dst_mac, tcp},
     socket::owned_here,
 };
@@ -30,6 +31,13 @@ pub fn zd_outbound(ctx: TcContext) -> i32 {
         Some(p) if p.host_ifindex == ifindex(&ctx) => {}
         _ if is_neighbour_discovery(&ip) => return pass(),
         _ => return drop(OUT_DROP_FORGED),
+    }
+    // DNS is no authorization matter: without a ztunnel it goes where the pod sent it.
+    if dns_capture()
+        && dns::is_dns(&ctx, &ip)
+        && let Some(z) = ztunnel()
+    {
+        return dns_query(&ctx, &ip, &z);
     }
     if ip.proto != IPPROTO_TCP {
         return pass();
@@ -62,6 +70,17 @@ pub fn zd_outbound(ctx: TcContext) -> i32 {
     // program that this is outbound traffic (:15001).
     ctx.skb.set_mark(mark(&ctx) | MARK_OUTBOUND);
     count(OUT_REDIRECTED);
+    // SAFETY: plain helper call; returns TC_ACT_REDIRECT, or TC_ACT_SHOT if the peer is gone.
+    unsafe { bpf_redirect_peer(z.host_ifindex, 0) as i32 }
+}
+
+/// A DNS query, to ztunnel's DNS proxy (see `dns.rs`).
+#[inline(always)]
+fn dns_query(ctx: &TcContext, ip: &Ip, z: &ZtunnelEntry) -> i32 {
+    if dns::to_ztunnel(ctx, ip, z).is_none() || !set_dst_mac(ctx, &z.mac) {
+        return drop(OUT_DROP_MALFORMED);
+    }
+    count(OUT_DNS);
     // SAFETY: plain helper call; returns TC_ACT_REDIRECT, or TC_ACT_SHOT if the peer is gone.
     unsafe { bpf_redirect_peer(z.host_ifindex, 0) as i32 }
 }

@@ -13,10 +13,11 @@
 use aya_ebpf::{
     bindings::TC_ACT_SHOT, helpers::bpf_redirect_peer, macros::classifier, programs::TcContext,
 };
-use zdivert_common::{PORT_INBOUND_HBONE, TCX_NEXT, counter::*};
+use zdivert_common::{PORT_INBOUND_HBONE, PodEntry, TCX_NEXT, counter::*};
 
 use crate::{
-    maps::{count, pod, ztunnel},
+    dns,
+    maps::{count, dns_capture, pod, ztunnel},
     packet::{Frame, IPPROTO_TCP, parse, set_dst_mac, set_src_mac, tcp},
 };
 
@@ -25,13 +26,19 @@ pub fn zd_zt_return(ctx: TcContext) -> i32 {
     let Frame::Ip(ip) = parse(&ctx) else {
         return pass();
     };
-    if ip.proto != IPPROTO_TCP {
+    if ip.proto != IPPROTO_TCP && ip.proto != dns::IPPROTO_UDP {
         return pass();
     }
     let Some(p) = pod(&ip.dst) else {
         return pass();
     };
-    if ip.fragment {
+    if dns_capture()
+        && let Some(z) = ztunnel()
+        && dns::answer_from_server(&ctx, &ip, &z).is_some()
+    {
+        return deliver(&ctx, &p, RET_DNS);
+    }
+    if ip.proto != IPPROTO_TCP || ip.fragment {
         return pass();
     }
     let Some(seg) = tcp(&ctx, &ip) else {
@@ -40,12 +47,17 @@ pub fn zd_zt_return(ctx: TcContext) -> i32 {
     if seg.dport() == PORT_INBOUND_HBONE || seg.sport() == PORT_INBOUND_HBONE {
         return back_to_ztunnel(&ctx);
     }
-    // The pod sees the frame as coming from its gateway, as routed traffic would; the peer
-    // redirect marks it for the host, whatever its destination MAC.
-    if !set_src_mac(&ctx, &p.host_mac) {
+    deliver(&ctx, &p, RET_DELIVERED)
+}
+
+/// Into the pod, which sees the frame as coming from its gateway, as routed traffic would; the
+/// peer redirect marks it for the host, whatever its destination MAC.
+#[inline(always)]
+fn deliver(ctx: &TcContext, p: &PodEntry, counter: u32) -> i32 {
+    if !set_src_mac(ctx, &p.host_mac) {
         return pass();
     }
-    count(RET_DELIVERED);
+    count(counter);
     // SAFETY: plain helper call; returns TC_ACT_REDIRECT, or TC_ACT_SHOT if the pod is gone.
     unsafe { bpf_redirect_peer(p.host_ifindex, 0) as i32 }
 }

@@ -141,23 +141,34 @@ pub fn exchange(conn: &TcpStream) -> Result<Reply> {
 /// A UDP echo in a pod that prefixes the peer it saw.
 pub struct UdpEcho {
     sock: Arc<UdpSocket>,
+    received: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl UdpEcho {
     pub fn start(ns: &Netns, port: u16) -> Result<UdpEcho> {
         let sock = Arc::new(ns.exec(move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))?);
-        let s = sock.clone();
+        let (s, received) = (
+            sock.clone(),
+            Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        );
+        let count = received.clone();
         thread::spawn(move || {
             let mut buf = [0u8; 512];
             while let Ok((n, peer)) = s.recv_from(&mut buf) {
                 if n == 0 {
                     break;
                 }
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let msg = format!("{peer} {}", String::from_utf8_lossy(&buf[..n]));
                 let _ = s.send_to(msg.as_bytes(), peer);
             }
         });
-        Ok(UdpEcho { sock })
+        Ok(UdpEcho { sock, received })
+    }
+
+    /// Datagrams received so far.
+    pub fn received(&self) -> usize {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -39,4 +39,5 @@ in_every_mode!(
     deny_policy_holds_on_every_way_in,
     connection_churn_with_normal_closes_never_waits_for_a_retransmission,
     bulk_transfers_complete_same_node_and_cross_node,
+    dns_capture_answers_from_ztunnel_and_only_when_enabled,
 );

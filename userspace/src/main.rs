@@ -74,6 +74,10 @@ enum Command {
         /// 6.6+, else tc clsact through netlink).
         #[arg(long, value_enum)]
         attach: Option<AttachMode>,
+        /// Send ambient pods' DNS (UDP and TCP port 53) to ztunnel's DNS proxy (:15053), as
+        /// istio-cni does with ztunnel's `ISTIO_META_DNS_CAPTURE=true`.
+        #[arg(long)]
+        dns_capture: bool,
     },
     /// Show the pinned maps, attachments and packet counters.
     Status {
@@ -136,6 +140,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mode,
             tunnel,
             attach,
+            dns_capture,
         } => {
             let node = match (&pods_file, cli.node) {
                 (Some(path), node) => {
@@ -165,7 +170,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let attach = attach.unwrap_or_else(AttachMode::for_kernel);
-            let mut dp = dataplane(&cli.bpffs, &cli.state_dir, &node, mode, tunnel, attach)?;
+            let mut dp = dataplane(
+                &cli.bpffs,
+                &cli.state_dir,
+                &node,
+                mode,
+                tunnel,
+                attach,
+                dns_capture,
+            )?;
             let health = Arc::new(Health::new(&node, dp.name(), cli.bpffs.clone()));
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -281,6 +294,7 @@ fn dataplane(
     mode: Mode,
     tunnel: TunnelChoice,
     attach: AttachMode,
+    dns_capture: bool,
 ) -> anyhow::Result<Box<dyn Dataplane>> {
     let use_ebpf = match mode {
         Mode::Ebpf => true,
@@ -303,7 +317,7 @@ fn dataplane(
             iptables::cleanup(state_dir, node)?;
             log::info!("removed the iptables layout an earlier agent left");
         }
-        let dp = EbpfDataplane::load(bpffs, node, attach)?;
+        let dp = EbpfDataplane::load(bpffs, node, attach, dns_capture)?;
         log::info!(
             "ebpf dataplane for node {node}, attached through {attach}, pins under {}",
             dp.dirs().root.display()
@@ -314,7 +328,7 @@ fn dataplane(
         if c.links + c.maps > 0 {
             log::info!("removed the eBPF programs and maps an earlier agent left");
         }
-        let dp = IptablesDataplane::new(state_dir, node, tunnel)?;
+        let dp = IptablesDataplane::new(state_dir, node, tunnel, dns_capture)?;
         log::info!(
             "iptables dataplane for node {node} ({} tunnels), state in {}",
             dp.tunnel(),

@@ -74,6 +74,16 @@ pub fn wait_set_up(agent: &Agent, node: &Node, with_ztunnel: bool) -> Result<()>
 impl Lab {
     /// Both nodes, each with the real ztunnel told `mesh` and an agent in `mode`.
     pub fn real(mode: Mode, mesh: impl FnOnce(&Topology) -> MeshConfig) -> Result<Lab> {
+        Self::real_with(mode, mesh, &[], &[])
+    }
+
+    /// With more environment for ztunnel and more `run` options for the agents.
+    pub fn real_with(
+        mode: Mode,
+        mesh: impl FnOnce(&Topology) -> MeshConfig,
+        ztunnel_env: &[(&str, &str)],
+        agent_options: &[&str],
+    ) -> Result<Lab> {
         let mode = mode.as_str();
         let topo = Topology::article()?;
         let mesh = mesh(&topo);
@@ -84,11 +94,15 @@ impl Lab {
             topo,
         };
         for node in &lab.topo.nodes {
-            lab.ztunnels
-                .push(Ztunnel::start(&lab.topo, node, &lab.mesh)?);
+            lab.ztunnels.push(Ztunnel::start_with(
+                &lab.topo,
+                node,
+                &lab.mesh,
+                ztunnel_env,
+            )?);
         }
         for node in lab.topo.nodes.iter() {
-            let agent = Agent::start_mode(node, &node.pods_file(true), mode)?;
+            let agent = Agent::start_with(node, &node.pods_file(true), mode, agent_options)?;
             lab.agents.push(agent);
             lab.wait_ready(node, true)?;
         }

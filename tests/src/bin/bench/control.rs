@@ -148,7 +148,8 @@ pub fn run(sizes: &[u32], rounds: usize, samples: &mut Samples) -> Result<()> {
                                     "ebpf" => AttachMode::Tcx,
                                     _ => AttachMode::Netlink,
                                 };
-                                let mut dp = EbpfDataplane::load(Path::new(BPFFS), &node, attach)?;
+                                let mut dp =
+                                    EbpfDataplane::load(Path::new(BPFFS), &node, attach, false)?;
                                 apply_times(&mut dp, &node, &z, n)
                             }
                             _ => {
@@ -156,6 +157,7 @@ pub fn run(sizes: &[u32], rounds: usize, samples: &mut Samples) -> Result<()> {
                                     Path::new(STATE_DIR),
                                     &node,
                                     TunnelChoice::Auto,
+                                    false,
                                 )?;
                                 apply_times(&mut dp, &node, &z, n)
                             }

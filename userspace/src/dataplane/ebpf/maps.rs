@@ -24,7 +24,11 @@ pub const ZTUNNEL: &str = "ZTUNNEL";
 pub const STATS: &str = "STATS";
 /// ztunnel's listeners, kept by the programs themselves (see `ebpf/src/ztunnel_lookup.rs`).
 pub const LISTENERS: &str = "LISTENERS";
-pub const ALL: [&str; 5] = [PODS, NODE_IPS, ZTUNNEL, STATS, LISTENERS];
+/// Settings (`CONFIG_*` bits), written at load.
+pub const CONFIG: &str = "CONFIG";
+/// The servers of captured DNS flows, kept by the programs (`ebpf/src/dns.rs`).
+pub const DNS_FLOWS: &str = "DNS_FLOWS";
+pub const ALL: [&str; 7] = [PODS, NODE_IPS, ZTUNNEL, STATS, LISTENERS, CONFIG, DNS_FLOWS];
 
 pub fn key(ip: IpAddr) -> IpKey {
     match ip {
@@ -129,7 +133,8 @@ pub struct Maps {
 const REREAD: Duration = Duration::from_secs(30);
 
 impl Maps {
-    pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self> {
+    /// Takes the maps the agent writes, and writes `config` (`CONFIG_*` bits) for the programs.
+    pub fn take(ebpf: &mut aya::Ebpf, config: u32) -> Result<Self> {
         fn take<T: TryFrom<Map, Error = MapError>>(
             ebpf: &mut aya::Ebpf,
             name: &'static str,
@@ -140,6 +145,8 @@ impl Maps {
             })?;
             T::try_from(map).map_err(map_err(name))
         }
+        let mut settings: Array<MapData, u32> = take(ebpf, CONFIG)?;
+        settings.set(0, config, 0).map_err(map_err(CONFIG))?;
         Ok(Maps {
             pods: take(ebpf, PODS)?,
             node_ips: take(ebpf, NODE_IPS)?,

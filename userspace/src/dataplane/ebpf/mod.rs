@@ -118,8 +118,9 @@ fn mkdirs(dirs: &PinDirs) -> Result<()> {
 
 impl EbpfDataplane {
     /// Loads the programs, reusing the node's pinned maps if an earlier agent left them;
-    /// programs will be attached through `attach`.
-    pub fn load(bpffs: &Path, node: &str, attach: AttachMode) -> Result<Self> {
+    /// programs will be attached through `attach`. `dns_capture`: ambient pods' DNS goes to
+    /// ztunnel's DNS proxy.
+    pub fn load(bpffs: &Path, node: &str, attach: AttachMode, dns_capture: bool) -> Result<Self> {
         if OBJECT.is_empty() {
             return Err(Error::NoEbpfObject);
         }
@@ -148,7 +149,12 @@ impl EbpfDataplane {
                 program: lookup::PROGRAM,
                 source,
             })?;
-        let maps = maps::Maps::take(&mut ebpf)?;
+        let config = if dns_capture {
+            zdivert_common::CONFIG_DNS_CAPTURE
+        } else {
+            0
+        };
+        let maps = maps::Maps::take(&mut ebpf, config)?;
         Ok(EbpfDataplane {
             ebpf,
             maps,

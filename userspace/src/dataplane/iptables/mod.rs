@@ -48,6 +48,7 @@ pub struct IptablesDataplane {
     saved: Saved,
     backend: Backend,
     tunnel: TunnelKind,
+    dns_capture: bool,
     node_netns_inode: u64,
 }
 
@@ -101,7 +102,12 @@ fn free_udp_port(from: u16) -> u16 {
 }
 
 impl IptablesDataplane {
-    pub fn new(state_dir: &Path, node: &str, tunnel: TunnelChoice) -> Result<Self> {
+    pub fn new(
+        state_dir: &Path,
+        node: &str,
+        tunnel: TunnelChoice,
+        dns_capture: bool,
+    ) -> Result<Self> {
         let file = StateFile::new(state_dir, node);
         let mut saved = file.load()?;
         let nl = Netlink::new()?;
@@ -143,6 +149,7 @@ impl IptablesDataplane {
             saved,
             backend,
             tunnel: kind,
+            dns_capture,
             node_netns_inode: netns::inode(Path::new("/proc/self/ns/net"))?,
         })
     }
@@ -205,6 +212,7 @@ impl IptablesDataplane {
             host_ip,
             tunnel: self.tunnel,
             tunnel_port: port,
+            dns_capture: self.dns_capture,
             ztunnel,
         }))
     }

@@ -48,6 +48,8 @@ pub struct Params {
     pub host_ip: Ipv4Addr,
     pub tunnel: TunnelKind,
     pub tunnel_port: u16,
+    /// Ambient pods' DNS is DNATed to ztunnel's DNS proxy.
+    pub dns_capture: bool,
     /// Without a ztunnel the layout fails closed: captured traffic is dropped.
     pub ztunnel: Option<Ztunnel>,
 }
@@ -73,6 +75,7 @@ mod tests {
             host_ip: Ipv4Addr::new(10, 244, 2, 1),
             tunnel: TunnelKind::Geneve,
             tunnel_port: 6081,
+            dns_capture: false,
             ztunnel: Some(Ztunnel {
                 ip: Ipv4Addr::new(10, 244, 2, 10),
                 veth: "veth6cc9a213".into(),
@@ -145,6 +148,45 @@ mod tests {
             ("pistioout", p.host_ip, Some(2))
         );
         assert!(!zt[1].broadcast);
+    }
+
+    #[test]
+    fn dns_capture_dnats_dns_to_ztunnel_before_kube_proxy_and_only_with_a_ztunnel() {
+        let dns = |p: &Params| -> Vec<String> {
+            let nat = node_chains(p)
+                .into_iter()
+                .find(|c| c.table == "nat")
+                .unwrap();
+            nat.rules
+                .into_iter()
+                .filter(|r| r.contains("DNAT"))
+                .collect()
+        };
+        assert!(dns(&article()).is_empty());
+        let on = Params {
+            dns_capture: true,
+            ..article()
+        };
+        assert_eq!(
+            dns(&on),
+            [
+                "-A ztunnel-PREROUTING -p udp -m set --match-set ztunnel-pods-ips src -m udp --dport 53 -j DNAT --to-destination 10.244.2.10:15053",
+                "-A ztunnel-PREROUTING -p tcp -m set --match-set ztunnel-pods-ips src -m tcp --dport 53 -j DNAT --to-destination 10.244.2.10:15053",
+            ]
+        );
+        let nat = node_chains(&on)
+            .into_iter()
+            .find(|c| c.table == "nat")
+            .unwrap();
+        assert!(
+            nat.rules.last().unwrap().ends_with("-j ACCEPT"),
+            "DNAT first"
+        );
+        let without_ztunnel = Params {
+            ztunnel: None,
+            ..on
+        };
+        assert!(dns(&without_ztunnel).is_empty());
     }
 
     #[test]

@@ -4,6 +4,8 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
+use zdivert_common::{PORT_DNS, PORT_DNS_PROXY};
+
 use super::*;
 
 pub const IPSET: &str = "ztunnel-pods-ips";
@@ -177,6 +179,18 @@ pub fn node_chains(p: &Params) -> Vec<Chain> {
         ),
     ]);
     let accept = |chain: &str| vec![format!("-A {chain} {} -j ACCEPT", has_mark(MARK_OUTBOUND))];
+    // istio-cni's DNS capture: ambient pods' DNS to ztunnel's DNS proxy, before the ACCEPT that
+    // keeps kube-proxy off captured TCP; conntrack answers from the server the pod asked.
+    let mut nat_prerouting = vec![];
+    if let (true, Some(z)) = (p.dns_capture, &p.ztunnel) {
+        for proto in ["udp", "tcp"] {
+            nat_prerouting.push(format!(
+                "-A ztunnel-PREROUTING -p {proto} -m set --match-set {IPSET} src -m {proto} --dport {PORT_DNS} -j DNAT --to-destination {}:{PORT_DNS_PROXY}",
+                z.ip
+            ));
+        }
+    }
+    nat_prerouting.extend(accept("ztunnel-PREROUTING"));
     vec![
         Chain {
             table: "mangle",
@@ -233,7 +247,7 @@ pub fn node_chains(p: &Params) -> Vec<Chain> {
             table: "nat",
             name: "ztunnel-PREROUTING",
             from: "PREROUTING",
-            rules: accept("ztunnel-PREROUTING"),
+            rules: nat_prerouting,
         },
         Chain {
             table: "nat",
