@@ -43,10 +43,11 @@ fn after_sigkill(mode: &str) -> anyhow::Result<()> {
         "{}",
         during.1
     );
+    let maps = zdivert::dataplane::ebpf::maps::ALL.len();
     assert_eq!(
         pins(&agent.node).len(),
-        3 + 5 + l + 1,
-        "maps/, links/, filters/, 5 maps, {l} attachments, the sk_lookup link"
+        3 + maps + l + 1,
+        "maps/, links/, filters/, {maps} maps, {l} attachments, the sk_lookup link"
     );
     if mode == "ebpf-clsact" {
         assert!(during.1.contains("zd_zt_tproxy"), "{}", during.1);
@@ -58,7 +59,7 @@ fn after_sigkill(mode: &str) -> anyhow::Result<()> {
     let out = agent.cleanup()?;
     assert!(
         out.contains(&format!(
-            "removed {} links, 5 maps, tproxy routing in 1 ztunnel netns",
+            "removed {} links, {maps} maps, tproxy routing in 1 ztunnel netns",
             l + 1
         )),
         "{out}"

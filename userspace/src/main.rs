@@ -296,6 +296,11 @@ fn dataplane(
     attach: AttachMode,
     dns_capture: bool,
 ) -> anyhow::Result<Box<dyn Dataplane>> {
+    // A build without the eBPF object must never look like a kernel without BPF: `auto` would
+    // quietly run the fallback on every node of the DaemonSet.
+    if mode != Mode::Iptables && ebpf::object().is_empty() {
+        return Err(zdivert::error::Error::NoEbpfObject.into());
+    }
     let use_ebpf = match mode {
         Mode::Ebpf => true,
         Mode::Iptables => false,

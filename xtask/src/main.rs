@@ -141,7 +141,15 @@ fn main() -> Result<()> {
             ]))?;
             // ...then the privileged suite, serially: its tests share the kernel.
             let mut c = cargo();
-            c.args(["test", "-p", "zdivert-tests", "--", "--test-threads=1"]);
+            // Every suite runs even when one fails: a failure must not hide another.
+            c.args([
+                "test",
+                "--no-fail-fast",
+                "-p",
+                "zdivert-tests",
+                "--",
+                "--test-threads=1",
+            ]);
             if let Some(f) = filter {
                 c.arg(f);
             }

@@ -21,9 +21,40 @@ pub fn all() -> Result<()> {
     bpffs()
 }
 
+/// The nightly the eBPF object is built with. Dated toolchains cannot be installed on these
+/// machines, so the image build pins it by checking: another nightly emits other bytecode, and
+/// an image built with it is not the one that was tested.
+pub const EBPF_NIGHTLY: &str = "rustc 1.97.0-nightly (";
+pub const EBPF_NIGHTLY_DATE: &str = "2026-05-19";
+
 pub fn toolchain() -> Result<()> {
+    nightly_is_pinned()?;
     rust_src()?;
     bpf_linker()
+}
+
+fn nightly_is_pinned() -> Result<()> {
+    let version = output(Command::new("rustc").args(["+nightly", "--version"]))
+        .context("no nightly toolchain (rustup toolchain install nightly)")?;
+    if version.starts_with(EBPF_NIGHTLY)
+        && version
+            .trim_end()
+            .ends_with(&format!("{EBPF_NIGHTLY_DATE})"))
+    {
+        return Ok(());
+    }
+    if std::env::var_os("ZDIVERT_ANY_NIGHTLY").is_some() {
+        eprintln!(
+            "setup: building eBPF with {} (ZDIVERT_ANY_NIGHTLY set)",
+            version.trim()
+        );
+        return Ok(());
+    }
+    bail!(
+        "the eBPF object is built with {EBPF_NIGHTLY}… {EBPF_NIGHTLY_DATE}), this machine's nightly is {}; \
+         install that one, or set ZDIVERT_ANY_NIGHTLY=1 to build with this one anyway",
+        version.trim()
+    )
 }
 
 fn rust_src() -> Result<()> {

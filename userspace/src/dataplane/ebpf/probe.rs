@@ -19,11 +19,10 @@ use super::{
 };
 use crate::nl::Netlink;
 
-/// Ok, or why the eBPF dataplane cannot run on this node.
+/// Ok, or the capability this kernel or node lacks for the eBPF dataplane. An agent built
+/// without its eBPF object is a broken build, not a kernel without BPF: the caller refuses to
+/// run before it gets here (`super::object`).
 pub fn probe(bpffs: &Path, attach: AttachMode) -> Result<(), String> {
-    if OBJECT.is_empty() {
-        return Err("the agent was built without the eBPF object".into());
-    }
     ensure_bpffs(bpffs).map_err(|e| e.to_string())?;
     let scratch = bpffs
         .join("zdivert")
@@ -49,6 +48,10 @@ fn load_and_attach(pins: &Path, attach: AttachMode) -> Result<(), String> {
         prog.load()
             .map_err(|e| format!("the verifier rejects {}: {e}", hook.program()))?;
     }
+    super::lookup::program(&mut ebpf)
+        .map_err(|e| e.to_string())?
+        .load()
+        .map_err(|e| format!("sk_lookup programs cannot load (Linux 5.9+): {e}"))?;
     let nl = Netlink::new().map_err(|e| e.to_string())?;
     let name = format!("zdprobe{}", std::process::id() % 100_000);
     nl.add_scratch_veth(&name).map_err(|e| e.to_string())?;
