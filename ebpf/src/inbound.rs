@@ -1,5 +1,5 @@
 //! Inbound capture: TC egress of an ambient pod's host veth, i.e. packets the node routes to the
-//! pod. TCP from anywhere but the node's own sockets (kubelet probes) and ztunnel goes to ztunnel.
+//! pod. TCP from anywhere but the node's own stack (kubelet probes) and ztunnel goes to ztunnel.
 //!
 //! ztunnel's own deliveries to the pod never come through here: the return program hands them to
 //! the pod with `bpf_redirect_peer`, so no "skip" mark is needed or honoured on this path.
@@ -23,10 +23,11 @@ pub fn zd_inbound(ctx: TcContext) -> i32 {
     if let Some(quoted) = icmp_error_quote(&ctx, &ip) {
         return icmp_error(&ctx, &ip, &quoted);
     }
-    // The node's own connections (kubelet probes) are not captured: they come from a local
-    // socket. What the node only forwards, a NodePort client's connection masqueraded to the
-    // node's address included, has none and is captured (as istio/istio#46936 narrowed it).
-    if ip.proto != IPPROTO_TCP || from_local_socket(&ctx) {
+    // The node's own connections (kubelet probes) are not captured. What the node only
+    // forwards is, a NodePort client's connection masqueraded to the node's address included:
+    // the exemption is for what the node sends, not for its source address (as
+    // istio/istio#46936 narrowed it).
+    if ip.proto != IPPROTO_TCP || from_the_node(&ctx) {
         return pass();
     }
     let Some(z) = ztunnel() else {
@@ -70,10 +71,12 @@ fn icmp_error(ctx: &TcContext, ip: &Ip, quoted: &Quoted) -> i32 {
     unsafe { bpf_redirect(z.host_ifindex, 0) as i32 }
 }
 
+/// Whether the node's own stack sent the packet: it arrived on no device. What the node
+/// forwards (from another node, another pod, or a NodePort after DNAT) arrived on one.
 #[inline(always)]
-fn from_local_socket(ctx: &TcContext) -> bool {
-    // SAFETY: reading the context's socket pointer; it is not dereferenced.
-    unsafe { !(*ctx.skb.skb).__bindgen_anon_2.sk.is_null() }
+fn from_the_node(ctx: &TcContext) -> bool {
+    // SAFETY: reading a scalar field of the context.
+    unsafe { (*ctx.skb.skb).ingress_ifindex == 0 }
 }
 
 #[inline(always)]

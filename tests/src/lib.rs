@@ -6,6 +6,7 @@ pub mod apps;
 pub mod dns;
 pub mod fakeapi;
 pub mod fallback;
+pub mod foreign;
 pub mod load;
 pub mod ns;
 pub mod packets;

@@ -6,6 +6,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 /// `struct __sk_buff` as u32 words; the kernel accepts only a few fields set.
 const SKB_WORDS: usize = 48;
 const SKB_MARK: usize = 2;
+const SKB_INGRESS_IFINDEX: usize = 9;
 const SKB_IFINDEX: usize = 10;
 
 pub struct Outcome {
@@ -21,18 +22,31 @@ fn bytes(words: &[u32; SKB_WORDS]) -> Vec<u8> {
     words.iter().flat_map(|w| w.to_ne_bytes()).collect()
 }
 
-/// Runs `prog` on `frame` as if it arrived on `ifindex` (which must exist in the calling thread's
+/// Where a frame comes from, as the kernel records it (`skb_iif`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrived {
+    /// Received on the device the program runs on.
+    OnTheDevice,
+    /// Sent by the node's own stack: received on no device.
+    FromTheNode,
+}
+
+/// Runs `prog` on `frame` as if it were on `ifindex` (which must exist in the calling thread's
 /// netns; 0 for none) carrying `mark`.
 pub fn run(
     prog: &SchedClassifier,
     frame: &[u8],
     ifindex: u32,
+    arrived: Arrived,
     mark: u32,
     repeat: u32,
 ) -> Result<Outcome> {
     let mut out = vec![0u8; frame.len() + 256];
     let mut ctx = [0u32; SKB_WORDS];
     ctx[SKB_IFINDEX] = ifindex;
+    if arrived == Arrived::OnTheDevice {
+        ctx[SKB_INGRESS_IFINDEX] = ifindex;
+    }
     ctx[SKB_MARK] = mark;
     let ctx_in = bytes(&ctx);
     let mut ctx_out = vec![0u8; ctx_in.len()];

@@ -138,3 +138,56 @@ fn hbone_source(
         })
         .ok_or_else(|| anyhow::anyhow!("no connection to {dst} in ztunnel's netns:\n{out}"))
 }
+
+/// A CNI's TCX program that returns a final verdict, attached in front of zdivert's, would end
+/// the chain before capture runs. The agent finds it at its next reconcile and moves its
+/// program back to the head; one attached behind changes nothing.
+#[test]
+fn a_foreign_tcx_program_in_front_is_overtaken_and_capture_holds() -> anyhow::Result<()> {
+    use zdivert_tests::foreign::{ForeignTcx, Place};
+    let lab = Lab::real_with(
+        Mode::Ebpf,
+        |_| MeshConfig::default(),
+        &[],
+        &["--resync-secs", "1"],
+    )?;
+    let (pp, rv1) = (lab.w2().pod("productpage-v1"), lab.w2().pod("reviews-v1"));
+    let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let dst = sa(rv1.ip, 9080);
+    let agent = lab.agent2();
+    let moved = || agent.metric("zdivert_programs_moved_to_head_total");
+    assert_eq!(moved()?, 0.0);
+
+    let mut foreign = vec![];
+    for (ingress, veth) in [(true, &pp.host_veth), (false, &rv1.host_veth)] {
+        foreign.push(ForeignTcx::attach(
+            &lab.w2().ns,
+            veth,
+            ingress,
+            Place::First,
+        )?);
+    }
+    zdivert_tests::eventually(
+        "both programs back in front",
+        std::time::Duration::from_secs(10),
+        || Ok(moved()? >= 2.0),
+    )?;
+    let reply = request(&pp.ns, dst)?;
+    assert_eq!(reply.peer.ip(), pp.ip);
+    lab.zt2().wait_access(1, from_to(pp, dst, "outbound"))?;
+    lab.zt2().wait_access(1, from_to(pp, dst, "inbound"))?;
+
+    // Behind ours: nothing to do.
+    let before = moved()?;
+    foreign.push(ForeignTcx::attach(
+        &lab.w2().ns,
+        &pp.host_veth,
+        true,
+        Place::Last,
+    )?);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(moved()?, before, "a program behind ours is left alone");
+    request(&pp.ns, dst)?;
+    lab.zt2().wait_access(2, from_to(pp, dst, "outbound"))?;
+    Ok(())
+}

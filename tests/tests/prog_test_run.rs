@@ -270,7 +270,13 @@ fn programs_give_the_right_verdicts_and_rewrite_the_right_bytes() -> anyhow::Res
                 p.load()?;
             }
             let what = format!("{prog}: {what}");
-            let o = testrun::run(p, &frame, a, mark, 1).map_err(|e| e.context(what.clone()))?;
+            // The probe is the one frame the node's own stack sends; the rest arrived on a device.
+            let arrived = match what.contains("from the node") {
+                true => testrun::Arrived::FromTheNode,
+                false => testrun::Arrived::OnTheDevice,
+            };
+            let o = testrun::run(p, &frame, a, arrived, mark, 1)
+                .map_err(|e| e.context(what.clone()))?;
             out.push((what, o));
         }
         Ok(out)

@@ -29,6 +29,7 @@ pub struct Health {
     applies: AtomicU64,
     apply_errors: AtomicU64,
     pod_failures: AtomicU64,
+    moved_to_head: AtomicU64,
     captured: AtomicU64,
     source_errors: AtomicU64,
     last_success: Mutex<Option<Instant>>,
@@ -47,6 +48,7 @@ impl Health {
             applies: AtomicU64::new(0),
             apply_errors: AtomicU64::new(0),
             pod_failures: AtomicU64::new(0),
+            moved_to_head: AtomicU64::new(0),
             captured: AtomicU64::new(0),
             source_errors: AtomicU64::new(0),
             last_success: Mutex::new(None),
@@ -58,6 +60,8 @@ impl Health {
         self.applies.fetch_add(1, Ordering::Relaxed);
         self.pod_failures
             .fetch_add(report.failed.len() as u64, Ordering::Relaxed);
+        self.moved_to_head
+            .fetch_add(report.moved_to_head as u64, Ordering::Relaxed);
         self.captured
             .store(report.captured.len() as u64, Ordering::Relaxed);
         self.ztunnel_ready
@@ -144,6 +148,12 @@ impl Health {
             "counter",
             "Pods that could not be set up in an apply (retried).",
             &[(String::new(), load(&self.pod_failures))],
+        );
+        metric(
+            "programs_moved_to_head_total",
+            "counter",
+            "Programs found behind another program on their hook and moved back in front.",
+            &[(String::new(), load(&self.moved_to_head))],
         );
         metric(
             "source_errors_total",

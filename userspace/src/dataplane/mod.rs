@@ -17,6 +17,8 @@ pub struct Report {
     pub failed: Vec<(PodId, Error)>,
     /// Whether a ztunnel is wired in and listening; without one, captured traffic is dropped.
     pub ztunnel: ZtunnelState,
+    /// Programs found behind another on their hook and moved back to the head.
+    pub moved_to_head: usize,
 }
 
 /// The node's ztunnel as the last apply found it.

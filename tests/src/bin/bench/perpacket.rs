@@ -121,7 +121,8 @@ pub fn run(repeat: u32, rounds: usize, samples: &mut Samples) -> Result<()> {
             for _ in 0..rounds {
                 for (prog, frame, mark) in &cases {
                     let p: &SchedClassifier = ebpf.program(prog).unwrap().try_into()?;
-                    let o = testrun::run(p, frame, a, *mark, repeat)?;
+                    let o =
+                        testrun::run(p, frame, a, testrun::Arrived::OnTheDevice, *mark, repeat)?;
                     out.push((
                         format!("{label}/{prog}"),
                         "ns_per_packet",

@@ -284,13 +284,23 @@ impl Dataplane for EbpfDataplane {
         self.maps.upsert(&desired)?;
         let owned = self.attachments(&facts);
         let wanted: Vec<Attachment> = owned.keys().cloned().collect();
-        let failures = attach::ensure(
+        let ensured = attach::ensure(
             &mut self.ebpf,
             &self.dirs,
             self.attach,
             &wanted,
             &mut self.adopted,
         )?;
+        for (a, ahead) in &ensured.moved_to_head {
+            log::warn!(
+                "{} on {} ({}): {ahead} had been attached in front of it; moved back to the head",
+                a.hook.program(),
+                a.ifname,
+                a.hook.direction()
+            );
+        }
+        report.moved_to_head = ensured.moved_to_head.len();
+        let failures = ensured.failures;
         attach::remove_stale(&self.dirs, self.attach, &wanted, &mut self.adopted)?;
         self.maps.remove_stale(&desired)?;
 

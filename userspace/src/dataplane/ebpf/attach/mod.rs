@@ -65,7 +65,7 @@ impl Hook {
         }
     }
 
-    fn direction(self) -> &'static str {
+    pub fn direction(self) -> &'static str {
         match self.attach_type() {
             TcAttachType::Egress => "egress",
             _ => "ingress",
@@ -231,23 +231,50 @@ pub fn all_pinned(dirs: &PinDirs) -> Result<Vec<(String, AttachMode, PinnedAttac
     Ok(out)
 }
 
+/// What `ensure` did that is worth telling.
+#[derive(Debug, Default)]
+pub struct Ensured {
+    pub failures: Vec<(Attachment, Error)>,
+    /// Attachments moved back to the head of their hook, with what had got in front.
+    pub moved_to_head: Vec<(Attachment, String)>,
+}
+
 /// Makes every `desired` attachment exist through `mode`: adopts (program swap) or creates,
 /// never touching attachments of other owners. `adopted` remembers which this process already
-/// swapped, so a steady-state apply does no attach syscalls at all: one directory read.
-/// Returns the attachments that failed.
+/// swapped, so a steady-state apply does no attach syscalls: one directory read, and with TCX
+/// one query per hook that our program still runs first (else it is moved back to the head).
 pub fn ensure(
     ebpf: &mut Ebpf,
     dirs: &PinDirs,
     mode: AttachMode,
     desired: &[Attachment],
     adopted: &mut BTreeSet<String>,
-) -> Result<Vec<(Attachment, Error)>> {
+) -> Result<Ensured> {
     let dir = mode.dir(dirs);
     let present = pinned(dir)?;
-    let mut failures = Vec::new();
+    let mut out = Ensured::default();
     for a in desired {
         let name = a.pin_name();
         if adopted.contains(&name) && present.contains_key(&name) {
+            if mode == AttachMode::Tcx {
+                let keep_first = |ebpf: &mut Ebpf| -> Result<Option<String>> {
+                    let prog = program(ebpf, a)?;
+                    let ahead = tcx::ahead_of_ours(prog, a)?;
+                    if ahead.is_some() {
+                        tcx::move_to_head(prog, dirs, a)?;
+                    }
+                    Ok(ahead)
+                };
+                let result = match a.netns.clone() {
+                    None => keep_first(ebpf),
+                    Some(ns) => netns::run_in(&ns, || keep_first(ebpf)).and_then(|r| r),
+                };
+                match result {
+                    Ok(Some(ahead)) => out.moved_to_head.push((a.clone(), ahead)),
+                    Ok(None) => {}
+                    Err(e) => out.failures.push((a.clone(), e)),
+                }
+            }
             continue;
         }
         let attach = |ebpf: &mut Ebpf| -> Result<()> {
@@ -265,10 +292,10 @@ pub fn ensure(
             Ok(()) => {
                 adopted.insert(name);
             }
-            Err(e) => failures.push((a.clone(), e)),
+            Err(e) => out.failures.push((a.clone(), e)),
         }
     }
-    Ok(failures)
+    Ok(out)
 }
 
 /// Detaches every attachment of `mode` that is not desired, and every one of the other

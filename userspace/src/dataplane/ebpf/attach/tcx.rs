@@ -1,13 +1,18 @@
-//! TCX attachments: pinned links, swapped in place with `bpf_link_update` on adoption.
+//! TCX attachments: pinned links, swapped in place with `bpf_link_update` on adoption, and kept
+//! first on their hook. A program ahead of ours that returns a final verdict (a CNI's TCX
+//! program does) would end the chain before capture runs: capture silently off, fail open.
 use std::path::Path;
 
-use aya::programs::{
-    LinkOrder, SchedClassifier,
-    links::{FdLink, PinnedLink},
-    tc::{SchedClassifierLink, TcAttachOptions},
+use aya::{
+    EbpfLoader,
+    programs::{
+        LinkOrder, SchedClassifier,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
 };
 
-use super::{Attachment, unpin};
+use super::{super::PinDirs, Attachment, unpin};
 use crate::error::Result;
 
 pub(super) fn attach(prog: &mut SchedClassifier, dir: &Path, a: &Attachment) -> Result<()> {
@@ -31,17 +36,87 @@ pub(super) fn attach(prog: &mut SchedClassifier, dir: &Path, a: &Attachment) -> 
         }
     }
 
+    attach_first(prog, &pin, a)
+}
+
+/// A new link at the head of the hook, pinned at `pin`.
+fn attach_first(prog: &mut SchedClassifier, pin: &Path, a: &Attachment) -> Result<()> {
     let id = prog
         .attach_with_options(
             &a.ifname,
             a.hook.attach_type(),
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
+            TcAttachOptions::TcxOrder(LinkOrder::first()),
         )
         .map_err(|e| a.error(e.to_string()))?;
     let link = prog.take_link(id).map_err(|e| a.error(e.to_string()))?;
     let fd_link = FdLink::try_from(link).map_err(|e| a.error(e.to_string()))?;
     fd_link
-        .pin(&pin)
+        .pin(pin)
         .map_err(|e| a.error(format!("pinning at {}: {e}", pin.display())))?;
+    Ok(())
+}
+
+/// The name of the program that runs before ours on `a`'s hook, if one does.
+pub(super) fn ahead_of_ours(prog: &SchedClassifier, a: &Attachment) -> Result<Option<String>> {
+    // By tag, the hash of the code: a copy of our program (see `move_to_head`) is ours too.
+    let ours = prog.info().map_err(|e| a.error(e.to_string()))?.tag();
+    let (_, chain) = SchedClassifier::query_tcx(&a.ifname, a.hook.attach_type())
+        .map_err(|e| a.error(format!("querying the TCX chain: {e}")))?;
+    Ok(match chain.first() {
+        Some(first) if first.tag() != ours => Some(
+            first
+                .name_as_str()
+                .map_or_else(|| format!("program {}", first.id()), str::to_string),
+        ),
+        _ => None,
+    })
+}
+
+/// Puts our program back at the head without a moment uncaptured. The kernel refuses a
+/// program twice on one hook, so a second copy of it (loaded from the same object, on the same
+/// pinned maps) goes in front first; its pin is renamed over the old link's, which detaches
+/// the old link; then the new link is switched to our program in place.
+pub(super) fn move_to_head(
+    prog: &mut SchedClassifier,
+    dirs: &PinDirs,
+    a: &Attachment,
+) -> Result<()> {
+    let err = |e: String| a.error(e);
+    let mut standby = EbpfLoader::new()
+        .default_map_pin_directory(&dirs.maps)
+        .load(super::super::OBJECT)
+        .map_err(|e| err(format!("loading a second copy: {e}")))?;
+    let copy: &mut SchedClassifier = standby
+        .program_mut(a.hook.program())
+        .ok_or_else(|| err("program missing from the object".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| err(e.to_string()))?;
+    copy.load().map_err(|e| err(e.to_string()))?;
+    let (dir, name) = (&dirs.links, a.pin_name());
+    let tmp = dir.join(format!("{}{name}", super::REPIN_PREFIX));
+    let _ = std::fs::remove_file(&tmp);
+    attach_first(copy, &tmp, a)?;
+    let pin = dir.join(&name);
+    std::fs::rename(&tmp, &pin).map_err(|e| crate::error::Error::Bpffs {
+        path: tmp,
+        reason: e.to_string(),
+    })?;
+    // The old link goes when the kernel releases it, a moment after its pin; until then our
+    // program is still on the hook and the switch is refused. The copy does the same work on
+    // the same maps, so if the switch never succeeds, the copy stays.
+    for _ in 0..50 {
+        let link = PinnedLink::from_pin(&pin)
+            .map_err(|e| err(e.to_string()))
+            .and_then(|p| {
+                SchedClassifierLink::try_from(FdLink::from(p)).map_err(|e| err(e.to_string()))
+            })?;
+        if let Ok(id) = prog.attach_to_link(link) {
+            // The pin keeps the link; our handle to it can go.
+            prog.take_link(id).map_err(|e| err(e.to_string()))?;
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    log::debug!("{}: a copy of the program stays at the head", a.ifname);
     Ok(())
 }
