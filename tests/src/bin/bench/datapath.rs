@@ -4,7 +4,7 @@
 //! ztunnel) and details-v1 (the other node, HBONE between the two ztunnels).
 use std::{net::SocketAddr, time::Duration};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use zdivert_tests::{
     agent::Agent,
     fallback,
@@ -54,8 +54,8 @@ pub fn run(sizes: &Sizes, samples: &mut Samples) -> Result<()> {
         Server::start(&cross.ns, PORT)?,
     );
     let mesh = MeshConfig::default();
-    let z2 = Ztunnel::start(&topo, w2, &mesh)?;
-    let _z1 = Ztunnel::start(&topo, w1, &mesh)?;
+    let mut z2 = Ztunnel::start(&topo, w2, &mesh)?;
+    let mut z1 = Ztunnel::start(&topo, w1, &mesh)?;
     let client_ns = client.ns.path();
     let target = |cross_node: bool| {
         SocketAddr::new(if cross_node { cross.ip } else { same.ip }.into(), PORT)
@@ -68,6 +68,11 @@ pub fn run(sizes: &Sizes, samples: &mut Samples) -> Result<()> {
             ["c-iptables", "b-ebpf"]
         };
         for variant in ["a-direct", captured[0], captured[1]] {
+            // Each variant starts from fresh ztunnels: no HBONE connection pooled under one
+            // variant carries another's traffic (switching modes under live connections is
+            // the tests' business, not the figures').
+            z2.restart()?;
+            z1.restart()?;
             let _agents = match variant {
                 "b-ebpf" => start_agents(&topo, "ebpf")?,
                 "c-iptables" => start_agents(&topo, "iptables")?,
@@ -86,7 +91,8 @@ pub fn run(sizes: &Sizes, samples: &mut Samples) -> Result<()> {
                 // The path is what the variant says: through ztunnel or not (its access log
                 // records each connection when it closes).
                 let before = z2.access_log().len();
-                let mut rr = load::request_response(&client_ns, dst, sizes.transactions)?;
+                let mut rr = load::request_response(&client_ns, dst, sizes.transactions)
+                    .with_context(|| format!("{case}: request/response"))?;
                 std::thread::sleep(Duration::from_millis(200));
                 let through = z2.access_log().len() > before;
                 ensure!(
@@ -112,7 +118,8 @@ pub fn run(sizes: &Sizes, samples: &mut Samples) -> Result<()> {
                     dst,
                     16,
                     load::Amount::For(sizes.churn),
-                )?;
+                )
+                .with_context(|| format!("{case}: churn"))?;
                 samples.add(
                     "datapath",
                     &case,
@@ -135,7 +142,8 @@ pub fn run(sizes: &Sizes, samples: &mut Samples) -> Result<()> {
                     churn.failures as f64,
                 );
                 for streams in [1, 4] {
-                    let bps = load::bulk(&client_ns, dst, streams, sizes.bulk)?;
+                    let bps = load::bulk(&client_ns, dst, streams, sizes.bulk)
+                        .with_context(|| format!("{case}: bulk, {streams} streams"))?;
                     let metric = if streams == 1 { "bulk_1" } else { "bulk_4" };
                     samples.add("datapath", &case, metric, "Gbit/s", bps / 1e9);
                 }
