@@ -123,6 +123,12 @@ impl Netns {
         run("ip", &a)
     }
 
+    /// `iptables <rule>` inside the namespace, the rule as one line of words (kube-proxy's
+    /// rules in tests: Service DNAT, NodePorts).
+    pub fn iptables(&self, rule: &str) -> Result<String> {
+        self.cmd("iptables", &rule.split_whitespace().collect::<Vec<_>>())
+    }
+
     /// A command run inside the namespace (nsenter keeps the mount namespace: bpffs stays visible).
     pub fn cmd(&self, program: &str, args: &[&str]) -> Result<String> {
         let net = format!("--net={}", self.path().display());

@@ -12,7 +12,7 @@ use zdivert_tests::{
     apps::{RequestStream, TcpServer, UdpEcho, request, request_timeout, sa, udp_request},
     fallback,
     topology::Pod,
-    ztunnel::{Access, MeshConfig, Policy, Service, identity},
+    ztunnel::{Access, MeshConfig, Policy, Service, Ztunnel, identity},
 };
 
 /// ztunnel's record of a connection from `src` to `dst` in `direction`.
@@ -25,26 +25,34 @@ pub fn from_to(src: &Pod, dst: SocketAddr, direction: &'static str) -> impl Fn(&
     }
 }
 
-pub fn same_node_ambient_to_ambient_is_hbone_through_ztunnel(mode: Mode) -> anyhow::Result<()> {
-    let lab = Lab::real(mode, |_| MeshConfig::default())?;
-    let (pp, rv1) = (lab.w2().pod("productpage-v1"), lab.w2().pod("reviews-v1"));
-    let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
-    let dst = sa(rv1.ip, 9080);
+/// productpage-v1 → `server`:9080 through ztunnel, HBONE: the server must see the client pod,
+/// productpage's ztunnel record it outbound, and `inbound_on` (the server's node's ztunnel)
+/// record it inbound with the client pod's mTLS identity. Returns the outbound record.
+fn hbone_from_productpage(lab: &Lab, server: &Pod, inbound_on: &Ztunnel) -> anyhow::Result<Access> {
+    let pp = lab.w2().pod("productpage-v1");
+    let _server = TcpServer::start(&server.ns, &server.name, 9080)?;
+    let dst = sa(server.ip, 9080);
 
     let reply = request(&pp.ns, dst)?;
 
-    assert_eq!(reply.server, "reviews-v1");
+    assert_eq!(reply.server, server.name);
     assert_eq!(reply.peer.ip(), pp.ip, "the server sees the client pod");
     let out = lab.zt2().wait_access(1, from_to(pp, dst, "outbound"))?;
-    assert_eq!(out[0].dst_workload(), "reviews-v1");
+    assert_eq!(out[0].dst_workload(), server.name);
     assert_eq!(
         out[0].get("dst.addr"),
-        Some(format!("{}:15008", rv1.ip).as_str()),
-        "HBONE to the pod's :15008, on this node"
+        Some(format!("{}:15008", server.ip).as_str()),
+        "HBONE to the pod's :15008"
     );
-    let inb = lab.zt2().wait_access(1, from_to(pp, dst, "inbound"))?;
+    let inb = inbound_on.wait_access(1, from_to(pp, dst, "inbound"))?;
     assert_eq!(inb[0].src_identity(), identity(pp), "mTLS identity");
     assert_eq!(inb[0].error(), None);
+    Ok(out[0].clone())
+}
+
+pub fn same_node_ambient_to_ambient_is_hbone_through_ztunnel(mode: Mode) -> anyhow::Result<()> {
+    let lab = Lab::real(mode, |_| MeshConfig::default())?;
+    hbone_from_productpage(&lab, lab.w2().pod("reviews-v1"), lab.zt2())?;
     if mode == Mode::Iptables {
         // The article's path, by the rules' own packet counters: marked 0x100 on the node,
         // tproxied from pistioout, and HBONE sent back in through pistioin to :15008.
@@ -100,25 +108,10 @@ pub fn service_vip_reaches_ztunnel_before_any_dnat(mode: Mode) -> anyhow::Result
     );
     // kube-proxy's DNAT for the Service, in the node's netns, to the *wrong* endpoint: it must
     // never see captured packets, so ztunnel sees the VIP and picks the endpoint itself.
-    w2.ns.cmd(
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-d",
-            &format!("{vip}/32"),
-            "-p",
-            "tcp",
-            "--dport",
-            "9080",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &format!("{}:9080", rv2.ip),
-        ],
-    )?;
+    w2.ns.iptables(&format!(
+        "-t nat -A PREROUTING -d {vip}/32 -p tcp --dport 9080 -j DNAT --to-destination {}:9080",
+        rv2.ip
+    ))?;
     let _s1 = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
     let _s2 = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
 
@@ -169,24 +162,8 @@ pub fn non_ambient_to_ambient_goes_through_ztunnels_inbound(mode: Mode) -> anyho
 
 pub fn cross_node_ambient_to_ambient_is_hbone_between_ztunnels(mode: Mode) -> anyhow::Result<()> {
     let lab = Lab::real(mode, |_| MeshConfig::default())?;
-    let pp = lab.w2().pod("productpage-v1");
-    let details = lab.w1().pod("details-v1");
-    let _server = TcpServer::start(&details.ns, "details-v1", 9080)?;
-    let dst = sa(details.ip, 9080);
-
-    let reply = request(&pp.ns, dst)?;
-
-    assert_eq!(reply.server, "details-v1");
-    assert_eq!(reply.peer.ip(), pp.ip, "the server sees the client pod");
-    let out = lab.zt2().wait_access(1, from_to(pp, dst, "outbound"))?;
-    assert_eq!(out[0].dst_workload(), "details-v1");
-    let inb = lab.zt1().wait_access(1, from_to(pp, dst, "inbound"))?;
-    assert_eq!(
-        inb[0].src_identity(),
-        identity(pp),
-        "the other node's ztunnel authenticated the client pod over mTLS"
-    );
-    Ok(())
+    // The other node's ztunnel authenticated the client pod over mTLS.
+    hbone_from_productpage(&lab, lab.w1().pod("details-v1"), lab.zt1()).map(|_| ())
 }
 
 pub fn ambient_to_non_ambient_goes_through_ztunnel(mode: Mode) -> anyhow::Result<()> {
@@ -459,43 +436,13 @@ fn node_port_rule(
     port: u16,
     to: SocketAddr,
 ) -> anyhow::Result<()> {
-    let (port, to_ip, dest) = (port.to_string(), to.ip().to_string(), to.to_string());
-    node.ns.cmd(
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "--dport",
-            &port,
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &dest,
-        ],
-    )?;
-    node.ns.cmd(
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-d",
-            &to_ip,
-            "-p",
-            "tcp",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "DNAT",
-            "-j",
-            "MASQUERADE",
-        ],
-    )?;
+    node.ns.iptables(&format!(
+        "-t nat -A PREROUTING -p tcp --dport {port} -j DNAT --to-destination {to}"
+    ))?;
+    node.ns.iptables(&format!(
+        "-t nat -A POSTROUTING -d {} -p tcp -m conntrack --ctstate DNAT -j MASQUERADE",
+        to.ip()
+    ))?;
     Ok(())
 }
 
