@@ -1,7 +1,16 @@
 //! The packet-path scenarios every dataplane must pass with the real ztunnel, run by `paths.rs`
 //! in each mode: what ztunnel's access log recorded (direction, workloads, identity, policy
-//! decision), and which source the server saw.
+//! decision), and which source the server saw. Policy, load and DNS scenarios have files of
+//! their own.
 #![allow(dead_code)]
+mod dns;
+mod load;
+mod policy;
+
+// Every test binary includes `common`; only `paths.rs` runs these.
+#[allow(unused_imports)]
+pub use {dns::*, load::*, policy::*};
+
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
@@ -12,7 +21,7 @@ use zdivert_tests::{
     apps::{RequestStream, TcpServer, UdpEcho, request, request_timeout, sa, udp_request},
     fallback,
     topology::Pod,
-    ztunnel::{Access, MeshConfig, Policy, Service, Ztunnel, identity},
+    ztunnel::{Access, MeshConfig, Service, Ztunnel, identity},
 };
 
 /// ztunnel's record of a connection from `src` to `dst` in `direction`.
@@ -341,236 +350,5 @@ pub fn ping_to_and_from_ambient_pods_works(mode: Mode) -> anyhow::Result<()> {
         );
     }
     assert!(lab.zt2().access_log().is_empty(), "ICMP is not proxied");
-    Ok(())
-}
-
-/// SYN retransmissions the TCP stack of `ns` counted so far (`TcpExt: TCPSynRetrans`).
-pub fn syn_retransmits(ns: &zdivert_tests::ns::Netns) -> anyhow::Result<u64> {
-    ns.net_counter("netstat", "TcpExt", "TCPSynRetrans")
-}
-
-/// A DENY policy on reviews-v1:9080 holds on every way in, and nothing else is denied.
-pub fn deny_policy_holds_on_every_way_in(mode: Mode) -> anyhow::Result<()> {
-    let lab = Lab::real(mode, |topo| MeshConfig {
-        services: vec![],
-        policies: vec![Policy::deny_port(topo.worker2().pod("reviews-v1"), 9080)],
-        ..Default::default()
-    })?;
-    let (w2, pp, rv1, rv2, sleep) = (
-        lab.w2(),
-        lab.w2().pod("productpage-v1"),
-        lab.w2().pod("reviews-v1"),
-        lab.w2().pod("reviews-v2"),
-        lab.w2().pod("sleep"),
-    );
-    let (details, curl) = (lab.w1().pod("details-v1"), lab.w1().pod("curl"));
-    let denied = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
-    let _allowed = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
-    // A NodePort as kube-proxy makes it: DNAT on the node's port, masqueraded to the node's
-    // address, so the pod sees the node as its client.
-    let node_port = 30080;
-    for (to, port) in [(rv1.ip, node_port), (rv2.ip, node_port + 1)] {
-        node_port_rule(lab.w2(), port, sa(to, 9080))?;
-    }
-    let node_addr = SocketAddr::new(w2.underlay_ip.into(), node_port);
-
-    let ways_in: [(&str, &Pod, SocketAddr); 4] = [
-        ("same node, ambient", pp, sa(rv1.ip, 9080)),
-        ("other node, ambient", details, sa(rv1.ip, 9080)),
-        ("same node, not ambient", sleep, sa(rv1.ip, 9080)),
-        ("NodePort from the other node", curl, node_addr),
-    ];
-    for (way, client, dst) in ways_in {
-        let r = request_timeout(&client.ns, dst, Duration::from_secs(2));
-        assert!(
-            r.is_err(),
-            "{way}: DENY did not hold, the pod answered: {r:?}"
-        );
-    }
-    assert!(
-        denied.seen().is_empty(),
-        "reviews-v1 was reached around ztunnel: {:?}",
-        denied.seen()
-    );
-    let rejections = lab
-        .zt2()
-        .wait_access(4, |a| a.direction() == "inbound" && a.denied())?;
-    // The NodePort client reaches ztunnel as the node (masqueraded to the address of the
-    // interface the node routed it out of), which is no pod's address.
-    let pod_ips: Vec<IpAddr> = lab
-        .topo
-        .nodes
-        .iter()
-        .flat_map(|n| n.pods.values())
-        .flat_map(|p| [IpAddr::from(p.ip), IpAddr::from(p.ip6)])
-        .collect();
-    assert!(
-        rejections
-            .iter()
-            .any(|a| a.src_ip().is_some_and(|ip| !pod_ips.contains(&ip))),
-        "the NodePort connection was denied by ztunnel: {}",
-        lab.zt2().access_summary()
-    );
-
-    // Allowed pairs still work, the NodePort one included.
-    for (client, dst) in [
-        (pp, sa(rv2.ip, 9080)),
-        (details, sa(rv2.ip, 9080)),
-        (sleep, sa(rv2.ip, 9080)),
-        (curl, SocketAddr::new(w2.underlay_ip.into(), node_port + 1)),
-    ] {
-        let reply = request(&client.ns, dst)?;
-        assert_eq!(reply.server, "reviews-v2", "{} → {dst}", client.name);
-    }
-    lab.zt2()
-        .wait_access(4, |a| {
-            a.direction() == "inbound" && a.dst_workload() == "reviews-v2"
-        })
-        .map(|_| ())
-}
-
-/// kube-proxy's NodePort in the node's netns: DNAT `port` on the node to `to`, and masquerade
-/// what it forwards there (`externalTrafficPolicy: Cluster`).
-fn node_port_rule(
-    node: &zdivert_tests::topology::Node,
-    port: u16,
-    to: SocketAddr,
-) -> anyhow::Result<()> {
-    node.ns.iptables(&format!(
-        "-t nat -A PREROUTING -p tcp --dport {port} -j DNAT --to-destination {to}"
-    ))?;
-    node.ns.iptables(&format!(
-        "-t nat -A POSTROUTING -d {} -p tcp -m conntrack --ctstate DNAT -j MASQUERADE",
-        to.ip()
-    ))?;
-    Ok(())
-}
-
-/// Short connections from four ambient pods, 16 clients, to a server that answers and closes
-/// first, as `Connection: close` HTTP does: ztunnel closes its client side first and holds
-/// TIME_WAIT, and the clients take ports from a narrowed range, so new SYNs meet ztunnel's
-/// TIME_WAIT sockets again and again.
-/// Returns (connections, failures, SYN retransmissions in the clients and ztunnel).
-pub fn churn_with_normal_closes(
-    lab: &Lab,
-    per_client: usize,
-) -> anyhow::Result<(usize, usize, u64)> {
-    use zdivert_tests::load;
-    let w2 = lab.w2();
-    let rv1 = w2.pod("reviews-v1");
-    let _server = load::Server::start(&rv1.ns, 9080)?;
-    let clients = ["productpage-v1", "reviews-v2", "reviews-v3", "ratings-v1"];
-    for c in clients {
-        w2.pod(c)
-            .ns
-            .sysctl("net.ipv4.ip_local_port_range", "40000 40063")?;
-    }
-    let counted = |lab: &Lab| -> anyhow::Result<u64> {
-        let mut n = syn_retransmits(&lab.w2().ztunnel.ns)?;
-        for c in clients {
-            n += syn_retransmits(&lab.w2().pod(c).ns)?;
-        }
-        Ok(n)
-    };
-    let before = counted(lab)?;
-    let from: Vec<_> = clients.iter().map(|c| w2.pod(c).ns.path()).collect();
-    let run = load::churn(&from, sa(rv1.ip, 9080), 16, load::Amount::Each(per_client))?;
-    Ok((
-        run.connections + run.failures,
-        run.failures,
-        counted(lab)? - before,
-    ))
-}
-
-pub fn connection_churn_with_normal_closes_never_waits_for_a_retransmission(
-    mode: Mode,
-) -> anyhow::Result<()> {
-    let lab = Lab::real(mode, |_| MeshConfig::default())?;
-    let (total, failed, retransmits) = churn_with_normal_closes(&lab, 125)?;
-    assert_eq!(failed, 0, "{failed} of {total} connections failed");
-    assert_eq!(
-        retransmits, 0,
-        "{retransmits} SYN retransmissions over {total} connections"
-    );
-    if mode.is_ebpf() {
-        assert!(
-            lab.agent2().counter("ztunnel_tproxy", "syn_to_time_wait")? > 0,
-            "no SYN met a TIME_WAIT socket: the test did not test it"
-        );
-        assert!(
-            lab.agent2()
-                .counter("ztunnel_sk_lookup", "assigned_listener")?
-                > 0
-        );
-    }
-    Ok(())
-}
-
-/// Full-size segments both ways, same node and cross node: nothing on the path may be smaller
-/// than what the two ends agreed on (the fallback's tunnels are 50 bytes smaller).
-pub fn bulk_transfers_complete_same_node_and_cross_node(mode: Mode) -> anyhow::Result<()> {
-    use zdivert_tests::load;
-    let lab = Lab::real(mode, |_| MeshConfig::default())?;
-    let pp = lab.w2().pod("productpage-v1");
-    for server in [lab.w2().pod("reviews-v1"), lab.w1().pod("details-v1")] {
-        let _sink = load::Server::start(&server.ns, 7000)?;
-        let dst = sa(server.ip, 7000);
-        let bits = load::bulk(&pp.ns.path(), dst, 1, Duration::from_millis(300))
-            .map_err(|e| anyhow::anyhow!("{mode:?}: bulk to {}: {e:#}", server.name))?;
-        assert!(bits > 0.0, "{} received nothing", server.name);
-        lab.zt2().wait_access(1, from_to(pp, dst, "outbound"))?;
-    }
-    Ok(())
-}
-
-/// `--dns-capture`: an ambient pod's DNS, over UDP and TCP, is answered by ztunnel's DNS proxy
-/// (a name only ztunnel's config knows), from the address the pod asked; without the option
-/// DNS is untouched and reaches the server the pod asked.
-pub fn dns_capture_answers_from_ztunnel_and_only_when_enabled(mode: Mode) -> anyhow::Result<()> {
-    use zdivert_tests::dns::{resolve_tcp, resolve_udp};
-    let vip = Ipv4Addr::new(10, 96, 0, 10);
-    let mesh = |_: &zdivert_tests::topology::Topology| MeshConfig {
-        services: vec![Service {
-            name: "reviews".into(),
-            namespace: "default".into(),
-            vip: vip.into(),
-            port: 9080,
-            target_port: 9080,
-            endpoints: vec!["reviews-v1".into()],
-        }],
-        ..Default::default()
-    };
-    let name = "reviews.default.svc.cluster.local";
-    for capture in [true, false] {
-        let lab = if capture {
-            Lab::real_with(
-                mode,
-                mesh,
-                &[("ISTIO_META_DNS_CAPTURE", "true")],
-                &["--dns-capture"],
-            )?
-        } else {
-            Lab::real(mode, mesh)?
-        };
-        let (pp, sleep) = (lab.w2().pod("productpage-v1"), lab.w2().pod("sleep"));
-        // The pod's nameserver is another pod here: whatever answers, answers as it.
-        let server = sa(sleep.ip, 53);
-        let echo = UdpEcho::start(&sleep.ns, 53)?;
-        if capture {
-            for (how, answer) in [
-                ("UDP", resolve_udp(&pp.ns, server, name)),
-                ("TCP", resolve_tcp(&pp.ns, server, name)),
-            ] {
-                let (addr, from) = answer?;
-                assert_eq!(addr, vip, "{mode:?} {how}: ztunnel resolved the Service");
-                assert_eq!(from, server, "{mode:?} {how}: answered as the server asked");
-            }
-            assert_eq!(echo.received(), 0, "the pod's nameserver saw nothing");
-        } else {
-            let r = resolve_udp(&pp.ns, server, name);
-            assert!(r.is_err(), "not a DNS server: only its echo answers: {r:?}");
-            assert_eq!(echo.received(), 1, "DNS went where the pod sent it");
-        }
-    }
     Ok(())
 }

@@ -1,0 +1,60 @@
+//! DNS capture (`--dns-capture`).
+use std::net::Ipv4Addr;
+
+use super::super::{Lab, Mode};
+use zdivert_tests::{
+    apps::{UdpEcho, sa},
+    ztunnel::{MeshConfig, Service},
+};
+
+/// `--dns-capture`: an ambient pod's DNS, over UDP and TCP, is answered by ztunnel's DNS proxy
+/// (a name only ztunnel's config knows), from the address the pod asked; without the option
+/// DNS is untouched and reaches the server the pod asked.
+pub fn dns_capture_answers_from_ztunnel_and_only_when_enabled(mode: Mode) -> anyhow::Result<()> {
+    use zdivert_tests::dns::{resolve_tcp, resolve_udp};
+    let vip = Ipv4Addr::new(10, 96, 0, 10);
+    let mesh = |_: &zdivert_tests::topology::Topology| MeshConfig {
+        services: vec![Service {
+            name: "reviews".into(),
+            namespace: "default".into(),
+            vip: vip.into(),
+            port: 9080,
+            target_port: 9080,
+            endpoints: vec!["reviews-v1".into()],
+        }],
+        ..Default::default()
+    };
+    let name = "reviews.default.svc.cluster.local";
+    for capture in [true, false] {
+        let lab = if capture {
+            Lab::real_with(
+                mode,
+                mesh,
+                &[("ISTIO_META_DNS_CAPTURE", "true")],
+                &["--dns-capture"],
+            )?
+        } else {
+            Lab::real(mode, mesh)?
+        };
+        let (pp, sleep) = (lab.w2().pod("productpage-v1"), lab.w2().pod("sleep"));
+        // The pod's nameserver is another pod here: whatever answers, answers as it.
+        let server = sa(sleep.ip, 53);
+        let echo = UdpEcho::start(&sleep.ns, 53)?;
+        if capture {
+            for (how, answer) in [
+                ("UDP", resolve_udp(&pp.ns, server, name)),
+                ("TCP", resolve_tcp(&pp.ns, server, name)),
+            ] {
+                let (addr, from) = answer?;
+                assert_eq!(addr, vip, "{mode:?} {how}: ztunnel resolved the Service");
+                assert_eq!(from, server, "{mode:?} {how}: answered as the server asked");
+            }
+            assert_eq!(echo.received(), 0, "the pod's nameserver saw nothing");
+        } else {
+            let r = resolve_udp(&pp.ns, server, name);
+            assert!(r.is_err(), "not a DNS server: only its echo answers: {r:?}");
+            assert_eq!(echo.received(), 1, "DNS went where the pod sent it");
+        }
+    }
+    Ok(())
+}
