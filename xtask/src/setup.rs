@@ -210,13 +210,14 @@ pub fn remove_leftovers() -> Result<()> {
 }
 
 /// Where `cargo xtask setup --ztunnel-src DIR` puts the ztunnel it builds; the tests look here
-/// after `ZTUNNEL_BIN` and `../shared/ztunnel/` (tests/src/ztunnel.rs).
+/// after `ZTUNNEL_BIN` and `../shared/ztunnel/` (tests/src/ztunnel/mod.rs).
 pub const BUILT_ZTUNNEL: &str = "target/ztunnel/ztunnel-1.22.8";
 
-/// Builds ztunnel from a checkout of its 1.22.8 tag (node-level mode, fake CA for the lab), as
-/// `../shared/ztunnel/README.md` describes: protobuf-compiler, then the `quick-release` profile
-/// with the `testing` feature. The debug profile is not usable: 1.22.8 asserts on future sizes
-/// that rustc 1.95 does not meet.
+/// Builds ztunnel from a checkout of its 1.22.8 tag (node-level mode, fake CA for the lab):
+/// protobuf-compiler, then the `quick-release` profile with the `testing` feature. The checkout
+/// must build from crates.io alone (1.22.8 names one git dependency: patch its Cargo.toml to a
+/// local copy of it). The debug profile is not usable: 1.22.8 asserts on future sizes that
+/// rustc 1.95 does not meet.
 pub fn ztunnel(src: &Path) -> Result<()> {
     if output(Command::new("sh").args(["-c", "command -v protoc"])).is_none() {
         run(Command::new("apt-get").args(["update", "-qq"]))?;
