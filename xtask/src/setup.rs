@@ -139,6 +139,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ipset", "ipset"),
     ("bpftool", "bpftool"),
     ("ping", "iputils-ping"),
+    ("kubectl", "kubectl"),
 ];
 
 fn packages() -> Result<()> {

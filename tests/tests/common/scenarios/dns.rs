@@ -1,10 +1,9 @@
 //! DNS capture (`--dns-capture`).
-use std::net::Ipv4Addr;
 
 use super::super::{Lab, Mode};
 use zdivert_tests::{
     apps::{UdpEcho, sa},
-    ztunnel::{MeshConfig, Service},
+    ztunnel::MeshConfig,
 };
 
 /// `--dns-capture`: an ambient pod's DNS, over UDP and TCP, is answered by ztunnel's DNS proxy
@@ -12,16 +11,9 @@ use zdivert_tests::{
 /// DNS is untouched and reaches the server the pod asked.
 pub fn dns_capture_answers_from_ztunnel_and_only_when_enabled(mode: Mode) -> anyhow::Result<()> {
     use zdivert_tests::dns::{resolve_tcp, resolve_udp};
-    let vip = Ipv4Addr::new(10, 96, 0, 10);
+    let vip = super::REVIEWS_VIP;
     let mesh = |_: &zdivert_tests::topology::Topology| MeshConfig {
-        services: vec![Service {
-            name: "reviews".into(),
-            namespace: "default".into(),
-            vip: vip.into(),
-            port: 9080,
-            target_port: 9080,
-            endpoints: vec!["reviews-v1".into()],
-        }],
+        services: vec![super::reviews_service()],
         ..Default::default()
     };
     let name = "reviews.default.svc.cluster.local";

@@ -24,6 +24,21 @@ use zdivert_tests::{
     ztunnel::{Access, MeshConfig, Service, Ztunnel, identity},
 };
 
+/// The Service VIP of `reviews_service`.
+pub const REVIEWS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+/// Service `reviews` (VIP `REVIEWS_VIP`, port 9080) with reviews-v1 behind it.
+pub fn reviews_service() -> Service {
+    Service {
+        name: "reviews".into(),
+        namespace: "default".into(),
+        vip: REVIEWS_VIP.into(),
+        port: 9080,
+        target_port: 9080,
+        endpoints: vec!["reviews-v1".into()],
+    }
+}
+
 /// ztunnel's record of a connection from `src` to `dst` in `direction`.
 pub fn from_to(src: &Pod, dst: SocketAddr, direction: &'static str) -> impl Fn(&Access) -> bool {
     let src_ips: [IpAddr; 2] = [src.ip.into(), src.ip6.into()];
@@ -96,16 +111,9 @@ pub fn same_node_ambient_to_ambient_is_hbone_through_ztunnel(mode: Mode) -> anyh
 }
 
 pub fn service_vip_reaches_ztunnel_before_any_dnat(mode: Mode) -> anyhow::Result<()> {
-    let vip = Ipv4Addr::new(10, 96, 0, 10);
+    let vip = REVIEWS_VIP;
     let lab = Lab::real(mode, |_| MeshConfig {
-        services: vec![Service {
-            name: "reviews".into(),
-            namespace: "default".into(),
-            vip: vip.into(),
-            port: 9080,
-            target_port: 9080,
-            endpoints: vec!["reviews-v1".into()],
-        }],
+        services: vec![reviews_service()],
         policies: vec![],
         ipv4_only: true,
     })?;
