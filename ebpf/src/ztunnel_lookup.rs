@@ -53,8 +53,10 @@ pub fn zd_zt_lookup(ctx: SkLookupContext) -> u32 {
     } else {
         (addr4(local4), addr4(remote4))
     };
+    // ztunnel's own addresses and loopback are local lookups like any other; only a captured
+    // connection carries someone else's address.
     match ztunnel() {
-        Some(z) if !is_ztunnel_ip(&z, &local, v6) => {}
+        Some(z) if !is_ztunnel_ip(&z, &local, v6) && !is_loopback(&local, v6) => {}
         _ => return SK_PASS,
     }
     // Outbound segments carry an ambient pod of this node as their source; no other captured
@@ -86,4 +88,14 @@ fn addr6(words: &[u32; 4]) -> IpKey {
     IpKey::from_v6([
         a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3,
     ])
+}
+
+#[inline(always)]
+fn is_loopback(ip: &IpKey, v6: bool) -> bool {
+    let a = &ip.addr;
+    if v6 {
+        a[..15].iter().all(|b| *b == 0) && a[15] == 1
+    } else {
+        a[12] == 127
+    }
 }

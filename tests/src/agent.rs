@@ -126,10 +126,7 @@ impl Agent {
     }
 
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        crate::ns::kill_and_reap(&mut self.child);
     }
 
     pub fn restart(&mut self) -> Result<()> {

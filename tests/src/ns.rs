@@ -189,6 +189,14 @@ pub fn unique_prefix(tag: &str) -> String {
 
 /// A process that does nothing inside a netns, as a pod's pause container does: on a node, this
 /// is what lets the agent find a pod's namespace under `/proc` (pod namespaces have no names).
+/// SIGKILLs a process this test started and reaps it, if it is still ours to stop.
+pub fn kill_and_reap(child: &mut Option<std::process::Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 pub struct Pause(std::process::Child);
 
 impl Pause {

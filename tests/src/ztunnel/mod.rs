@@ -131,10 +131,6 @@ impl Ztunnel {
         Ok(())
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     /// Polls `/healthz/ready` until it answers 200; fails naming the node, with ztunnel's log
     /// tail, if ztunnel exits or is not ready in time.
     pub fn wait_ready(&mut self, within: Duration) -> Result<()> {
@@ -178,10 +174,7 @@ impl Ztunnel {
 
     /// SIGKILL, then wait: the listeners are gone when this returns.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        crate::ns::kill_and_reap(&mut self.child);
     }
 
     /// Kills ztunnel and starts it again with the same configuration; waits until ready.
