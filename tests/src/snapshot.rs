@@ -57,8 +57,13 @@ pub fn snapshot(ns: &Netns) -> anyhow::Result<String> {
     ] {
         // IPv6 link-local routes appear when duplicate address detection ends: kernel timing,
         // not something zdivert does.
+        // Routes are sorted: the kernel lists equal-metric routes of one prefix (ff00::/8 of every
+        // device) in insertion order, which means nothing to the lookup.
         let out = ns.ip(args)?;
-        let stable: Vec<&str> = out.lines().filter(|l| !l.contains("fe80::")).collect();
+        let mut stable: Vec<&str> = out.lines().filter(|l| !l.contains("fe80::")).collect();
+        if args.contains("route") {
+            stable.sort_unstable();
+        }
         s += &format!("## ip {args}\n{}\n", stable.join("\n"));
     }
     for (cmd, args) in [
@@ -137,20 +142,45 @@ pub fn pins(node: &str) -> Vec<String> {
     out
 }
 
-/// Asserts two snapshots are equal, showing only the lines that differ.
+/// Asserts two snapshots are equal. On failure it shows the lines that differ, each under its
+/// `##` section and counted, so a line that moved or doubled shows as well as one that changed.
 pub fn assert_same(before: &str, after: &str, what: &str) {
-    let gone: Vec<&str> = before
-        .lines()
-        .filter(|l| !after.lines().any(|a| a == *l))
+    if before == after {
+        return;
+    }
+    let counted = |s: &str| {
+        let mut section = "";
+        let mut lines: std::collections::BTreeMap<String, usize> = Default::default();
+        for l in s.lines() {
+            if l.starts_with("## ") {
+                section = l;
+            }
+            *lines.entry(format!("{section} | {l}")).or_default() += 1;
+        }
+        lines
+    };
+    let (b, a) = (counted(before), counted(after));
+    let differ = |x: &std::collections::BTreeMap<String, usize>,
+                  y: &std::collections::BTreeMap<String, usize>| {
+        x.iter()
+            .filter(|(l, n)| y.get(*l) != Some(n))
+            .map(|(l, n)| format!("{n}× {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let sections = |s: &str| -> Vec<String> {
+        s.split("\n## ").map(str::to_string).collect()
+    };
+    let moved: Vec<String> = sections(before)
+        .into_iter()
+        .zip(sections(after))
+        .filter(|(x, y)| x != y)
+        .map(|(x, y)| format!("=== before:\n{x}\n=== after:\n{y}"))
         .collect();
-    let new: Vec<&str> = after
-        .lines()
-        .filter(|l| !before.lines().any(|b| b == *l))
-        .collect();
-    assert!(
-        before == after,
-        "{what} changed\n--- only before:\n{}\n+++ only after:\n{}",
-        gone.join("\n"),
-        new.join("\n")
+    panic!(
+        "{what} changed\n--- only before:\n{}\n+++ only after:\n{}\n{}",
+        differ(&b, &a),
+        differ(&a, &b),
+        moved.join("\n")
     );
 }

@@ -53,7 +53,8 @@ fn every_line_the_article_shows_is_there_and_applying_again_changes_nothing() ->
     // A restarted agent applies the same state: nothing changes, not even an interface index.
     let before = (snapshot(&node.ns)?, snapshot(&node.ztunnel.ns)?);
     agent.restart()?;
-    std::thread::sleep(Duration::from_millis(1500));
+    // ztunnel is not running here, so the agent looks again every 2 s: two applies, not one.
+    agent.wait_reconciles(2)?;
     fallback::wait_layout(node, 5, true)?;
     assert_same(&before.0, &snapshot(&node.ns)?, "the node");
     assert_same(&before.1, &snapshot(&node.ztunnel.ns)?, "ztunnel's netns");
