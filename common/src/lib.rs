@@ -186,6 +186,8 @@ counters! {
     LOOKUP_NO_LISTENER = 20, "ztunnel_sk_lookup", "no_listener";
     OUT_DNS = 21, "outbound", "dns_to_ztunnel";
     RET_DNS = 22, "ztunnel_return", "dns_answer";
+    HOLD_PASSED = 23, "hold", "passed";
+    HOLD_DROPPED = 24, "hold", "dropped_unclassified";
 }
 
 pub const COUNTER_SLOTS: u32 = 32;

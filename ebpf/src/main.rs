@@ -11,6 +11,7 @@ mod maps;
 mod packet;
 mod socket;
 
+mod hold;
 mod inbound;
 mod outbound;
 mod ztunnel_lookup;

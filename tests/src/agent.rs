@@ -191,12 +191,18 @@ impl Agent {
     pub fn wait_reconciles(&self, n: u64) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if self.metric("zdivert_reconciles_total").is_ok_and(|v| v >= n as f64) {
+            if self
+                .metric("zdivert_reconciles_total")
+                .is_ok_and(|v| v >= n as f64)
+            {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        bail!("agent for {} did not reconcile {n} times in 20 s", self.node)
+        bail!(
+            "agent for {} did not reconcile {n} times in 20 s",
+            self.node
+        )
     }
 
     /// Packets counted for `path`/`outcome`.

@@ -203,13 +203,19 @@ pub struct RequestStream {
 
 impl RequestStream {
     pub fn start(ns: &Netns, dst: SocketAddr) -> Result<RequestStream> {
+        Self::start_timeout(ns, dst, Duration::from_secs(3))
+    }
+
+    /// Each request given up after `timeout`: a dropped SYN costs one attempt, not three
+    /// seconds of retransmissions, so every moment gets a fresh SYN.
+    pub fn start_timeout(ns: &Netns, dst: SocketAddr, timeout: Duration) -> Result<RequestStream> {
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, ns) = (stop.clone(), Netns::attach(&ns.path())?);
         let thread = thread::spawn(move || {
             let mut results = Vec::new();
             while !flag.load(Ordering::Relaxed) {
-                results.push(request(&ns, dst).map(|r| r.peer.ip()));
+                results.push(request_timeout(&ns, dst, timeout).map(|r| r.peer.ip()));
                 thread::sleep(Duration::from_millis(5));
             }
             results

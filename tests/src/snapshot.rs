@@ -168,9 +168,7 @@ pub fn assert_same(before: &str, after: &str, what: &str) {
             .collect::<Vec<_>>()
             .join("\n")
     };
-    let sections = |s: &str| -> Vec<String> {
-        s.split("\n## ").map(str::to_string).collect()
-    };
+    let sections = |s: &str| -> Vec<String> { s.split("\n## ").map(str::to_string).collect() };
     let moved: Vec<String> = sections(before)
         .into_iter()
         .zip(sections(after))

@@ -138,6 +138,18 @@ impl Node {
                 p.name, p.namespace, p.ip, p.ip6
             );
         }
+        // The rest of the node's pods: outside the mesh, so a new veth of theirs is not held.
+        s += "outside:\n";
+        for p in self
+            .pods
+            .values()
+            .filter(|p| !p.ambient || left.contains(&p.name.as_str()))
+        {
+            s += &format!(
+                "  - {{ name: {}, namespace: {}, ips: [{}, {}] }}\n",
+                p.name, p.namespace, p.ip, p.ip6
+            );
+        }
         s
     }
 }
@@ -156,6 +168,84 @@ fn veth_name(node: &str, pod: &str) -> String {
             (h ^ b as u64).wrapping_mul(0x100000001b3)
         });
     format!("veth{:08x}", h as u32)
+}
+
+/// What the CNI does for a pod: a veth between the node and `pod_ns`, the pod's addresses, and
+/// routes both ways (ptp: the host side holds the gateway address).
+fn plug(
+    node_ns: &Netns,
+    gateway: Ipv4Addr,
+    veth: &str,
+    pod_ns: &Netns,
+    ip: Ipv4Addr,
+) -> Result<()> {
+    let (gateway6, ip6) = (v6_of(gateway), v6_of(ip));
+    ip_batch(
+        &node_ns.name,
+        &[
+            format!(
+                "link add {veth} type veth peer name eth0 netns {}",
+                pod_ns.name
+            ),
+            format!("addr add {gateway}/32 dev {veth}"),
+            format!("addr add {gateway6}/128 dev {veth} nodad"),
+            format!("link set {veth} up"),
+            format!("route add {ip}/32 dev {veth} scope link src {gateway}"),
+            format!("route add {ip6}/128 dev {veth} src {gateway6}"),
+        ],
+    )?;
+    ip_batch(
+        &pod_ns.name,
+        &[
+            format!("addr add {ip}/32 dev eth0"),
+            format!("addr add {ip6}/128 dev eth0 nodad"),
+            "link set eth0 up".into(),
+            format!("route add {gateway} dev eth0 scope link"),
+            format!("route add default via {gateway} dev eth0 src {ip}"),
+            format!("route add {gateway6} dev eth0"),
+            format!("route add default via {gateway6} dev eth0 src {ip6}"),
+        ],
+    )
+}
+
+impl Node {
+    /// A pod that starts while the agent runs, in two steps so a test can send from it the
+    /// moment it can: its netns first (`start_pod`), then the CNI's work (`plug_pod`).
+    pub fn start_pod(
+        &self,
+        name: &str,
+        namespace: &str,
+        ip: Ipv4Addr,
+        ambient: bool,
+    ) -> Result<Pod> {
+        Ok(Pod {
+            name: name.into(),
+            namespace: namespace.into(),
+            ip,
+            ip6: v6_of(ip),
+            ambient,
+            host_veth: veth_name(self.article_name, name),
+            ns: Netns::new(&format!("{}-{name}", self.name))?,
+        })
+    }
+
+    pub fn plug_pod(&self, pod: &Pod) -> Result<()> {
+        plug(&self.ns, self.gateway, &pod.host_veth, &pod.ns, pod.ip)
+    }
+
+    /// The node description with `extra` pods (started with `start_pod`) as well.
+    pub fn pods_file_with(&self, extra: &[&Pod]) -> String {
+        let mut s = self.pods_file(true);
+        for p in extra {
+            let entry = format!(
+                "  - {{ name: {}, namespace: {}, ips: [{}, {}] }}\n",
+                p.name, p.namespace, p.ip, p.ip6
+            );
+            let section = if p.ambient { "pods:\n" } else { "outside:\n" };
+            s = s.replacen(section, &format!("{section}{entry}"), 1);
+        }
+        s
+    }
 }
 
 impl Topology {
@@ -234,38 +324,12 @@ fn build_node(prefix: &str, def: &NodeDef) -> Result<Node> {
     let make = |p: &PodDef| -> Result<Pod> {
         let pod_ns = Netns::new(&format!("{name}-{}", p.name))?;
         let veth = veth_name(def.name, p.name);
-        let ip6 = v6_of(p.ip);
-        ip_batch(
-            &ns.name,
-            &[
-                format!(
-                    "link add {veth} type veth peer name eth0 netns {}",
-                    pod_ns.name
-                ),
-                format!("addr add {gateway}/32 dev {veth}"),
-                format!("addr add {gateway6}/128 dev {veth} nodad"),
-                format!("link set {veth} up"),
-                format!("route add {}/32 dev {veth} scope link src {gateway}", p.ip),
-                format!("route add {ip6}/128 dev {veth} src {gateway6}"),
-            ],
-        )?;
-        ip_batch(
-            &pod_ns.name,
-            &[
-                format!("addr add {}/32 dev eth0", p.ip),
-                format!("addr add {ip6}/128 dev eth0 nodad"),
-                "link set eth0 up".into(),
-                format!("route add {gateway} dev eth0 scope link"),
-                format!("route add default via {gateway} dev eth0 src {}", p.ip),
-                format!("route add {gateway6} dev eth0"),
-                format!("route add default via {gateway6} dev eth0 src {ip6}"),
-            ],
-        )?;
+        plug(&ns, gateway, &veth, &pod_ns, p.ip)?;
         Ok(Pod {
             name: p.name.into(),
             namespace: p.namespace.into(),
             ip: p.ip,
-            ip6,
+            ip6: v6_of(p.ip),
             ambient: p.ambient,
             host_veth: veth,
             ns: pod_ns,

@@ -40,4 +40,5 @@ in_every_mode!(
     connection_churn_with_normal_closes_never_waits_for_a_retransmission,
     bulk_transfers_complete_same_node_and_cross_node,
     dns_capture_answers_from_ztunnel_and_only_when_enabled,
+    a_new_pods_tcp_is_held_until_it_is_captured,
 );

@@ -43,6 +43,8 @@ pub struct NodeFacts {
     pub pods: BTreeMap<PodId, PodFacts>,
     /// What could not be resolved, by pod; retried on the next reconcile.
     pub failures: Vec<(PodId, Error)>,
+    /// Held veths (`NodeState::held_links`) that still exist and that no pod was found behind.
+    pub held: Vec<Link>,
 }
 
 pub fn resolve(nl: &Netlink, state: &NodeState) -> Result<NodeFacts> {
@@ -77,7 +79,26 @@ pub fn resolve(nl: &Netlink, state: &NodeState) -> Result<NodeFacts> {
             Err(e) => facts.failures.push((id.clone(), e)),
         }
     }
+    facts.held = still_held(state, &facts, &view);
     Ok(facts)
+}
+
+/// The held veths no known pod was found behind. An ambient pod that did not resolve keeps its
+/// veth held: it is released by capture, never before.
+fn still_held(state: &NodeState, facts: &NodeFacts, view: &NodeView) -> Vec<Link> {
+    if state.held_links.is_empty() {
+        return Vec::new();
+    }
+    let mut known: std::collections::BTreeSet<u32> =
+        facts.pods.values().map(|p| p.veth.index).collect();
+    known.extend(facts.ztunnel.as_ref().map(|z| z.host_veth.index));
+    known.extend(state.outside.iter().filter_map(|ip| view.routes.oif(*ip)));
+    state
+        .held_links
+        .iter()
+        .filter(|i| !known.contains(i))
+        .filter_map(|i| view.links.get(i).cloned())
+        .collect()
 }
 
 fn is_node_ip(ip: &IpAddr) -> bool {

@@ -78,6 +78,10 @@ enum Command {
         /// istio-cni does with ztunnel's `ISTIO_META_DNS_CAPTURE=true`.
         #[arg(long)]
         dns_capture: bool,
+        /// Do not hold new veths: a new pod's TCP then goes uncaptured until its pod is known
+        /// (the start window). Only for nodes whose veths are not all pods'.
+        #[arg(long)]
+        no_hold_new_veths: bool,
     },
     /// Show the pinned maps, attachments and packet counters.
     Status {
@@ -141,6 +145,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tunnel,
             attach,
             dns_capture,
+            no_hold_new_veths,
         } => {
             let node = match (&pods_file, cli.node) {
                 (Some(path), node) => {
@@ -195,6 +200,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 rt.spawn(health::serve(listener, health.clone()));
             }
             let (states, desired) = std::sync::mpsc::channel();
+            if !no_hold_new_veths {
+                agent::links::watch(states.clone())?;
+            }
             let mut reconciler = Reconciler {
                 resync: Duration::from_secs(resync_secs),
                 debounce: Duration::from_millis(debounce_ms),

@@ -1,6 +1,11 @@
 //! The desired state of a node, independent of where it came from (file, Kubernetes) and of the
 //! dataplane that realises it.
-use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    path::PathBuf,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PodId {
@@ -37,4 +42,11 @@ pub struct NodeState {
     pub node: String,
     pub ztunnel: Option<ZtunnelSpec>,
     pub pods: BTreeMap<PodId, PodSpec>,
+    /// Addresses of this node's pods that stay outside the mesh (not ambient, opted out, a
+    /// sidecar): their veths are released from the start-window hold.
+    pub outside: BTreeSet<IpAddr>,
+    /// Veths (by ifindex) that appeared while the agent ran and are held, their TCP dropped,
+    /// until a pod of `pods` or `outside` is found behind them. Filled by the reconciler from
+    /// the link watch, never by a source.
+    pub held_links: BTreeSet<u32>,
 }

@@ -1,10 +1,10 @@
 //! What every ztunnel of the lab is told, as its local XDS file: workloads from the topology,
 //! Services, and AuthorizationPolicies.
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use serde_json::{Value, json};
 
-use crate::topology::{Pod, Topology};
+use crate::topology::{Pod, Topology, v6_of};
 
 /// An AuthorizationPolicy in ztunnel's own terms: deny (or allow) connections to these
 /// destination addresses and ports, for the workloads of `namespace`.
@@ -75,13 +75,30 @@ pub struct MeshConfig {
     /// (`pick_workload_destination_or_resolve`), so a dual-stack endpoint fails half of the
     /// IPv4 clients' connections.
     pub ipv4_only: bool,
+    /// Pods a test starts later (`Node::start_pod`), known to ztunnel from the start, as istiod
+    /// pushes a workload as soon as its pod exists.
+    pub later: Vec<LaterPod>,
+}
+
+#[derive(Clone, Debug)]
+pub struct LaterPod {
+    /// The node's netns name (`Node::name`).
+    pub node: String,
+    pub name: String,
+    pub namespace: String,
+    pub ip: Ipv4Addr,
+    pub ambient: bool,
 }
 
 /// A pod's service account, as bookinfo names them: `reviews-v1` runs as `reviews`.
 pub fn service_account(pod: &Pod) -> String {
-    match pod.name.rsplit_once("-v") {
+    service_account_of(&pod.name)
+}
+
+fn service_account_of(name: &str) -> String {
+    match name.rsplit_once("-v") {
         Some((app, v)) if v.chars().all(|c| c.is_ascii_digit()) => app.to_string(),
-        _ => pod.name.clone(),
+        _ => name.to_string(),
     }
 }
 
@@ -98,37 +115,49 @@ impl MeshConfig {
     /// ztunnel's local XDS file (JSON, which ztunnel reads as the YAML it is) for `topo`:
     /// every pod of every node, HBONE for ambient pods and TCP for the rest.
     pub fn xds(&self, topo: &Topology) -> String {
+        let mut pods: Vec<LaterPod> = topo
+            .nodes
+            .iter()
+            .flat_map(|node| {
+                node.pods.values().map(|pod| LaterPod {
+                    node: node.name.clone(),
+                    name: pod.name.clone(),
+                    namespace: pod.namespace.clone(),
+                    ip: pod.ip,
+                    ambient: pod.ambient,
+                })
+            })
+            .collect();
+        pods.extend(self.later.iter().cloned());
         let mut workloads = vec![];
-        for node in &topo.nodes {
-            for pod in node.pods.values() {
-                let mut services = serde_json::Map::new();
-                for s in self
-                    .services
-                    .iter()
-                    .filter(|s| s.endpoints.contains(&pod.name))
-                {
-                    services.insert(
-                        format!("{}/{}", s.namespace, s.hostname()),
-                        json!({ s.port.to_string(): s.target_port }),
-                    );
-                }
-                workloads.push(json!({
-                    "uid": format!("cluster1//v1/Pod/{}/{}", pod.namespace, pod.name),
-                    "name": pod.name,
-                    "namespace": pod.namespace,
-                    "serviceAccount": service_account(pod),
-                    "trustDomain": "cluster.local",
-                    "workloadIps": if self.ipv4_only {
-                        vec![pod.ip.to_string()]
-                    } else {
-                        vec![pod.ip.to_string(), pod.ip6.to_string()]
-                    },
-                    "protocol": if pod.ambient { "HBONE" } else { "TCP" },
-                    "node": node.name,
-                    "network": "",
-                    "services": services,
-                }));
+        for pod in &pods {
+            let mut services = serde_json::Map::new();
+            for s in self
+                .services
+                .iter()
+                .filter(|s| s.endpoints.contains(&pod.name))
+            {
+                services.insert(
+                    format!("{}/{}", s.namespace, s.hostname()),
+                    json!({ s.port.to_string(): s.target_port }),
+                );
             }
+            workloads.push(json!({
+                "uid": format!("cluster1//v1/Pod/{}/{}", pod.namespace, pod.name),
+                "name": pod.name,
+                "namespace": pod.namespace,
+                "serviceAccount": service_account_of(&pod.name),
+                "trustDomain": "cluster.local",
+                "workloadIps": if self.ipv4_only {
+                    vec![pod.ip.to_string()]
+                } else {
+                    vec![pod.ip.to_string(), v6_of(pod.ip).to_string()]
+                },
+                "protocol": if pod.ambient { "HBONE" } else { "TCP" },
+                "node": pod.node,
+                "network": "",
+                "services": services,
+            }));
         }
         let services: Vec<Value> = self
             .services

@@ -10,7 +10,7 @@ use std::{
 };
 
 use super::health::Health;
-use crate::{source::file, state::NodeState};
+use crate::source::file;
 
 /// What the file looked like when last read; a change of any part means a re-read.
 fn signature(path: &Path) -> Option<(SystemTime, u64, u64)> {
@@ -23,7 +23,7 @@ fn signature(path: &Path) -> Option<(SystemTime, u64, u64)> {
 pub fn watch(
     path: PathBuf,
     poll: Duration,
-    states: Sender<NodeState>,
+    states: Sender<super::Input>,
     health: &Health,
     stop: &AtomicBool,
 ) {
@@ -34,7 +34,7 @@ pub fn watch(
             seen = sig;
             match file::read(&path) {
                 Ok(state) => {
-                    if states.send(state).is_err() {
+                    if states.send(state.into()).is_err() {
                         return;
                     }
                 }

@@ -31,6 +31,7 @@ pub struct Health {
     pod_failures: AtomicU64,
     moved_to_head: AtomicU64,
     captured: AtomicU64,
+    held: AtomicU64,
     source_errors: AtomicU64,
     last_success: Mutex<Option<Instant>>,
     heartbeat: Mutex<Instant>,
@@ -50,6 +51,7 @@ impl Health {
             pod_failures: AtomicU64::new(0),
             moved_to_head: AtomicU64::new(0),
             captured: AtomicU64::new(0),
+            held: AtomicU64::new(0),
             source_errors: AtomicU64::new(0),
             last_success: Mutex::new(None),
             heartbeat: Mutex::new(Instant::now()),
@@ -68,6 +70,11 @@ impl Health {
             .store(report.ztunnel.is_ready(), Ordering::Relaxed);
         *self.last_success.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// New veths held (their TCP dropped) until their pod is known.
+    pub fn set_held(&self, links: usize) {
+        self.held.store(links as u64, Ordering::Relaxed);
     }
 
     pub fn failed(&self) {
@@ -130,6 +137,12 @@ impl Health {
             "gauge",
             "Ambient pods whose traffic goes through ztunnel.",
             &[(String::new(), load(&self.captured))],
+        );
+        metric(
+            "links_held",
+            "gauge",
+            "New veths whose pod is not known yet: their TCP is dropped until it is.",
+            &[(String::new(), load(&self.held))],
         );
         metric(
             "reconciles_total",

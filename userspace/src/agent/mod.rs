@@ -14,11 +14,28 @@ use std::{
 
 use crate::{
     dataplane::{Dataplane, ZtunnelState},
+    nl::Link,
     state::{NodeState, PodId},
 };
 
 pub mod file;
 pub mod health;
+pub mod links;
+
+/// What the reconcile loop is told.
+#[derive(Debug)]
+pub enum Input {
+    /// A complete desired state from the source.
+    State(NodeState),
+    /// Veths that just appeared on the node: held at once, classified by the next applies.
+    NewLinks(Vec<Link>),
+}
+
+impl From<NodeState> for Input {
+    fn from(state: NodeState) -> Self {
+        Input::State(state)
+    }
+}
 
 use health::Health;
 
@@ -42,8 +59,17 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    pub fn run(&self, dp: &mut dyn Dataplane, states: Receiver<NodeState>, stop: &AtomicBool) {
+    pub fn run(&self, dp: &mut dyn Dataplane, inputs: Receiver<Input>, stop: &AtomicBool) {
         let mut desired: Option<NodeState> = None;
+        // Veths held until a pod is found behind them; an earlier agent's holds are adopted.
+        let mut held: BTreeSet<u32> = dp
+            .held()
+            .unwrap_or_else(|e| {
+                log::error!("reading the held veths: {e}");
+                Vec::new()
+            })
+            .into_iter()
+            .collect();
         let mut due: Option<Instant> = None;
         // A burst that never quiets down is still applied this long after it started.
         let mut first_change: Option<Instant> = None;
@@ -52,8 +78,31 @@ impl Reconciler {
             let wait = due.map_or(TICK, |d| {
                 d.saturating_duration_since(Instant::now()).min(TICK)
             });
-            match states.recv_timeout(wait) {
-                Ok(state) => {
+            match inputs.recv_timeout(wait) {
+                Ok(Input::NewLinks(links)) => {
+                    let new: Vec<Link> = links
+                        .into_iter()
+                        .filter(|l| !held.contains(&l.index))
+                        .collect();
+                    if new.is_empty() {
+                        continue;
+                    }
+                    let names: Vec<&str> = new.iter().map(|l| l.name.as_str()).collect();
+                    match dp.hold(&new) {
+                        Ok(()) => log::info!(
+                            "new veth {}: its TCP is held until its pod is known",
+                            names.join(", ")
+                        ),
+                        Err(e) => log::error!("holding new veth {}: {e}", names.join(", ")),
+                    }
+                    held.extend(new.iter().map(|l| l.index));
+                    self.health.set_held(held.len());
+                    // The source may know the pod already: classify soon.
+                    let soon = Instant::now() + self.debounce;
+                    due = Some(due.map_or(soon, |d| d.min(soon)));
+                    continue;
+                }
+                Ok(Input::State(state)) => {
                     if desired.as_ref() != Some(&state) {
                         log::info!(
                             "desired state changed: {} ambient pods, ztunnel {}",
@@ -86,7 +135,20 @@ impl Reconciler {
                 continue;
             }
             first_change = None;
-            let ok = self.apply(dp, state);
+            let with_holds = NodeState {
+                held_links: held.clone(),
+                ..state.clone()
+            };
+            let (mut ok, still_held) = self.apply(dp, &with_holds);
+            if let Some(still_held) = still_held {
+                for gone in held.difference(&still_held) {
+                    log::info!("veth {gone}: released from the hold");
+                }
+                held = still_held;
+                self.health.set_held(held.len());
+                // A held veth is looked at again soon: its pod's address may come any time.
+                ok &= held.is_empty();
+            }
             due = Some(Instant::now() + if ok { self.resync } else { RETRY });
         }
     }
@@ -102,8 +164,9 @@ impl Reconciler {
             .unwrap_or(true)
     }
 
-    /// Applies `state` and logs the outcome; false if anything needs a retry.
-    fn apply(&self, dp: &mut dyn Dataplane, state: &NodeState) -> bool {
+    /// Applies `state` and logs the outcome: false if anything needs a retry; the veths still
+    /// held if the apply got that far.
+    fn apply(&self, dp: &mut dyn Dataplane, state: &NodeState) -> (bool, Option<BTreeSet<u32>>) {
         match dp.apply(state) {
             Ok(report) => {
                 for (pod, e) in &report.failed {
@@ -129,13 +192,14 @@ impl Reconciler {
                     f(report.captured.iter().cloned().collect());
                 }
                 // A ztunnel that is not listening yet is looked at again soon, not at the resync.
-                report.failed.is_empty()
-                    && !matches!(report.ztunnel, ZtunnelState::NotListening { .. })
+                let ok = report.failed.is_empty()
+                    && !matches!(report.ztunnel, ZtunnelState::NotListening { .. });
+                (ok, Some(report.held.iter().copied().collect()))
             }
             Err(e) => {
                 log::error!("{} dataplane: {e}", dp.name());
                 self.health.failed();
-                false
+                (false, None)
             }
         }
     }

@@ -19,6 +19,8 @@ pub struct Report {
     pub ztunnel: ZtunnelState,
     /// Programs found behind another on their hook and moved back to the head.
     pub moved_to_head: usize,
+    /// Veths still held (by ifindex): no pod found behind them yet, or capture failed.
+    pub held: Vec<u32>,
 }
 
 /// The node's ztunnel as the last apply found it.
@@ -85,4 +87,10 @@ pub trait Dataplane {
     /// Makes the kernel match `state`, idempotently. Errors are node-wide problems (netlink
     /// unusable, bpffs gone); per-pod problems are in the report.
     fn apply(&mut self, state: &NodeState) -> Result<Report, Error>;
+    /// Holds new veths at once, their TCP dropped both ways (the node's own connections
+    /// excepted), until an `apply` finds the pod behind them. Called from the link watch,
+    /// before the source can know the pod: a pod must not talk around ztunnel meanwhile.
+    fn hold(&mut self, links: &[crate::nl::Link]) -> Result<(), Error>;
+    /// The veths held in the kernel, an earlier agent's holds included (adopted at start).
+    fn held(&self) -> Result<Vec<u32>, Error>;
 }

@@ -245,7 +245,7 @@ impl Netlink {
     }
 }
 
-fn to_link(m: &LinkMessage) -> Link {
+pub(crate) fn to_link(m: &LinkMessage) -> Link {
     let mut link = Link {
         name: String::new(),
         index: m.header.index,

@@ -22,6 +22,10 @@ struct NodeFile {
     ztunnel: Option<ZtunnelEntry>,
     #[serde(default)]
     pods: Vec<PodEntry>,
+    /// This node's pods outside the mesh: not captured; their new veths are released from the
+    /// start-window hold.
+    #[serde(default)]
+    outside: Vec<PodEntry>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,10 +115,20 @@ pub fn parse(text: &str) -> Result<NodeState, String> {
             return Err(format!("pod {id} is listed twice"));
         }
     }
+    let mut outside = std::collections::BTreeSet::new();
+    for p in file.outside {
+        let id = PodId {
+            namespace: p.namespace,
+            name: p.name,
+        };
+        outside.extend(claim(&format!("pod {id} (outside the mesh)"), &p.ips)?);
+    }
     Ok(NodeState {
         node: file.node,
         ztunnel,
         pods,
+        outside,
+        held_links: Default::default(),
     })
 }
 

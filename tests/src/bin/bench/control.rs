@@ -52,6 +52,7 @@ fn state(node: &str, ztunnel: &ZtunnelSpec, pods: u32) -> NodeState {
         node: node.into(),
         ztunnel: Some(ztunnel.clone()),
         pods,
+        ..NodeState::default()
     }
 }
 

@@ -6,10 +6,11 @@
 mod dns;
 mod load;
 mod policy;
+mod start;
 
 // Every test binary includes `common`; only `paths.rs` runs these.
 #[allow(unused_imports)]
-pub use {dns::*, load::*, policy::*};
+pub use {dns::*, load::*, policy::*, start::*};
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -114,8 +115,8 @@ pub fn service_vip_reaches_ztunnel_before_any_dnat(mode: Mode) -> anyhow::Result
     let vip = REVIEWS_VIP;
     let lab = Lab::real(mode, |_| MeshConfig {
         services: vec![reviews_service()],
-        policies: vec![],
         ipv4_only: true,
+        ..Default::default()
     })?;
     let (w2, pp, rv1, rv2) = (
         lab.w2(),

@@ -130,8 +130,7 @@ impl EbpfDataplane {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dirs.maps)
             .load(OBJECT)?;
-        for hook in Hook::ALL {
-            let program = hook.program();
+        for program in Hook::PROGRAMS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(program)
                 .ok_or(Error::Map {
@@ -205,6 +204,22 @@ impl EbpfDataplane {
         out
     }
 
+    /// The hold attachments of veths in the node's netns.
+    fn holds<'a>(&self, links: impl IntoIterator<Item = &'a crate::nl::Link>) -> Vec<Attachment> {
+        links
+            .into_iter()
+            .flat_map(|l| {
+                [Hook::HoldOutbound, Hook::HoldInbound].map(|hook| Attachment {
+                    hook,
+                    netns_inode: self.node_netns_inode,
+                    ifindex: l.index,
+                    ifname: l.name.clone(),
+                    netns: None,
+                })
+            })
+            .collect()
+    }
+
     /// In ztunnel's netns: `ip rule 20000 fwmark 0x400/0xfff lookup 100`, `local default dev lo
     /// table 100` and the sk_lookup link; their removal from a previous ztunnel's netns.
     fn route_ztunnel(&mut self, facts: &NodeFacts) -> Result<()> {
@@ -266,6 +281,32 @@ impl Dataplane for EbpfDataplane {
         "ebpf"
     }
 
+    fn hold(&mut self, links: &[crate::nl::Link]) -> Result<()> {
+        mkdirs(&self.dirs)?;
+        let holds = self.holds(links);
+        let ensured = attach::ensure(
+            &mut self.ebpf,
+            &self.dirs,
+            self.attach,
+            &holds,
+            &mut self.adopted,
+        )?;
+        match ensured.failures.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn held(&self) -> Result<Vec<u32>> {
+        Ok(attach::all_pinned(&self.dirs)?
+            .into_iter()
+            .filter(|(_, _, p)| p.hook.is_hold())
+            .map(|(_, _, p)| p.ifindex)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect())
+    }
+
     fn apply(&mut self, state: &NodeState) -> Result<Report> {
         mkdirs(&self.dirs)?;
         let mut facts = facts::resolve(&self.nl, state)?;
@@ -283,7 +324,9 @@ impl Dataplane for EbpfDataplane {
         let desired = maps::desired(&facts);
         self.maps.upsert(&desired)?;
         let owned = self.attachments(&facts);
-        let wanted: Vec<Attachment> = owned.keys().cloned().collect();
+        let mut wanted: Vec<Attachment> = owned.keys().cloned().collect();
+        let holds = self.holds(&facts.held);
+        wanted.extend(holds.iter().cloned());
         let ensured = attach::ensure(
             &mut self.ebpf,
             &self.dirs,
@@ -301,6 +344,26 @@ impl Dataplane for EbpfDataplane {
         }
         report.moved_to_head = ensured.moved_to_head.len();
         let failures = ensured.failures;
+        // A held veth whose capture could not be attached stays held: released by capture only.
+        let capture_failed: BTreeSet<u32> = failures
+            .iter()
+            .filter(|(a, _)| !a.hook.is_hold())
+            .map(|(a, _)| a.ifindex)
+            .collect();
+        let kept: Vec<&crate::nl::Link> = facts
+            .pods
+            .values()
+            .map(|p| &p.veth)
+            .filter(|v| state.held_links.contains(&v.index) && capture_failed.contains(&v.index))
+            .collect();
+        wanted.extend(self.holds(kept));
+        report.held = wanted
+            .iter()
+            .filter(|a| a.hook.is_hold())
+            .map(|a| a.ifindex)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         attach::remove_stale(&self.dirs, self.attach, &wanted, &mut self.adopted)?;
         self.maps.remove_stale(&desired)?;
 

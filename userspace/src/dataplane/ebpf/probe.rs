@@ -39,14 +39,14 @@ fn load_and_attach(pins: &Path, attach: AttachMode) -> Result<(), String> {
         .default_map_pin_directory(pins)
         .load(OBJECT)
         .map_err(|e| format!("loading the object: {e}"))?;
-    for hook in Hook::ALL {
+    for program in Hook::PROGRAMS {
         let prog: &mut SchedClassifier = ebpf
-            .program_mut(hook.program())
-            .ok_or_else(|| format!("{} missing from the object", hook.program()))?
+            .program_mut(program)
+            .ok_or_else(|| format!("{program} missing from the object"))?
             .try_into()
-            .map_err(|e| format!("{}: {e}", hook.program()))?;
+            .map_err(|e| format!("{program}: {e}"))?;
         prog.load()
-            .map_err(|e| format!("the verifier rejects {}: {e}", hook.program()))?;
+            .map_err(|e| format!("the verifier rejects {program}: {e}"))?;
     }
     super::lookup::program(&mut ebpf)
         .map_err(|e| e.to_string())?

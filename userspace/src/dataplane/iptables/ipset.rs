@@ -57,6 +57,18 @@ pub fn sync(set: &str, kind: &str, want: &BTreeSet<String>) -> Result<usize> {
     Ok(input.lines().filter(|l| !l.starts_with("create")).count())
 }
 
+/// Adds `members` to an existing set, in one `ipset restore`.
+pub fn add(set: &str, members: &BTreeSet<String>) -> Result<()> {
+    let input: String = members
+        .iter()
+        .map(|m| format!("add {set} {m} -exist\n"))
+        .collect();
+    if !input.is_empty() {
+        run("ipset", &["restore"], Some(&input))?;
+    }
+    Ok(())
+}
+
 /// Destroys the set (after the rules that use it are gone); true if it existed.
 pub fn destroy(set: &str) -> Result<bool> {
     if members(set)?.is_none() {

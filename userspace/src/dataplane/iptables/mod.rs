@@ -65,6 +65,14 @@ const CHAINS: [(&str, &str, &str); 7] = [
 
 const CHAINS6: [(&str, &str, &str); 1] = [("mangle", "ztunnel-PREROUTING", "PREROUTING")];
 
+/// The start-window hold's chains, in iptables and ip6tables, with their sets. They outlive the
+/// rest of the layout (a node with nothing to capture still holds new veths); only `cleanup`
+/// removes them.
+const HOLD_CHAINS: [(&str, &str, &str); 2] = [
+    ("mangle", layout::HOLD_FROM_POD, "PREROUTING"),
+    ("mangle", layout::HOLD_TO_POD, "FORWARD"),
+];
+
 const NODE_TABLES: [u32; 3] = [
     layout::TABLE_INBOUND,
     layout::TABLE_OUTBOUND,
@@ -143,6 +151,7 @@ impl IptablesDataplane {
         saved.backend = Some(backend);
         saved.tunnel = Some(kind);
         file.store(&saved)?;
+        Self::install_hold(backend)?;
         Ok(IptablesDataplane {
             nl,
             file,
@@ -347,9 +356,12 @@ impl Dataplane for IptablesDataplane {
                 IpAddr::V6(_) => None,
             })
             .collect();
+        let held: Vec<String> = facts.held.iter().map(|l| l.name.clone()).collect();
+        report.held = facts.held.iter().map(|l| l.index).collect();
         let Some(p) = self.params(&facts, &pods.iter().copied().collect::<Vec<_>>())? else {
             // Nothing to capture and no ztunnel: nothing of ours belongs on the node.
             remove_all(&self.file, &mut self.saved, self.backend)?;
+            self.sync_holds(&held)?;
             return Ok(report);
         };
         if p.ztunnel.is_none() {
@@ -371,8 +383,57 @@ impl Dataplane for IptablesDataplane {
         } else {
             self.apply_node(&p, &facts, &pods)?;
         }
+        // Capture is in place before a classified veth's hold goes.
+        self.sync_holds(&held)?;
         report.ztunnel = super::ZtunnelState::of(facts.ztunnel.as_ref());
         report.captured = facts.pods.keys().cloned().collect();
         Ok(report)
+    }
+
+    fn hold(&mut self, links: &[crate::nl::Link]) -> Result<()> {
+        // Only additions: one `ipset restore`, no read of what is there.
+        let names: Vec<String> = links.iter().map(|l| l.name.clone()).collect();
+        for (set, _, add) in layout::hold_members(&names) {
+            ipset::add(set, &add)?;
+        }
+        Ok(())
+    }
+
+    fn held(&self) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        for name in self.held_names()? {
+            out.extend(self.nl.link_index(&name)?);
+        }
+        Ok(out)
+    }
+}
+
+impl IptablesDataplane {
+    /// The hold's chains and sets, before any veth can need them.
+    fn install_hold(backend: Backend) -> Result<()> {
+        for (set, kind, _) in layout::hold_members(&[]) {
+            if ipset::members(set)?.is_none() {
+                ipset::sync(set, kind, &BTreeSet::new())?;
+            }
+        }
+        for v6 in [false, true] {
+            tables::sync_chains(backend, v6, &layout::hold_chains(v6))?;
+        }
+        Ok(())
+    }
+
+    fn held_names(&self) -> Result<BTreeSet<String>> {
+        Ok(ipset::members(layout::HOLD_SET)?
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|m| layout::held_name(m).map(str::to_string))
+            .collect())
+    }
+
+    fn sync_holds(&self, names: &[String]) -> Result<()> {
+        for (set, kind, want) in layout::hold_members(names) {
+            ipset::sync(set, kind, &want)?;
+        }
+        Ok(())
     }
 }

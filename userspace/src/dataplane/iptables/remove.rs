@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    CHAINS, CHAINS6, NODE_TABLES, ZTUNNEL_TABLES, ipset, is_ztunnel_rule, layout,
+    CHAINS, CHAINS6, HOLD_CHAINS, NODE_TABLES, ZTUNNEL_TABLES, ipset, is_ztunnel_rule, layout,
     saved::{self, Saved, SavedNetns, StateFile},
     tables::{self, Backend},
 };
@@ -93,6 +93,12 @@ pub fn cleanup(state_dir: &Path, node: &str) -> Result<Cleaned> {
     };
     for b in backends {
         remove_all(&file, &mut saved, b)?;
+        for v6 in [false, true] {
+            tables::remove_chains(b, v6, &HOLD_CHAINS)?;
+        }
+        for (set, _, _) in layout::hold_members(&[]) {
+            ipset::destroy(set)?;
+        }
     }
     file.remove()?;
     Ok(Cleaned {

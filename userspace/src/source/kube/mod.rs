@@ -73,7 +73,7 @@ enum Resource {
 pub async fn run(
     client: Client,
     cfg: SelectConfig,
-    states: Sender<NodeState>,
+    states: Sender<crate::agent::Input>,
     health: Arc<Health>,
     captured: Option<CapturedRx>,
 ) {
@@ -138,7 +138,7 @@ pub async fn run(
         for (pod, why) in &sel.skipped {
             log::debug!("{pod}: not captured: {why}");
         }
-        if states.send(sel.state.clone()).is_err() {
+        if states.send(sel.state.clone().into()).is_err() {
             return;
         }
         last = Some(sel.state);

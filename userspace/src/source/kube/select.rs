@@ -204,7 +204,7 @@ pub fn select(cfg: &SelectConfig, pods: &[&Pod], namespaces: &[&Namespace]) -> S
         state: NodeState {
             node: cfg.node.clone(),
             ztunnel: ztunnel(cfg, pods),
-            pods: BTreeMap::new(),
+            ..NodeState::default()
         },
         skipped: BTreeMap::new(),
     };
@@ -230,6 +230,14 @@ pub fn select(cfg: &SelectConfig, pods: &[&Pod], namespaces: &[&Namespace]) -> S
                 sel.state.pods.insert(pid, PodSpec { ips });
             }
             Err(why) => {
+                // Pods that live outside the mesh: their veths leave the start-window hold.
+                if matches!(
+                    why,
+                    Skip::NotAmbient | Skip::OptedOut | Skip::Sidecar | Skip::Ztunnel
+                ) && let Ok(ips) = pod_ips(pod)
+                {
+                    sel.state.outside.extend(ips);
+                }
                 sel.skipped.insert(pid, why);
             }
         }

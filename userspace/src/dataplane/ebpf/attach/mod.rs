@@ -39,14 +39,29 @@ pub enum Hook {
     ZtunnelReturn,
     /// Ingress of ztunnel's eth0, inside its netns.
     ZtunnelTproxy,
+    /// Ingress of a new veth not classified yet (the pod start window).
+    HoldOutbound,
+    /// Egress of a new veth not classified yet.
+    HoldInbound,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 4] = [
+    pub const ALL: [Hook; 6] = [
         Hook::PodOutbound,
         Hook::PodInbound,
         Hook::ZtunnelReturn,
         Hook::ZtunnelTproxy,
+        Hook::HoldOutbound,
+        Hook::HoldInbound,
+    ];
+
+    /// Every TC program of the object, once (the hold hooks share one).
+    pub const PROGRAMS: [&'static str; 5] = [
+        "zd_outbound",
+        "zd_inbound",
+        "zd_zt_return",
+        "zd_zt_tproxy",
+        "zd_hold",
     ];
 
     pub fn program(self) -> &'static str {
@@ -55,12 +70,17 @@ impl Hook {
             Hook::PodInbound => "zd_inbound",
             Hook::ZtunnelReturn => "zd_zt_return",
             Hook::ZtunnelTproxy => "zd_zt_tproxy",
+            Hook::HoldOutbound | Hook::HoldInbound => "zd_hold",
         }
+    }
+
+    pub fn is_hold(self) -> bool {
+        matches!(self, Hook::HoldOutbound | Hook::HoldInbound)
     }
 
     fn attach_type(self) -> TcAttachType {
         match self {
-            Hook::PodInbound => TcAttachType::Egress,
+            Hook::PodInbound | Hook::HoldInbound => TcAttachType::Egress,
             _ => TcAttachType::Ingress,
         }
     }
@@ -78,6 +98,8 @@ impl Hook {
             Hook::PodInbound => "in",
             Hook::ZtunnelReturn => "ztret",
             Hook::ZtunnelTproxy => "ztproxy",
+            Hook::HoldOutbound => "holdout",
+            Hook::HoldInbound => "holdin",
         }
     }
 

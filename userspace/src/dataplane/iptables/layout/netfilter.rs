@@ -295,6 +295,62 @@ pub fn node_chains6() -> Vec<Chain> {
     }]
 }
 
+/// Beyond the article, the pod start window: TCP to and from a new veth that is not classified
+/// yet is dropped. The rules are always in place and match sets of held interfaces, so holding
+/// a veth is one `ipset add`, fast enough to come before the pod can talk. The pod's answers to
+/// the node's own connections (kubelet probes, the REPLY direction) pass; so does what the node
+/// sends it (OUTPUT, not FORWARD).
+pub fn hold_chains(v6: bool) -> Vec<Chain> {
+    let set = if v6 { HOLD_SET6 } else { HOLD_SET };
+    vec![
+        Chain {
+            table: "mangle",
+            name: HOLD_FROM_POD,
+            from: "PREROUTING",
+            rules: vec![
+                format!(
+                    "-A {HOLD_FROM_POD} -p tcp -m set --match-set {set} src,src -m conntrack --ctdir REPLY -j RETURN"
+                ),
+                format!("-A {HOLD_FROM_POD} -p tcp -m set --match-set {set} src,src -j DROP"),
+            ],
+        },
+        Chain {
+            table: "mangle",
+            name: HOLD_TO_POD,
+            from: "FORWARD",
+            rules: vec![format!(
+                "-A {HOLD_TO_POD} -p tcp -m set --match-set {set} dst,dst -j DROP"
+            )],
+        },
+    ]
+}
+
+/// The hold sets' members for these veths: any address, on the veth.
+pub fn hold_members(names: &[String]) -> [(&'static str, &'static str, BTreeSet<String>); 2] {
+    [
+        (
+            HOLD_SET,
+            "hash:net,iface family inet",
+            names.iter().map(|n| format!("0.0.0.0/0,{n}")).collect(),
+        ),
+        (
+            HOLD_SET6,
+            "hash:net,iface family inet6",
+            names.iter().map(|n| format!("::/0,{n}")).collect(),
+        ),
+    ]
+}
+
+/// The veth of a hold set member.
+pub fn held_name(member: &str) -> Option<&str> {
+    member.split_once(',').map(|(_, n)| n)
+}
+
+pub const HOLD_FROM_POD: &str = "zdivert-HOLD";
+pub const HOLD_TO_POD: &str = "zdivert-HOLD-FWD";
+pub const HOLD_SET: &str = "zdivert-held";
+pub const HOLD_SET6: &str = "zdivert-held6";
+
 /// The rules in ztunnel's netns, in the built-in mangle PREROUTING chain as the article shows
 /// them (order matters: HBONE's 15008 before the catch-all 15006).
 pub fn ztunnel_rules(z: &Ztunnel) -> Vec<String> {
