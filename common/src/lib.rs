@@ -80,6 +80,17 @@ pub struct ZtunnelEntry {
     pub ipv6: [u8; 16],
 }
 
+/// `ZTUNNEL_DRAINING` value (single-slot array): a replaced ztunnel that may still hold
+/// connections (a rolling update). Segments of those go to it; everything else to the current
+/// one. `netns_id` is its netns as the node's netns numbers it (the nsid of its veth's peer),
+/// where the pods' programs look the segment's socket up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainingZtunnel {
+    pub ztunnel: ZtunnelEntry,
+    pub netns_id: u32,
+}
+
 pub const ZTUNNEL_F_PRESENT: u32 = 1 << 0;
 pub const ZTUNNEL_F_V4: u32 = 1 << 1;
 pub const ZTUNNEL_F_V6: u32 = 1 << 2;
@@ -188,6 +199,9 @@ counters! {
     RET_DNS = 22, "ztunnel_return", "dns_answer";
     HOLD_PASSED = 23, "hold", "passed";
     HOLD_DROPPED = 24, "hold", "dropped_unclassified";
+    OUT_TO_DRAINING = 25, "outbound", "to_draining_ztunnel";
+    IN_TO_DRAINING = 26, "inbound", "to_draining_ztunnel";
+    RET_HBONE_DRAINING = 27, "ztunnel_return", "hbone_to_draining_ztunnel";
 }
 
 pub const COUNTER_SLOTS: u32 = 32;
@@ -196,6 +210,7 @@ const _: () = {
     assert!(core::mem::size_of::<IpKey>() == 16);
     assert!(core::mem::size_of::<PodEntry>() == 20);
     assert!(core::mem::size_of::<ZtunnelEntry>() == 36);
+    assert!(core::mem::size_of::<DrainingZtunnel>() == 40);
     assert!(core::mem::size_of::<DnsFlowKey>() == 8);
     assert!(COUNTERS.len() as u32 <= COUNTER_SLOTS);
 };
@@ -206,5 +221,6 @@ mod pod_impls {
     unsafe impl aya::Pod for super::IpKey {}
     unsafe impl aya::Pod for super::PodEntry {}
     unsafe impl aya::Pod for super::ZtunnelEntry {}
+    unsafe impl aya::Pod for super::DrainingZtunnel {}
     unsafe impl aya::Pod for super::DnsFlowKey {}
 }

@@ -9,8 +9,9 @@ use aya_ebpf::{
 use zdivert_common::{TCX_NEXT, counter::*};
 
 use crate::{
-    maps::{count, is_node_ip, is_ztunnel_ip, ztunnel},
+    maps::{count, draining, is_node_ip, is_ztunnel_ip, ztunnel},
     packet::{Frame, IPPROTO_TCP, Ip, Quoted, icmp_error_quote, parse, set_dst_mac, tcp},
+    socket::draining_owner,
 };
 
 #[classifier]
@@ -30,15 +31,29 @@ pub fn zd_inbound(ctx: TcContext) -> i32 {
     if ip.proto != IPPROTO_TCP || from_the_node(&ctx) {
         return pass();
     }
-    let Some(z) = ztunnel() else {
-        return drop(IN_DROP_NO_ZTUNNEL);
-    };
-    if is_ztunnel_ip(&z, &ip.src, ip.v6) {
-        return pass();
-    }
-    if ip.fragment || tcp(&ctx, &ip).is_none() {
+    if ip.fragment {
         return drop(IN_DROP_MALFORMED);
     }
+    let Some(seg) = tcp(&ctx, &ip) else {
+        return drop(IN_DROP_MALFORMED);
+    };
+    // A connection the replaced ztunnel still holds stays with it (rolling update).
+    let z = match draining_owner(&ctx, &ip, &seg) {
+        Some(old) => {
+            count(IN_TO_DRAINING);
+            old
+        }
+        None => {
+            let Some(z) = ztunnel() else {
+                return drop(IN_DROP_NO_ZTUNNEL);
+            };
+            let from_old = draining().is_some_and(|d| is_ztunnel_ip(&d.ztunnel, &ip.src, ip.v6));
+            if is_ztunnel_ip(&z, &ip.src, ip.v6) || from_old {
+                return pass();
+            }
+            z
+        }
+    };
     // ztunnel's eth0 must accept the frame as addressed to it.
     if !set_dst_mac(&ctx, &z.mac) {
         return drop(IN_DROP_MALFORMED);

@@ -5,7 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
 };
 use zdivert_common::{
-    CONFIG_DNS_CAPTURE, COUNTER_SLOTS, DNS_FLOWS_MAX_ENTRIES, DnsFlowKey, IpKey, LISTENER_SLOTS,
+    CONFIG_DNS_CAPTURE, COUNTER_SLOTS, DNS_FLOWS_MAX_ENTRIES, DnsFlowKey, DrainingZtunnel, IpKey,
+    LISTENER_SLOTS,
     NODE_IPS_MAX_ENTRIES, PODS_MAX_ENTRIES, PodEntry, ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4,
     ZTUNNEL_F_V6, ZtunnelEntry,
 };
@@ -21,6 +22,10 @@ pub static NODE_IPS: HashMap<IpKey, u32> = HashMap::pinned(NODE_IPS_MAX_ENTRIES,
 /// The node's ztunnel, slot 0.
 #[map(name = "ZTUNNEL")]
 pub static ZTUNNEL: Array<ZtunnelEntry> = Array::pinned(1, 0);
+
+/// A replaced ztunnel that may still hold connections, slot 0 (`DrainingZtunnel`).
+#[map(name = "ZTUNNEL_DRAINING")]
+pub static ZTUNNEL_DRAINING: Array<DrainingZtunnel> = Array::pinned(1, 0);
 
 /// Per-CPU packet counters, indexed by `zdivert_common::counter`.
 #[map(name = "STATS")]
@@ -70,6 +75,15 @@ pub fn is_node_ip(ip: &IpKey) -> bool {
 pub fn ztunnel() -> Option<ZtunnelEntry> {
     match ZTUNNEL.get(0) {
         Some(z) if z.flags & ZTUNNEL_F_PRESENT != 0 => Some(*z),
+        _ => None,
+    }
+}
+
+/// The replaced ztunnel, while one may still hold connections.
+#[inline(always)]
+pub fn draining() -> Option<DrainingZtunnel> {
+    match ZTUNNEL_DRAINING.get(0) {
+        Some(d) if d.ztunnel.flags & ZTUNNEL_F_PRESENT != 0 => Some(*d),
         _ => None,
     }
 }

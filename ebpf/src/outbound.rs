@@ -12,7 +12,7 @@ use crate::{
     dns,
     maps::{count, dns_capture, is_node_ip, is_ztunnel_ip, pod, ztunnel},
     packet::{Frame, IPPROTO_TCP, Ip, ifindex, mark, parse, set_dst_mac, tcp},
-    socket::owned_here,
+    socket::{draining_owner, owned_here},
 };
 
 const IPPROTO_ICMPV6: u8 = 58;
@@ -57,8 +57,16 @@ pub fn zd_outbound(ctx: TcContext) -> i32 {
     if is_node_ip(&ip.dst) && (seg.is_syn() || owned_here(&ctx, &ip, &seg)) {
         return pass();
     }
-    let Some(z) = ztunnel() else {
-        return drop(OUT_DROP_NO_ZTUNNEL);
+    // A connection the replaced ztunnel still holds stays with it (rolling update).
+    let z = match draining_owner(&ctx, &ip, &seg) {
+        Some(old) => {
+            count(OUT_TO_DRAINING);
+            old
+        }
+        None => match ztunnel() {
+            Some(z) => z,
+            None => return drop(OUT_DROP_NO_ZTUNNEL),
+        },
     };
     if is_ztunnel_ip(&z, &ip.dst, ip.v6) {
         return pass();

@@ -8,7 +8,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use crate::packet::{Ip, Tcp};
+use zdivert_common::ZtunnelEntry;
+
+use crate::{
+    maps::draining,
+    packet::{Ip, Tcp},
+};
 
 const V4_TUPLE_LEN: u32 = 12;
 const V6_TUPLE_LEN: u32 = 36;
@@ -74,15 +79,22 @@ impl Tuple {
     /// must be a constant for the verifier, hence one call per family.
     #[inline(always)]
     pub fn lookup(&mut self, ctx: &TcContext, how: Lookup) -> *mut bpf_sock {
+        self.lookup_in(ctx, how, NETNS)
+    }
+
+    /// As `lookup`, in the netns the current one numbers `netns` (an nsid), or in the current
+    /// one for `BPF_F_CURRENT_NETNS`.
+    #[inline(always)]
+    pub fn lookup_in(&mut self, ctx: &TcContext, how: Lookup, netns: u64) -> *mut bpf_sock {
         let skb = ctx.skb.skb as *mut c_void;
         let t: *mut bpf_sock_tuple = &mut self.raw;
         // SAFETY: `t` points to a live tuple of the size passed.
         unsafe {
             match (how, self.v6) {
-                (Lookup::AnyState, false) => bpf_skc_lookup_tcp(skb, t, V4_TUPLE_LEN, NETNS, 0),
-                (Lookup::AnyState, true) => bpf_skc_lookup_tcp(skb, t, V6_TUPLE_LEN, NETNS, 0),
-                (Lookup::FullSocket, false) => bpf_sk_lookup_tcp(skb, t, V4_TUPLE_LEN, NETNS, 0),
-                (Lookup::FullSocket, true) => bpf_sk_lookup_tcp(skb, t, V6_TUPLE_LEN, NETNS, 0),
+                (Lookup::AnyState, false) => bpf_skc_lookup_tcp(skb, t, V4_TUPLE_LEN, netns, 0),
+                (Lookup::AnyState, true) => bpf_skc_lookup_tcp(skb, t, V6_TUPLE_LEN, netns, 0),
+                (Lookup::FullSocket, false) => bpf_sk_lookup_tcp(skb, t, V4_TUPLE_LEN, netns, 0),
+                (Lookup::FullSocket, true) => bpf_sk_lookup_tcp(skb, t, V6_TUPLE_LEN, netns, 0),
             }
         }
     }
@@ -96,6 +108,38 @@ fn words(a: &[u8; 16]) -> [u32; 4] {
         u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
         u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
     ]
+}
+
+const TCP_TIME_WAIT: u32 = 6;
+const TCP_CLOSE: u32 = 7;
+const TCP_LISTEN: u32 = 10;
+
+/// Whether a connection of the netns numbered `netns_id` (a replaced ztunnel's) owns this
+/// segment, seen from the receiving end. Listeners and closing sockets do not count: a new
+/// connection's segment matches a listener, or a TIME_WAIT socket of an old one that used the
+/// same ports, and belongs to the current ztunnel.
+#[inline(always)]
+pub fn connected_in(ctx: &TcContext, ip: &Ip, seg: &Tcp, netns_id: u32) -> bool {
+    let mut tuple = Tuple::new(ip, seg);
+    let sk = tuple.lookup_in(ctx, Lookup::AnyState, netns_id as u64);
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a socket reference from the lookup helper: its state is readable; released once.
+    let state = unsafe { (*sk).state };
+    unsafe { bpf_sk_release(sk as *mut c_void) };
+    !matches!(state, TCP_LISTEN | TCP_TIME_WAIT | TCP_CLOSE)
+}
+
+/// The replaced ztunnel, if it holds this segment's connection. SYNs always belong to the
+/// current one, and without a replaced ztunnel nothing is looked up.
+#[inline(always)]
+pub fn draining_owner(ctx: &TcContext, ip: &Ip, seg: &Tcp) -> Option<ZtunnelEntry> {
+    if seg.is_syn() {
+        return None;
+    }
+    let old = draining()?;
+    connected_in(ctx, ip, seg, old.netns_id).then_some(old.ztunnel)
 }
 
 /// Whether a socket of the current netns (any state, listeners included) owns this segment's

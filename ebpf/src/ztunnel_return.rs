@@ -17,8 +17,8 @@ use zdivert_common::{PORT_INBOUND_HBONE, PodEntry, TCX_NEXT, counter::*};
 
 use crate::{
     dns,
-    maps::{count, dns_capture, pod, ztunnel},
-    packet::{Frame, IPPROTO_TCP, parse, set_dst_mac, set_src_mac, tcp},
+    maps::{count, dns_capture, draining, pod, ztunnel},
+    packet::{Frame, IPPROTO_TCP, ifindex, parse, set_dst_mac, set_src_mac, tcp},
 };
 
 #[classifier]
@@ -62,19 +62,26 @@ fn deliver(ctx: &TcContext, p: &PodEntry, counter: u32) -> i32 {
     unsafe { bpf_redirect_peer(p.host_ifindex, 0) as i32 }
 }
 
-/// Same-node HBONE: into ztunnel's eth0 again, addressed to it. Without a ztunnel there is no
-/// one to send it back to, and the pod must not get it.
+/// Same-node HBONE: into the eth0 of the ztunnel that sent it, addressed to it (both ends of
+/// the connection are that ztunnel's, the replaced one's during a rolling update included).
+/// Without a ztunnel there is no one to send it back to, and the pod must not get it.
 #[inline(always)]
 fn back_to_ztunnel(ctx: &TcContext) -> i32 {
-    let Some(z) = ztunnel() else {
-        count(RET_DROP_NO_ZTUNNEL);
-        return TC_ACT_SHOT as i32;
+    let (z, counter) = match draining() {
+        Some(old) if old.ztunnel.host_ifindex == ifindex(ctx) => (old.ztunnel, RET_HBONE_DRAINING),
+        _ => match ztunnel() {
+            Some(z) => (z, RET_HBONE_LOOPED),
+            None => {
+                count(RET_DROP_NO_ZTUNNEL);
+                return TC_ACT_SHOT as i32;
+            }
+        },
     };
     if !set_dst_mac(ctx, &z.mac) {
         count(RET_DROP_NO_ZTUNNEL);
         return TC_ACT_SHOT as i32;
     }
-    count(RET_HBONE_LOOPED);
+    count(counter);
     // SAFETY: plain helper call; the peer of ztunnel's host veth is its eth0.
     unsafe { bpf_redirect_peer(z.host_ifindex, 0) as i32 }
 }

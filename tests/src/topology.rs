@@ -115,17 +115,24 @@ impl Node {
         self.pods_file_without(with_ztunnel, &[])
     }
 
+    fn ztunnel_line(&self, z: &Pod) -> String {
+        let name = match z.name.as_str() {
+            "ztunnel" => format!("ztunnel-{}", self.article_name),
+            other => other.to_string(),
+        };
+        format!(
+            "ztunnel: {{ name: {name}, ips: [{}, {}], netns: {} }}\n",
+            z.ip,
+            z.ip6,
+            z.ns.path().display()
+        )
+    }
+
     /// The node description with the ambient pods named in `left` out of ambient.
     pub fn pods_file_without(&self, with_ztunnel: bool, left: &[&str]) -> String {
         let mut s = format!("node: {}\n", self.name);
         if with_ztunnel {
-            s += &format!(
-                "ztunnel: {{ name: ztunnel-{}, ips: [{}, {}], netns: {} }}\n",
-                self.article_name,
-                self.ztunnel.ip,
-                self.ztunnel.ip6,
-                self.ztunnel.ns.path().display()
-            );
+            s += &self.ztunnel_line(&self.ztunnel);
         }
         s += "pods:\n";
         for p in self
@@ -235,7 +242,15 @@ impl Node {
 
     /// The node description with `extra` pods (started with `start_pod`) as well.
     pub fn pods_file_with(&self, extra: &[&Pod]) -> String {
-        let mut s = self.pods_file(true);
+        self.pods_file_for(&self.ztunnel, extra)
+    }
+
+    /// With `ztunnel` as the node's ztunnel (a rolling update's new pod), and `extra` pods.
+    pub fn pods_file_for(&self, ztunnel: &Pod, extra: &[&Pod]) -> String {
+        let mut s = self.pods_file(true).replace(
+            &self.ztunnel_line(&self.ztunnel),
+            &self.ztunnel_line(ztunnel),
+        );
         for p in extra {
             let entry = format!(
                 "  - {{ name: {}, namespace: {}, ips: [{}, {}] }}\n",

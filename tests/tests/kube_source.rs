@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 use zdivert::{
-    agent::health::Health,
+    agent::{Input, health::Health},
     source::kube::{run, select::SelectConfig},
     state::NodeState,
 };
@@ -28,7 +28,7 @@ const NODE: &str = "node-a";
 struct Fixture {
     api: FakeApi,
     _rt: tokio::runtime::Runtime,
-    states: Receiver<NodeState>,
+    states: Receiver<Input>,
     health: Arc<Health>,
 }
 
@@ -88,7 +88,8 @@ impl Fixture {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.states.recv_timeout(left) {
-                Ok(s) => {
+                Ok(Input::NewLinks(l)) => bail!("a source sent links: {l:?}"),
+                Ok(Input::State(s)) => {
                     let done = names(&s) == set(pods);
                     seen.push(s);
                     if done {
@@ -109,7 +110,8 @@ impl Fixture {
     /// Nothing is sent for `quiet`.
     fn nothing_for(&self, quiet: Duration) -> Result<()> {
         match self.states.recv_timeout(quiet) {
-            Ok(s) => bail!("a state was sent: pods {:?}", names(&s)),
+            Ok(Input::State(s)) => bail!("a state was sent: pods {:?}", names(&s)),
+            Ok(Input::NewLinks(l)) => bail!("a source sent links: {l:?}"),
             Err(RecvTimeoutError::Timeout) => Ok(()),
             Err(e) => bail!("source stopped: {e}"),
         }

@@ -81,15 +81,26 @@ impl Ztunnel {
         mesh: &MeshConfig,
         env: &[(&str, &str)],
     ) -> Result<Ztunnel> {
+        Self::start_in(topo, node, &node.ztunnel, mesh, env)
+    }
+
+    /// In another pod of `node` than its ztunnel pod: the new pod of a rolling update.
+    pub fn start_in(
+        topo: &Topology,
+        node: &Node,
+        pod: &crate::topology::Pod,
+        mesh: &MeshConfig,
+        env: &[(&str, &str)],
+    ) -> Result<Ztunnel> {
         let dir = std::env::temp_dir().join("zdivert-tests");
         std::fs::create_dir_all(&dir)?;
-        let config = dir.join(format!("{}-ztunnel.json", node.name));
+        let config = dir.join(format!("{}-{}.json", node.name, pod.name));
         std::fs::write(&config, mesh.xds(topo))?;
         let mut z = Ztunnel {
             node: node.name.clone(),
-            ns: node.ztunnel.ns.path(),
-            ip: node.ztunnel.ip.into(),
-            log: dir.join(format!("{}-ztunnel.log", node.name)),
+            ns: pod.ns.path(),
+            ip: pod.ip.into(),
+            log: dir.join(format!("{}-{}.log", node.name, pod.name)),
             config,
             env: env
                 .iter()

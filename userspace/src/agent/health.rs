@@ -26,6 +26,7 @@ pub struct Health {
     started: Instant,
     ready: AtomicBool,
     ztunnel_ready: AtomicBool,
+    ztunnel_draining: AtomicBool,
     applies: AtomicU64,
     apply_errors: AtomicU64,
     pod_failures: AtomicU64,
@@ -46,6 +47,7 @@ impl Health {
             started: Instant::now(),
             ready: AtomicBool::new(false),
             ztunnel_ready: AtomicBool::new(false),
+            ztunnel_draining: AtomicBool::new(false),
             applies: AtomicU64::new(0),
             apply_errors: AtomicU64::new(0),
             pod_failures: AtomicU64::new(0),
@@ -68,6 +70,8 @@ impl Health {
             .store(report.captured.len() as u64, Ordering::Relaxed);
         self.ztunnel_ready
             .store(report.ztunnel.is_ready(), Ordering::Relaxed);
+        self.ztunnel_draining
+            .store(report.draining.is_some(), Ordering::Relaxed);
         *self.last_success.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         self.ready.store(true, Ordering::Relaxed);
     }
@@ -130,6 +134,15 @@ impl Health {
             &[(
                 String::new(),
                 flag(self.ztunnel_ready.load(Ordering::Relaxed)),
+            )],
+        );
+        metric(
+            "ztunnel_draining",
+            "gauge",
+            "1 while a replaced ztunnel keeps the connections it holds (a rolling update).",
+            &[(
+                String::new(),
+                flag(self.ztunnel_draining.load(Ordering::Relaxed)),
             )],
         );
         metric(

@@ -21,6 +21,8 @@ pub struct Report {
     pub moved_to_head: usize,
     /// Veths still held (by ifindex): no pod found behind them yet, or capture failed.
     pub held: Vec<u32>,
+    /// A replaced ztunnel that keeps the connections it holds until it is gone.
+    pub draining: Option<PodId>,
 }
 
 /// The node's ztunnel as the last apply found it.

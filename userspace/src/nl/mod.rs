@@ -19,6 +19,9 @@ pub struct Link {
     pub index: u32,
     pub mac: [u8; 6],
     pub is_veth: bool,
+    /// For an interface whose peer is in another netns (a veth's): that netns, as this one
+    /// numbers it.
+    pub peer_netns_id: Option<i32>,
 }
 
 /// The fallback's skip mark (0x200): see `route_get`.
@@ -251,10 +254,12 @@ pub(crate) fn to_link(m: &LinkMessage) -> Link {
         index: m.header.index,
         mac: [0; 6],
         is_veth: false,
+        peer_netns_id: None,
     };
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => link.name = n.clone(),
+            LinkAttribute::LinkNetNsId(id) => link.peer_netns_id = Some(*id),
             LinkAttribute::Address(a) if a.len() == 6 => link.mac.copy_from_slice(a),
             LinkAttribute::LinkInfo(infos) => {
                 link.is_veth = infos

@@ -80,10 +80,10 @@ pub fn attach(ebpf: &mut Ebpf, dirs: &PinDirs, netns: &Path, netns_inode: u64) -
 }
 
 /// Detaches every pinned lookup link but the one for `keep`.
-pub fn remove_others(dirs: &PinDirs, keep: Option<u64>) -> Result<usize> {
+pub fn remove_others(dirs: &PinDirs, keep: &[u64]) -> Result<usize> {
     let mut removed = 0;
     for (name, inode) in pinned(dirs) {
-        if Some(inode) != keep {
+        if !keep.contains(&inode) {
             super::attach::unpin(&dirs.links, &name)?;
             removed += 1;
         }

@@ -9,18 +9,20 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use zdivert_common::{
-    COUNTERS, IpKey, NODE_IP_LOCAL, POD_F_V4, POD_F_V6, PodEntry, ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4,
-    ZTUNNEL_F_V6, ZtunnelEntry,
+    COUNTERS, DrainingZtunnel, IpKey, NODE_IP_LOCAL, POD_F_V4, POD_F_V6, PodEntry,
+    ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZtunnelEntry,
 };
 
 use crate::{
     error::{Error, Result},
-    facts::NodeFacts,
+    facts::{NodeFacts, ZtunnelFacts},
 };
 
 pub const PODS: &str = "PODS";
 pub const NODE_IPS: &str = "NODE_IPS";
 pub const ZTUNNEL: &str = "ZTUNNEL";
+/// A replaced ztunnel that may still hold connections (rolling update).
+pub const ZTUNNEL_DRAINING: &str = "ZTUNNEL_DRAINING";
 pub const STATS: &str = "STATS";
 /// ztunnel's listeners, kept by the programs themselves (see `ebpf/src/ztunnel_lookup.rs`).
 pub const LISTENERS: &str = "LISTENERS";
@@ -28,7 +30,16 @@ pub const LISTENERS: &str = "LISTENERS";
 pub const CONFIG: &str = "CONFIG";
 /// The servers of captured DNS flows, kept by the programs (`ebpf/src/dns.rs`).
 pub const DNS_FLOWS: &str = "DNS_FLOWS";
-pub const ALL: [&str; 7] = [PODS, NODE_IPS, ZTUNNEL, STATS, LISTENERS, CONFIG, DNS_FLOWS];
+pub const ALL: [&str; 8] = [
+    PODS,
+    NODE_IPS,
+    ZTUNNEL,
+    ZTUNNEL_DRAINING,
+    STATS,
+    LISTENERS,
+    CONFIG,
+    DNS_FLOWS,
+];
 
 pub fn key(ip: IpAddr) -> IpKey {
     match ip {
@@ -53,9 +64,16 @@ pub struct Desired {
     pub pods: BTreeMap<IpKey, PodEntry>,
     pub node_ips: BTreeMap<IpKey, u32>,
     pub ztunnel: ZtunnelEntry,
+    pub draining: DrainingZtunnel,
 }
 
-pub fn desired(facts: &NodeFacts) -> Desired {
+/// A replaced ztunnel and its netns as the node's netns numbers it.
+pub struct Draining<'a> {
+    pub ztunnel: &'a ZtunnelFacts,
+    pub netns_id: u32,
+}
+
+pub fn desired(facts: &NodeFacts, draining: Option<Draining>) -> Desired {
     let mut pods = BTreeMap::new();
     for pod in facts.pods.values() {
         let flags = pod.ips.iter().fold(0, |f, ip| {
@@ -78,6 +96,19 @@ pub fn desired(facts: &NodeFacts) -> Desired {
         .iter()
         .map(|&ip| (key(ip), NODE_IP_LOCAL))
         .collect();
+    Desired {
+        pods,
+        node_ips,
+        ztunnel: ztunnel_entry(facts.ztunnel.as_ref()),
+        draining: DrainingZtunnel {
+            ztunnel: ztunnel_entry(draining.as_ref().map(|d| d.ztunnel)),
+            netns_id: draining.map_or(0, |d| d.netns_id),
+        },
+    }
+}
+
+/// The map entry for `z`; without one, an entry whose flags say "none".
+fn ztunnel_entry(z: Option<&ZtunnelFacts>) -> ZtunnelEntry {
     let mut ztunnel = ZtunnelEntry {
         host_ifindex: 0,
         flags: 0,
@@ -86,7 +117,7 @@ pub fn desired(facts: &NodeFacts) -> Desired {
         _reserved: [0; 2],
         ipv6: [0; 16],
     };
-    if let Some(z) = &facts.ztunnel {
+    if let Some(z) = z {
         ztunnel.host_ifindex = z.host_veth.index;
         ztunnel.mac = z.eth0.mac;
         ztunnel.flags = ZTUNNEL_F_PRESENT;
@@ -103,11 +134,7 @@ pub fn desired(facts: &NodeFacts) -> Desired {
             }
         }
     }
-    Desired {
-        pods,
-        node_ips,
-        ztunnel,
-    }
+    ztunnel
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> Error {
@@ -124,6 +151,7 @@ pub struct Maps {
     pods: HashMap<MapData, IpKey, PodEntry>,
     node_ips: HashMap<MapData, IpKey, u32>,
     ztunnel: Array<MapData, ZtunnelEntry>,
+    draining: Array<MapData, DrainingZtunnel>,
     /// What the maps hold, as this process last wrote or read it: a diff needs no read-back.
     /// Re-read from the kernel every `REREAD` (or after a failed write), so that an entry
     /// changed behind the agent's back is put right at the next resync.
@@ -151,6 +179,7 @@ impl Maps {
             pods: take(ebpf, PODS)?,
             node_ips: take(ebpf, NODE_IPS)?,
             ztunnel: take(ebpf, ZTUNNEL)?,
+            draining: take(ebpf, ZTUNNEL_DRAINING)?,
             known: None,
         })
     }
@@ -174,6 +203,10 @@ impl Maps {
                         .collect::<Result<_, _>>()
                         .map_err(map_err(NODE_IPS))?,
                     ztunnel: self.ztunnel.get(&0, 0).map_err(map_err(ZTUNNEL))?,
+                    draining: self
+                        .draining
+                        .get(&0, 0)
+                        .map_err(map_err(ZTUNNEL_DRAINING))?,
                 },
             )),
         }
@@ -181,6 +214,13 @@ impl Maps {
 
     pub fn upsert(&mut self, d: &Desired) -> Result<()> {
         let (at, mut known) = self.take_known()?;
+        // The replaced ztunnel first: its connections must never go to the new one meanwhile.
+        if known.draining != d.draining {
+            self.draining
+                .set(0, d.draining, 0)
+                .map_err(map_err(ZTUNNEL_DRAINING))?;
+            known.draining = d.draining;
+        }
         if known.ztunnel != d.ztunnel {
             self.ztunnel
                 .set(0, d.ztunnel, 0)
@@ -295,6 +335,7 @@ mod tests {
             index: 7,
             mac: [2, 0, 0, 0, 0, 7],
             is_veth: true,
+            peer_netns_id: None,
         };
         let mut facts = NodeFacts::default();
         facts.pods.insert(
@@ -310,7 +351,7 @@ mod tests {
                 veth,
             },
         );
-        let d = desired(&facts);
+        let d = desired(&facts, None);
         assert_eq!(d.pods.len(), 2);
         for e in d.pods.values() {
             assert_eq!(e.host_ifindex, 7);

@@ -4,6 +4,7 @@ pub mod attach;
 mod lookup;
 pub mod maps;
 mod probe;
+mod ztunnels;
 
 pub use probe::probe;
 
@@ -75,8 +76,8 @@ pub struct EbpfDataplane {
     node_netns_inode: u64,
     /// Attachment pins this process has already swapped its programs into.
     adopted: BTreeSet<String>,
-    /// ztunnel netns (path, has IPv6) whose tproxy routing and lookup link this process set up.
-    routed_ztunnel: Option<(PathBuf, bool)>,
+    /// The current ztunnel's netns and a replaced one's that still drains.
+    ztunnels: ztunnels::Ztunnels,
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -162,7 +163,7 @@ impl EbpfDataplane {
             nl: Netlink::new()?,
             node_netns_inode: netns::inode(Path::new("/proc/self/ns/net"))?,
             adopted: BTreeSet::new(),
-            routed_ztunnel: None,
+            ztunnels: Default::default(),
         })
     }
 
@@ -181,7 +182,7 @@ impl EbpfDataplane {
             netns: None,
         };
         let mut out: BTreeMap<Attachment, Vec<PodId>> = BTreeMap::new();
-        if let Some(z) = &facts.ztunnel {
+        for z in self.ztunnels.all(facts.ztunnel.as_ref()) {
             out.entry(node(Hook::ZtunnelReturn, &z.host_veth))
                 .or_default()
                 .push(z.pod.clone());
@@ -219,61 +220,6 @@ impl EbpfDataplane {
             })
             .collect()
     }
-
-    /// In ztunnel's netns: `ip rule 20000 fwmark 0x400/0xfff lookup 100`, `local default dev lo
-    /// table 100` and the sk_lookup link; their removal from a previous ztunnel's netns.
-    fn route_ztunnel(&mut self, facts: &NodeFacts) -> Result<()> {
-        let want = facts.ztunnel.as_ref().map(|z| {
-            (
-                z.netns.clone(),
-                z.ips.iter().any(IpAddr::is_ipv6),
-                z.netns_inode,
-            )
-        });
-        let done = self.routed_ztunnel.take();
-        if let Some((old, v6)) = &done
-            && Some(old) != want.as_ref().map(|w| &w.0)
-            && old.exists()
-            && let Err(e) = unroute_ztunnel(old, *v6)
-        {
-            log::warn!(
-                "removing tproxy routing from old ztunnel netns {}: {e}",
-                old.display()
-            );
-        }
-        lookup::remove_others(&self.dirs, want.as_ref().map(|w| w.2))?;
-        if let Some((ns, v6, inode)) = want {
-            tproxy_routing(&ns, v6, true)?;
-            let pinned = self.dirs.links.join(lookup::pin_name(inode)).exists();
-            if done.as_ref().is_none_or(|d| d.0 != ns) || !pinned {
-                lookup::attach(&mut self.ebpf, &self.dirs, &ns, inode)?;
-            }
-            self.routed_ztunnel = Some((ns, v6));
-        }
-        Ok(())
-    }
-}
-
-fn unroute_ztunnel(ns: &Path, v6: bool) -> Result<()> {
-    tproxy_routing(ns, v6, false)
-}
-
-/// Installs (or removes) the rule and local route that deliver assigned packets, in ztunnel's
-/// netns, for IPv4 and, if ztunnel has an IPv6 address, IPv6.
-fn tproxy_routing(ns: &Path, v6: bool, install: bool) -> Result<()> {
-    netns::run_in(ns, || -> Result<()> {
-        let nl = Netlink::new()?;
-        for family_v6 in [false, true].into_iter().filter(|f| v6 || !f) {
-            if install {
-                nl.ensure_rule(TPROXY_RULE, family_v6)?;
-                nl.ensure_local_default(ZTUNNEL_TPROXY_TABLE, family_v6)?;
-            } else {
-                nl.remove_rule(TPROXY_RULE, family_v6)?;
-                nl.remove_local_default(ZTUNNEL_TPROXY_TABLE, family_v6)?;
-            }
-        }
-        Ok(())
-    })?
 }
 
 impl Dataplane for EbpfDataplane {
@@ -312,16 +258,23 @@ impl Dataplane for EbpfDataplane {
         let mut facts = facts::resolve(&self.nl, state)?;
         let mut report = Report::default();
         report.failed.append(&mut facts.failures);
-        if let Some(z) = &facts.ztunnel {
-            if let Err(e) = self.route_ztunnel(&facts) {
+        self.ztunnels.update(&self.nl, facts.ztunnel.as_ref());
+        let routed = self
+            .ztunnels
+            .route(&mut self.ebpf, &self.dirs, facts.ztunnel.as_ref());
+        match (routed, &facts.ztunnel) {
+            (Err(e), Some(z)) => {
                 report.failed.push((z.pod.clone(), e));
                 facts.ztunnel = None;
             }
-        } else {
-            self.route_ztunnel(&facts)?;
+            (r, _) => r?,
         }
-
-        let desired = maps::desired(&facts);
+        report.draining = self.ztunnels.draining.as_ref().map(|d| d.ztunnel.pod.clone());
+        let draining = self.ztunnels.draining.as_ref().map(|d| maps::Draining {
+            ztunnel: &d.ztunnel,
+            netns_id: d.netns_id,
+        });
+        let desired = maps::desired(&facts, draining);
         self.maps.upsert(&desired)?;
         let owned = self.attachments(&facts);
         let mut wanted: Vec<Attachment> = owned.keys().cloned().collect();
@@ -412,7 +365,7 @@ pub fn cleanup(bpffs: &Path, node: &str) -> Result<Cleaned> {
             && let Some(ns) = netns::find_by_inode(pinned.netns_inode)
         {
             // Both families: removing an absent rule is not an error.
-            match unroute_ztunnel(&ns, true).or_else(|_| unroute_ztunnel(&ns, false)) {
+            match ztunnels::unroute(&ns, true).or_else(|_| ztunnels::unroute(&ns, false)) {
                 Ok(()) => cleaned.ztunnel_netns.push(ns),
                 Err(e) => log::warn!("ztunnel netns {}: {e}", ns.display()),
             }
@@ -420,7 +373,7 @@ pub fn cleanup(bpffs: &Path, node: &str) -> Result<Cleaned> {
         attach::detach(&dirs, mode, &name, &pinned)?;
         cleaned.links += 1;
     }
-    cleaned.links += lookup::remove_others(&dirs, None)?;
+    cleaned.links += lookup::remove_others(&dirs, &[])?;
     for name in maps::ALL {
         let path = dirs.maps.join(name);
         if path.exists() {

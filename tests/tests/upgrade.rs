@@ -1,0 +1,136 @@
+//! A rolling update of ztunnel under load: a new ztunnel pod becomes the node's, the old one keeps
+//! the connections it holds until it is gone, and no request fails. eBPF only: the fallback
+//! sends every packet to the ztunnel its routes name (see the README, "ztunnel upgrades").
+mod common;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use common::{Lab, Mode};
+use zdivert_tests::{
+    apps::{RequestStream, TcpServer, connect, exchange, request, sa},
+    eventually,
+    topology::Pod,
+    ztunnel::{MeshConfig, Ztunnel},
+};
+
+/// One connection, a request on it every 20 ms until stopped: each request's outcome.
+struct LongLived {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<Vec<Result<(), String>>>,
+}
+
+impl LongLived {
+    fn start(from: &Pod, to: SocketAddr) -> anyhow::Result<LongLived> {
+        let conn = connect(&from.ns, to, Duration::from_secs(3))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut out = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                out.push(exchange(&conn).map(|_| ()).map_err(|e| format!("{e:#}")));
+                thread::sleep(Duration::from_millis(20));
+            }
+            // A normal close, before the old ztunnel goes.
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+            out
+        });
+        Ok(LongLived { stop, thread })
+    }
+
+    fn stop(self) -> Vec<Result<(), String>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("long-lived connection thread")
+    }
+}
+
+fn ztunnel_is_replaced_without_failing_a_request(mode: Mode) -> anyhow::Result<()> {
+    let mut lab = Lab::real(mode, |_| MeshConfig::default())?;
+    let (w2, agent) = (lab.w2(), lab.agent2());
+    let (pp, rv1, rv2) = (w2.pod("productpage-v1"), w2.pod("reviews-v1"), w2.pod("reviews-v2"));
+    let details = lab.w1().pod("details-v1");
+    let _servers = [
+        TcpServer::start(&rv1.ns, "reviews-v1", 9080)?,
+        TcpServer::start(&rv2.ns, "reviews-v2", 9080)?,
+        TcpServer::start(&details.ns, "details-v1", 9080)?,
+    ];
+    // Connections that outlive the switch, each way through the old ztunnel: same node
+    // (HBONE back into it), out to the other node, and in from the other node.
+    let long = [
+        LongLived::start(pp, sa(rv1.ip, 9080))?,
+        LongLived::start(pp, sa(details.ip, 9080))?,
+        LongLived::start(details, sa(rv2.ip, 9080))?,
+    ];
+    // New connections all along.
+    let short = [
+        RequestStream::start(&pp.ns, sa(rv2.ip, 9080))?,
+        RequestStream::start(&details.ns, sa(rv1.ip, 9080))?,
+    ];
+
+    // The DaemonSet's new pod: outside the mesh until it is the node's ztunnel.
+    let new_pod = w2.start_pod("ztunnel-v2", "istio-system", Ipv4Addr::new(10, 244, 2, 11), false)?;
+    w2.plug_pod(&new_pod)?;
+    agent.describe(&w2.pods_file_with(&[&new_pod]))?;
+    let new = Ztunnel::start_in(&lab.topo, w2, &new_pod, &lab.mesh, &[])?;
+    thread::sleep(Duration::from_millis(500));
+    agent.describe(&w2.pods_file_for(&new_pod, &[]))?;
+    eventually("the old ztunnel drains", Duration::from_secs(10), || {
+        Ok(agent.metric("zdivert_ztunnel_draining")? == 1.0)
+    })?;
+    let served_by_new = |n: usize| {
+        new.wait_access(n, |a| a.dst().is_some_and(|d| d.port() == 9080))
+            .map(|_| ())
+    };
+    served_by_new(10)?;
+    thread::sleep(Duration::from_secs(1));
+
+    // The old ztunnel still carried the long-lived connections after the switch.
+    let long: Vec<Vec<Result<(), String>>> = long.into_iter().map(LongLived::stop).collect();
+    let drained = agent.counter("outbound", "to_draining_ztunnel")?
+        + agent.counter("inbound", "to_draining_ztunnel")?;
+    assert!(drained > 0, "nothing went to the replaced ztunnel");
+    // The old pod goes (its process first, then its veth with its netns).
+    lab.ztunnels[0].kill();
+    thread::sleep(Duration::from_millis(500));
+    let short: Vec<_> = short.into_iter().map(RequestStream::stop).collect();
+
+    for (i, results) in long.iter().enumerate() {
+        let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert!(
+            results.len() > 50 && failed.is_empty(),
+            "long-lived connection {i}: {} of {} requests failed: {failed:?}",
+            failed.len(),
+            results.len()
+        );
+    }
+    for (i, results) in short.iter().enumerate() {
+        let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+        assert!(
+            results.len() > 20 && failed.is_empty(),
+            "request stream {i}: {} of {} failed: {failed:?}",
+            failed.len(),
+            results.len()
+        );
+    }
+    // And after the old one is gone, everything goes to the new one.
+    let reply = request(&pp.ns, sa(rv1.ip, 9080))?;
+    assert_eq!(reply.peer.ip(), IpAddr::from(pp.ip));
+    Ok(())
+}
+
+#[test]
+fn ebpf_keeps_established_connections_on_the_old_ztunnel() -> anyhow::Result<()> {
+    ztunnel_is_replaced_without_failing_a_request(Mode::Ebpf)
+}
+
+#[test]
+fn ebpf_clsact_keeps_established_connections_on_the_old_ztunnel() -> anyhow::Result<()> {
+    ztunnel_is_replaced_without_failing_a_request(Mode::EbpfClsact)
+}
