@@ -6,9 +6,8 @@ use aya_ebpf::{
 };
 use zdivert_common::{
     CONFIG_DNS_CAPTURE, COUNTER_SLOTS, DNS_FLOWS_MAX_ENTRIES, DnsFlowKey, DrainingZtunnel, IpKey,
-    LISTENER_SLOTS,
-    NODE_IPS_MAX_ENTRIES, PODS_MAX_ENTRIES, PodEntry, ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4,
-    ZTUNNEL_F_V6, ZtunnelEntry,
+    LISTENER_SLOTS, NODE_IPS_MAX_ENTRIES, PODS_MAX_ENTRIES, PodEntry, ZTUNNEL_F_PRESENT,
+    ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZtunnelEntry,
 };
 
 /// Ambient pods on this node: pod IP (each of its addresses) → its host veth.

@@ -7,7 +7,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread,
     time::Duration,
@@ -24,6 +24,8 @@ use zdivert_tests::{
 /// One connection, a request on it every 20 ms until stopped: each request's outcome.
 struct LongLived {
     stop: Arc<AtomicBool>,
+    /// Requests done so far.
+    done: Arc<AtomicUsize>,
     thread: thread::JoinHandle<Vec<Result<(), String>>>,
 }
 
@@ -31,18 +33,20 @@ impl LongLived {
     fn start(from: &Pod, to: SocketAddr) -> anyhow::Result<LongLived> {
         let conn = connect(&from.ns, to, Duration::from_secs(3))?;
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let done = Arc::new(AtomicUsize::new(0));
+        let (flag, count) = (stop.clone(), done.clone());
         let thread = thread::spawn(move || {
             let mut out = Vec::new();
             while !flag.load(Ordering::Relaxed) {
                 out.push(exchange(&conn).map(|_| ()).map_err(|e| format!("{e:#}")));
+                count.fetch_add(1, Ordering::Relaxed);
                 thread::sleep(Duration::from_millis(20));
             }
             // A normal close, before the old ztunnel goes.
             let _ = conn.shutdown(std::net::Shutdown::Both);
             out
         });
-        Ok(LongLived { stop, thread })
+        Ok(LongLived { stop, done, thread })
     }
 
     fn stop(self) -> Vec<Result<(), String>> {
@@ -53,8 +57,14 @@ impl LongLived {
 
 fn ztunnel_is_replaced_without_failing_a_request(mode: Mode) -> anyhow::Result<()> {
     let mut lab = Lab::real(mode, |_| MeshConfig::default())?;
+    // This node's ztunnel, the one the update replaces.
+    let mut old = lab.ztunnels.remove(0);
     let (w2, agent) = (lab.w2(), lab.agent2());
-    let (pp, rv1, rv2) = (w2.pod("productpage-v1"), w2.pod("reviews-v1"), w2.pod("reviews-v2"));
+    let (pp, rv1, rv2) = (
+        w2.pod("productpage-v1"),
+        w2.pod("reviews-v1"),
+        w2.pod("reviews-v2"),
+    );
     let details = lab.w1().pod("details-v1");
     let _servers = [
         TcpServer::start(&rv1.ns, "reviews-v1", 9080)?,
@@ -75,12 +85,21 @@ fn ztunnel_is_replaced_without_failing_a_request(mode: Mode) -> anyhow::Result<(
     ];
 
     // The DaemonSet's new pod: outside the mesh until it is the node's ztunnel.
-    let new_pod = w2.start_pod("ztunnel-v2", "istio-system", Ipv4Addr::new(10, 244, 2, 11), false)?;
+    let new_pod = w2.start_pod(
+        "ztunnel-v2",
+        "istio-system",
+        Ipv4Addr::new(10, 244, 2, 11),
+        false,
+    )?;
     w2.plug_pod(&new_pod)?;
     agent.describe(&w2.pods_file_with(&[&new_pod]))?;
     let new = Ztunnel::start_in(&lab.topo, w2, &new_pod, &lab.mesh, &[])?;
     thread::sleep(Duration::from_millis(500));
     agent.describe(&w2.pods_file_for(&new_pod, &[]))?;
+    let at_switch: Vec<usize> = long
+        .iter()
+        .map(|l| l.done.load(Ordering::Relaxed))
+        .collect();
     eventually("the old ztunnel drains", Duration::from_secs(10), || {
         Ok(agent.metric("zdivert_ztunnel_draining")? == 1.0)
     })?;
@@ -96,29 +115,57 @@ fn ztunnel_is_replaced_without_failing_a_request(mode: Mode) -> anyhow::Result<(
     let drained = agent.counter("outbound", "to_draining_ztunnel")?
         + agent.counter("inbound", "to_draining_ztunnel")?;
     assert!(drained > 0, "nothing went to the replaced ztunnel");
-    // The old pod goes (its process first, then its veth with its netns).
-    lab.ztunnels[0].kill();
+    let switched: Vec<_> = short.into_iter().map(RequestStream::stop).collect();
+    // Through the old one's exit: new streams.
+    let short = [
+        RequestStream::start(&pp.ns, sa(rv2.ip, 9080))?,
+        RequestStream::start(&details.ns, sa(rv1.ip, 9080))?,
+    ];
+    // The kubelet stops the old pod: SIGTERM, ztunnel's drain, exit.
+    let exited = old.terminate(Duration::from_secs(10));
     thread::sleep(Duration::from_millis(500));
-    let short: Vec<_> = short.into_iter().map(RequestStream::stop).collect();
+    let exiting: Vec<_> = short.into_iter().map(RequestStream::stop).collect();
 
     for (i, results) in long.iter().enumerate() {
         let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
         assert!(
-            results.len() > 50 && failed.is_empty(),
-            "long-lived connection {i}: {} of {} requests failed: {failed:?}",
+            results.len() >= at_switch[i] + 10 && failed.is_empty(),
+            "long-lived connection {i}: {} of {} requests failed ({} before the switch): {failed:?}",
             failed.len(),
-            results.len()
+            results.len(),
+            at_switch[i]
         );
     }
-    for (i, results) in short.iter().enumerate() {
-        let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    let failures =
+        |results: &[anyhow::Result<IpAddr>]| results.iter().filter(|r| r.is_err()).count();
+    for (i, results) in switched.iter().chain(&exiting[..1]).enumerate() {
         assert!(
-            results.len() > 20 && failed.is_empty(),
-            "request stream {i}: {} of {} failed: {failed:?}",
-            failed.len(),
+            results.len() > 20 && failures(results) == 0,
+            "request stream {i}: {} of {} failed",
+            failures(results),
             results.len()
         );
     }
+    // ztunnel 1.22.8 closes its HBONE connections at once on SIGTERM (GOAWAY), and the other
+    // node's ztunnel does not retry a request it had just put on its pooled connection to it.
+    // Such a failure is ztunnel's, and its log says so; any other is not allowed.
+    let other_node = &lab.ztunnels[0]; // after this node's was taken out
+    let h2_goaway = other_node
+        .access_log()
+        .iter()
+        .filter(|a| a.error().is_some_and(|e| e.contains("h2 failed")))
+        .count();
+    assert!(
+        failures(&exiting[1]) <= h2_goaway,
+        "the other node's requests failed while the old ztunnel exited: {} of {}, {h2_goaway} of \
+         them on its pooled HBONE connection",
+        failures(&exiting[1]),
+        exiting[1].len()
+    );
+    assert!(
+        exited,
+        "the old ztunnel did not exit on SIGTERM within 10 s"
+    );
     // And after the old one is gone, everything goes to the new one.
     let reply = request(&pp.ns, sa(rv1.ip, 9080))?;
     assert_eq!(reply.peer.ip(), IpAddr::from(pp.ip));

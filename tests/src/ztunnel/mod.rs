@@ -188,6 +188,27 @@ impl Ztunnel {
         crate::ns::kill_and_reap(&mut self.child);
     }
 
+    /// SIGTERM, as the kubelet stops a pod, and the wait for ztunnel's own drain (it closes its
+    /// listeners and tells HBONE peers to go away). Whether it exited within `within`; if not,
+    /// it is killed.
+    pub fn terminate(&mut self, within: Duration) -> bool {
+        let Some(child) = self.child.as_mut() else {
+            return true;
+        };
+        // SAFETY: a signal to our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+        false
+    }
+
     /// Kills ztunnel and starts it again with the same configuration; waits until ready.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();

@@ -80,7 +80,10 @@ pub fn a_new_pods_tcp_is_held_until_it_is_captured(mode: Mode) -> anyhow::Result
             && a.denied()
     })?;
     eventually("the captured pod gets out", Duration::from_secs(5), || {
-        Ok(legacy.seen().iter().any(|p| p.ip() == IpAddr::from(newcomer.ip)))
+        Ok(legacy
+            .seen()
+            .iter()
+            .any(|p| p.ip() == IpAddr::from(newcomer.ip)))
     })?;
     let knocked: Vec<_> = knocks.into_iter().flat_map(RequestStream::stop).collect();
     let sent = outbound.stop();

@@ -10,7 +10,6 @@ pub use probe::probe;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -269,7 +268,11 @@ impl Dataplane for EbpfDataplane {
             }
             (r, _) => r?,
         }
-        report.draining = self.ztunnels.draining.as_ref().map(|d| d.ztunnel.pod.clone());
+        report.draining = self
+            .ztunnels
+            .draining
+            .as_ref()
+            .map(|d| d.ztunnel.pod.clone());
         let draining = self.ztunnels.draining.as_ref().map(|d| maps::Draining {
             ztunnel: &d.ztunnel,
             netns_id: d.netns_id,

@@ -9,12 +9,7 @@ use std::{
 use aya::Ebpf;
 
 use super::{PinDirs, TPROXY_RULE, lookup};
-use crate::{
-    error::Result,
-    facts::ZtunnelFacts,
-    netns,
-    nl::Netlink,
-};
+use crate::{error::Result, facts::ZtunnelFacts, netns, nl::Netlink};
 use zdivert_common::ZTUNNEL_TPROXY_TABLE;
 
 /// A replaced ztunnel, and its netns as the node's netns numbers it (where the pods' programs

@@ -363,7 +363,12 @@ fn pods_outside_the_mesh_are_listed_so_their_new_veths_are_released() {
         ),
         ztunnel_pod("ztunnel-new", "10.244.2.9", "2026-01-02T00:00:00Z", false),
         // Finished: its address may be another pod's by now, so it releases nothing.
-        pod("plain", "done", "10.244.2.6", json!({ "status": { "phase": "Succeeded" } })),
+        pod(
+            "plain",
+            "done",
+            "10.244.2.6",
+            json!({ "status": { "phase": "Succeeded" } }),
+        ),
         // Two ambient pods on one address: neither is captured, and neither releases its veth.
         pod("ambient", "c1", "10.244.2.7", json!({})),
         pod("ambient", "c2", "10.244.2.7", json!({})),
@@ -371,5 +376,8 @@ fn pods_outside_the_mesh_are_listed_so_their_new_veths_are_released() {
     let sel = run(&pods, &namespaces);
     let outside: Vec<String> = sel.state.outside.iter().map(|ip| ip.to_string()).collect();
     assert_eq!(outside, ["10.244.2.4", "10.244.2.5", "10.244.2.9"]);
-    assert!(sel.state.held_links.is_empty(), "a source never holds links");
+    assert!(
+        sel.state.held_links.is_empty(),
+        "a source never holds links"
+    );
 }
