@@ -57,9 +57,10 @@ impl LongLived {
 
 fn ztunnel_is_replaced_without_failing_a_request(mode: Mode) -> anyhow::Result<()> {
     let mut lab = Lab::real(mode, |_| MeshConfig::default())?;
-    // This node's ztunnel, the one the update replaces.
+    // This node's ztunnel, the one the update replaces, and its agent.
     let mut old = lab.ztunnels.remove(0);
-    let (w2, agent) = (lab.w2(), lab.agent2());
+    let mut agent = lab.agents.remove(0);
+    let w2 = lab.w2();
     let (pp, rv1, rv2) = (
         w2.pod("productpage-v1"),
         w2.pod("reviews-v1"),
@@ -103,6 +104,16 @@ fn ztunnel_is_replaced_without_failing_a_request(mode: Mode) -> anyhow::Result<(
     eventually("the old ztunnel drains", Duration::from_secs(10), || {
         Ok(agent.metric("zdivert_ztunnel_draining")? == 1.0)
     })?;
+    // The agent's own DaemonSet may roll at the same time: a restarted agent keeps the drain.
+    agent.restart()?;
+    eventually(
+        "the restarted agent keeps the drain",
+        Duration::from_secs(10),
+        || {
+            Ok(agent.metric("zdivert_reconciles_total")? >= 1.0
+                && agent.metric("zdivert_ztunnel_draining")? == 1.0)
+        },
+    )?;
     let served_by_new = |n: usize| {
         new.wait_access(n, |a| a.dst().is_some_and(|d| d.port() == 9080))
             .map(|_| ())

@@ -184,6 +184,11 @@ impl Maps {
         })
     }
 
+    /// The draining ztunnel an earlier agent left, if any.
+    pub fn draining(&self) -> Result<DrainingZtunnel> {
+        self.draining.get(&0, 0).map_err(map_err(ZTUNNEL_DRAINING))
+    }
+
     /// The maps' contents, taken: remembered, or read from the kernel when too old. Put back
     /// only after every write succeeded, so a failed write makes the next apply read again.
     fn take_known(&mut self) -> Result<(Instant, Desired)> {

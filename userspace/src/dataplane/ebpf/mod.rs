@@ -154,15 +154,21 @@ impl EbpfDataplane {
             0
         };
         let maps = maps::Maps::take(&mut ebpf, config)?;
+        let nl = Netlink::new()?;
+        let pins: Vec<_> = attach::all_pinned(&dirs)?
+            .into_iter()
+            .map(|(_, _, p)| p)
+            .collect();
+        let ztunnels = ztunnels::Ztunnels::adopt(&nl, &maps.draining()?, &pins);
         Ok(EbpfDataplane {
             ebpf,
             maps,
             dirs,
             attach,
-            nl: Netlink::new()?,
+            nl,
             node_netns_inode: netns::inode(Path::new("/proc/self/ns/net"))?,
             adopted: BTreeSet::new(),
-            ztunnels: Default::default(),
+            ztunnels,
         })
     }
 

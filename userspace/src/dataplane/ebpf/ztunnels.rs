@@ -9,8 +9,10 @@ use std::{
 use aya::Ebpf;
 
 use super::{PinDirs, TPROXY_RULE, lookup};
-use crate::{error::Result, facts::ZtunnelFacts, netns, nl::Netlink};
-use zdivert_common::ZTUNNEL_TPROXY_TABLE;
+use crate::{error::Result, facts::ZtunnelFacts, netns, nl::Netlink, state::PodId};
+use zdivert_common::{
+    DrainingZtunnel, ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZTUNNEL_TPROXY_TABLE,
+};
 
 /// A replaced ztunnel, and its netns as the node's netns numbers it (where the pods' programs
 /// look up the sockets it holds).
@@ -29,6 +31,70 @@ pub struct Ztunnels {
 }
 
 impl Ztunnels {
+    /// A restarted agent picks up the drain an earlier one started: from the draining entry it
+    /// left in the map and the pins of that ztunnel's tproxy attachment (its netns).
+    pub fn adopt(
+        nl: &Netlink,
+        entry: &DrainingZtunnel,
+        pins: &[super::attach::PinnedAttachment],
+    ) -> Self {
+        let mut out = Ztunnels::default();
+        if entry.ztunnel.flags & ZTUNNEL_F_PRESENT == 0 {
+            return out;
+        }
+        let found = || -> Option<ZtunnelFacts> {
+            let host_veth = nl.link_by_index(entry.ztunnel.host_ifindex).ok()?;
+            let tproxy = pins.iter().find(|p| {
+                p.hook == super::attach::Hook::ZtunnelTproxy
+                    && netns::find_by_inode(p.netns_inode).is_some_and(|ns| {
+                        netns::run_in(&ns, || {
+                            Netlink::new()
+                                .and_then(|n| n.link_by_index(p.ifindex))
+                                .is_ok_and(|l| l.mac == entry.ztunnel.mac)
+                        })
+                        .unwrap_or(false)
+                    })
+            })?;
+            let ns = netns::find_by_inode(tproxy.netns_inode)?;
+            let eth0 = netns::run_in(&ns, || Netlink::new()?.link_by_index(tproxy.ifindex))
+                .ok()?
+                .ok()?;
+            let mut ips = Vec::new();
+            if entry.ztunnel.flags & ZTUNNEL_F_V4 != 0 {
+                ips.push(IpAddr::from(entry.ztunnel.ipv4));
+            }
+            if entry.ztunnel.flags & ZTUNNEL_F_V6 != 0 {
+                ips.push(IpAddr::from(entry.ztunnel.ipv6));
+            }
+            Some(ZtunnelFacts {
+                pod: PodId {
+                    namespace: "(draining)".into(),
+                    name: eth0.name.clone(),
+                },
+                ips,
+                netns: ns,
+                netns_inode: tproxy.netns_inode,
+                missing_listeners: Vec::new(),
+                host_veth,
+                eth0,
+            })
+        };
+        match found() {
+            Some(ztunnel) => {
+                log::info!(
+                    "a replaced ztunnel (netns {}) still drains: its connections stay with it",
+                    ztunnel.netns.display()
+                );
+                out.draining = Some(Draining {
+                    ztunnel,
+                    netns_id: entry.netns_id,
+                });
+            }
+            None => log::info!("the replaced ztunnel an earlier agent drained is gone"),
+        }
+        out
+    }
+
     /// Notes that `current` replaced the ztunnel wired in before (which then drains), and ends
     /// the draining of one that is gone or current again.
     pub fn update(&mut self, nl: &Netlink, current: Option<&ZtunnelFacts>) {
