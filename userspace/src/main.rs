@@ -9,16 +9,16 @@ use std::{
     time::Duration,
 };
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use zdivert::{
     agent::{
         self, Reconciler,
         health::{self, Health},
     },
     dataplane::{
-        Dataplane,
-        ebpf::{self, EbpfDataplane, attach::AttachMode},
-        iptables::{self, IptablesDataplane, TunnelChoice},
+        choose::{self, Mode},
+        ebpf::{self, attach::AttachMode},
+        iptables::{self, TunnelChoice},
     },
     source::{self, file, kube::select::SelectConfig},
     status,
@@ -90,13 +90,6 @@ enum Command {
     },
     /// Remove every program, link, pin and rule zdivert created.
     Cleanup,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Mode {
-    Ebpf,
-    Iptables,
-    Auto,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -175,14 +168,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let attach = attach.unwrap_or_else(AttachMode::for_kernel);
-            let mut dp = dataplane(
-                &cli.bpffs,
-                &cli.state_dir,
-                &node,
+            let mut dp = choose::build(
                 mode,
-                tunnel,
-                attach,
-                dns_capture,
+                &choose::Options {
+                    bpffs: &cli.bpffs,
+                    state_dir: &cli.state_dir,
+                    node: &node,
+                    tunnel,
+                    attach,
+                    dns_capture,
+                },
             )?;
             let health = Arc::new(Health::new(&node, dp.name(), cli.bpffs.clone()));
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -293,60 +288,3 @@ fn state_nodes(state_dir: &Path, node: Option<String>) -> Vec<String> {
         .collect()
 }
 
-/// Builds the dataplane `mode` asks for, after removing whatever the other mode left on this
-/// node: two dataplanes must never capture at once.
-fn dataplane(
-    bpffs: &Path,
-    state_dir: &Path,
-    node: &str,
-    mode: Mode,
-    tunnel: TunnelChoice,
-    attach: AttachMode,
-    dns_capture: bool,
-) -> anyhow::Result<Box<dyn Dataplane>> {
-    // A build without the eBPF object must never look like a kernel without BPF: `auto` would
-    // quietly run the fallback on every node of the DaemonSet.
-    if mode != Mode::Iptables && ebpf::object().is_empty() {
-        return Err(zdivert::error::Error::NoEbpfObject.into());
-    }
-    let use_ebpf = match mode {
-        Mode::Ebpf => true,
-        Mode::Iptables => false,
-        Mode::Auto => match ebpf::probe(bpffs, attach) {
-            Ok(()) => {
-                log::info!(
-                    "mode auto: eBPF (programs load, {attach} attaches, bpf_sk_assign usable)"
-                );
-                true
-            }
-            Err(why) => {
-                log::warn!("mode auto: iptables fallback, because {why}");
-                false
-            }
-        },
-    };
-    if use_ebpf {
-        if iptables::has_state(state_dir, node) {
-            iptables::cleanup(state_dir, node)?;
-            log::info!("removed the iptables layout an earlier agent left");
-        }
-        let dp = EbpfDataplane::load(bpffs, node, attach, dns_capture)?;
-        log::info!(
-            "ebpf dataplane for node {node}, attached through {attach}, pins under {}",
-            dp.dirs().root.display()
-        );
-        Ok(Box::new(dp))
-    } else {
-        let c = ebpf::cleanup(bpffs, node)?;
-        if c.links + c.maps > 0 {
-            log::info!("removed the eBPF programs and maps an earlier agent left");
-        }
-        let dp = IptablesDataplane::new(state_dir, node, tunnel, dns_capture)?;
-        log::info!(
-            "iptables dataplane for node {node} ({} tunnels), state in {}",
-            dp.tunnel(),
-            dp.state_file().display()
-        );
-        Ok(Box::new(dp))
-    }
-}

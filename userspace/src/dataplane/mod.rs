@@ -5,6 +5,7 @@ use crate::{
     state::{NodeState, PodId},
 };
 
+pub mod choose;
 pub mod ebpf;
 pub mod iptables;
 

@@ -1,0 +1,103 @@
+//! Which dataplane a node runs, and the removal of what the other one left: two dataplanes must
+//! never capture at once.
+use std::path::Path;
+
+use super::{
+    Dataplane,
+    ebpf::{self, EbpfDataplane, attach::AttachMode},
+    iptables::{self, IptablesDataplane, TunnelChoice},
+};
+use crate::error::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Ebpf,
+    Iptables,
+    /// eBPF where the kernel can run the programs, else the iptables fallback.
+    Auto,
+}
+
+pub struct Options<'a> {
+    pub bpffs: &'a Path,
+    pub state_dir: &'a Path,
+    pub node: &'a str,
+    pub tunnel: TunnelChoice,
+    pub attach: AttachMode,
+    pub dns_capture: bool,
+}
+
+/// A build without the eBPF object must never look like a kernel without BPF: `auto` would
+/// quietly run the fallback on every node of the DaemonSet.
+pub fn check_object(mode: Mode, object: &[u8]) -> Result<()> {
+    match mode {
+        Mode::Iptables => Ok(()),
+        _ if object.is_empty() => Err(Error::NoEbpfObject),
+        _ => Ok(()),
+    }
+}
+
+/// Builds the dataplane `mode` asks for, after removing whatever the other mode left.
+pub fn build(mode: Mode, o: &Options) -> Result<Box<dyn Dataplane>> {
+    check_object(mode, ebpf::object())?;
+    let use_ebpf = match mode {
+        Mode::Ebpf => true,
+        Mode::Iptables => false,
+        Mode::Auto => match ebpf::probe(o.bpffs, o.attach) {
+            Ok(()) => {
+                log::info!(
+                    "mode auto: eBPF (programs load, {} attaches, bpf_sk_assign usable)",
+                    o.attach
+                );
+                true
+            }
+            Err(why) => {
+                log::warn!("mode auto: iptables fallback, because {why}");
+                false
+            }
+        },
+    };
+    if use_ebpf {
+        if iptables::has_state(o.state_dir, o.node) {
+            iptables::cleanup(o.state_dir, o.node)?;
+            log::info!("removed the iptables layout an earlier agent left");
+        }
+        let dp = EbpfDataplane::load(o.bpffs, o.node, o.attach, o.dns_capture)?;
+        log::info!(
+            "ebpf dataplane for node {}, attached through {}, pins under {}",
+            o.node,
+            o.attach,
+            dp.dirs().root.display()
+        );
+        Ok(Box::new(dp))
+    } else {
+        let c = ebpf::cleanup(o.bpffs, o.node)?;
+        if c.links + c.maps > 0 {
+            log::info!("removed the eBPF programs and maps an earlier agent left");
+        }
+        let dp = IptablesDataplane::new(o.state_dir, o.node, o.tunnel, o.dns_capture)?;
+        log::info!(
+            "iptables dataplane for node {} ({} tunnels), state in {}",
+            o.node,
+            dp.tunnel(),
+            dp.state_file().display()
+        );
+        Ok(Box::new(dp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_build_without_the_ebpf_object_refuses_every_mode_but_iptables() {
+        for mode in [Mode::Ebpf, Mode::Auto] {
+            assert!(
+                matches!(check_object(mode, &[]), Err(Error::NoEbpfObject)),
+                "{mode:?}"
+            );
+            assert!(check_object(mode, b"\x7fELF").is_ok(), "{mode:?}");
+        }
+        assert!(check_object(Mode::Iptables, &[]).is_ok());
+    }
+}
