@@ -139,14 +139,13 @@ fn hbone_source(
         .ok_or_else(|| anyhow::anyhow!("no connection to {dst} in ztunnel's netns:\n{out}"))
 }
 
-/// A CNI's TCX program that returns a final verdict, attached in front of zdivert's, would end
-/// the chain before capture runs. The agent finds it at its next reconcile and moves its
-/// program back to the head; one attached behind changes nothing.
-#[test]
-fn a_foreign_tcx_program_in_front_is_overtaken_and_capture_holds() -> anyhow::Result<()> {
-    use zdivert_tests::foreign::{ForeignTcx, Place};
+/// A CNI's program that returns a final verdict, attached in front of zdivert's, would end the
+/// hook's chain before capture runs. The agent finds it at its next reconcile and moves its
+/// program back to the front; one attached behind changes nothing. TCX and tc clsact.
+fn a_foreign_program_in_front_is_overtaken(mode: Mode) -> anyhow::Result<()> {
+    use zdivert_tests::foreign::{ForeignClsact, ForeignTcx, Place};
     let lab = Lab::real_with(
-        Mode::Ebpf,
+        mode,
         |_| MeshConfig::default(),
         &[],
         &["--resync-secs", "1"],
@@ -157,16 +156,18 @@ fn a_foreign_tcx_program_in_front_is_overtaken_and_capture_holds() -> anyhow::Re
     let agent = lab.agent2();
     let moved = || agent.metric("zdivert_programs_moved_to_head_total");
     assert_eq!(moved()?, 0.0);
+    let node = &lab.w2().ns;
+    let in_front = |veth: &str, ingress: bool| -> anyhow::Result<Box<dyn std::any::Any>> {
+        Ok(match mode {
+            Mode::EbpfClsact => Box::new(ForeignClsact::attach(node, veth, ingress)?),
+            _ => Box::new(ForeignTcx::attach(node, veth, ingress, Place::First)?),
+        })
+    };
 
-    let mut foreign = vec![];
-    for (ingress, veth) in [(true, &pp.host_veth), (false, &rv1.host_veth)] {
-        foreign.push(ForeignTcx::attach(
-            &lab.w2().ns,
-            veth,
-            ingress,
-            Place::First,
-        )?);
-    }
+    let mut foreign = vec![
+        in_front(&pp.host_veth, true)?,
+        in_front(&rv1.host_veth, false)?,
+    ];
     zdivert_tests::eventually(
         "both programs back in front",
         std::time::Duration::from_secs(10),
@@ -177,17 +178,30 @@ fn a_foreign_tcx_program_in_front_is_overtaken_and_capture_holds() -> anyhow::Re
     lab.zt2().wait_access(1, from_to(pp, dst, "outbound"))?;
     lab.zt2().wait_access(1, from_to(pp, dst, "inbound"))?;
 
-    // Behind ours: nothing to do.
-    let before = moved()?;
-    foreign.push(ForeignTcx::attach(
-        &lab.w2().ns,
-        &pp.host_veth,
-        true,
-        Place::Last,
-    )?);
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    assert_eq!(moved()?, before, "a program behind ours is left alone");
+    // Behind ours (TCX only: a tc filter cannot be put behind at priority 1): nothing to do.
+    if mode == Mode::Ebpf {
+        let before = moved()?;
+        let reconciles = agent.metric("zdivert_reconciles_total")?;
+        foreign.push(Box::new(ForeignTcx::attach(
+            node,
+            &pp.host_veth,
+            true,
+            Place::Last,
+        )?));
+        agent.wait_reconciles(reconciles as u64 + 2)?;
+        assert_eq!(moved()?, before, "a program behind ours is left alone");
+    }
     request(&pp.ns, dst)?;
     lab.zt2().wait_access(2, from_to(pp, dst, "outbound"))?;
     Ok(())
+}
+
+#[test]
+fn a_foreign_tcx_program_in_front_is_overtaken_and_capture_holds() -> anyhow::Result<()> {
+    a_foreign_program_in_front_is_overtaken(Mode::Ebpf)
+}
+
+#[test]
+fn a_foreign_tc_filter_in_front_is_overtaken_and_capture_holds() -> anyhow::Result<()> {
+    a_foreign_program_in_front_is_overtaken(Mode::EbpfClsact)
 }

@@ -287,4 +287,3 @@ fn state_nodes(state_dir: &Path, node: Option<String>) -> Vec<String> {
         .filter_map(|e| e.file_name().into_string().ok())
         .collect()
 }
-

@@ -278,24 +278,27 @@ pub fn ensure(
     for a in desired {
         let name = a.pin_name();
         if adopted.contains(&name) && present.contains_key(&name) {
-            if mode == AttachMode::Tcx {
-                let keep_first = |ebpf: &mut Ebpf| -> Result<Option<String>> {
-                    let prog = program(ebpf, a)?;
-                    let ahead = tcx::ahead_of_ours(prog, a)?;
-                    if ahead.is_some() {
-                        tcx::move_to_head(prog, dirs, a)?;
+            let keep_first = |ebpf: &mut Ebpf| -> Result<Option<String>> {
+                let prog = program(ebpf, a)?;
+                match mode {
+                    AttachMode::Tcx => {
+                        let ahead = tcx::ahead_of_ours(prog, a)?;
+                        if ahead.is_some() {
+                            tcx::move_to_head(prog, dirs, a)?;
+                        }
+                        Ok(ahead)
                     }
-                    Ok(ahead)
-                };
-                let result = match a.netns.clone() {
-                    None => keep_first(ebpf),
-                    Some(ns) => netns::run_in(&ns, || keep_first(ebpf)).and_then(|r| r),
-                };
-                match result {
-                    Ok(Some(ahead)) => out.moved_to_head.push((a.clone(), ahead)),
-                    Ok(None) => {}
-                    Err(e) => out.failures.push((a.clone(), e)),
+                    AttachMode::Netlink => clsact::keep_first(prog, a),
                 }
+            };
+            let result = match a.netns.clone() {
+                None => keep_first(ebpf),
+                Some(ns) => netns::run_in(&ns, || keep_first(ebpf)).and_then(|r| r),
+            };
+            match result {
+                Ok(Some(ahead)) => out.moved_to_head.push((a.clone(), ahead)),
+                Ok(None) => {}
+                Err(e) => out.failures.push((a.clone(), e)),
             }
             continue;
         }
