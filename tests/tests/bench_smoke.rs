@@ -49,6 +49,23 @@ fn the_bench_runs_every_part_and_writes_its_tables() -> Result<()> {
             );
         }
     }
+    for mode in ["ebpf", "iptables"] {
+        let case = format!("ztunnel-replacement/{mode}");
+        for metric in [
+            "long_lived_broken",
+            "new_failed",
+            "new_stalled",
+            "new_total",
+        ] {
+            get(&case, metric).with_context(|| format!("{case} {metric} measured"))?;
+        }
+    }
+    // eBPF keeps the replaced ztunnel's connections (the fallback does not, hence no claim).
+    assert_eq!(
+        get("ztunnel-replacement/ebpf", "long_lived_broken"),
+        Some(0.0),
+        "eBPF mode broke long-lived connections when ztunnel was replaced"
+    );
     for pods in ["10 pods", "1000 pods", "10000 pods", "65536 pods (max)"] {
         for prog in [
             "zd_floor",

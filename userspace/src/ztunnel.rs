@@ -16,15 +16,35 @@ pub const LISTENERS: [u16; 3] = [PORT_OUTBOUND, PORT_INBOUND_PLAIN, PORT_INBOUND
 
 /// The TCP ports something listens on in the netns at `ns`.
 pub fn listening(ns: &Path) -> Result<BTreeSet<u16>> {
+    Ok(sockets_in(ns, 1 << TCP_LISTEN)?
+        .into_iter()
+        .map(|s| s.sport)
+        .collect())
+}
+
+/// Whether a process in the netns at `ns` still holds a TCP connection: a replaced ztunnel
+/// drains until this is false. Sockets whose process is gone (orphans closing, TIME_WAIT) do
+/// not count.
+pub fn holds_connections(ns: &Path) -> Result<bool> {
+    Ok(sockets_in(ns, CONNECTED)?.iter().any(|s| s.inode != 0))
+}
+
+/// ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING.
+const CONNECTED: u32 =
+    (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 11);
+
+fn sockets_in(ns: &Path, states: u32) -> Result<Vec<Socket>> {
     netns::run_in(ns, || {
-        let mut ports = BTreeSet::new();
+        let mut out = Vec::new();
         for family in [libc::AF_INET, libc::AF_INET6] {
-            ports.extend(listeners(family as u8).map_err(|source| Error::Netns {
-                path: ns.into(),
-                source,
-            })?);
+            out.extend(
+                sockets(family as u8, states).map_err(|source| Error::Netns {
+                    path: ns.into(),
+                    source,
+                })?,
+            );
         }
-        Ok(ports)
+        Ok(out)
     })?
 }
 
@@ -41,14 +61,22 @@ const TCP_LISTEN: u32 = 10;
 const NLMSG_HDRLEN: usize = 16;
 /// `struct inet_diag_req_v2`: family, protocol, ext, pad, states, then a 48-byte socket id.
 const REQ_LEN: usize = 56;
-/// `struct inet_diag_msg`: family, state, timer, retrans, then the socket id (source port first).
+/// `struct inet_diag_msg`: family, state, timer, retrans, then the socket id (source port first),
+/// expires, queues, uid, inode.
 const MSG_SPORT_OFF: usize = 4;
+const MSG_INODE_OFF: usize = 68;
 
-/// The local ports of this netns's listening TCP sockets of one family, asked of sock_diag
-/// with LISTEN alone as the state filter: the kernel then walks only its listening hash, where
-/// `/proc/net/tcp` walks every connection of every netns on the machine (16 ms per apply once
-/// a node held a few thousand TIME_WAIT sockets).
-fn listeners(family: u8) -> std::io::Result<Vec<u16>> {
+struct Socket {
+    sport: u16,
+    /// 0 for a socket no process holds.
+    inode: u32,
+}
+
+/// This netns's TCP sockets of one family in `states` (a bit per TCP state), asked of
+/// sock_diag: with LISTEN alone the kernel walks only its listening hash, where `/proc/net/tcp`
+/// walks every connection of every netns on the machine (16 ms per apply once a node held a
+/// few thousand TIME_WAIT sockets).
+fn sockets(family: u8, states: u32) -> std::io::Result<Vec<Socket>> {
     // SAFETY: a plain socket(2); the fd is owned right away.
     let fd = unsafe {
         libc::socket(
@@ -70,12 +98,12 @@ fn listeners(family: u8) -> std::io::Result<Vec<u16>> {
     req[6..8].copy_from_slice(&flags.to_ne_bytes());
     req[NLMSG_HDRLEN] = family;
     req[NLMSG_HDRLEN + 1] = libc::IPPROTO_TCP as u8;
-    req[NLMSG_HDRLEN + 4..NLMSG_HDRLEN + 8].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    req[NLMSG_HDRLEN + 4..NLMSG_HDRLEN + 8].copy_from_slice(&states.to_ne_bytes());
     // SAFETY: sending our buffer on our socket (the kernel is the default destination).
     if unsafe { libc::send(raw, req.as_ptr().cast(), req.len(), 0) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let mut ports = Vec::new();
+    let mut found = Vec::new();
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         // SAFETY: receiving into our buffer, at most its length.
@@ -89,7 +117,7 @@ fn listeners(family: u8) -> std::io::Result<Vec<u16>> {
             let len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
             let kind = u16::from_ne_bytes([header[4], header[5]]);
             if kind == libc::NLMSG_DONE as u16 || len < NLMSG_HDRLEN {
-                return Ok(ports);
+                return Ok(found);
             }
             if kind == libc::NLMSG_ERROR as u16 {
                 let code = got
@@ -97,9 +125,13 @@ fn listeners(family: u8) -> std::io::Result<Vec<u16>> {
                     .map_or(0, |e| i32::from_ne_bytes([e[0], e[1], e[2], e[3]]));
                 return Err(std::io::Error::from_raw_os_error(-code));
             }
-            let sport = at + NLMSG_HDRLEN + MSG_SPORT_OFF;
-            if let Some(p) = got.get(sport..sport + 2) {
-                ports.push(u16::from_be_bytes([p[0], p[1]]));
+            let msg = at + NLMSG_HDRLEN;
+            let field = |off: usize, len: usize| got.get(msg + off..msg + off + len);
+            if let (Some(p), Some(i)) = (field(MSG_SPORT_OFF, 2), field(MSG_INODE_OFF, 4)) {
+                found.push(Socket {
+                    sport: u16::from_be_bytes([p[0], p[1]]),
+                    inode: u32::from_ne_bytes([i[0], i[1], i[2], i[3]]),
+                });
             }
             at += (len + 3) & !3;
         }
@@ -114,11 +146,20 @@ mod tests {
     fn finds_a_listener_of_this_netns_and_what_is_missing() {
         let l = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
         let port = l.local_addr().unwrap().port();
-        let ports: BTreeSet<u16> = listeners(libc::AF_INET as u8)
+        let ports: BTreeSet<u16> = sockets(libc::AF_INET as u8, 1 << TCP_LISTEN)
             .unwrap()
             .into_iter()
+            .map(|s| s.sport)
             .collect();
         assert!(ports.contains(&port), "{port} in {ports:?}");
         assert_eq!(missing(&BTreeSet::from([15001, 15008])), vec![15006]);
+        // A connection of this process counts as held; its listener alone does not.
+        let held = |s: &Socket| s.inode != 0 && (s.sport == port);
+        let before = sockets(libc::AF_INET as u8, CONNECTED).unwrap();
+        assert!(!before.iter().any(held));
+        let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (_a, _) = l.accept().unwrap();
+        let after = sockets(libc::AF_INET as u8, CONNECTED).unwrap();
+        assert!(after.iter().any(held), "the accepted connection is held");
     }
 }

@@ -1,12 +1,13 @@
 //! `cargo xtask bench`: what each redirection path costs, side by side in one run. Prints the
 //! tables and writes `bench/results.json` and `bench/results.md`.
 //!
-//! Usage: bench [--quick] [--rounds N] [--only datapath|perpacket|control] [--out DIR]
+//! Usage: bench [--quick] [--rounds N] [--only datapath|upgrade|perpacket|control] [--out DIR]
 mod control;
 mod datapath;
 mod perpacket;
 mod report;
 mod stats;
+mod upgrade;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -14,7 +15,7 @@ use anyhow::{Context, Result, bail};
 
 struct Args {
     quick: bool,
-    /// Only this part: datapath, perpacket or control.
+    /// Only this part: datapath, upgrade, perpacket or control.
     only: Option<String>,
     rounds: usize,
     out: PathBuf,
@@ -38,7 +39,12 @@ fn args() -> Result<Args> {
                     .parse()
                     .context("--rounds N")?
             }
-            "--only" => a.only = Some(it.next().context("--only datapath|perpacket|control")?),
+            "--only" => {
+                a.only = Some(
+                    it.next()
+                        .context("--only datapath|upgrade|perpacket|control")?,
+                )
+            }
             "--out" => a.out = it.next().context("--out DIR")?.into(),
             other => {
                 bail!("unknown argument {other:?}; usage: bench [--quick] [--rounds N] [--out DIR]")
@@ -73,6 +79,10 @@ fn main() -> Result<()> {
     if part("datapath") {
         eprintln!("bench: data path ({} rounds)", sizes.rounds);
         datapath::run(&sizes, &mut samples)?;
+    }
+    if part("upgrade") {
+        eprintln!("bench: ztunnel replacement ({} rounds)", sizes.rounds);
+        upgrade::run(sizes.rounds, &mut samples)?;
     }
     let repeat = if a.quick { 10_000 } else { 1_000_000 };
     if part("perpacket") {

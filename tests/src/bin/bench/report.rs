@@ -186,11 +186,29 @@ impl Report {
                 .collect();
             let _ = writeln!(s, "| {case} | {} |", row.join(" | "));
         }
+        // The ztunnel replacement window, one row per mode.
+        let _ = writeln!(
+            s,
+            "\n| ztunnel replacement | long-lived broken (of 8) | new failed | new stalled > 1 s | new total |\n|---|---|---|---|---|"
+        );
+        for mode in ["ebpf", "iptables"] {
+            let case = format!("ztunnel-replacement/{mode}");
+            let row: Vec<String> = [
+                "long_lived_broken",
+                "new_failed",
+                "new_stalled",
+                "new_total",
+            ]
+            .iter()
+            .map(|m| format!("{:.0}", median(&self.figures, &case, m)))
+            .collect();
+            let _ = writeln!(s, "| {mode} | {} |", row.join(" | "));
+        }
         let _ = writeln!(s, "\n| ratio | value |\n|---|---|");
         for r in &self.ratios {
             let _ = writeln!(s, "| {} | {:.3} |", r.name, r.value);
         }
-        for section in ["datapath", "per_packet", "control"] {
+        for section in ["datapath", "upgrade", "per_packet", "control"] {
             let _ = writeln!(
                 s,
                 "\n| {section} case | metric | median | spread | unit |\n|---|---|---|---|---|"

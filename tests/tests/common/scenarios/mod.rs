@@ -290,8 +290,9 @@ pub fn without_a_ztunnel_ambient_traffic_is_dropped_not_delivered(
     assert_eq!(reply.peer.ip(), pp.ip, "back through the restarted ztunnel");
     lab.ztunnels[0].wait_access(1, from_to(pp, dst, "inbound"))?;
 
-    // The agent told there is no ztunnel on the node (its pod deleted).
+    // The agent told there is no ztunnel on the node (its pod deleted, its process gone).
     server.peers.lock().unwrap().clear();
+    lab.ztunnels[0].kill();
     let agent = &lab.agents[0];
     agent.describe(&w2.pods_file(false))?;
     super::wait_set_up(agent, w2, false)?;

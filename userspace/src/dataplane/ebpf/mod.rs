@@ -284,18 +284,44 @@ impl Dataplane for EbpfDataplane {
             netns_id: d.netns_id,
         });
         let desired = maps::desired(&facts, draining);
-        self.maps.upsert(&desired)?;
         let owned = self.attachments(&facts);
-        let mut wanted: Vec<Attachment> = owned.keys().cloned().collect();
-        let holds = self.holds(&facts.held);
-        wanted.extend(holds.iter().cloned());
-        let ensured = attach::ensure(
+        // ztunnel's own programs before the maps send anything its way: a SYN redirected into
+        // a netns without the tproxy program is lost, and retransmitted a second later.
+        let ztunnel_side: Vec<Attachment> = owned
+            .keys()
+            .filter(|a| matches!(a.hook, Hook::ZtunnelReturn | Hook::ZtunnelTproxy))
+            .cloned()
+            .collect();
+        let mut ensured = attach::ensure(
             &mut self.ebpf,
             &self.dirs,
             self.attach,
-            &wanted,
+            &ztunnel_side,
             &mut self.adopted,
         )?;
+        let ztunnel_veths: Vec<u32> = ztunnel_side
+            .iter()
+            .filter(|a| a.hook == Hook::ZtunnelReturn)
+            .map(|a| a.ifindex)
+            .collect();
+        attach::release_holds(&self.dirs, &ztunnel_veths, &mut self.adopted)?;
+        self.maps.upsert(&desired)?;
+        let mut wanted: Vec<Attachment> = owned.keys().cloned().collect();
+        wanted.extend(self.holds(&facts.held));
+        let rest: Vec<Attachment> = wanted
+            .iter()
+            .filter(|a| !ztunnel_side.contains(a))
+            .cloned()
+            .collect();
+        let more = attach::ensure(
+            &mut self.ebpf,
+            &self.dirs,
+            self.attach,
+            &rest,
+            &mut self.adopted,
+        )?;
+        ensured.failures.extend(more.failures);
+        ensured.moved_to_head.extend(more.moved_to_head);
         for (a, ahead) in &ensured.moved_to_head {
             log::warn!(
                 "{} on {} ({}): {ahead} had been attached in front of it; moved back to the head",

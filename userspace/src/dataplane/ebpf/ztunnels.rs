@@ -1,5 +1,6 @@
 //! The ztunnels the programs send to: the current one and, during a rolling update, the one it
-//! replaced, which keeps the connections it holds until its pod is gone (its veth disappears).
+//! replaced, which keeps the connections it holds until it holds none (its process exited) or
+//! its pod is gone (its veth disappears).
 //! Each needs tproxy routing and an sk_lookup link in its netns.
 use std::{
     net::IpAddr,
@@ -122,8 +123,13 @@ impl Ztunnels {
             let alive = nl
                 .link_by_index(veth.index)
                 .is_ok_and(|l| l.name == veth.name);
-            if !alive || Some(veth.index) == index {
-                log::info!("ztunnel {} no longer drains", d.ztunnel.pod);
+            // Its process gone (or nothing left to keep): an error reading it keeps the drain.
+            let holds = crate::ztunnel::holds_connections(&d.ztunnel.netns).unwrap_or(true);
+            if !alive || !holds || Some(veth.index) == index {
+                log::info!(
+                    "ztunnel {} holds no connection any more: its drain ends",
+                    d.ztunnel.pod
+                );
                 self.draining = None;
             }
         }

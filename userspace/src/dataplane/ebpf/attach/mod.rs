@@ -344,6 +344,22 @@ pub fn remove_stale(
     Ok(())
 }
 
+/// Detaches the holds of these interfaces (of the node's netns): a veth that turned out to be
+/// ztunnel's must carry its traffic before the maps send anything its way.
+pub fn release_holds(
+    dirs: &PinDirs,
+    ifindexes: &[u32],
+    adopted: &mut BTreeSet<String>,
+) -> Result<()> {
+    for (name, m, p) in all_pinned(dirs)? {
+        if p.hook.is_hold() && ifindexes.contains(&p.ifindex) {
+            detach(dirs, m, &name, &p)?;
+            adopted.remove(&name);
+        }
+    }
+    Ok(())
+}
+
 /// Detaches one recorded attachment and removes its record.
 pub fn detach(dirs: &PinDirs, mode: AttachMode, name: &str, p: &PinnedAttachment) -> Result<()> {
     match mode {
