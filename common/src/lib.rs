@@ -102,7 +102,7 @@ pub const POD_F_V6: u32 = 1 << 1;
 /// `NODE_IPS` value: why an address is the node's.
 pub const NODE_IP_LOCAL: u32 = 1;
 
-/// Packet marks, the bits of the article's layout (`LAYOUT.md`), so that both dataplanes and any
+/// Packet marks, the bits of the article's layout (`docs/layout.md`), so that both dataplanes and any
 /// rule an operator wrote for the original keep meaning the same thing.
 pub const MARK_OUTBOUND: u32 = 0x100;
 pub const MARK_SKIP: u32 = 0x200;

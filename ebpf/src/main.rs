@@ -1,4 +1,4 @@
-//! zdivert's TC programs: one module per packet path (see DESIGN.md).
+//! zdivert's TC programs: one module per packet path (docs/design.md).
 //!
 //! Every program returns a verdict that means what it says: `TCX_NEXT` for traffic zdivert does
 //! not own (so the cluster CNI's programs still see it), `TC_ACT_REDIRECT` from the redirect

@@ -142,7 +142,10 @@ impl Agent {
     }
 
     pub fn status(&self) -> Result<serde_json::Value> {
-        let out = zdivert_in(&self.node_ns, &["--node", &self.node, "status", "--json"])?;
+        let out = zdivert_in(
+            &self.node_ns,
+            &["--node", &self.node, "status", "--output", "json"],
+        )?;
         Ok(serde_json::from_str(&out)?)
     }
 

@@ -111,7 +111,7 @@ pub fn rule_packets(ns: &crate::ns::Netns, rule: &str) -> Result<u64> {
     Ok(packets)
 }
 
-/// The article's lines for `node` (LAYOUT.md), with this node's veth names and addresses.
+/// The article's lines for `node` (docs/layout.md), with this node's veth names and addresses.
 fn article_lines(node: &Node, tunnel: &str) -> (Vec<String>, Vec<String>) {
     let zveth = &node.ztunnel.host_veth;
     let (zip, host) = (node.ztunnel.ip, node.gateway);

@@ -1,4 +1,4 @@
-//! The article's nodes rebuilt in network namespaces (DESIGN.md, "Simulated nodes"): every node is
+//! The article's nodes rebuilt in network namespaces (README, "Set-up"): every node is
 //! a netns of its own holding its pods' host veths and routes (ptp, host side 10.244.N.1), every
 //! pod and ztunnel a netns behind a veth, the nodes joined by an underlay veth. Nothing touches
 //! the machine's root namespace; dropping the topology deletes every namespace (and so every

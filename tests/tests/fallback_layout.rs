@@ -50,6 +50,58 @@ fn every_line_the_article_shows_is_there_and_applying_again_changes_nothing() ->
     assert_eq!(missing(&have_node, &sys_node), Vec::<String>::new());
     assert_eq!(missing(&have_zt, &sys_zt), Vec::<String>::new());
 
+    // `zdivert status` shows the fallback: why, the sets, every rule of the layout present.
+    let st = agent.status()?;
+    assert_eq!(st["mode"], "iptables", "{st}");
+    assert_eq!(st["chosen_because"], "--mode iptables");
+    assert_eq!(st["missing_rules"], 0, "{st}");
+    let rules = st["rules"].as_array().map_or(0, Vec::len);
+    assert!(rules > 20, "only {rules} rules recorded: {st}");
+    let pods_set = st["ipsets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["name"] == "ztunnel-pods-ips")
+        .and_then(|s| s["members"].as_array())
+        .map_or(0, Vec::len);
+    assert_eq!(pods_set, 5, "{st}");
+    assert!(
+        st["tunnel_links"]
+            .as_array()
+            .is_some_and(|l| l.len() == 4 && l.iter().all(|l| l["present"] == true)),
+        "{st}"
+    );
+    assert_eq!(
+        st["ztunnel_netns"][0]
+            .as_str()
+            .map(std::path::PathBuf::from),
+        Some(node.ztunnel.ns.path())
+    );
+    // A rule taken away shows as missing.
+    node.ns.cmd(
+        "iptables",
+        &[
+            "-t",
+            "mangle",
+            "-D",
+            "ztunnel-PREROUTING",
+            "-p",
+            "udp",
+            "-j",
+            "MARK",
+            "--set-xmark",
+            "0x220/0x220",
+        ],
+    )?;
+    let st = agent.status()?;
+    assert_eq!(st["missing_rules"], 1, "{st}");
+    agent.wait_reconciles(agent.metric("zdivert_reconciles_total")? as u64 + 2)?;
+    assert_eq!(
+        agent.status()?["missing_rules"],
+        0,
+        "the next apply puts it back"
+    );
+
     // A restarted agent applies the same state: nothing changes, not even an interface index.
     let before = (snapshot(&node.ns)?, snapshot(&node.ztunnel.ns)?);
     agent.restart()?;

@@ -1,6 +1,6 @@
 //! A rolling update of ztunnel under load: a new ztunnel pod becomes the node's, the old one keeps
 //! the connections it holds until it is gone, and no request fails. eBPF only: the fallback
-//! sends every packet to the ztunnel its routes name (see the README, "ztunnel upgrades").
+//! sends every packet to the ztunnel its routes name (docs/design.md, "ztunnel upgrades").
 mod common;
 
 use std::{

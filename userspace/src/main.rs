@@ -84,18 +84,38 @@ enum Command {
         no_hold_new_veths: bool,
     },
     /// Show the pinned maps, attachments and packet counters.
+    /// Show what is in the kernel for the node, in its mode: eBPF (maps, attachments,
+    /// counters) or the fallback (why, tunnels, sets, every rule with its packets).
     Status {
-        #[arg(long)]
-        json: bool,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Remove every program, link, pin and rule zdivert created.
     Cleanup,
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
 static STOP: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
+/// Installs the SIGTERM and SIGINT handlers, and a task that sets `STOP` on either.
+async fn stop_on_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        log::info!("signalled to stop");
+        STOP.store(true, Ordering::Relaxed);
+    });
+    Ok(())
 }
 
 fn pinned_nodes(bpffs: &Path, node: Option<String>) -> Vec<String> {
@@ -156,17 +176,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "no node name: set NODE_NAME (the DaemonSet takes it from spec.nodeName) or --node"
                 ),
             };
-            // SAFETY: the handler only stores to an atomic.
-            unsafe {
-                libc::signal(
-                    libc::SIGTERM,
-                    on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-                );
-                libc::signal(
-                    libc::SIGINT,
-                    on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-                );
-            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            // Registered before anything else happens: a SIGTERM from now on stops the loop (the
+            // kernel state stays), it never kills the agent halfway through an apply.
+            rt.block_on(stop_on_signal())?;
             let attach = attach.unwrap_or_else(AttachMode::for_kernel);
             let mut dp = choose::build(
                 mode,
@@ -180,10 +196,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )?;
             let health = Arc::new(Health::new(&node, dp.name(), cli.bpffs.clone()));
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
             if health_addr != "off" {
                 let addr: SocketAddr = health_addr
                     .parse()
@@ -236,13 +248,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             log::info!("stopping; redirection stays in place");
             Ok(())
         }
-        Command::Status { json } => {
-            for node in pinned_nodes(&cli.bpffs, cli.node) {
-                let st = status::read(&cli.bpffs, &node)?;
-                if json {
-                    println!("{}", serde_json::to_string(&st)?);
-                } else {
-                    print!("{}", st.render());
+        Command::Status { output } => {
+            let mut nodes = pinned_nodes(&cli.bpffs, cli.node.clone());
+            nodes.extend(state_nodes(&cli.state_dir, cli.node));
+            nodes.sort();
+            nodes.dedup();
+            for node in nodes {
+                let st = status::read(&cli.bpffs, &cli.state_dir, &node)?;
+                match output {
+                    Output::Json => println!("{}", serde_json::to_string(&st)?),
+                    Output::Text => print!("{}", st.render()),
                 }
             }
             Ok(())

@@ -205,7 +205,7 @@ impl Health {
             &[(String::new(), self.started.elapsed().as_secs_f64())],
         );
         if self.mode == "ebpf" {
-            match crate::status::read(&self.bpffs, &self.node) {
+            match crate::status::ebpf::read(&self.bpffs, &self.node) {
                 Ok(st) => {
                     metric(
                         "pods_in_map",

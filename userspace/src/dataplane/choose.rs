@@ -39,23 +39,24 @@ pub fn check_object(mode: Mode, object: &[u8]) -> Result<()> {
 /// Builds the dataplane `mode` asks for, after removing whatever the other mode left.
 pub fn build(mode: Mode, o: &Options) -> Result<Box<dyn Dataplane>> {
     check_object(mode, ebpf::object())?;
-    let use_ebpf = match mode {
-        Mode::Ebpf => true,
-        Mode::Iptables => false,
+    let fallback_because = match mode {
+        Mode::Ebpf => None,
+        Mode::Iptables => Some("--mode iptables".to_string()),
         Mode::Auto => match ebpf::probe(o.bpffs, o.attach) {
             Ok(()) => {
                 log::info!(
                     "mode auto: eBPF (programs load, {} attaches, bpf_sk_assign usable)",
                     o.attach
                 );
-                true
+                None
             }
             Err(why) => {
                 log::warn!("mode auto: iptables fallback, because {why}");
-                false
+                Some(format!("--mode auto, and {why}"))
             }
         },
     };
+    let use_ebpf = fallback_because.is_none();
     if use_ebpf {
         if iptables::has_state(o.state_dir, o.node) {
             iptables::cleanup(o.state_dir, o.node)?;
@@ -74,7 +75,8 @@ pub fn build(mode: Mode, o: &Options) -> Result<Box<dyn Dataplane>> {
         if c.links + c.maps > 0 {
             log::info!("removed the eBPF programs and maps an earlier agent left");
         }
-        let dp = IptablesDataplane::new(o.state_dir, o.node, o.tunnel, o.dns_capture)?;
+        let why = fallback_because.unwrap_or_default();
+        let dp = IptablesDataplane::new(o.state_dir, o.node, o.tunnel, o.dns_capture, &why)?;
         log::info!(
             "iptables dataplane for node {} ({} tunnels), state in {}",
             o.node,

@@ -159,6 +159,7 @@ pub fn run(sizes: &[u32], rounds: usize, samples: &mut Samples) -> Result<()> {
                                     &node,
                                     TunnelChoice::Auto,
                                     false,
+                                    "the bench's fallback variant",
                                 )?;
                                 apply_times(&mut dp, &node, &z, n)
                             }

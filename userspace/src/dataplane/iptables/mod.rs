@@ -4,6 +4,7 @@
 //! puts every sysctl back, from the state file and the kernel alone.
 pub mod layout;
 
+pub mod inspect;
 mod ipset;
 mod remove;
 mod saved;
@@ -110,14 +111,17 @@ fn free_udp_port(from: u16) -> u16 {
 }
 
 impl IptablesDataplane {
+    /// `chosen_because`: why the node runs the fallback, for `zdivert status`.
     pub fn new(
         state_dir: &Path,
         node: &str,
         tunnel: TunnelChoice,
         dns_capture: bool,
+        chosen_because: &str,
     ) -> Result<Self> {
         let file = StateFile::new(state_dir, node);
         let mut saved = file.load()?;
+        saved.chosen_because = Some(chosen_because.into());
         let nl = Netlink::new()?;
         let backend = match saved.backend {
             Some(b) => b,
@@ -362,6 +366,7 @@ impl Dataplane for IptablesDataplane {
             // Nothing to capture and no ztunnel: nothing of ours belongs on the node.
             remove_all(&self.file, &mut self.saved, self.backend)?;
             self.sync_holds(&held)?;
+            self.record_applied(None)?;
             return Ok(report);
         };
         if p.ztunnel.is_none() {
@@ -385,6 +390,7 @@ impl Dataplane for IptablesDataplane {
         }
         // Capture is in place before a classified veth's hold goes.
         self.sync_holds(&held)?;
+        self.record_applied(Some(&p))?;
         report.ztunnel = super::ZtunnelState::of(facts.ztunnel.as_ref());
         report.captured = facts.pods.keys().cloned().collect();
         Ok(report)
@@ -418,6 +424,45 @@ impl IptablesDataplane {
         }
         for v6 in [false, true] {
             tables::sync_chains(backend, v6, &layout::hold_chains(v6))?;
+        }
+        Ok(())
+    }
+
+    /// Notes the rules this apply made (with `p`, the layout's; always the hold's).
+    fn record_applied(&mut self, p: Option<&Params>) -> Result<()> {
+        let mut chains: Vec<(bool, layout::Chain)> = vec![];
+        if let Some(p) = p {
+            chains.extend(layout::node_chains(p).into_iter().map(|c| (false, c)));
+            chains.extend(layout::node_chains6().into_iter().map(|c| (true, c)));
+        }
+        for v6 in [false, true] {
+            chains.extend(layout::hold_chains(v6).into_iter().map(|c| (v6, c)));
+        }
+        let node = |v6: bool, table: &str, rule: &str| saved::AppliedRule {
+            netns: "node".into(),
+            v6,
+            table: table.into(),
+            rule: rule.into(),
+        };
+        let mut applied: Vec<saved::AppliedRule> = chains
+            .iter()
+            .flat_map(|(v6, c)| c.rules.iter().map(move |r| node(*v6, c.table, r)))
+            .collect();
+        if let Some(z) = p.and_then(|p| p.ztunnel.as_ref()) {
+            applied.extend(
+                layout::ztunnel_rules(z)
+                    .into_iter()
+                    .map(|rule| saved::AppliedRule {
+                        netns: "ztunnel".into(),
+                        v6: false,
+                        table: "mangle".into(),
+                        rule,
+                    }),
+            );
+        }
+        if self.saved.applied != applied {
+            self.saved.applied = applied;
+            self.file.store(&self.saved)?;
         }
         Ok(())
     }

@@ -18,6 +18,22 @@ pub struct Saved {
     pub ztunnel_netns: Option<SavedNetns>,
     /// Sysctls we changed, with their original values.
     pub sysctls: Vec<SavedSysctl>,
+    /// Why the fallback runs: `--mode iptables`, or what the kernel lacked for eBPF.
+    #[serde(default)]
+    pub chosen_because: Option<String>,
+    /// The rules the last apply made, for `zdivert status` to find each with its counter.
+    #[serde(default)]
+    pub applied: Vec<AppliedRule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AppliedRule {
+    /// `node` or `ztunnel`.
+    pub netns: String,
+    pub v6: bool,
+    pub table: String,
+    /// As `iptables-save` prints it.
+    pub rule: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

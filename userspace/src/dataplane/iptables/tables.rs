@@ -93,6 +93,11 @@ pub fn save(backend: Backend, v6: bool, table: &str) -> Result<String> {
     run(&backend.command(v6, "save"), &["-t", table], None)
 }
 
+/// As `save`, every rule with its counters (`[packets:bytes] -A …`).
+pub fn save_counted(backend: Backend, v6: bool, table: &str) -> Result<String> {
+    run(&backend.command(v6, "save"), &["-c", "-t", table], None)
+}
+
 fn restore(backend: Backend, v6: bool, input: &str) -> Result<()> {
     run(
         &backend.command(v6, "restore"),

@@ -31,31 +31,16 @@ pub mod select;
 use select::{SelectConfig, select};
 
 /// Retries of a failed list or watch: quick at first, doubling to at most 5 s, back to quick
-/// after a minute without errors.
-struct Backoff {
-    next: Duration,
-}
-
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-impl Iterator for Backoff {
-    type Item = Duration;
-    fn next(&mut self) -> Option<Duration> {
-        let d = self.next;
-        self.next = (d * 2).min(BACKOFF_MAX);
-        Some(d)
-    }
-}
-
-impl kube::runtime::utils::Backoff for Backoff {
-    fn reset(&mut self) {
-        self.next = BACKOFF_MIN;
-    }
-}
-
-fn backoff() -> ResetTimerBackoff<Backoff> {
-    ResetTimerBackoff::new(Backoff { next: BACKOFF_MIN }, Duration::from_secs(60))
+/// after a minute without errors; with jitter (up to the delay again), so that a DaemonSet's
+/// agents do not all retry in the same instant after an API server outage.
+fn backoff() -> ResetTimerBackoff<watcher::ExponentialBackoff> {
+    let jittered = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times();
+    ResetTimerBackoff::new(jittered.into(), Duration::from_secs(60))
 }
 
 /// What one watcher event means here, once its reflector has stored it: which resource, and

@@ -28,7 +28,7 @@ use crate::{
     netns,
 };
 
-/// A packet path and where its program attaches (DESIGN.md).
+/// A packet path and where its program attaches (docs/design.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Hook {
     /// Ingress of an ambient pod's host veth.

@@ -1,4 +1,4 @@
-//! The article's layout (`../shared/LAYOUT.md`) as data, computed purely from a few node facts:
+//! The article's layout (`docs/layout.md`) as data, computed purely from a few node facts:
 //! iptables rules in the form `iptables-save` prints them, policy rules, routes, tunnels and
 //! sysctls, for the node and for ztunnel's netns. Everything the dataplane installs comes from
 //! here, so the golden tests and the kernel see the same lines.

@@ -1,8 +1,9 @@
-//! `zdivert status`: the pinned maps, links and counters, decoded, for one node.
+//! `zdivert status` in eBPF mode: the pinned maps, links and counters, decoded.
 use std::{fmt::Write as _, net::IpAddr, path::Path};
 
 use serde::Serialize;
 
+use super::mac;
 use crate::{
     dataplane::ebpf::{PinDirs, attach, maps},
     error::Result,
@@ -42,13 +43,6 @@ pub struct Counter {
     pub path: &'static str,
     pub outcome: &'static str,
     pub packets: u64,
-}
-
-pub fn mac(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 pub fn read(bpffs: &Path, node: &str) -> Result<Status> {
@@ -103,7 +97,11 @@ pub fn read(bpffs: &Path, node: &str) -> Result<Status> {
 impl Status {
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "node {} (pinned under {})", self.node, self.pins);
+        let _ = writeln!(
+            s,
+            "node {}, mode ebpf (pinned under {})",
+            self.node, self.pins
+        );
         match &self.ztunnel {
             Some(z) => {
                 let ips: Vec<String> = z
