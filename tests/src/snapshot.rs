@@ -26,6 +26,21 @@ fn without_empty_tables(save: &str) -> String {
     out
 }
 
+/// The iptables and ip6tables tables that exist in `ns`, as a plain save lists them (a save with
+/// `-t` would create the table it names).
+pub fn tables(ns: &Netns) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for cmd in ["iptables-save", "ip6tables-save"] {
+        let save = ns.cmd(cmd, &[])?;
+        out.extend(
+            save.lines()
+                .filter_map(|l| l.strip_prefix('*'))
+                .map(|t| format!("{cmd} {t}")),
+        );
+    }
+    Ok(out)
+}
+
 /// `rp_filter` and `accept_local` of every interface (and all/default) of `ns`.
 pub fn sysctls(ns: &Netns) -> anyhow::Result<String> {
     ns.exec(|| -> anyhow::Result<String> {

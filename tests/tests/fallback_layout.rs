@@ -10,7 +10,7 @@ use zdivert_tests::{
     agent::Agent,
     apps::{RequestStream, TcpServer, request, sa},
     fallback::{self, Dump, missing, sysctl_lines},
-    snapshot::{assert_same, clsact_filters, pins, snapshot, sysctls, tcx_programs},
+    snapshot::{assert_same, clsact_filters, pins, snapshot, sysctls, tables, tcx_programs},
     topology::{Node, Topology},
     ztunnel::{MeshConfig, Ztunnel},
 };
@@ -270,13 +270,21 @@ fn cleanup_after_sigkill_restores_everything_including_sysctls() -> anyhow::Resu
         .ns
         .sysctl("net.ipv4.conf.eth0.rp_filter", "1")?;
     let before = (snapshot(&node.ns)?, snapshot(&node.ztunnel.ns)?);
+    let tables_before = tables(&node.ns)?;
 
     let mut agent = Agent::start_mode(node, &node.pods_file(true), "iptables")?;
     fallback::wait_layout(node, 5, true)?;
     assert_ne!(snapshot(&node.ns)?, before.0);
+    assert_ne!(
+        tables(&node.ns)?,
+        tables_before,
+        "the fallback's tables exist"
+    );
     agent.kill();
     let out = agent.cleanup()?;
     assert!(out.contains("removed the iptables layout"), "{out}");
+    // The snapshot counts an empty table as absent; the tables the fallback made are gone.
+    assert_eq!(tables(&node.ns)?, tables_before, "tables left behind");
     assert_same(&before.0, &snapshot(&node.ns)?, "the node");
     assert_same(&before.1, &snapshot(&node.ztunnel.ns)?, "ztunnel's netns");
     Ok(())

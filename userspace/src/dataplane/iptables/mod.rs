@@ -6,6 +6,7 @@ pub mod layout;
 
 pub mod inspect;
 mod ipset;
+mod nftables;
 mod remove;
 mod saved;
 mod tables;
@@ -152,6 +153,9 @@ impl IptablesDataplane {
             saved.tunnel_port = None;
         }
         log::info!("iptables dataplane: {kind} tunnels between the node and ztunnel");
+        if saved.tables_before.is_none() {
+            saved.tables_before = Some(nftables::tagged_existing(backend)?);
+        }
         saved.backend = Some(backend);
         saved.tunnel = Some(kind);
         file.store(&saved)?;

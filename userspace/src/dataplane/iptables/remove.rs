@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use super::{
     CHAINS, CHAINS6, HOLD_CHAINS, NODE_TABLES, ZTUNNEL_TABLES, ipset, is_ztunnel_rule, layout,
+    nftables,
     saved::{self, Saved, SavedNetns, StateFile},
     tables::{self, Backend},
 };
@@ -98,6 +99,16 @@ pub fn cleanup(state_dir: &Path, node: &str) -> Result<Cleaned> {
         }
         for (set, _, _) in layout::hold_members(&[]) {
             ipset::destroy(set)?;
+        }
+        // The tables our chains made the backend create, now empty, unless the node had them.
+        if let Some(before) = &saved.tables_before {
+            for v6 in [false, true] {
+                for table in ["mangle", "nat"] {
+                    if !before.contains(&nftables::tag(v6, table)) {
+                        nftables::delete_if_empty(b, v6, table)?;
+                    }
+                }
+            }
         }
     }
     file.remove()?;

@@ -24,6 +24,10 @@ pub struct Saved {
     /// The rules the last apply made, for `zdivert status` to find each with its counter.
     #[serde(default)]
     pub applied: Vec<AppliedRule>,
+    /// The node's iptables tables (`ip:nat`, `ip6:mangle`, …) before the fallback first ran:
+    /// cleanup deletes the others once they are empty. `None`: not known (an older state file).
+    #[serde(default)]
+    pub tables_before: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

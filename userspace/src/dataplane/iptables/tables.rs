@@ -93,6 +93,11 @@ pub fn save(backend: Backend, v6: bool, table: &str) -> Result<String> {
     run(&backend.command(v6, "save"), &["-t", table], None)
 }
 
+/// Every table of one family that exists, without creating any (`-t` would).
+pub fn save_all(backend: Backend, v6: bool) -> Result<String> {
+    run(&backend.command(v6, "save"), &[], None)
+}
+
 /// As `save`, every rule with its counters (`[packets:bytes] -A …`).
 pub fn save_counted(backend: Backend, v6: bool, table: &str) -> Result<String> {
     run(&backend.command(v6, "save"), &["-c", "-t", table], None)
