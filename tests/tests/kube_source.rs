@@ -56,7 +56,7 @@ fn start(delay: Duration) -> Result<Fixture> {
     let _entered = rt.enter();
     let client = kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse()?))?;
     let (tx, states) = channel();
-    let health = Arc::new(Health::new(NODE, "test", "/nonexistent".into()));
+    let health = Arc::new(Health::new(NODE, "test"));
     rt.spawn(run(
         client,
         SelectConfig::new(NODE, "istio-system"),

@@ -195,7 +195,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     dns_capture,
                 },
             )?;
-            let health = Arc::new(Health::new(&node, dp.name(), cli.bpffs.clone()));
+            let health = Arc::new(Health::new(&node, dp.name()).with_dataplane(dp.as_ref()));
             if health_addr != "off" {
                 let addr: SocketAddr = health_addr
                     .parse()

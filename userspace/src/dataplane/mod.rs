@@ -96,4 +96,6 @@ pub trait Dataplane {
     fn hold(&mut self, links: &[crate::nl::Link]) -> Result<(), Error>;
     /// The veths held in the kernel, an earlier agent's holds included (adopted at start).
     fn held(&self) -> Result<Vec<u32>, Error>;
+    /// Registers the dataplane's own metrics (called once, before serving).
+    fn register_metrics(&self, _registry: &mut prometheus_client::registry::Registry) {}
 }

@@ -152,6 +152,8 @@ pub struct Maps {
     node_ips: HashMap<MapData, IpKey, u32>,
     ztunnel: Array<MapData, ZtunnelEntry>,
     draining: Array<MapData, DrainingZtunnel>,
+    /// How many pod addresses the pod map holds, for `/metrics`.
+    pub pods_in_map: prometheus_client::metrics::gauge::Gauge,
     /// What the maps hold, as this process last wrote or read it: a diff needs no read-back.
     /// Re-read from the kernel every `REREAD` (or after a failed write), so that an entry
     /// changed behind the agent's back is put right at the next resync.
@@ -180,8 +182,18 @@ impl Maps {
             node_ips: take(ebpf, NODE_IPS)?,
             ztunnel: take(ebpf, ZTUNNEL)?,
             draining: take(ebpf, ZTUNNEL_DRAINING)?,
+            pods_in_map: Default::default(),
             known: None,
         })
+    }
+
+    /// The per-CPU counters, for `/metrics`.
+    pub fn take_stats(ebpf: &mut aya::Ebpf) -> Result<PerCpuArray<MapData, u64>> {
+        let map = ebpf.take_map(STATS).ok_or(Error::Map {
+            map: STATS,
+            reason: "missing from the object".into(),
+        })?;
+        PerCpuArray::try_from(map).map_err(map_err(STATS))
     }
 
     /// The draining ztunnel an earlier agent left, if any.
@@ -244,6 +256,7 @@ impl Maps {
                 known.pods.insert(*k, *v);
             }
         }
+        self.pods_in_map.set(known.pods.len() as i64);
         self.known = Some((at, known));
         Ok(())
     }
@@ -277,6 +290,7 @@ impl Maps {
             absent(self.node_ips.remove(&k)).map_err(map_err(NODE_IPS))?;
             known.node_ips.remove(&k);
         }
+        self.pods_in_map.set(known.pods.len() as i64);
         self.known = Some((at, known));
         Ok(())
     }

@@ -3,6 +3,7 @@
 pub mod attach;
 mod lookup;
 pub mod maps;
+mod metrics;
 mod probe;
 mod ztunnels;
 
@@ -69,6 +70,8 @@ impl PinDirs {
 pub struct EbpfDataplane {
     ebpf: Ebpf,
     maps: maps::Maps,
+    /// Handed to the metrics registry once (`register_metrics`).
+    packets: std::sync::Mutex<Option<metrics::PacketCounters>>,
     dirs: PinDirs,
     attach: AttachMode,
     nl: Netlink,
@@ -154,6 +157,7 @@ impl EbpfDataplane {
             0
         };
         let maps = maps::Maps::take(&mut ebpf, config)?;
+        let packets = metrics::PacketCounters::new(maps::Maps::take_stats(&mut ebpf)?);
         let nl = Netlink::new()?;
         let pins: Vec<_> = attach::all_pinned(&dirs)?
             .into_iter()
@@ -163,6 +167,7 @@ impl EbpfDataplane {
         Ok(EbpfDataplane {
             ebpf,
             maps,
+            packets: std::sync::Mutex::new(Some(packets)),
             dirs,
             attach,
             nl,
@@ -245,6 +250,17 @@ impl Dataplane for EbpfDataplane {
         match ensured.failures.into_iter().next() {
             Some((_, e)) => Err(e),
             None => Ok(()),
+        }
+    }
+
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        let packets = self
+            .packets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(packets) = packets {
+            metrics::register(registry, packets, self.maps.pods_in_map.clone());
         }
     }
 
