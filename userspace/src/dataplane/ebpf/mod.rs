@@ -1,12 +1,14 @@
 //! The eBPF dataplane: TC programs on the pods' and ztunnel's veths, maps and links pinned under
 //! `<bpffs>/zdivert/<PIN_VERSION>/<node>/{maps,links,filters}`.
 pub mod attach;
+mod cleanup;
 mod lookup;
 pub mod maps;
 mod metrics;
 mod probe;
 mod ztunnels;
 
+pub use cleanup::{Cleaned, cleanup};
 pub use probe::probe;
 
 use std::{
@@ -396,70 +398,4 @@ impl Dataplane for EbpfDataplane {
             .collect();
         Ok(report)
     }
-}
-
-/// What `cleanup` removed.
-#[derive(Debug, Default)]
-pub struct Cleaned {
-    pub links: usize,
-    pub maps: usize,
-    pub ztunnel_netns: Vec<PathBuf>,
-}
-
-/// Removes every link, pin and ztunnel-netns rule of this node's eBPF dataplane, working from the
-/// pins alone (no agent needs to run). Links go first, so no program is left without its maps.
-pub fn cleanup(bpffs: &Path, node: &str) -> Result<Cleaned> {
-    let dirs = PinDirs::new(bpffs, node);
-    let mut cleaned = Cleaned::default();
-    for (name, mode, pinned) in attach::all_pinned(&dirs)? {
-        if pinned.hook == Hook::ZtunnelTproxy
-            && let Some(ns) = netns::find_by_inode(pinned.netns_inode)
-        {
-            // Both families: removing an absent rule is not an error.
-            match ztunnels::unroute(&ns, true).or_else(|_| ztunnels::unroute(&ns, false)) {
-                Ok(()) => cleaned.ztunnel_netns.push(ns),
-                Err(e) => log::warn!("ztunnel netns {}: {e}", ns.display()),
-            }
-        }
-        attach::detach(&dirs, mode, &name, &pinned)?;
-        cleaned.links += 1;
-    }
-    cleaned.links += lookup::remove_others(&dirs, &[])?;
-    for name in maps::ALL {
-        let path = dirs.maps.join(name);
-        if path.exists() {
-            std::fs::remove_file(&path).map_err(|e| Error::Bpffs {
-                path,
-                reason: e.to_string(),
-            })?;
-            cleaned.maps += 1;
-        }
-    }
-    // A re-record or re-pin an agent did not finish (see attach::clsact, lookup).
-    let dirs_with_repins = [&dirs.filters, &dirs.links];
-    for e in dirs_with_repins
-        .into_iter()
-        .flat_map(std::fs::read_dir)
-        .flatten()
-        .flatten()
-    {
-        if e.file_name()
-            .to_string_lossy()
-            .starts_with(attach::REPIN_PREFIX)
-        {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
-    // Remove our directories bottom-up, stopping at the first that holds something else.
-    for d in [&dirs.links, &dirs.filters, &dirs.maps, &dirs.root] {
-        let _ = std::fs::remove_dir(d);
-    }
-    let mut up = dirs.root.parent();
-    while let Some(d) = up.filter(|d| d.starts_with(bpffs.join("zdivert"))) {
-        if std::fs::remove_dir(d).is_err() {
-            break;
-        }
-        up = d.parent();
-    }
-    Ok(cleaned)
 }

@@ -4,6 +4,7 @@
 //! puts every sysctl back, from the state file and the kernel alone.
 pub mod layout;
 
+mod hold;
 pub mod inspect;
 mod ipset;
 mod nftables;
@@ -415,74 +416,5 @@ impl Dataplane for IptablesDataplane {
             out.extend(self.nl.link_index(&name)?);
         }
         Ok(out)
-    }
-}
-
-impl IptablesDataplane {
-    /// The hold's chains and sets, before any veth can need them.
-    fn install_hold(backend: Backend) -> Result<()> {
-        for (set, kind, _) in layout::hold_members(&[]) {
-            if ipset::members(set)?.is_none() {
-                ipset::sync(set, kind, &BTreeSet::new())?;
-            }
-        }
-        for v6 in [false, true] {
-            tables::sync_chains(backend, v6, &layout::hold_chains(v6))?;
-        }
-        Ok(())
-    }
-
-    /// Notes the rules this apply made (with `p`, the layout's; always the hold's).
-    fn record_applied(&mut self, p: Option<&Params>) -> Result<()> {
-        let mut chains: Vec<(bool, layout::Chain)> = vec![];
-        if let Some(p) = p {
-            chains.extend(layout::node_chains(p).into_iter().map(|c| (false, c)));
-            chains.extend(layout::node_chains6().into_iter().map(|c| (true, c)));
-        }
-        for v6 in [false, true] {
-            chains.extend(layout::hold_chains(v6).into_iter().map(|c| (v6, c)));
-        }
-        let node = |v6: bool, table: &str, rule: &str| saved::AppliedRule {
-            netns: "node".into(),
-            v6,
-            table: table.into(),
-            rule: rule.into(),
-        };
-        let mut applied: Vec<saved::AppliedRule> = chains
-            .iter()
-            .flat_map(|(v6, c)| c.rules.iter().map(move |r| node(*v6, c.table, r)))
-            .collect();
-        if let Some(z) = p.and_then(|p| p.ztunnel.as_ref()) {
-            applied.extend(
-                layout::ztunnel_rules(z)
-                    .into_iter()
-                    .map(|rule| saved::AppliedRule {
-                        netns: "ztunnel".into(),
-                        v6: false,
-                        table: "mangle".into(),
-                        rule,
-                    }),
-            );
-        }
-        if self.saved.applied != applied {
-            self.saved.applied = applied;
-            self.file.store(&self.saved)?;
-        }
-        Ok(())
-    }
-
-    fn held_names(&self) -> Result<BTreeSet<String>> {
-        Ok(ipset::members(layout::HOLD_SET)?
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|m| layout::held_name(m).map(str::to_string))
-            .collect())
-    }
-
-    fn sync_holds(&self, names: &[String]) -> Result<()> {
-        for (set, kind, want) in layout::hold_members(names) {
-            ipset::sync(set, kind, &want)?;
-        }
-        Ok(())
     }
 }
