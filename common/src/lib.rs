@@ -5,18 +5,69 @@
 //! garbage into hash keys. Sizes are asserted at compile time below.
 #![no_std]
 
-/// The pinned state lives under `<bpffs>/zdivert/<PIN_VERSION>/<node>`; a change to any layout in
-/// this file must bump it, because aya reuses a pinned map without checking its key/value sizes.
+/// The pinned state lives under `<bpffs>/zdivert/<PIN_VERSION>/<node>`; a change to any map's
+/// layout in this file must bump it, because aya reuses a pinned map without checking its
+/// key/value sizes. The agent migrates a node from the previous version (`PIN_VERSION_BEFORE`).
 macro_rules! pin_version {
     () => {
-        "v2"
+        "v3"
+    };
+}
+macro_rules! bpffs {
+    () => {
+        "/sys/fs/bpf"
     };
 }
 pub const PIN_VERSION: &str = pin_version!();
+/// The layout an agent of the previous version left: maps without BTF, `PodEntry` with a
+/// `pod_mac` field.
+pub const PIN_VERSION_BEFORE: &str = "v2";
 /// Where bpffs is mounted on a node.
-pub const BPFFS: &str = "/sys/fs/bpf";
+pub const BPFFS: &str = bpffs!();
+/// Below bpffs: everything zdivert pins.
+pub const PIN_BASE: &str = "zdivert";
 /// `<bpffs>/zdivert/<PIN_VERSION>`: every node's pinned state lives in a directory below it.
-pub const PIN_ROOT: &str = concat!("/sys/fs/bpf/zdivert/", pin_version!());
+pub const PIN_ROOT: &str = concat!(bpffs!(), "/zdivert/", pin_version!());
+
+/// The names of the maps, as the object spells them and as they are pinned in
+/// `<PIN_ROOT>/<node>/maps/`.
+pub mod map {
+    pub const PODS: &str = "PODS";
+    pub const NODE_IPS: &str = "NODE_IPS";
+    pub const ZTUNNEL: &str = "ZTUNNEL";
+    pub const ZTUNNEL_DRAINING: &str = "ZTUNNEL_DRAINING";
+    pub const STATS: &str = "STATS";
+    pub const LISTENERS: &str = "LISTENERS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const DNS_FLOWS: &str = "DNS_FLOWS";
+    /// Every map of the object: all of them are pinned.
+    pub const ALL: [&str; 8] = [
+        PODS,
+        NODE_IPS,
+        ZTUNNEL,
+        ZTUNNEL_DRAINING,
+        STATS,
+        LISTENERS,
+        CONFIG,
+        DNS_FLOWS,
+    ];
+}
+
+/// The names of the programs, as the object spells them.
+pub mod program {
+    /// A pod's traffic to the node (ingress on its host veth).
+    pub const OUTBOUND: &str = "zd_outbound";
+    /// Traffic to a pod (egress on its host veth).
+    pub const INBOUND: &str = "zd_inbound";
+    /// What ztunnel sends (ingress on its host veth).
+    pub const ZTUNNEL_RETURN: &str = "zd_zt_return";
+    /// Captured segments arriving in ztunnel's netns (ingress on its eth0).
+    pub const ZTUNNEL_TPROXY: &str = "zd_zt_tproxy";
+    /// sk_lookup in ztunnel's netns: a SYN that retired a TIME_WAIT socket finds the listener.
+    pub const ZTUNNEL_LOOKUP: &str = "zd_zt_lookup";
+    /// A new veth the agent has not classified yet (both directions).
+    pub const HOLD: &str = "zd_hold";
+}
 
 /// An IP address as a map key: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`) so that one map
 /// serves both families without a format change.
@@ -57,10 +108,9 @@ pub struct PodEntry {
     pub host_ifindex: u32,
     /// `POD_F_*` bits.
     pub flags: u32,
-    /// MAC of the pod's eth0 (all zero if unknown: the frame keeps its own).
-    pub pod_mac: [u8; 6],
     /// MAC of the host-side veth: the pod's gateway, as the pod expects to see it.
     pub host_mac: [u8; 6],
+    pub _reserved: [u8; 2],
 }
 
 /// `ZTUNNEL` value (single-slot array): the node's ztunnel.
@@ -208,7 +258,7 @@ pub const COUNTER_SLOTS: u32 = 32;
 
 const _: () = {
     assert!(core::mem::size_of::<IpKey>() == 16);
-    assert!(core::mem::size_of::<PodEntry>() == 20);
+    assert!(core::mem::size_of::<PodEntry>() == 16);
     assert!(core::mem::size_of::<ZtunnelEntry>() == 36);
     assert!(core::mem::size_of::<DrainingZtunnel>() == 40);
     assert!(core::mem::size_of::<DnsFlowKey>() == 8);

@@ -26,13 +26,9 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+/// The kernel's spelling of this crate's license (`MIT OR GPL-2.0-only`, see its Cargo.toml):
+/// the verifier offers GPL-only helpers only to programs that declare a GPL-compatible
+/// license, and the kernel has no spelling for the workspace's Apache-2.0.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
-
-/// Does nothing: the floor `cargo xtask bench` measures the other programs' per-packet cost
-/// against (the cost of running any TC program at all). Never attached.
-#[aya_ebpf::macros::classifier]
-pub fn zd_floor(_ctx: aya_ebpf::programs::TcContext) -> i32 {
-    zdivert_common::TCX_NEXT
-}

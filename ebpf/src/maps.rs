@@ -1,8 +1,10 @@
-//! The maps, pinned by name under the agent's per-node bpffs directory so that a restarted agent
-//! finds the very maps the attached programs use.
+//! The maps, as BTF maps: the object carries their key and value types, so `bpftool map dump`
+//! prints named fields. The agent pins each under `<PIN_ROOT>/<node>/maps/<name>`
+//! (`zdivert_common::map`), so that a restarted agent finds the very maps the attached programs
+//! use.
 use aya_ebpf::{
-    macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
+    macros::btf_map,
 };
 use zdivert_common::{
     CONFIG_DNS_CAPTURE, COUNTER_SLOTS, DNS_FLOWS_MAX_ENTRIES, DnsFlowKey, DrainingZtunnel, IpKey,
@@ -11,38 +13,38 @@ use zdivert_common::{
 };
 
 /// Ambient pods on this node: pod IP (each of its addresses) → its host veth.
-#[map(name = "PODS")]
-pub static PODS: HashMap<IpKey, PodEntry> = HashMap::pinned(PODS_MAX_ENTRIES, 0);
+#[btf_map]
+pub static PODS: HashMap<IpKey, PodEntry, { PODS_MAX_ENTRIES as usize }> = HashMap::new();
 
 /// The node's own addresses: traffic between them and pods (kubelet probes) is not captured.
-#[map(name = "NODE_IPS")]
-pub static NODE_IPS: HashMap<IpKey, u32> = HashMap::pinned(NODE_IPS_MAX_ENTRIES, 0);
+#[btf_map]
+pub static NODE_IPS: HashMap<IpKey, u32, { NODE_IPS_MAX_ENTRIES as usize }> = HashMap::new();
 
 /// The node's ztunnel, slot 0.
-#[map(name = "ZTUNNEL")]
-pub static ZTUNNEL: Array<ZtunnelEntry> = Array::pinned(1, 0);
+#[btf_map]
+pub static ZTUNNEL: Array<ZtunnelEntry, 1> = Array::new();
 
 /// A replaced ztunnel that may still hold connections, slot 0 (`DrainingZtunnel`).
-#[map(name = "ZTUNNEL_DRAINING")]
-pub static ZTUNNEL_DRAINING: Array<DrainingZtunnel> = Array::pinned(1, 0);
+#[btf_map]
+pub static ZTUNNEL_DRAINING: Array<DrainingZtunnel, 1> = Array::new();
 
 /// Per-CPU packet counters, indexed by `zdivert_common::counter`.
-#[map(name = "STATS")]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+#[btf_map]
+pub static STATS: PerCpuArray<u64, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
 
 /// ztunnel's listeners by `listener_slot`, written by the tproxy program when a SYN meets a
 /// TIME_WAIT socket, read by the sk_lookup program that answers the kernel's listener lookup.
-#[map(name = "LISTENERS")]
-pub static LISTENERS: SockMap = SockMap::pinned(LISTENER_SLOTS, 0);
+#[btf_map]
+pub static LISTENERS: SockMap<{ LISTENER_SLOTS as usize }> = SockMap::new();
 
 /// Settings the agent writes once at load, slot 0: `CONFIG_*` bits.
-#[map(name = "CONFIG")]
-pub static CONFIG: Array<u32> = Array::pinned(1, 0);
+#[btf_map]
+pub static CONFIG: Array<u32, 1> = Array::new();
 
 /// The original DNS server of each captured DNS flow, to answer from it (`dns.rs`).
-#[map(name = "DNS_FLOWS")]
-pub static DNS_FLOWS: LruHashMap<DnsFlowKey, [u8; 4]> =
-    LruHashMap::pinned(DNS_FLOWS_MAX_ENTRIES, 0);
+#[btf_map]
+pub static DNS_FLOWS: LruHashMap<DnsFlowKey, [u8; 4], { DNS_FLOWS_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
 
 #[inline(always)]
 pub fn dns_capture() -> bool {

@@ -10,6 +10,56 @@ use anyhow::{Context, Result, bail};
 
 use crate::{ns::run, topology::Node};
 
+/// A dataplane as the tests run it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// eBPF, attached through TCX.
+    Ebpf,
+    /// eBPF attached through tc clsact filters, as on kernels without TCX.
+    EbpfClsact,
+    /// The iptables fallback.
+    Iptables,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Ebpf => "ebpf",
+            Mode::EbpfClsact => "ebpf-clsact",
+            Mode::Iptables => "iptables",
+        }
+    }
+
+    pub fn is_ebpf(self) -> bool {
+        self != Mode::Iptables
+    }
+
+    /// The agent's options that choose it.
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Mode::Ebpf => &["--mode", "ebpf"],
+            Mode::EbpfClsact => &["--mode", "ebpf", "--attach", "netlink"],
+            Mode::Iptables => &["--mode", "iptables"],
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Mode> {
+        [Mode::Ebpf, Mode::EbpfClsact, Mode::Iptables]
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .with_context(|| format!("mode ebpf|ebpf-clsact|iptables, not {s}"))
+    }
+}
+
 pub fn zdivert_bin() -> PathBuf {
     std::env::var_os("ZDIVERT_BIN")
         .map(PathBuf::from)
@@ -24,9 +74,7 @@ pub struct Agent {
     pub pods_file: PathBuf,
     /// Set: the agent watches the (fake) Kubernetes API this kubeconfig names, not the file.
     pub kubeconfig: Option<PathBuf>,
-    /// `--mode`: ebpf or iptables; `ebpf-clsact`: ebpf attached through tc clsact, as on a kernel
-    /// without TCX (`--attach netlink`).
-    pub mode: String,
+    pub mode: Mode,
     /// More `run` options (`--tunnel geneve`).
     pub extra: Vec<String>,
     child: Option<Child>,
@@ -44,14 +92,14 @@ fn zdivert_in(node_ns: &std::path::Path, args: &[&str]) -> Result<String> {
 impl Agent {
     /// Writes the node description and starts the agent on it, in eBPF mode.
     pub fn start(node: &Node, description: &str) -> Result<Agent> {
-        Self::start_mode(node, description, "ebpf")
+        Self::start_mode(node, description, Mode::Ebpf)
     }
 
-    pub fn start_mode(node: &Node, description: &str, mode: &str) -> Result<Agent> {
+    pub fn start_mode(node: &Node, description: &str, mode: Mode) -> Result<Agent> {
         Self::start_with(node, description, mode, &[])
     }
 
-    pub fn start_with(node: &Node, description: &str, mode: &str, extra: &[&str]) -> Result<Agent> {
+    pub fn start_with(node: &Node, description: &str, mode: Mode, extra: &[&str]) -> Result<Agent> {
         let dir = std::env::temp_dir().join("zdivert-tests");
         std::fs::create_dir_all(&dir)?;
         let pods_file = dir.join(format!("{}.yaml", node.name));
@@ -61,7 +109,7 @@ impl Agent {
             node_ns: node.ns.path(),
             pods_file,
             kubeconfig: None,
-            mode: mode.into(),
+            mode,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
@@ -73,7 +121,7 @@ impl Agent {
     pub fn start_kube(
         node: &Node,
         kubeconfig: &std::path::Path,
-        mode: &str,
+        mode: Mode,
         extra: &[&str],
     ) -> Result<Agent> {
         let mut a = Agent {
@@ -81,7 +129,7 @@ impl Agent {
             node_ns: node.ns.path(),
             pods_file: PathBuf::new(),
             kubeconfig: Some(kubeconfig.into()),
-            mode: mode.into(),
+            mode,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
@@ -93,11 +141,8 @@ impl Agent {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.node_ns.display()))
             .arg(zdivert_bin())
-            .args(["--node", &self.node, "run"]);
-        match self.mode.as_str() {
-            "ebpf-clsact" => cmd.args(["--mode", "ebpf", "--attach", "netlink"]),
-            mode => cmd.args(["--mode", mode]),
-        };
+            .args(["--node", &self.node, "run"])
+            .args(self.mode.args());
         match &self.kubeconfig {
             Some(k) => cmd.env("KUBECONFIG", k),
             None => cmd.arg("--pods-file").arg(&self.pods_file),
@@ -135,9 +180,9 @@ impl Agent {
     }
 
     /// Restarts the agent in another mode: it must remove the other mode's state first.
-    pub fn restart_in(&mut self, mode: &str) -> Result<()> {
+    pub fn restart_in(&mut self, mode: Mode) -> Result<()> {
         self.kill();
-        self.mode = mode.into();
+        self.mode = mode;
         self.spawn()
     }
 
@@ -218,6 +263,26 @@ impl Agent {
             .find(|c| c["path"] == path && c["outcome"] == outcome)
             .and_then(|c| c["packets"].as_u64())
             .context("no such counter")
+    }
+
+    /// Starts the agent on `node` (all its pods, ztunnel included) and waits until it has set
+    /// the node up.
+    pub fn start_ready(node: &Node, mode: Mode, extra: &[&str]) -> Result<Agent> {
+        let agent = Self::start_with(node, &node.pods_file(true), mode, extra)?;
+        agent.wait_set_up(node, true)?;
+        Ok(agent)
+    }
+
+    /// Waits until the agent has set `node` up in its mode, with or without a ztunnel.
+    pub fn wait_set_up(&self, node: &Node, with_ztunnel: bool) -> Result<()> {
+        let pods = node.pods.values().filter(|p| p.ambient).count();
+        match self.mode {
+            Mode::Iptables => crate::fallback::wait_layout(node, pods, with_ztunnel),
+            _ => {
+                let links = pods * 2 + if with_ztunnel { 2 } else { 0 };
+                self.wait_ready(pods * 2, links).map(|_| ())
+            }
+        }
     }
 
     /// Waits until the pinned state shows `addresses` pod addresses and `links` attachments.

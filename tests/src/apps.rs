@@ -3,7 +3,10 @@
 use std::{
     io::{BufRead, BufReader, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
     thread,
     time::Duration,
 };
@@ -197,7 +200,8 @@ pub fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
 /// Requests from a pod, one after another on new connections, until stopped: what a workload
 /// sees while the dataplane changes underneath it.
 pub struct RequestStream {
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
     thread: thread::JoinHandle<Vec<Result<IpAddr>>>,
 }
 
@@ -209,23 +213,82 @@ impl RequestStream {
     /// Each request given up after `timeout`: a dropped SYN costs one attempt, not three
     /// seconds of retransmissions, so every moment gets a fresh SYN.
     pub fn start_timeout(ns: &Netns, dst: SocketAddr, timeout: Duration) -> Result<RequestStream> {
-        use std::sync::atomic::{AtomicBool, Ordering};
         let stop = Arc::new(AtomicBool::new(false));
-        let (flag, ns) = (stop.clone(), Netns::attach(&ns.path())?);
+        let done = Arc::new(AtomicUsize::new(0));
+        let (flag, count, ns) = (stop.clone(), done.clone(), Netns::attach(&ns.path())?);
         let thread = thread::spawn(move || {
             let mut results = Vec::new();
             while !flag.load(Ordering::Relaxed) {
                 results.push(request_timeout(&ns, dst, timeout).map(|r| r.peer.ip()));
+                count.fetch_add(1, Ordering::Relaxed);
                 thread::sleep(Duration::from_millis(5));
             }
             results
         });
-        Ok(RequestStream { stop, thread })
+        Ok(RequestStream { stop, done, thread })
+    }
+
+    /// Waits until `n` more requests have finished (however they ended): traffic went on
+    /// across whatever the test just did.
+    pub fn wait_more(&self, n: usize) -> Result<()> {
+        wait_count(&self.done, n, "request stream")
     }
 
     /// Stops the stream; each request's outcome (the peer the server saw).
     pub fn stop(self) -> Vec<Result<IpAddr>> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
         self.thread.join().expect("request stream panicked")
     }
+}
+
+/// One connection, a request on it every 20 ms until stopped: each request's outcome.
+pub struct LongLived {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+    thread: thread::JoinHandle<Vec<Result<(), String>>>,
+}
+
+impl LongLived {
+    pub fn start(ns: &Netns, to: SocketAddr) -> Result<LongLived> {
+        let conn = connect(ns, to, Duration::from_secs(3))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let (flag, count) = (stop.clone(), done.clone());
+        let thread = thread::spawn(move || {
+            let mut out = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                out.push(exchange(&conn).map(|_| ()).map_err(|e| format!("{e:#}")));
+                count.fetch_add(1, Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(20));
+            }
+            // A normal close.
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+            out
+        });
+        Ok(LongLived { stop, done, thread })
+    }
+
+    /// Requests done so far.
+    pub fn done(&self) -> usize {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more requests have finished on the connection.
+    pub fn wait_more(&self, n: usize) -> Result<()> {
+        wait_count(&self.done, n, "long-lived connection")
+    }
+
+    pub fn stop(self) -> Vec<Result<(), String>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("long-lived connection thread")
+    }
+}
+
+fn wait_count(count: &AtomicUsize, n: usize, what: &str) -> Result<()> {
+    let target = count.load(Ordering::Relaxed) + n;
+    crate::eventually(
+        &format!("{n} more requests on the {what}"),
+        Duration::from_secs(20),
+        || Ok(count.load(Ordering::Relaxed) >= target),
+    )
 }

@@ -60,7 +60,11 @@ impl ForeignClsact {
         let prog = load_pass()?;
         // tc takes a program from bpffs: pinned for the command, unpinned after (the filter
         // keeps it).
-        let pin = format!("/sys/fs/bpf/zdivert-test-foreign-{}", std::process::id());
+        let pin = format!(
+            "{}/zdivert-test-foreign-{}",
+            zdivert_common::BPFFS,
+            std::process::id()
+        );
         let path = std::ffi::CString::new(pin.clone())?;
         let mut attr = [0u8; 16];
         attr[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());

@@ -16,6 +16,17 @@ pub mod testrun;
 pub mod topology;
 pub mod ztunnel;
 
+/// The object `cargo xtask build-ebpf` builds next to the agent's, holding only `zd_floor`, the
+/// program that does nothing (the bench's floor).
+pub fn floor_object() -> anyhow::Result<Vec<u8>> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("bpfel-unknown-none/release/zdivert-floor");
+    std::fs::read(&path)
+        .map_err(|e| anyhow::anyhow!("{}: {e} (run `cargo xtask build-ebpf`)", path.display()))
+}
+
 /// Polls `check` until it holds; fails naming `what` after `within`, with the last error seen.
 pub fn eventually(
     what: &str,

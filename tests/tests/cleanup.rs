@@ -3,24 +3,24 @@
 mod common;
 
 use zdivert_tests::{
-    agent::Agent,
+    agent::{Agent, Mode},
     snapshot::{assert_same, pins, snapshot},
     topology::Topology,
 };
 
 #[test]
 fn cleanup_after_sigkill_restores_both_namespaces_and_bpffs() -> anyhow::Result<()> {
-    after_sigkill("ebpf")
+    after_sigkill(Mode::Ebpf)
 }
 
 /// Filters cannot be pinned: cleanup finds them from the recorded programs, in both namespaces,
 /// and removes the clsact qdiscs it leaves empty.
 #[test]
 fn cleanup_after_sigkill_in_clsact_mode_restores_both_namespaces_and_bpffs() -> anyhow::Result<()> {
-    after_sigkill("ebpf-clsact")
+    after_sigkill(Mode::EbpfClsact)
 }
 
-fn after_sigkill(mode: &str) -> anyhow::Result<()> {
+fn after_sigkill(mode: Mode) -> anyhow::Result<()> {
     let topo = Topology::article()?;
     let node = topo.worker2();
     let before = (snapshot(&node.ns)?, snapshot(&node.ztunnel.ns)?);
@@ -49,7 +49,7 @@ fn after_sigkill(mode: &str) -> anyhow::Result<()> {
         3 + maps + l + 1,
         "maps/, links/, filters/, {maps} maps, {l} attachments, the sk_lookup link"
     );
-    if mode == "ebpf-clsact" {
+    if mode == Mode::EbpfClsact {
         assert!(during.1.contains("zd_zt_tproxy"), "{}", during.1);
     }
 

@@ -165,14 +165,14 @@ fn switching_between_tcx_and_clsact_under_traffic_fails_no_connection() -> anyho
     };
 
     std::thread::sleep(std::time::Duration::from_millis(300));
-    lab.agents[0].restart_in(MODE.as_str())?;
+    lab.agents[0].restart_in(MODE)?;
     eventually("all attachments via tc clsact", SECS_20, || {
         only_via(&lab, "via tc clsact")
     })?;
     assert_placed(w2)?;
     std::thread::sleep(std::time::Duration::from_millis(300));
 
-    lab.agents[0].restart_in("ebpf")?;
+    lab.agents[0].restart_in(Mode::Ebpf)?;
     eventually("all attachments via tcx", SECS_20, || {
         only_via(&lab, "via tcx")
     })?;

@@ -38,7 +38,7 @@ fn every_line_the_article_shows_is_there_and_applying_again_changes_nothing() ->
             "KUBE-SERVICES",
         ],
     )?;
-    let mut agent = Agent::start_mode(node, &node.pods_file(true), "iptables")?;
+    let mut agent = Agent::start_mode(node, &node.pods_file(true), Mode::Iptables)?;
     fallback::wait_layout(node, 5, true)?;
     fallback::assert_article_lines(node, "vxlan")?;
     let nat = node.ns.cmd("iptables-save", &["-t", "nat"])?;
@@ -239,12 +239,12 @@ fn switching_ebpf_to_iptables_to_ebpf_leaves_no_residue() -> anyhow::Result<()> 
     };
     check_traffic(&lab)?;
 
-    lab.agents[0].restart_in("iptables")?;
+    lab.agents[0].restart_in(Mode::Iptables)?;
     lab.wait_ready(lab.w2(), true)?;
     no_ebpf_residue(lab.w2(), &lab.agents[0])?;
     check_traffic(&lab)?;
 
-    lab.agents[0].restart_in("ebpf")?;
+    lab.agents[0].restart_in(Mode::Ebpf)?;
     lab.wait_ready(lab.w2(), true)?;
     no_fallback_residue(lab.w2())?;
     assert_eq!(sysctls(&lab.w2().ns)?, node_sysctls, "sysctls restored");
@@ -272,7 +272,7 @@ fn cleanup_after_sigkill_restores_everything_including_sysctls() -> anyhow::Resu
     let before = (snapshot(&node.ns)?, snapshot(&node.ztunnel.ns)?);
     let tables_before = tables(&node.ns)?;
 
-    let mut agent = Agent::start_mode(node, &node.pods_file(true), "iptables")?;
+    let mut agent = Agent::start_mode(node, &node.pods_file(true), Mode::Iptables)?;
     fallback::wait_layout(node, 5, true)?;
     assert_ne!(snapshot(&node.ns)?, before.0);
     assert_ne!(
@@ -300,7 +300,7 @@ fn geneve_tunnels_where_the_kernel_has_geneve() -> anyhow::Result<()> {
     let _agent = Agent::start_with(
         node,
         &node.pods_file(true),
-        "iptables",
+        Mode::Iptables,
         &["--tunnel", "geneve"],
     )?;
     fallback::wait_layout(node, 5, true)?;

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 use zdivert_tests::{
     agent::Agent,
+    agent::Mode,
     apps::{TcpServer, request, request_timeout, sa},
     eventually,
     fakeapi::{
@@ -51,7 +52,7 @@ impl KubeLab {
         let ztunnel = Ztunnel::start(&topo, w2, &MeshConfig::default())?;
         // The agent finds ztunnel's netns through a process in it, not by a name.
         let pause = Pause::start(&w2.ztunnel.ns)?;
-        let agent = Agent::start_kube(w2, &kubeconfig, "ebpf", &[])?;
+        let agent = Agent::start_kube(w2, &kubeconfig, Mode::Ebpf, &[])?;
         let lab = KubeLab {
             agent,
             ztunnel,

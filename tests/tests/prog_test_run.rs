@@ -3,11 +3,10 @@
 //! the maps are pinned under a directory of this test's own, removed afterwards.
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use aya::{
-    EbpfLoader,
     maps::{Array, HashMap},
     programs::SchedClassifier,
 };
@@ -48,7 +47,7 @@ type Case = (&'static str, &'static str, Vec<u8>, u32);
 fn programs_give_the_right_verdicts_and_rewrite_the_right_bytes() -> anyhow::Result<()> {
     let ns = Netns::new(&unique_prefix("run"))?;
     ns.ip("link add name zda type veth peer name zdb")?;
-    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", ns.name)));
+    let pins = PinDir(Path::new(zdivert_common::BPFFS).join(&ns.name));
     std::fs::create_dir_all(&pins.0)?;
     let pin_dir = pins.0.clone();
 
@@ -222,9 +221,8 @@ fn programs_give_the_right_verdicts_and_rewrite_the_right_bytes() -> anyhow::Res
             )
         };
         anyhow::ensure!(a > 0 && b > 0, "veths zda/zdb in the test netns");
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&pin_dir)
-            .load(zdivert::dataplane::ebpf::object())?;
+        let mut ebpf =
+            zdivert::dataplane::ebpf::loader(&pin_dir).load(zdivert::dataplane::ebpf::object())?;
         let mut pods: HashMap<_, IpKey, PodEntry> =
             HashMap::try_from(ebpf.map_mut("PODS").unwrap())?;
         pods.insert(
@@ -232,7 +230,7 @@ fn programs_give_the_right_verdicts_and_rewrite_the_right_bytes() -> anyhow::Res
             PodEntry {
                 host_ifindex: a,
                 flags: POD_F_V4,
-                pod_mac: [0; 6],
+                _reserved: [0; 2],
                 host_mac: [2; 6],
             },
             0,
@@ -242,7 +240,7 @@ fn programs_give_the_right_verdicts_and_rewrite_the_right_bytes() -> anyhow::Res
             PodEntry {
                 host_ifindex: b,
                 flags: POD_F_V4,
-                pod_mac: [0; 6],
+                _reserved: [0; 2],
                 host_mac: GW_MAC_7,
             },
             0,

@@ -4,56 +4,16 @@
 mod common;
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
-    thread,
+    net::{IpAddr, Ipv4Addr},
     time::Duration,
 };
 
 use common::{Lab, Mode};
 use zdivert_tests::{
-    apps::{RequestStream, TcpServer, connect, exchange, request, sa},
+    apps::{LongLived, RequestStream, TcpServer, request, sa},
     eventually,
-    topology::Pod,
     ztunnel::{MeshConfig, Ztunnel},
 };
-
-/// One connection, a request on it every 20 ms until stopped: each request's outcome.
-struct LongLived {
-    stop: Arc<AtomicBool>,
-    /// Requests done so far.
-    done: Arc<AtomicUsize>,
-    thread: thread::JoinHandle<Vec<Result<(), String>>>,
-}
-
-impl LongLived {
-    fn start(from: &Pod, to: SocketAddr) -> anyhow::Result<LongLived> {
-        let conn = connect(&from.ns, to, Duration::from_secs(3))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicUsize::new(0));
-        let (flag, count) = (stop.clone(), done.clone());
-        let thread = thread::spawn(move || {
-            let mut out = Vec::new();
-            while !flag.load(Ordering::Relaxed) {
-                out.push(exchange(&conn).map(|_| ()).map_err(|e| format!("{e:#}")));
-                count.fetch_add(1, Ordering::Relaxed);
-                thread::sleep(Duration::from_millis(20));
-            }
-            // A normal close, before the old ztunnel goes.
-            let _ = conn.shutdown(std::net::Shutdown::Both);
-            out
-        });
-        Ok(LongLived { stop, done, thread })
-    }
-
-    fn stop(self) -> Vec<Result<(), String>> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("long-lived connection thread")
-    }
-}
 
 fn ztunnel_is_replaced_without_failing_a_request(mode: Mode) -> anyhow::Result<()> {
     let mut lab = Lab::real(mode, |_| MeshConfig::default())?;
@@ -75,9 +35,9 @@ fn ztunnel_is_replaced_without_failing_a_request(mode: Mode) -> anyhow::Result<(
     // Connections that outlive the switch, each way through the old ztunnel: same node
     // (HBONE back into it), out to the other node, and in from the other node.
     let long = [
-        LongLived::start(pp, sa(rv1.ip, 9080))?,
-        LongLived::start(pp, sa(details.ip, 9080))?,
-        LongLived::start(details, sa(rv2.ip, 9080))?,
+        LongLived::start(&pp.ns, sa(rv1.ip, 9080))?,
+        LongLived::start(&pp.ns, sa(details.ip, 9080))?,
+        LongLived::start(&details.ns, sa(rv2.ip, 9080))?,
     ];
     // New connections all along.
     let short = [
@@ -95,12 +55,12 @@ fn ztunnel_is_replaced_without_failing_a_request(mode: Mode) -> anyhow::Result<(
     w2.plug_pod(&new_pod)?;
     agent.describe(&w2.pods_file_with(&[&new_pod]))?;
     let new = Ztunnel::start_in(&lab.topo, w2, &new_pod, &lab.mesh, &[])?;
-    thread::sleep(Duration::from_millis(500));
+    // Traffic on all the while the new pod came up.
+    for s in &short {
+        s.wait_more(10)?;
+    }
     agent.describe(&w2.pods_file_for(&new_pod, &[]))?;
-    let at_switch: Vec<usize> = long
-        .iter()
-        .map(|l| l.done.load(Ordering::Relaxed))
-        .collect();
+    let at_switch: Vec<usize> = long.iter().map(LongLived::done).collect();
     eventually("the old ztunnel drains", Duration::from_secs(10), || {
         Ok(agent.metric("zdivert_ztunnel_draining")? == 1.0)
     })?;
@@ -119,7 +79,9 @@ fn ztunnel_is_replaced_without_failing_a_request(mode: Mode) -> anyhow::Result<(
             .map(|_| ())
     };
     served_by_new(10)?;
-    thread::sleep(Duration::from_secs(1));
+    for l in &long {
+        l.wait_more(10)?;
+    }
 
     // The old ztunnel still carried the long-lived connections after the switch.
     let long: Vec<Vec<Result<(), String>>> = long.into_iter().map(LongLived::stop).collect();
@@ -134,7 +96,9 @@ fn ztunnel_is_replaced_without_failing_a_request(mode: Mode) -> anyhow::Result<(
     ];
     // The kubelet stops the old pod: SIGTERM, ztunnel's drain, exit.
     let exited = old.terminate(Duration::from_secs(10));
-    thread::sleep(Duration::from_millis(500));
+    for s in &short {
+        s.wait_more(10)?;
+    }
     let exiting: Vec<_> = short.into_iter().map(RequestStream::stop).collect();
 
     for (i, results) in long.iter().enumerate() {

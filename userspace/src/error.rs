@@ -1,16 +1,55 @@
-//! The agent's errors: each names the thing that is wrong (which pod, interface, map, file).
-use std::{io, net::IpAddr, path::PathBuf};
+//! The agent's errors: each names the thing that is wrong (which pod, interface, map, file) and
+//! keeps what the kernel or the library said as its source. `Display` says only this layer's
+//! part; print a chain with `{:#}` through anyhow or with [`Chain`].
+use std::{fmt, io, net::IpAddr, path::PathBuf};
+
+/// Whatever a library reported while attaching or pinning a program (aya's program, link, tc
+/// and pin errors), kept whole.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("node description {path}: cannot read it")]
+    NodeFileRead {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
     #[error("node description {path}: {reason}")]
     NodeFile { path: PathBuf, reason: String },
 
-    #[error("network namespace {path}: {source}")]
-    Netns { path: PathBuf, source: io::Error },
+    #[error("network namespace {path}")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 
-    #[error("netlink {what}: {reason}")]
-    Netlink { what: String, reason: String },
+    #[error("netlink: {what}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+
+    /// A netlink socket the agent speaks to directly (nftables, the link watch, tc errnos).
+    #[error("netlink: {what}")]
+    NetlinkIo {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("netlink: {what}: the message cannot be built")]
+    RouteMessage {
+        what: String,
+        #[source]
+        source: Cause,
+    },
+
+    #[error("netlink: {what}: not found")]
+    NetlinkNotFound { what: String },
 
     #[error("pod {pod}: no route to its address {ip} on this node (is it scheduled here?)")]
     PodRoute { pod: String, ip: IpAddr },
@@ -47,40 +86,146 @@ pub enum Error {
     )]
     NoEbpfObject,
 
-    #[error("eBPF program {program}: {source}")]
+    #[error("eBPF program {program} is missing from the object")]
+    ProgramMissing { program: &'static str },
+
+    #[error("eBPF program {program}")]
     Program {
         program: &'static str,
+        #[source]
         source: aya::programs::ProgramError,
     },
 
-    #[error("attaching {program} to {interface} ({direction}): {reason}")]
+    #[error("attaching {program} to {interface} ({direction})")]
     Attach {
         program: &'static str,
         interface: String,
         direction: &'static str,
-        reason: String,
+        #[source]
+        source: Cause,
     },
 
-    #[error("eBPF map {map}: {reason}")]
-    Map { map: &'static str, reason: String },
+    #[error("eBPF map {map} is missing from the object")]
+    MapMissing { map: &'static str },
 
-    #[error("bpffs {path}: {reason}")]
-    Bpffs { path: PathBuf, reason: String },
+    #[error("eBPF map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
 
-    #[error("`{command}` failed: {reason}")]
-    Command { command: String, reason: String },
+    #[error("bpffs {path}")]
+    Bpffs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 
-    #[error("sysctl {path}: {reason}")]
-    Sysctl { path: String, reason: String },
+    #[error("bpffs {path}: cannot pin there")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
 
-    #[error("state file {path}: {reason}")]
-    StateFile { path: PathBuf, reason: String },
+    #[error("{path} is not a bpffs mount (mount -t bpf bpf {path})")]
+    NotBpffs { path: PathBuf },
+
+    #[error("`{command}` could not run")]
+    CommandSpawn {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("`{command}` failed: {stderr}")]
+    CommandFailed { command: String, stderr: String },
+
+    #[error("sysctl {path}")]
+    Sysctl {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("state file {path}")]
+    StateFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("state file {path}: not the format this agent writes")]
+    StateFileFormat {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error("this node has no IPv4 source address towards {towards}: the tunnels need one")]
+    NoSourceAddress { towards: IpAddr },
 
     #[error("node {node}: {reason}")]
     NodeFacts { node: String, reason: String },
 
-    #[error("loading the eBPF object: {0}")]
+    #[error("loading the eBPF object")]
     Load(#[from] aya::EbpfError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error and its causes on one line (`a: b: c`), for log lines.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
+
+impl Error {
+    /// One line with the causes, for logs and status.
+    pub fn chain(&self) -> Chain<'_> {
+        Chain(self)
+    }
+
+    /// The errno the kernel answered, if that is what this error comes down to.
+    pub fn errno(&self) -> Option<i32> {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(c) = cause {
+            if let Some(io) = c.downcast_ref::<io::Error>() {
+                return io.raw_os_error();
+            }
+            if let Some(rtnetlink::Error::NetlinkError(m)) = c.downcast_ref::<rtnetlink::Error>() {
+                return m.code.map(|c| -c.get());
+            }
+            cause = c.source();
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_names_every_cause_once() {
+        let e = Error::Bpffs {
+            path: "/sys/fs/bpf/zdivert".into(),
+            source: io::Error::from_raw_os_error(libc::EPERM),
+        };
+        let line = e.chain().to_string();
+        assert!(line.starts_with("bpffs /sys/fs/bpf/zdivert: "), "{line}");
+        assert!(line.contains("Operation not permitted"), "{line}");
+        assert_eq!(line.matches("bpffs").count(), 1, "{line}");
+        assert_eq!(e.errno(), Some(libc::EPERM));
+    }
+}

@@ -122,7 +122,9 @@ fn pinned_nodes(bpffs: &Path, node: Option<String>) -> Vec<String> {
     if let Some(n) = node {
         return vec![n];
     }
-    let dir = bpffs.join("zdivert").join(zdivert_common::PIN_VERSION);
+    let dir = bpffs
+        .join(zdivert_common::PIN_BASE)
+        .join(zdivert_common::PIN_VERSION);
     let mut nodes: Vec<String> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()

@@ -162,15 +162,16 @@ fn packages() -> Result<()> {
 }
 
 fn bpffs() -> Result<()> {
+    use zdivert_common::BPFFS;
     let mounts = std::fs::read_to_string("/proc/self/mounts")?;
     if mounts
         .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.starts_with("bpf "))
+        .any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.starts_with("bpf "))
     {
         return Ok(());
     }
-    eprintln!("setup: mounting bpffs at /sys/fs/bpf");
-    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+    eprintln!("setup: mounting bpffs at {BPFFS}");
+    run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
 }
 
 /// Namespaces and pins an interrupted test run may have left (ours only: the `zdt` prefix).
@@ -186,7 +187,7 @@ pub fn remove_leftovers() -> Result<()> {
         }
     }
     let pins = Path::new(zdivert_common::PIN_ROOT);
-    for node in std::fs::read_dir(&pins).into_iter().flatten().flatten() {
+    for node in std::fs::read_dir(pins).into_iter().flatten().flatten() {
         let name = node.file_name().to_string_lossy().into_owned();
         if name.starts_with("zdt") {
             eprintln!("removing leftover pins of {name}");

@@ -4,9 +4,8 @@ use std::{collections::HashMap, net::IpAddr, path::Path};
 
 use anyhow::Result;
 use zdivert_tests::{
-    agent::{Agent, zdivert_bin},
+    agent::{Agent, Mode, zdivert_bin},
     apps::{TcpServer, request, sa},
-    fallback,
     ns::{Netns, run},
     topology::{Node, Topology},
     ztunnel::{MeshConfig, Policy, Ztunnel},
@@ -14,14 +13,10 @@ use zdivert_tests::{
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let mode = match args.iter().position(|a| a == "--mode") {
-        Some(i) => args.get(i + 1).map(String::as_str).unwrap_or("ebpf"),
-        None => "ebpf",
+    let mode: Mode = match args.iter().position(|a| a == "--mode") {
+        Some(i) => args.get(i + 1).map_or("ebpf", String::as_str).parse()?,
+        None => Mode::Ebpf,
     };
-    anyhow::ensure!(
-        mode == "ebpf" || mode == "iptables",
-        "--mode ebpf|iptables, not {mode}"
-    );
     let topo = Topology::article()?;
     println!(
         "== the article's nodes, rebuilt in network namespaces (prefix {}), {mode} dataplane",
@@ -68,14 +63,7 @@ fn main() -> Result<()> {
         .collect::<Result<_>>()?;
     let mut agents = Vec::new();
     for n in &topo.nodes {
-        let agent = Agent::start_mode(n, &n.pods_file(true), mode)?;
-        let ambient = n.pods.values().filter(|p| p.ambient).count();
-        if mode == "iptables" {
-            fallback::wait_layout(n, ambient, true)?;
-        } else {
-            agent.wait_ready(ambient * 2, ambient * 2 + 2)?;
-        }
-        agents.push(agent);
+        agents.push(Agent::start_ready(n, mode, &[])?);
     }
     let (w2, w1) = (topo.worker2(), topo.worker());
     let mut servers = Vec::new();
@@ -166,7 +154,7 @@ fn main() -> Result<()> {
         }
     }
 
-    if mode == "iptables" {
+    if mode == Mode::Iptables {
         article_rules(w2)?;
     } else {
         println!("\n== zdivert status on {}", w2.article_name);

@@ -2,38 +2,12 @@
 //! on each, all torn down on drop (agents first: they remove their pins).
 #![allow(dead_code)]
 use anyhow::Result;
+pub use zdivert_tests::agent::Mode;
 use zdivert_tests::{
     agent::Agent,
-    fallback,
     topology::{Node, Topology},
     ztunnel::{MeshConfig, Ztunnel},
 };
-
-/// A dataplane as the tests run it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// eBPF, attached through TCX.
-    Ebpf,
-    /// eBPF attached through tc clsact filters, as on kernels without TCX.
-    EbpfClsact,
-    /// The iptables fallback.
-    Iptables,
-}
-
-impl Mode {
-    /// The agent's name for it (see `Agent`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Ebpf => "ebpf",
-            Mode::EbpfClsact => "ebpf-clsact",
-            Mode::Iptables => "iptables",
-        }
-    }
-
-    pub fn is_ebpf(self) -> bool {
-        self != Mode::Iptables
-    }
-}
 
 pub struct Lab {
     pub agents: Vec<Agent>,
@@ -64,11 +38,7 @@ pub fn assert_none_failed(results: &[Result<std::net::IpAddr>], min: usize) {
 
 /// Waits until `agent` has set `node` up in its mode, with or without a ztunnel.
 pub fn wait_set_up(agent: &Agent, node: &Node, with_ztunnel: bool) -> Result<()> {
-    let (a, l) = expected(node, with_ztunnel);
-    match agent.mode.as_str() {
-        "iptables" => fallback::wait_layout(node, a, with_ztunnel),
-        _ => agent.wait_ready(a * 2, l).map(|_| ()),
-    }
+    agent.wait_set_up(node, with_ztunnel)
 }
 
 impl Lab {
@@ -84,7 +54,6 @@ impl Lab {
         ztunnel_env: &[(&str, &str)],
         agent_options: &[&str],
     ) -> Result<Lab> {
-        let mode = mode.as_str();
         let topo = Topology::article()?;
         let mesh = mesh(&topo);
         let mut lab = Lab {

@@ -40,7 +40,7 @@ pub fn watch(
                 }
                 Err(e) => {
                     health.source_error();
-                    log::error!("{e}; keeping the last good state");
+                    log::error!("{}; keeping the last good state", e.chain());
                 }
             }
         }

@@ -37,14 +37,20 @@ pub fn watch(inputs: Sender<Input>) -> Result<()> {
             if let Err(e) = rt.block_on(run(inputs, &ready_tx)) {
                 // Before the subscription this goes to `watch`'s caller; after, it is logged.
                 if let Err(std::sync::mpsc::SendError(Err(e))) = ready_tx.send(Err(e)) {
-                    log::error!("link watch stopped: {e}; new veths are no longer held");
+                    log::error!(
+                        "link watch stopped: {}; new veths are no longer held",
+                        e.chain()
+                    );
                 }
             }
         })
         .map_err(|e| netlink("thread", e))?;
-    ready_rx
-        .recv()
-        .unwrap_or_else(|_| Err(netlink("thread", "exited before subscribing")))
+    ready_rx.recv().unwrap_or_else(|_| {
+        Err(netlink(
+            "thread",
+            std::io::Error::other("exited before subscribing"),
+        ))
+    })
 }
 
 async fn run(inputs: Sender<Input>, ready: &Sender<Result<()>>) -> Result<()> {
@@ -63,7 +69,7 @@ async fn run(inputs: Sender<Input>, ready: &Sender<Result<()>>) -> Result<()> {
         .map_ok(|m| m.header.index)
         .try_collect()
         .await
-        .map_err(|e| netlink("link dump", e))?;
+        .map_err(crate::nl::nl_err("link dump"))?;
     let _ = ready.send(Ok(()));
     while let Some((msg, _)) = messages.next().await {
         match msg.payload {
@@ -85,9 +91,9 @@ async fn run(inputs: Sender<Input>, ready: &Sender<Result<()>>) -> Result<()> {
     Ok(())
 }
 
-fn netlink(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Netlink {
+fn netlink(what: &str, source: std::io::Error) -> Error {
+    Error::NetlinkIo {
         what: what.into(),
-        reason: e.to_string(),
+        source,
     }
 }

@@ -65,7 +65,7 @@ impl Reconciler {
         let mut held: BTreeSet<u32> = dp
             .held()
             .unwrap_or_else(|e| {
-                log::error!("reading the held veths: {e}");
+                log::error!("reading the held veths: {}", e.chain());
                 Vec::new()
             })
             .into_iter()
@@ -93,7 +93,9 @@ impl Reconciler {
                             "new veth {}: its TCP is held until its pod is known",
                             names.join(", ")
                         ),
-                        Err(e) => log::error!("holding new veth {}: {e}", names.join(", ")),
+                        Err(e) => {
+                            log::error!("holding new veth {}: {}", names.join(", "), e.chain())
+                        }
                     }
                     held.extend(new.iter().map(|l| l.index));
                     self.health.set_held(held.len());
@@ -170,7 +172,7 @@ impl Reconciler {
         match dp.apply(state) {
             Ok(report) => {
                 for (pod, e) in &report.failed {
-                    log::warn!("{pod}: {e}");
+                    log::warn!("{pod}: {}", e.chain());
                 }
                 // Said once per change, not on every apply.
                 let mut last = self.last_ztunnel.lock().unwrap_or_else(|p| p.into_inner());
@@ -197,7 +199,7 @@ impl Reconciler {
                 (ok, Some(report.held.iter().copied().collect()))
             }
             Err(e) => {
-                log::error!("{} dataplane: {e}", dp.name());
+                log::error!("{} dataplane: {}", dp.name(), e.chain());
                 self.health.failed();
                 (false, None)
             }

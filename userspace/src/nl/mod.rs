@@ -25,7 +25,7 @@ pub struct Link {
 }
 
 /// The fallback's skip mark (0x200): see `route_get`.
-const ROUTE_LOOKUP_MARK: u32 = 0x200;
+const ROUTE_LOOKUP_MARK: u32 = zdivert_common::MARK_SKIP;
 
 pub struct Netlink {
     rt: tokio::runtime::Runtime,
@@ -44,10 +44,7 @@ pub use tunnels::{Tunnel, TunnelKind};
 
 pub(crate) fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
     let what = what.into();
-    move |e| Error::Netlink {
-        what,
-        reason: e.to_string(),
-    }
+    move |source| Error::Netlink { what, source }
 }
 
 impl Netlink {
@@ -56,15 +53,16 @@ impl Netlink {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .build()
-            .map_err(|e| Error::Netlink {
+            .map_err(|source| Error::NetlinkIo {
                 what: "runtime".into(),
-                reason: e.to_string(),
+                source,
             })?;
         let handle = rt.block_on(async {
-            let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| Error::Netlink {
-                what: "socket".into(),
-                reason: e.to_string(),
-            })?;
+            let (conn, handle, _) =
+                rtnetlink::new_connection().map_err(|source| Error::NetlinkIo {
+                    what: "socket".into(),
+                    source,
+                })?;
             tokio::spawn(conn);
             Ok::<_, Error>(handle)
         })?;
@@ -84,10 +82,7 @@ impl Netlink {
         });
         match msg.map_err(nl_err(what.clone()))? {
             Some(m) => Ok(to_link(&m)),
-            None => Err(Error::Netlink {
-                what,
-                reason: "not found".into(),
-            }),
+            None => Err(Error::NetlinkNotFound { what }),
         }
     }
 
@@ -117,10 +112,10 @@ impl Netlink {
         self.rt
             .block_on(self.handle.link().add(msg).execute())
             .map_err(nl_err(format!("adding veth {name}")))?;
-        self.link_index(name)?.ok_or_else(|| Error::Netlink {
-            what: format!("veth {name}"),
-            reason: "created but not found".into(),
-        })
+        self.link_index(name)?
+            .ok_or_else(|| Error::NetlinkNotFound {
+                what: format!("veth {name}"),
+            })
     }
 
     /// Every address configured on any interface, with the interface's index.
@@ -165,9 +160,9 @@ impl Netlink {
         let len = if ip.is_ipv4() { 32 } else { 128 };
         let msg = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(ip, len)
-            .map_err(|e| Error::Netlink {
+            .map_err(|e| Error::RouteMessage {
                 what: format!("route to {ip}"),
-                reason: e.to_string(),
+                source: Box::new(e),
             })?
             .mark(ROUTE_LOOKUP_MARK)
             .build();
@@ -224,9 +219,8 @@ impl Netlink {
             .links()?
             .into_iter()
             .find(|l| l.name == "lo")
-            .ok_or_else(|| Error::Netlink {
+            .ok_or_else(|| Error::NetlinkNotFound {
                 what: "link lo".into(),
-                reason: "not found".into(),
             })?;
         let any = if v6 {
             IpAddr::V6(Ipv6Addr::UNSPECIFIED)
@@ -235,9 +229,9 @@ impl Netlink {
         };
         let mut b = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(any, 0)
-            .map_err(|e| Error::Netlink {
+            .map_err(|e| Error::RouteMessage {
                 what: "local route".into(),
-                reason: e.to_string(),
+                source: Box::new(e),
             })?
             .table_id(table)
             .kind(RouteType::Local)

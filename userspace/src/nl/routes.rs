@@ -60,9 +60,9 @@ impl Route {
 
     fn message(&self) -> Result<RouteMessage> {
         let what = self.describe();
-        let invalid = |e: _| Error::Netlink {
+        let invalid = |e| Error::RouteMessage {
             what: what.clone(),
-            reason: format!("{e:?}"),
+            source: Box::new(e),
         };
         let mut b = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(self.dst, self.prefix)

@@ -110,9 +110,9 @@ impl Netlink {
                 {
                     let code = -code.get();
                     if !absent(Some(code)) {
-                        return Err(Error::Netlink {
+                        return Err(Error::NetlinkIo {
                             what,
-                            reason: std::io::Error::from_raw_os_error(code).to_string(),
+                            source: std::io::Error::from_raw_os_error(code),
                         });
                     }
                 }

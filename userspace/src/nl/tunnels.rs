@@ -165,10 +165,8 @@ impl Netlink {
                 self.rt
                     .block_on(self.handle.link().add(t.message()).execute())
                     .map_err(nl_err(what.clone()))?;
-                self.link_index(&t.name)?.ok_or_else(|| Error::Netlink {
-                    what: what.clone(),
-                    reason: "created but not found".into(),
-                })?
+                self.link_index(&t.name)?
+                    .ok_or_else(|| Error::NetlinkNotFound { what: what.clone() })?
             }
         };
         self.ensure_address(index, t.address, 30, t.broadcast, &what)?;

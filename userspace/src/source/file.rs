@@ -56,9 +56,9 @@ fn default_ns() -> String {
 }
 
 pub fn read(path: &Path) -> Result<NodeState> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::NodeFile {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::NodeFileRead {
         path: path.into(),
-        reason: e.to_string(),
+        source,
     })?;
     parse(&text).map_err(|reason| Error::NodeFile {
         path: path.into(),

@@ -20,7 +20,11 @@ use zdivert::{
     },
     state::{NodeState, PodId, PodSpec, ZtunnelSpec},
 };
-use zdivert_tests::{agent::Agent, eventually, fallback, topology::Topology};
+use zdivert_tests::{
+    agent::{Agent, Mode},
+    eventually, fallback,
+    topology::Topology,
+};
 
 use crate::stats::Samples;
 
@@ -136,7 +140,7 @@ pub fn run(sizes: &[u32], rounds: usize, samples: &mut Samples) -> Result<()> {
         for round in 0..rounds {
             // eBPF attached through TCX (the default) and through tc clsact, and the fallback,
             // in a rotating order.
-            let mut order = ["ebpf", "ebpf-clsact", "iptables"];
+            let mut order = [Mode::Ebpf, Mode::EbpfClsact, Mode::Iptables];
             order.rotate_left(round % 3);
             for mode in order {
                 let (node, z) = (node.clone(), z.clone());
@@ -144,9 +148,9 @@ pub fn run(sizes: &[u32], rounds: usize, samples: &mut Samples) -> Result<()> {
                     &w2.ns.path(),
                     move || -> Result<(Duration, Duration)> {
                         let result = match mode {
-                            "ebpf" | "ebpf-clsact" => {
+                            Mode::Ebpf | Mode::EbpfClsact => {
                                 let attach = match mode {
-                                    "ebpf" => AttachMode::Tcx,
+                                    Mode::Ebpf => AttachMode::Tcx,
                                     _ => AttachMode::Netlink,
                                 };
                                 let mut dp =
@@ -189,7 +193,7 @@ pub fn run(sizes: &[u32], rounds: usize, samples: &mut Samples) -> Result<()> {
             }
         }
         // The real agent's memory once it holds N pods, in each mode.
-        for mode in ["ebpf", "iptables"] {
+        for mode in [Mode::Ebpf, Mode::Iptables] {
             let agent = Agent::start_with(
                 w2,
                 &pods_file(&node, &z, n),
@@ -198,7 +202,7 @@ pub fn run(sizes: &[u32], rounds: usize, samples: &mut Samples) -> Result<()> {
             )?;
             let within = Duration::from_secs(120);
             match mode {
-                "ebpf" => eventually(&format!("{n} pods in the map"), within, || {
+                Mode::Ebpf => eventually(&format!("{n} pods in the map"), within, || {
                     Ok(agent.status()?["pods"].as_array().map_or(0, Vec::len) == n as usize)
                 })?,
                 _ => eventually(&format!("{n} pods in the ipset"), within, || {

@@ -6,8 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use zdivert_tests::{
-    agent::Agent,
-    fallback,
+    agent::{Agent, Mode},
     load::{self, Server},
     topology::Topology,
     ztunnel::{MeshConfig, Ztunnel},
@@ -24,21 +23,11 @@ pub struct Sizes {
     pub rounds: usize,
 }
 
-fn start_agents(topo: &Topology, mode: &str) -> Result<Vec<Agent>> {
-    let mut agents = vec![];
-    for node in &topo.nodes {
-        let agent =
-            Agent::start_with(node, &node.pods_file(true), mode, &["--health-addr", "off"])?;
-        let pods = node.pods.values().filter(|p| p.ambient).count();
-        match mode {
-            "iptables" => fallback::wait_layout(node, pods, true)?,
-            _ => {
-                agent.wait_ready(pods * 2, pods * 2 + 2)?;
-            }
-        }
-        agents.push(agent);
-    }
-    Ok(agents)
+fn start_agents(topo: &Topology, mode: Mode) -> Result<Vec<Agent>> {
+    topo.nodes
+        .iter()
+        .map(|node| Agent::start_ready(node, mode, &["--health-addr", "off"]))
+        .collect()
 }
 
 pub fn run(sizes: &Sizes, samples: &mut Samples) -> Result<()> {
@@ -74,8 +63,8 @@ pub fn run(sizes: &Sizes, samples: &mut Samples) -> Result<()> {
             z2.restart()?;
             z1.restart()?;
             let _agents = match variant {
-                "b-ebpf" => start_agents(&topo, "ebpf")?,
-                "c-iptables" => start_agents(&topo, "iptables")?,
+                "b-ebpf" => start_agents(&topo, Mode::Ebpf)?,
+                "c-iptables" => start_agents(&topo, Mode::Iptables)?,
                 _ => vec![],
             };
             for cross_node in [false, true] {

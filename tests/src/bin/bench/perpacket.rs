@@ -1,6 +1,9 @@
 //! Per-packet cost of each program (BPF_PROG_TEST_RUN, the kernel's own per-run timing) with
 //! 10, 1k, 10k and the maximum number of pods in the map, against a program that does nothing.
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Result, ensure};
 use aya::{
@@ -29,6 +32,8 @@ fn syn(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
     )
 }
 
+const FLOOR: &str = "zd_floor";
+
 fn key(ip: Ipv4Addr) -> IpKey {
     IpKey::from_v4(ip.octets())
 }
@@ -43,7 +48,7 @@ impl Drop for PinDir {
 pub fn run(repeat: u32, rounds: usize, samples: &mut Samples) -> Result<()> {
     let ns = Netns::new(&unique_prefix("bpp"))?;
     ns.ip("link add name zda type veth peer name zdb")?;
-    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", ns.name)));
+    let pins = PinDir(Path::new(zdivert_common::BPFFS).join(&ns.name));
     std::fs::create_dir_all(&pins.0)?;
     let pin_dir = pins.0.clone();
     let results = ns.exec(move || -> Result<Vec<(String, &'static str, f64)>> {
@@ -55,9 +60,12 @@ pub fn run(repeat: u32, rounds: usize, samples: &mut Samples) -> Result<()> {
             )
         };
         ensure!(a > 0 && b > 0, "veths in the bench netns");
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&pin_dir)
-            .load(zdivert::dataplane::ebpf::object())?;
+        let mut ebpf =
+            zdivert::dataplane::ebpf::loader(&pin_dir).load(zdivert::dataplane::ebpf::object())?;
+        // The floor is an object of its own: nothing bench-only goes into the agent's.
+        let mut floor = EbpfLoader::new().load(&zdivert_tests::floor_object()?)?;
+        let floor: &mut SchedClassifier = floor.program_mut(FLOOR).unwrap().try_into()?;
+        floor.load()?;
         let (pp, rv1, remote, zt) = (
             Ipv4Addr::new(10, 244, 2, 3),
             Ipv4Addr::new(10, 244, 2, 7),
@@ -85,17 +93,17 @@ pub fn run(repeat: u32, rounds: usize, samples: &mut Samples) -> Result<()> {
         let entry = |ifindex| PodEntry {
             host_ifindex: ifindex,
             flags: POD_F_V4,
-            pod_mac: [0; 6],
+            _reserved: [0; 2],
             host_mac: [2; 6],
         };
         let cases: [(&str, Vec<u8>, u32); 5] = [
-            ("zd_floor", syn(pp, rv1), 0),
+            (FLOOR, syn(pp, rv1), 0),
             ("zd_outbound", syn(pp, rv1), 0),
             ("zd_inbound", syn(remote, pp), 0),
             ("zd_zt_return", syn(remote, rv1), 0),
             ("zd_zt_tproxy", syn(pp, rv1), MARK_OUTBOUND),
         ];
-        for (prog, _, _) in &cases {
+        for (prog, _, _) in &cases[1..] {
             let p: &mut SchedClassifier = ebpf.program_mut(prog).unwrap().try_into()?;
             p.load()?;
         }
@@ -120,7 +128,10 @@ pub fn run(repeat: u32, rounds: usize, samples: &mut Samples) -> Result<()> {
             };
             for _ in 0..rounds {
                 for (prog, frame, mark) in &cases {
-                    let p: &SchedClassifier = ebpf.program(prog).unwrap().try_into()?;
+                    let p: &SchedClassifier = match *prog {
+                        FLOOR => floor,
+                        _ => ebpf.program(prog).unwrap().try_into()?,
+                    };
                     let o =
                         testrun::run(p, frame, a, testrun::Arrived::OnTheDevice, *mark, repeat)?;
                     out.push((

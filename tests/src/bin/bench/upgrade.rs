@@ -13,9 +13,8 @@ use std::{
 
 use anyhow::Result;
 use zdivert_tests::{
-    agent::Agent,
+    agent::{Agent, Mode},
     apps::{TcpServer, connect, exchange, sa},
-    fallback,
     load::{self, Server},
     topology::Topology,
     ztunnel::{MeshConfig, Ztunnel},
@@ -31,9 +30,9 @@ const LONG_LIVED: usize = 4;
 pub fn run(rounds: usize, samples: &mut Samples) -> Result<()> {
     for round in 0..rounds {
         let order = if round % 2 == 0 {
-            ["ebpf", "iptables"]
+            [Mode::Ebpf, Mode::Iptables]
         } else {
-            ["iptables", "ebpf"]
+            [Mode::Iptables, Mode::Ebpf]
         };
         for mode in order {
             let w = window(mode)?;
@@ -63,7 +62,7 @@ struct Window {
     total: usize,
 }
 
-fn window(mode: &str) -> Result<Window> {
+fn window(mode: Mode) -> Result<Window> {
     let topo = Topology::article()?;
     let (w2, w1) = (topo.worker2(), topo.worker());
     let (client, same, cross) = (
@@ -80,17 +79,11 @@ fn window(mode: &str) -> Result<Window> {
     let mesh = MeshConfig::default();
     let mut old = Ztunnel::start(&topo, w2, &mesh)?;
     let _z1 = Ztunnel::start(&topo, w1, &mesh)?;
-    let mut agents = vec![];
-    for node in &topo.nodes {
-        agents.push(Agent::start_with(node, &node.pods_file(true), mode, &[])?);
-        let pods = node.pods.values().filter(|p| p.ambient).count();
-        match mode {
-            "iptables" => fallback::wait_layout(node, pods, true)?,
-            _ => {
-                agents[agents.len() - 1].wait_ready(pods * 2, pods * 2 + 2)?;
-            }
-        }
-    }
+    let agents = topo
+        .nodes
+        .iter()
+        .map(|node| Agent::start_ready(node, mode, &[]))
+        .collect::<Result<Vec<_>>>()?;
     let agent = &agents[0];
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -1,6 +1,8 @@
 //! `zdivert cleanup` for the eBPF dataplane: everything of a node's, from the pins alone.
 use std::path::{Path, PathBuf};
 
+use zdivert_common::{PIN_VERSION, PIN_VERSION_BEFORE};
+
 use super::{PinDirs, attach, attach::Hook, lookup, maps, ztunnels};
 use crate::{
     error::{Error, Result},
@@ -17,30 +19,41 @@ pub struct Cleaned {
 
 /// Removes every link, pin and ztunnel-netns rule of this node's eBPF dataplane, working from the
 /// pins alone (no agent needs to run). Links go first, so no program is left without its maps.
+/// Both this pin layout and the one before it (an agent of the previous version).
 pub fn cleanup(bpffs: &Path, node: &str) -> Result<Cleaned> {
-    let dirs = PinDirs::new(bpffs, node);
     let mut cleaned = Cleaned::default();
-    for (name, mode, pinned) in attach::all_pinned(&dirs)? {
+    for version in [PIN_VERSION_BEFORE, PIN_VERSION] {
+        cleanup_layout(
+            bpffs,
+            &PinDirs::of_version(bpffs, version, node),
+            &mut cleaned,
+        )?;
+    }
+    Ok(cleaned)
+}
+
+fn cleanup_layout(bpffs: &Path, dirs: &PinDirs, cleaned: &mut Cleaned) -> Result<()> {
+    if !dirs.root.exists() {
+        return Ok(());
+    }
+    for (name, mode, pinned) in attach::all_pinned(dirs)? {
         if pinned.hook == Hook::ZtunnelTproxy
             && let Some(ns) = netns::find_by_inode(pinned.netns_inode)
         {
             // Both families: removing an absent rule is not an error.
             match ztunnels::unroute(&ns, true).or_else(|_| ztunnels::unroute(&ns, false)) {
                 Ok(()) => cleaned.ztunnel_netns.push(ns),
-                Err(e) => log::warn!("ztunnel netns {}: {e}", ns.display()),
+                Err(e) => log::warn!("ztunnel netns {}: {}", ns.display(), e.chain()),
             }
         }
-        attach::detach(&dirs, mode, &name, &pinned)?;
+        attach::detach(dirs, mode, &name, &pinned)?;
         cleaned.links += 1;
     }
-    cleaned.links += lookup::remove_others(&dirs, &[])?;
+    cleaned.links += lookup::remove_others(dirs, &[])?;
     for name in maps::ALL {
         let path = dirs.maps.join(name);
         if path.exists() {
-            std::fs::remove_file(&path).map_err(|e| Error::Bpffs {
-                path,
-                reason: e.to_string(),
-            })?;
+            std::fs::remove_file(&path).map_err(|source| Error::Bpffs { path, source })?;
             cleaned.maps += 1;
         }
     }
@@ -64,11 +77,11 @@ pub fn cleanup(bpffs: &Path, node: &str) -> Result<Cleaned> {
         let _ = std::fs::remove_dir(d);
     }
     let mut up = dirs.root.parent();
-    while let Some(d) = up.filter(|d| d.starts_with(bpffs.join("zdivert"))) {
+    while let Some(d) = up.filter(|d| d.starts_with(bpffs.join(zdivert_common::PIN_BASE))) {
         if std::fs::remove_dir(d).is_err() {
             break;
         }
         up = d.parent();
     }
-    Ok(cleaned)
+    Ok(())
 }

@@ -11,7 +11,7 @@ use aya::{
 use super::PinDirs;
 use crate::error::{Error, Result};
 
-pub const PROGRAM: &str = "zd_zt_lookup";
+pub const PROGRAM: &str = zdivert_common::program::ZTUNNEL_LOOKUP;
 const PREFIX: &str = "lookup_";
 
 pub fn pin_name(netns_inode: u64) -> String {
@@ -34,10 +34,7 @@ pub fn pinned(dirs: &PinDirs) -> Vec<(String, u64)> {
 
 pub fn program(ebpf: &mut Ebpf) -> Result<&mut SkLookup> {
     ebpf.program_mut(PROGRAM)
-        .ok_or(Error::Map {
-            map: "programs",
-            reason: format!("{PROGRAM} missing from the object"),
-        })?
+        .ok_or(Error::ProgramMissing { program: PROGRAM })?
         .try_into()
         .map_err(|source| Error::Program {
             program: PROGRAM,
@@ -48,21 +45,21 @@ pub fn program(ebpf: &mut Ebpf) -> Result<&mut SkLookup> {
 /// Attaches this process's program to the netns at `netns` and pins the link over any earlier
 /// one: the rename replaces the old link in one step, and both answer alike meanwhile.
 pub fn attach(ebpf: &mut Ebpf, dirs: &PinDirs, netns: &Path, netns_inode: u64) -> Result<()> {
-    let attach_err = |reason: String| Error::Attach {
+    let attach_err = |source: crate::error::Cause| Error::Attach {
         program: PROGRAM,
         interface: format!("netns {}", netns.display()),
         direction: "sk_lookup",
-        reason,
+        source,
     };
     let ns = File::open(netns).map_err(|source| Error::Netns {
         path: netns.into(),
         source,
     })?;
     let prog = program(ebpf)?;
-    let id = prog.attach(&ns).map_err(|e| attach_err(e.to_string()))?;
+    let id = prog.attach(&ns).map_err(|e| attach_err(e.into()))?;
     let link: FdLink = prog
         .take_link(id)
-        .map_err(|e: ProgramError| attach_err(e.to_string()))?
+        .map_err(|e: ProgramError| attach_err(e.into()))?
         .into();
     let pin = dirs.links.join(pin_name(netns_inode));
     let tmp = dirs.links.join(format!(
@@ -71,12 +68,11 @@ pub fn attach(ebpf: &mut Ebpf, dirs: &PinDirs, netns: &Path, netns_inode: u64) -
         pin_name(netns_inode)
     ));
     let _ = std::fs::remove_file(&tmp);
-    link.pin(&tmp)
-        .map_err(|e| attach_err(format!("pinning at {}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, &pin).map_err(|e| Error::Bpffs {
-        path: pin,
-        reason: e.to_string(),
-    })
+    link.pin(&tmp).map_err(|source| Error::Pin {
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, &pin).map_err(|source| Error::Bpffs { path: pin, source })
 }
 
 /// Detaches every pinned lookup link but the one for `keep`.

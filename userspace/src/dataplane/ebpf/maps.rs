@@ -18,28 +18,7 @@ use crate::{
     facts::{NodeFacts, ZtunnelFacts},
 };
 
-pub const PODS: &str = "PODS";
-pub const NODE_IPS: &str = "NODE_IPS";
-pub const ZTUNNEL: &str = "ZTUNNEL";
-/// A replaced ztunnel that may still hold connections (rolling update).
-pub const ZTUNNEL_DRAINING: &str = "ZTUNNEL_DRAINING";
-pub const STATS: &str = "STATS";
-/// ztunnel's listeners, kept by the programs themselves (see `ebpf/src/ztunnel_lookup.rs`).
-pub const LISTENERS: &str = "LISTENERS";
-/// Settings (`CONFIG_*` bits), written at load.
-pub const CONFIG: &str = "CONFIG";
-/// The servers of captured DNS flows, kept by the programs (`ebpf/src/dns.rs`).
-pub const DNS_FLOWS: &str = "DNS_FLOWS";
-pub const ALL: [&str; 8] = [
-    PODS,
-    NODE_IPS,
-    ZTUNNEL,
-    ZTUNNEL_DRAINING,
-    STATS,
-    LISTENERS,
-    CONFIG,
-    DNS_FLOWS,
-];
+pub use zdivert_common::map::*;
 
 pub fn key(ip: IpAddr) -> IpKey {
     match ip {
@@ -85,7 +64,7 @@ pub fn desired(facts: &NodeFacts, draining: Option<Draining>) -> Desired {
                 PodEntry {
                     host_ifindex: pod.veth.index,
                     flags,
-                    pod_mac: [0; 6],
+                    _reserved: [0; 2],
                     host_mac: pod.veth.mac,
                 },
             );
@@ -138,10 +117,7 @@ fn ztunnel_entry(z: Option<&ZtunnelFacts>) -> ZtunnelEntry {
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> Error {
-    move |e| Error::Map {
-        map,
-        reason: e.to_string(),
-    }
+    move |source| Error::Map { map, source }
 }
 
 /// The maps the agent writes, taken out of the loaded object (the programs keep their own
@@ -169,10 +145,7 @@ impl Maps {
             ebpf: &mut aya::Ebpf,
             name: &'static str,
         ) -> Result<T> {
-            let map = ebpf.take_map(name).ok_or(Error::Map {
-                map: name,
-                reason: "missing from the object".into(),
-            })?;
+            let map = ebpf.take_map(name).ok_or(Error::MapMissing { map: name })?;
             T::try_from(map).map_err(map_err(name))
         }
         let mut settings: Array<MapData, u32> = take(ebpf, CONFIG)?;
@@ -189,10 +162,9 @@ impl Maps {
 
     /// The per-CPU counters, for `/metrics`.
     pub fn take_stats(ebpf: &mut aya::Ebpf) -> Result<PerCpuArray<MapData, u64>> {
-        let map = ebpf.take_map(STATS).ok_or(Error::Map {
-            map: STATS,
-            reason: "missing from the object".into(),
-        })?;
+        let map = ebpf
+            .take_map(STATS)
+            .ok_or(Error::MapMissing { map: STATS })?;
         PerCpuArray::try_from(map).map_err(map_err(STATS))
     }
 
@@ -306,7 +278,7 @@ pub struct Snapshot {
     pub counters: Vec<(&'static str, &'static str, u64)>,
 }
 
-fn open(dir: &Path, name: &'static str) -> Result<Map> {
+pub(super) fn open(dir: &Path, name: &'static str) -> Result<Map> {
     let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
     Map::from_map_data(data).map_err(map_err(name))
 }

@@ -5,10 +5,12 @@ mod cleanup;
 mod lookup;
 pub mod maps;
 mod metrics;
+mod migrate;
 mod probe;
 mod ztunnels;
 
 pub use cleanup::{Cleaned, cleanup};
+pub use migrate::Migrated;
 pub use probe::probe;
 
 use std::{
@@ -18,7 +20,8 @@ use std::{
 
 use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
 use zdivert_common::{
-    MARK_MASK, MARK_TPROXY, PIN_VERSION, ZTUNNEL_TPROXY_RULE_PRIORITY, ZTUNNEL_TPROXY_TABLE,
+    MARK_MASK, MARK_TPROXY, PIN_BASE, PIN_VERSION, ZTUNNEL_TPROXY_RULE_PRIORITY,
+    ZTUNNEL_TPROXY_TABLE,
 };
 
 use self::attach::{AttachMode, Attachment, Hook};
@@ -59,7 +62,12 @@ pub struct PinDirs {
 
 impl PinDirs {
     pub fn new(bpffs: &Path, node: &str) -> Self {
-        let root = bpffs.join("zdivert").join(PIN_VERSION).join(node);
+        Self::of_version(bpffs, PIN_VERSION, node)
+    }
+
+    /// A node's pinned state in the layout of pin version `version`.
+    pub fn of_version(bpffs: &Path, version: &str, node: &str) -> Self {
+        let root = bpffs.join(PIN_BASE).join(version).join(node);
         PinDirs {
             maps: root.join("maps"),
             links: root.join("links"),
@@ -67,6 +75,16 @@ impl PinDirs {
             root,
         }
     }
+}
+
+/// A loader that creates each map of the object pinned in `maps_dir`, or reuses the map pinned
+/// there: BTF maps carry no pinning of their own, so every one is named here.
+pub fn loader(maps_dir: &Path) -> EbpfLoader<'static> {
+    let mut loader = EbpfLoader::new();
+    for name in zdivert_common::map::ALL {
+        loader.map_pin_path(name, maps_dir.join(name));
+    }
+    loader
 }
 
 pub struct EbpfDataplane {
@@ -90,32 +108,27 @@ fn ensure_bpffs(bpffs: &Path) -> Result<()> {
     let c =
         std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes()).map_err(|e| Error::Bpffs {
             path: bpffs.into(),
-            reason: e.to_string(),
+            source: e.into(),
         })?;
     // SAFETY: statfs into a zeroed struct we own.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        let reason = std::io::Error::last_os_error().to_string();
         return Err(Error::Bpffs {
             path: bpffs.into(),
-            reason,
+            source: std::io::Error::last_os_error(),
         });
     }
     if st.f_type as i64 != BPF_FS_MAGIC {
-        let reason = "not a bpffs mount (mount -t bpf bpf /sys/fs/bpf)".into();
-        return Err(Error::Bpffs {
-            path: bpffs.into(),
-            reason,
-        });
+        return Err(Error::NotBpffs { path: bpffs.into() });
     }
     Ok(())
 }
 
 fn mkdirs(dirs: &PinDirs) -> Result<()> {
     for d in [&dirs.maps, &dirs.links, &dirs.filters] {
-        std::fs::create_dir_all(d).map_err(|e| Error::Bpffs {
+        std::fs::create_dir_all(d).map_err(|source| Error::Bpffs {
             path: d.clone(),
-            reason: e.to_string(),
+            source,
         })?;
     }
     Ok(())
@@ -132,16 +145,11 @@ impl EbpfDataplane {
         ensure_bpffs(bpffs)?;
         let dirs = PinDirs::new(bpffs, node);
         mkdirs(&dirs)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&dirs.maps)
-            .load(OBJECT)?;
+        let mut ebpf = loader(&dirs.maps).load(OBJECT)?;
         for program in Hook::PROGRAMS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(program)
-                .ok_or(Error::Map {
-                    map: "programs",
-                    reason: format!("{program} missing from the object"),
-                })?
+                .ok_or(Error::ProgramMissing { program })?
                 .try_into()
                 .map_err(|source| Error::Program { program, source })?;
             prog.load()
@@ -158,6 +166,8 @@ impl EbpfDataplane {
         } else {
             0
         };
+        // Before anything reads the pins: an older agent's attachments become this layout's.
+        migrate::from_previous(bpffs, node, &dirs)?;
         let maps = maps::Maps::take(&mut ebpf, config)?;
         let packets = metrics::PacketCounters::new(maps::Maps::take_stats(&mut ebpf)?);
         let nl = Netlink::new()?;

@@ -4,12 +4,9 @@
 //! clsact), to a scratch veth. Leaves nothing behind.
 use std::path::Path;
 
-use aya::{
-    EbpfLoader,
-    programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
-        tc::{self, NlOptions, TcAttachOptions},
-    },
+use aya::programs::{
+    LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+    tc::{self, NlOptions, TcAttachOptions},
 };
 
 use super::{
@@ -23,20 +20,19 @@ use crate::nl::Netlink;
 /// without its eBPF object is a broken build, not a kernel without BPF: the caller refuses to
 /// run before it gets here (`super::object`).
 pub fn probe(bpffs: &Path, attach: AttachMode) -> Result<(), String> {
-    ensure_bpffs(bpffs).map_err(|e| e.to_string())?;
+    ensure_bpffs(bpffs).map_err(|e| e.chain().to_string())?;
     let scratch = bpffs
-        .join("zdivert")
+        .join(zdivert_common::PIN_BASE)
         .join(format!("probe-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
     let result = load_and_attach(&scratch, attach);
     let _ = std::fs::remove_dir_all(&scratch);
-    let _ = std::fs::remove_dir(bpffs.join("zdivert"));
+    let _ = std::fs::remove_dir(bpffs.join(zdivert_common::PIN_BASE));
     result
 }
 
 fn load_and_attach(pins: &Path, attach: AttachMode) -> Result<(), String> {
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pins)
+    let mut ebpf = super::loader(pins)
         .load(OBJECT)
         .map_err(|e| format!("loading the object: {e}"))?;
     for program in Hook::PROGRAMS {

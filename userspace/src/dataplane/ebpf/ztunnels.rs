@@ -170,8 +170,9 @@ impl Ztunnels {
                 && let Err(e) = unroute(old, *v6)
             {
                 log::warn!(
-                    "removing tproxy routing from old ztunnel netns {}: {e}",
-                    old.display()
+                    "removing tproxy routing from old ztunnel netns {}: {}",
+                    old.display(),
+                    e.chain()
                 );
             }
         }

@@ -89,7 +89,8 @@ fn is_ztunnel_rule(rule: &str) -> bool {
         && [layout::ZTUNNEL_INBOUND, layout::ZTUNNEL_OUTBOUND]
             .iter()
             .any(|i| rule.contains(&format!("-i {i} ")));
-    tproxy || rule.ends_with("-j MARK --set-xmark 0x4d3/0xfff")
+    let (local, mask) = (layout::MARK_ZTUNNEL_LOCAL, zdivert_common::MARK_MASK);
+    tproxy || rule.ends_with(&format!("-j MARK --set-xmark {local:#x}/{mask:#x}"))
 }
 
 /// A UDP port nothing in this netns listens on, from `from` up.
@@ -192,10 +193,7 @@ impl IptablesDataplane {
         let host_ip = match self.nl.route_src(probe)? {
             Some(IpAddr::V4(v4)) => v4,
             _ => {
-                return Err(Error::NodeFacts {
-                    node: String::new(),
-                    reason: format!("no IPv4 source address towards {probe}"),
-                });
+                return Err(Error::NoSourceAddress { towards: probe });
             }
         };
         let port = match self.saved.tunnel_port {

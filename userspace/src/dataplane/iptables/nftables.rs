@@ -84,9 +84,9 @@ fn message(kind: u16, flags: u16, seq: u32, family: u8, res_id: u16, attrs: &[u8
 }
 
 fn delete(family: u8, table: &str) -> Result<()> {
-    let fail = |e: std::io::Error| Error::Netlink {
+    let fail = |source: std::io::Error| Error::NetlinkIo {
         what: format!("deleting nftables table {table}"),
-        reason: e.to_string(),
+        source,
     };
     let mut name = table.as_bytes().to_vec();
     name.push(0);

@@ -64,10 +64,17 @@ impl StateFile {
         }
     }
 
-    fn err(&self, reason: impl ToString) -> Error {
+    fn err(&self, source: std::io::Error) -> Error {
         Error::StateFile {
             path: self.path.clone(),
-            reason: reason.to_string(),
+            source,
+        }
+    }
+
+    fn format_err(&self, source: serde_json::Error) -> Error {
+        Error::StateFileFormat {
+            path: self.path.clone(),
+            source,
         }
     }
 
@@ -77,7 +84,7 @@ impl StateFile {
 
     pub fn load(&self) -> Result<Saved> {
         match std::fs::read(&self.path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| self.err(e)),
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| self.format_err(e)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Saved::default()),
             Err(e) => Err(self.err(e)),
         }
@@ -88,7 +95,7 @@ impl StateFile {
         let dir = self.path.parent().expect("state file has a directory");
         std::fs::create_dir_all(dir).map_err(|e| self.err(e))?;
         let tmp = self.path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(saved).map_err(|e| self.err(e))?;
+        let bytes = serde_json::to_vec_pretty(saved).map_err(|e| self.format_err(e))?;
         std::fs::write(&tmp, bytes).map_err(|e| self.err(e))?;
         std::fs::rename(&tmp, &self.path).map_err(|e| self.err(e))
     }
@@ -111,14 +118,14 @@ fn read(path: &str) -> Result<String> {
         .map(|s| s.trim().to_string())
         .map_err(|e| Error::Sysctl {
             path: path.into(),
-            reason: e.to_string(),
+            source: e,
         })
 }
 
 fn write(path: &str, value: &str) -> Result<()> {
-    std::fs::write(path, value).map_err(|e| Error::Sysctl {
+    std::fs::write(path, value).map_err(|source| Error::Sysctl {
         path: path.into(),
-        reason: e.to_string(),
+        source,
     })
 }
 

@@ -48,9 +48,10 @@ pub fn choose_backend(nft_save: &str, legacy_save: &str) -> (Backend, &'static s
 }
 
 pub(super) fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
-    let fail = |reason: String| Error::Command {
-        command: format!("{cmd} {}", args.join(" ")),
-        reason,
+    let command = || format!("{cmd} {}", args.join(" "));
+    let fail = |source| Error::CommandSpawn {
+        command: command(),
+        source,
     };
     let mut child = Command::new(cmd)
         .args(args)
@@ -62,19 +63,21 @@ pub(super) fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<Strin
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(fail)?;
     if let Some(input) = stdin {
         let mut pipe = child.stdin.take().expect("piped");
-        pipe.write_all(input.as_bytes())
-            .map_err(|e| fail(e.to_string()))?;
+        pipe.write_all(input.as_bytes()).map_err(fail)?;
     }
-    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+    let out = child.wait_with_output().map_err(fail)?;
     if !out.status.success() {
-        let mut reason = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
         if let Some(input) = stdin {
-            reason += &format!("\ninput was:\n{input}");
+            stderr += &format!("\ninput was:\n{input}");
         }
-        return Err(fail(reason));
+        return Err(Error::CommandFailed {
+            command: command(),
+            stderr,
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

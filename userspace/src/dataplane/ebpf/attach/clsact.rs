@@ -34,8 +34,10 @@ pub(super) fn attach(prog: &mut SchedClassifier, dir: &Path, a: &Attachment) -> 
     let pin = dir.join(a.pin_name());
     let recorded = pin.exists();
     if !recorded {
-        prog.pin(&pin)
-            .map_err(|e| a.error(format!("pinning at {}: {e}", pin.display())))?;
+        prog.pin(&pin).map_err(|source| crate::error::Error::Pin {
+            path: pin.to_path_buf(),
+            source,
+        })?;
     }
     let result = attach_filter(prog, a);
     match (&result, recorded) {
@@ -51,7 +53,7 @@ fn attach_filter(prog: &mut SchedClassifier, a: &Attachment) -> Result<()> {
     match tc::qdisc_add_clsact(&a.ifname) {
         Ok(()) => {}
         Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-        Err(e) => return Err(a.error(format!("adding the clsact qdisc: {e}"))),
+        Err(e) => return Err(a.error(e)),
     }
     let ty = a.hook.attach_type();
     let order = order(&Netlink::new()?, a.ifindex, a.hook)?;
@@ -65,7 +67,7 @@ fn attach_filter(prog: &mut SchedClassifier, a: &Attachment) -> Result<()> {
         None => create(prog, a, HANDLES[0])?,
     };
     // Dropping aya's handle would delete the filter: it must outlive this process.
-    std::mem::forget(prog.take_link(id).map_err(|e| a.error(e.to_string()))?);
+    std::mem::forget(prog.take_link(id).map_err(|e| a.error(e))?);
     Ok(())
 }
 
@@ -83,7 +85,7 @@ fn create(
             classid: None,
         }),
     )
-    .map_err(|e| a.error(e.to_string()))
+    .map_err(|e| a.error(e))
 }
 
 /// Our filter on a hook, and what runs before it.
@@ -137,7 +139,7 @@ pub(super) fn keep_first(prog: &mut SchedClassifier, a: &Attachment) -> Result<O
         HANDLES[0]
     };
     let id = create(prog, a, new)?;
-    std::mem::forget(prog.take_link(id).map_err(|e| a.error(e.to_string()))?);
+    std::mem::forget(prog.take_link(id).map_err(|e| a.error(e))?);
     let egress = a.hook.attach_type() == aya::programs::TcAttachType::Egress;
     nl.delete_tc_filter(a.ifindex, egress, PRIORITY, old)?;
     Ok(Some(ahead))
@@ -147,13 +149,12 @@ fn repin(prog: &mut SchedClassifier, dir: &Path, a: &Attachment) -> Result<()> {
     let pin = dir.join(a.pin_name());
     // bpffs refuses names with a dot; `pinned` ignores this one (no hook is called "new").
     let tmp = dir.join(format!("{REPIN_PREFIX}{}", a.pin_name()));
-    let bpffs = |e: String| Error::Bpffs {
-        path: pin.clone(),
-        reason: e,
-    };
     let _ = std::fs::remove_file(&tmp);
-    prog.pin(&tmp).map_err(|e| bpffs(e.to_string()))?;
-    std::fs::rename(&tmp, &pin).map_err(|e| bpffs(e.to_string()))
+    prog.pin(&tmp).map_err(|source| Error::Pin {
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, &pin).map_err(|source| Error::Bpffs { path: pin, source })
 }
 
 /// Deletes the recorded filter (if it is still there and still ours), the clsact qdisc when no

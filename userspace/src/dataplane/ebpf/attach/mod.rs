@@ -22,6 +22,8 @@ use aya::{
     util::KernelVersion,
 };
 
+use zdivert_common::program;
+
 use super::PinDirs;
 use crate::{
     error::{Error, Result},
@@ -57,20 +59,20 @@ impl Hook {
 
     /// Every TC program of the object, once (the hold hooks share one).
     pub const PROGRAMS: [&'static str; 5] = [
-        "zd_outbound",
-        "zd_inbound",
-        "zd_zt_return",
-        "zd_zt_tproxy",
-        "zd_hold",
+        program::OUTBOUND,
+        program::INBOUND,
+        program::ZTUNNEL_RETURN,
+        program::ZTUNNEL_TPROXY,
+        program::HOLD,
     ];
 
     pub fn program(self) -> &'static str {
         match self {
-            Hook::PodOutbound => "zd_outbound",
-            Hook::PodInbound => "zd_inbound",
-            Hook::ZtunnelReturn => "zd_zt_return",
-            Hook::ZtunnelTproxy => "zd_zt_tproxy",
-            Hook::HoldOutbound | Hook::HoldInbound => "zd_hold",
+            Hook::PodOutbound => program::OUTBOUND,
+            Hook::PodInbound => program::INBOUND,
+            Hook::ZtunnelReturn => program::ZTUNNEL_RETURN,
+            Hook::ZtunnelTproxy => program::ZTUNNEL_TPROXY,
+            Hook::HoldOutbound | Hook::HoldInbound => program::HOLD,
         }
     }
 
@@ -126,12 +128,12 @@ impl Attachment {
         pin_name(self.hook, self.netns_inode, self.ifindex)
     }
 
-    pub(crate) fn error(&self, reason: String) -> Error {
+    pub(crate) fn error(&self, source: impl Into<crate::error::Cause>) -> Error {
         Error::Attach {
             program: self.hook.program(),
             interface: self.ifname.clone(),
             direction: self.hook.direction(),
-            reason,
+            source: source.into(),
         }
     }
 }
@@ -176,10 +178,10 @@ pub fn pinned(dir: &Path) -> Result<BTreeMap<String, PinnedAttachment>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
-        Err(e) => {
+        Err(source) => {
             return Err(Error::Bpffs {
                 path: dir.into(),
-                reason: e.to_string(),
+                source,
             });
         }
     };
@@ -198,10 +200,7 @@ pub fn unpin(dir: &Path, name: &str) -> Result<()> {
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::Bpffs {
-            path,
-            reason: e.to_string(),
-        }),
+        Err(source) => Err(Error::Bpffs { path, source }),
     }
 }
 
@@ -371,9 +370,9 @@ pub fn detach(dirs: &PinDirs, mode: AttachMode, name: &str, p: &PinnedAttachment
 fn program<'a>(ebpf: &'a mut Ebpf, a: &Attachment) -> Result<&'a mut SchedClassifier> {
     let program = a.hook.program();
     ebpf.program_mut(program)
-        .ok_or_else(|| a.error("program missing from the object".into()))?
+        .ok_or(Error::ProgramMissing { program })?
         .try_into()
-        .map_err(|e: aya::programs::ProgramError| a.error(e.to_string()))
+        .map_err(|e: aya::programs::ProgramError| a.error(e))
 }
 
 #[cfg(test)]

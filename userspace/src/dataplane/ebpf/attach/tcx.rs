@@ -3,17 +3,14 @@
 //! program does) would end the chain before capture runs: capture silently off, fail open.
 use std::path::Path;
 
-use aya::{
-    EbpfLoader,
-    programs::{
-        LinkOrder, SchedClassifier,
-        links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
-    },
+use aya::programs::{
+    LinkOrder, SchedClassifier,
+    links::{FdLink, PinnedLink},
+    tc::{SchedClassifierLink, TcAttachOptions},
 };
 
 use super::{super::PinDirs, Attachment, unpin};
-use crate::error::Result;
+use crate::error::{Cause, Result};
 
 pub(super) fn attach(prog: &mut SchedClassifier, dir: &Path, a: &Attachment) -> Result<()> {
     let pin = dir.join(a.pin_name());
@@ -21,10 +18,10 @@ pub(super) fn attach(prog: &mut SchedClassifier, dir: &Path, a: &Attachment) -> 
     // Adopt: swap our program into the existing link, atomically.
     if pin.exists() {
         let adopted = PinnedLink::from_pin(&pin)
-            .map_err(|e| e.to_string())
-            .and_then(|p| SchedClassifierLink::try_from(FdLink::from(p)).map_err(|e| e.to_string()))
-            .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()))
-            .and_then(|id| prog.take_link(id).map_err(|e| e.to_string()));
+            .map_err(Cause::from)
+            .and_then(|p| SchedClassifierLink::try_from(FdLink::from(p)).map_err(Cause::from))
+            .and_then(|link| prog.attach_to_link(link).map_err(Cause::from))
+            .and_then(|id| prog.take_link(id).map_err(Cause::from));
         match adopted {
             // Dropping our fd leaves the link alive: the pin holds it.
             Ok(_link) => return Ok(()),
@@ -47,21 +44,24 @@ fn attach_first(prog: &mut SchedClassifier, pin: &Path, a: &Attachment) -> Resul
             a.hook.attach_type(),
             TcAttachOptions::TcxOrder(LinkOrder::first()),
         )
-        .map_err(|e| a.error(e.to_string()))?;
-    let link = prog.take_link(id).map_err(|e| a.error(e.to_string()))?;
-    let fd_link = FdLink::try_from(link).map_err(|e| a.error(e.to_string()))?;
+        .map_err(|e| a.error(e))?;
+    let link = prog.take_link(id).map_err(|e| a.error(e))?;
+    let fd_link = FdLink::try_from(link).map_err(|e| a.error(e))?;
     fd_link
         .pin(pin)
-        .map_err(|e| a.error(format!("pinning at {}: {e}", pin.display())))?;
+        .map_err(|source| crate::error::Error::Pin {
+            path: pin.to_path_buf(),
+            source,
+        })?;
     Ok(())
 }
 
 /// The name of the program that runs before ours on `a`'s hook, if one does.
 pub(super) fn ahead_of_ours(prog: &SchedClassifier, a: &Attachment) -> Result<Option<String>> {
     // By tag, the hash of the code: a copy of our program (see `move_to_head`) is ours too.
-    let ours = prog.info().map_err(|e| a.error(e.to_string()))?.tag();
-    let (_, chain) = SchedClassifier::query_tcx(&a.ifname, a.hook.attach_type())
-        .map_err(|e| a.error(format!("querying the TCX chain: {e}")))?;
+    let ours = prog.info().map_err(|e| a.error(e))?.tag();
+    let (_, chain) =
+        SchedClassifier::query_tcx(&a.ifname, a.hook.attach_type()).map_err(|e| a.error(e))?;
     Ok(match chain.first() {
         Some(first) if first.tag() != ours => Some(
             first
@@ -81,38 +81,34 @@ pub(super) fn move_to_head(
     dirs: &PinDirs,
     a: &Attachment,
 ) -> Result<()> {
-    let err = |e: String| a.error(e);
-    let mut standby = EbpfLoader::new()
-        .default_map_pin_directory(&dirs.maps)
+    let mut standby = super::super::loader(&dirs.maps)
         .load(super::super::OBJECT)
-        .map_err(|e| err(format!("loading a second copy: {e}")))?;
+        .map_err(|e| a.error(e))?;
     let copy: &mut SchedClassifier = standby
         .program_mut(a.hook.program())
-        .ok_or_else(|| err("program missing from the object".into()))?
+        .ok_or(crate::error::Error::ProgramMissing {
+            program: a.hook.program(),
+        })?
         .try_into()
-        .map_err(|e: aya::programs::ProgramError| err(e.to_string()))?;
-    copy.load().map_err(|e| err(e.to_string()))?;
+        .map_err(|e: aya::programs::ProgramError| a.error(e))?;
+    copy.load().map_err(|e| a.error(e))?;
     let (dir, name) = (&dirs.links, a.pin_name());
     let tmp = dir.join(format!("{}{name}", super::REPIN_PREFIX));
     let _ = std::fs::remove_file(&tmp);
     attach_first(copy, &tmp, a)?;
     let pin = dir.join(&name);
-    std::fs::rename(&tmp, &pin).map_err(|e| crate::error::Error::Bpffs {
-        path: tmp,
-        reason: e.to_string(),
-    })?;
+    std::fs::rename(&tmp, &pin)
+        .map_err(|source| crate::error::Error::Bpffs { path: tmp, source })?;
     // The old link goes when the kernel releases it, a moment after its pin; until then our
     // program is still on the hook and the switch is refused. The copy does the same work on
     // the same maps, so if the switch never succeeds, the copy stays.
     for _ in 0..50 {
         let link = PinnedLink::from_pin(&pin)
-            .map_err(|e| err(e.to_string()))
-            .and_then(|p| {
-                SchedClassifierLink::try_from(FdLink::from(p)).map_err(|e| err(e.to_string()))
-            })?;
+            .map_err(|e| a.error(e))
+            .and_then(|p| SchedClassifierLink::try_from(FdLink::from(p)).map_err(|e| a.error(e)))?;
         if let Ok(id) = prog.attach_to_link(link) {
             // The pin keeps the link; our handle to it can go.
-            prog.take_link(id).map_err(|e| err(e.to_string()))?;
+            prog.take_link(id).map_err(|e| a.error(e))?;
             return Ok(());
         }
         std::thread::sleep(std::time::Duration::from_millis(2));

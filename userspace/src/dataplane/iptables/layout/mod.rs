@@ -11,14 +11,17 @@ use std::net::Ipv4Addr;
 pub use self::{netfilter::*, routing::*, sysctls::*};
 use crate::nl::TunnelKind;
 
-pub const MARK_OUTBOUND: u32 = 0x100;
-pub const MARK_SKIP: u32 = 0x200;
+pub use zdivert_common::{MARK_OUTBOUND, MARK_SKIP};
 pub const MARK_CONN_SPOOFED: u32 = 0x210;
 pub const MARK_CONN_SKIP: u32 = 0x220;
 pub const MARK_SPOOFED_REPLY: u32 = 0x40;
 /// Beyond the article: a same-node HBONE connection (ztunnel to ztunnel through istioin),
 /// kept in conntrack so the node's ICMP errors about it go back to ztunnel.
 pub const MARK_CONN_HBONE_LOOP: u32 = 0x800;
+
+/// In ztunnel's netns: ztunnel's own segments towards the node, routed back into its netns
+/// (the article's 0x4d3; `ztunnel_rules`, `ztunnel_policy_rules`).
+pub const MARK_ZTUNNEL_LOCAL: u32 = 0x4d3;
 
 pub const TABLE_INBOUND: u32 = 100;
 pub const TABLE_OUTBOUND: u32 = 101;

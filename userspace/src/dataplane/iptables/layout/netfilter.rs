@@ -4,7 +4,10 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use zdivert_common::{PORT_DNS, PORT_DNS_PROXY};
+use zdivert_common::{
+    MARK_MASK, MARK_TPROXY, PORT_DNS, PORT_DNS_PROXY, PORT_INBOUND_HBONE, PORT_INBOUND_PLAIN,
+    PORT_OUTBOUND,
+};
 
 use super::*;
 
@@ -144,7 +147,7 @@ pub fn node_chains(p: &Params) -> Vec<Chain> {
         let hbone = |port: &str| {
             mark(
                 &format!(
-                    "{c} -i {zveth} -p tcp -m tcp --{port} 15008 -m set --match-set {IPSET} dst"
+                    "{c} -i {zveth} -p tcp -m tcp --{port} {PORT_INBOUND_HBONE} -m set --match-set {IPSET} dst"
                 ),
                 MARK_CONN_HBONE_LOOP,
             )
@@ -357,21 +360,23 @@ pub fn ztunnel_rules(z: &Ztunnel) -> Vec<String> {
     let tproxy = |iface: &str, extra: &str, port: u16| {
         format!(
             "-A PREROUTING -i {iface} -p tcp {extra}-j TPROXY --on-port {port} --on-ip 127.0.0.1 \
-             --tproxy-mark 0x400/0xfff"
+             --tproxy-mark {MARK_TPROXY:#x}/{MARK_MASK:#x}"
         )
     };
+    let hbone = format!("-m tcp --dport {PORT_INBOUND_HBONE} ");
+    let local = format!("-j MARK --set-xmark {MARK_ZTUNNEL_LOCAL:#x}/{MARK_MASK:#x}");
     vec![
-        tproxy(ZTUNNEL_INBOUND, "-m tcp --dport 15008 ", 15008),
-        tproxy(ZTUNNEL_OUTBOUND, "", 15001),
-        tproxy(ZTUNNEL_INBOUND, "", 15006),
+        tproxy(ZTUNNEL_INBOUND, &hbone, PORT_INBOUND_HBONE),
+        tproxy(ZTUNNEL_OUTBOUND, "", PORT_OUTBOUND),
+        tproxy(ZTUNNEL_INBOUND, "", PORT_INBOUND_PLAIN),
         format!(
-            "-A PREROUTING ! -d {}/32 -i {} -p tcp -j MARK --set-xmark 0x4d3/0xfff",
+            "-A PREROUTING ! -d {}/32 -i {} -p tcp {local}",
             z.ip, z.eth0
         ),
         // Beyond the article: ICMP errors the node sends back about ztunnel's connections in a
         // pod's name (0x40 on the node) are delivered here, to ztunnel's socket.
         format!(
-            "-A PREROUTING ! -d {}/32 -i {} -p icmp -j MARK --set-xmark 0x4d3/0xfff",
+            "-A PREROUTING ! -d {}/32 -i {} -p icmp {local}",
             z.ip, z.eth0
         ),
     ]

@@ -3,6 +3,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use super::*;
 use crate::nl::{PolicyRule, Route, RuleTarget};
+use zdivert_common::{MARK_MASK, ZTUNNEL_TPROXY_TABLE};
 
 /// The kernel's own first rule, `0: from all lookup local`.
 pub const LOCAL_RULE_AT_0: PolicyRule = PolicyRule {
@@ -58,7 +59,12 @@ pub fn node_rules() -> Vec<PolicyRule> {
 pub fn ztunnel_policy_rules() -> Vec<PolicyRule> {
     vec![
         crate::dataplane::ebpf::TPROXY_RULE,
-        PolicyRule::fwmark(20003, 0x4d3, 0xfff, RuleTarget::Table(100)),
+        PolicyRule::fwmark(
+            20003,
+            MARK_ZTUNNEL_LOCAL,
+            MARK_MASK,
+            RuleTarget::Table(ZTUNNEL_TPROXY_TABLE),
+        ),
     ]
 }
 
