@@ -11,7 +11,6 @@ pub mod netns;
 pub mod nl;
 pub mod source;
 pub mod state;
-pub mod status;
 pub mod ztunnel;
 
 pub use error::{Error, Result};

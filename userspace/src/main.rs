@@ -1,6 +1,6 @@
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::ExitCode,
     sync::{
         Arc,
@@ -16,12 +16,13 @@ use zdivert::{
         health::{self, Health},
     },
     dataplane::{
+        self,
         choose::{self, Mode},
-        ebpf::{self, attach::AttachMode},
-        iptables::{self, TunnelChoice},
+        ebpf::attach::AttachMode,
+        iptables::TunnelChoice,
+        status,
     },
     source::{self, file, kube::select::SelectConfig},
-    status,
 };
 
 /// Diverts Istio ambient pods' TCP into the node's ztunnel, and back.
@@ -116,23 +117,6 @@ async fn stop_on_signal() -> std::io::Result<()> {
         STOP.store(true, Ordering::Relaxed);
     });
     Ok(())
-}
-
-fn pinned_nodes(bpffs: &Path, node: Option<String>) -> Vec<String> {
-    if let Some(n) = node {
-        return vec![n];
-    }
-    let dir = bpffs
-        .join(zdivert_common::PIN_BASE)
-        .join(zdivert_common::PIN_VERSION);
-    let mut nodes: Vec<String> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
-    nodes.sort();
-    nodes
 }
 
 fn main() -> ExitCode {
@@ -251,11 +235,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { output } => {
-            let mut nodes = pinned_nodes(&cli.bpffs, cli.node.clone());
-            nodes.extend(state_nodes(&cli.state_dir, cli.node));
-            nodes.sort();
-            nodes.dedup();
-            for node in nodes {
+            for node in status::nodes(&cli.bpffs, &cli.state_dir, cli.node) {
                 let st = status::read(&cli.bpffs, &cli.state_dir, &node)?;
                 match output {
                     Output::Json => println!("{}", serde_json::to_string(&st)?),
@@ -265,42 +245,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cleanup => {
-            let mut nodes = pinned_nodes(&cli.bpffs, cli.node.clone());
-            nodes.extend(state_nodes(&cli.state_dir, cli.node));
-            nodes.sort();
-            nodes.dedup();
-            for node in nodes {
-                let c = ebpf::cleanup(&cli.bpffs, &node)?;
-                println!(
-                    "node {node}: removed {} links, {} maps, tproxy routing in {} ztunnel netns",
-                    c.links,
-                    c.maps,
-                    c.ztunnel_netns.len()
-                );
-                if iptables::has_state(&cli.state_dir, &node) {
-                    let c = iptables::cleanup(&cli.state_dir, &node)?;
-                    println!(
-                        "node {node}: removed the iptables layout{}",
-                        c.ztunnel_netns
-                            .map(|n| format!(" (and from ztunnel netns {})", n.display()))
-                            .unwrap_or_default()
-                    );
+            for node in status::nodes(&cli.bpffs, &cli.state_dir, cli.node) {
+                for line in dataplane::cleanup(&cli.bpffs, &cli.state_dir, &node)? {
+                    println!("node {node}: {line}");
                 }
             }
             Ok(())
         }
     }
-}
-
-/// Nodes the iptables fallback keeps state for.
-fn state_nodes(state_dir: &Path, node: Option<String>) -> Vec<String> {
-    if let Some(n) = node {
-        return vec![n];
-    }
-    std::fs::read_dir(state_dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect()
 }

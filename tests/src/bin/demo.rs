@@ -167,7 +167,7 @@ fn main() -> Result<()> {
         );
         let pods_map = format!("{}/{}/maps/PODS", zdivert_common::PIN_ROOT, agents[0].node);
         println!(
-            "\n== bpftool map dump pinned {pods_map}  (key: IPv4-mapped pod IP; value: host ifindex, flags, pod MAC, gateway MAC)"
+            "\n== bpftool map dump pinned {pods_map}  (BTF maps: bpftool names the fields; the key is the IPv4-mapped pod IP)"
         );
         match run("bpftool", &["map", "dump", "pinned", &pods_map]) {
             Ok(out) => print!("{out}"),

@@ -8,6 +8,7 @@ use crate::{
 pub mod choose;
 pub mod ebpf;
 pub mod iptables;
+pub mod status;
 
 /// What one `apply` achieved. Failures are per pod: one bad pod never blocks the others.
 #[derive(Debug, Default)]
@@ -83,6 +84,31 @@ impl std::fmt::Display for ZtunnelState {
             ZtunnelState::Ready { pod, .. } => write!(f, "ztunnel {pod} is ready"),
         }
     }
+}
+
+/// `zdivert cleanup` for one node, both modes: what was removed, one line each.
+pub fn cleanup(
+    bpffs: &std::path::Path,
+    state_dir: &std::path::Path,
+    node: &str,
+) -> Result<Vec<String>, Error> {
+    let c = ebpf::cleanup(bpffs, node)?;
+    let mut done = vec![format!(
+        "removed {} links, {} maps, tproxy routing in {} ztunnel netns",
+        c.links,
+        c.maps,
+        c.ztunnel_netns.len()
+    )];
+    if iptables::has_state(state_dir, node) {
+        let c = iptables::cleanup(state_dir, node)?;
+        done.push(format!(
+            "removed the iptables layout{}",
+            c.ztunnel_netns
+                .map(|n| format!(" (and from ztunnel netns {})", n.display()))
+                .unwrap_or_default()
+        ));
+    }
+    Ok(done)
 }
 
 pub trait Dataplane {

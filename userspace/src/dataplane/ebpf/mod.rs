@@ -7,6 +7,7 @@ pub mod maps;
 mod metrics;
 mod migrate;
 mod probe;
+pub mod status;
 mod ztunnels;
 
 pub use cleanup::{Cleaned, cleanup};

@@ -10,6 +10,7 @@ mod ipset;
 mod nftables;
 mod remove;
 mod saved;
+pub mod status;
 mod tables;
 
 use std::{

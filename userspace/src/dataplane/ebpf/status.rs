@@ -3,11 +3,8 @@ use std::{fmt::Write as _, net::IpAddr, path::Path};
 
 use serde::Serialize;
 
-use super::mac;
-use crate::{
-    dataplane::ebpf::{PinDirs, attach, maps},
-    error::Result,
-};
+use super::{PinDirs, attach, maps};
+use crate::{dataplane::status::mac, error::Result};
 
 #[derive(Debug, Serialize)]
 pub struct Status {

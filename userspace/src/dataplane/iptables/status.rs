@@ -3,10 +3,8 @@ use std::{fmt::Write as _, path::Path};
 
 use serde::Serialize;
 
-use crate::{
-    dataplane::iptables::inspect::{self, Inspection},
-    error::Result,
-};
+use super::inspect::{self, Inspection};
+use crate::error::Result;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
