@@ -164,13 +164,13 @@ fn switching_between_tcx_and_clsact_under_traffic_fails_no_connection() -> anyho
         Ok(links.len() == l && links.iter().all(|s| s.ends_with(mechanism)))
     };
 
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    stream.wait_more(10)?;
     lab.agents[0].restart_in(MODE)?;
     eventually("all attachments via tc clsact", SECS_20, || {
         only_via(&lab, "via tc clsact")
     })?;
     assert_placed(w2)?;
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    stream.wait_more(10)?;
 
     lab.agents[0].restart_in(Mode::Ebpf)?;
     eventually("all attachments via tcx", SECS_20, || {
@@ -183,7 +183,7 @@ fn switching_between_tcx_and_clsact_under_traffic_fails_no_connection() -> anyho
             "filters and their clsact qdiscs are gone:\n{tc}"
         );
     }
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    stream.wait_more(10)?;
 
     let results = stream.stop();
     common::assert_none_failed(&results, 20);
@@ -223,7 +223,12 @@ fn a_pod_leaving_ambient_loses_its_filters_and_its_clsact_qdisc() -> anyhow::Res
     );
     let dst = sa(rv2.ip, 9080);
     request(&sleep.ns, dst)?;
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // A captured connection after it: once ztunnel logged that one, it would have logged this.
+    let rv1 = w2.pod("reviews-v1");
+    let _rv1_server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    request(&sleep.ns, sa(rv1.ip, 9080))?;
+    lab.zt2()
+        .wait_access(1, from_to(sleep, sa(rv1.ip, 9080), "inbound"))?;
     assert_eq!(
         lab.zt2()
             .access_log()

@@ -148,7 +148,10 @@ fn pods_join_and_leave_while_connections_run() -> anyhow::Result<()> {
     };
     let r = request(&sleep.ns, dst)?;
     assert_eq!(r.server, "reviews-v2");
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // A captured connection after it: once ztunnel logged that one, it would have logged this.
+    request(&sleep.ns, sa(rv1.ip, 9080))?;
+    lab.zt2()
+        .wait_access(1, from_to(sleep, sa(rv1.ip, 9080), "inbound"))?;
     assert_eq!(via_ztunnel(), 0, "sleep → reviews-v2 is no longer captured");
 
     // ...and joins again.
@@ -326,9 +329,29 @@ fn auto_choice(node: &Node, extra: &[&str], run_extra: &[&str]) -> anyhow::Resul
         .env("RUST_LOG", "info")
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    std::thread::sleep(Duration::from_secs(2));
+    // Its log up to the line that says which dataplane it set up.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut log = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            log += &line;
+            log.push('\n');
+            if line.contains("dataplane for node") {
+                let _ = tx.send(());
+            }
+        }
+        log
+    });
+    let chosen = rx.recv_timeout(Duration::from_secs(20));
     child.kill()?;
-    let out = child.wait_with_output()?;
+    child.wait()?;
+    let log = reader.join().expect("log reader");
+    anyhow::ensure!(chosen.is_ok(), "no dataplane set up within 20 s:\n{log}");
     let _ = std::fs::remove_file(&pods);
     let cleanup = std::process::Command::new("nsenter")
         .arg(format!("--net={}", node.ns.path().display()))
@@ -337,7 +360,7 @@ fn auto_choice(node: &Node, extra: &[&str], run_extra: &[&str]) -> anyhow::Resul
         .args(["--node", &node.name, "cleanup"])
         .output()?;
     anyhow::ensure!(cleanup.status.success(), "cleanup failed");
-    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    Ok(log)
 }
 
 #[test]

@@ -18,9 +18,12 @@ use zdivert::{
     source::kube::{run, select::SelectConfig},
     state::NodeState,
 };
-use zdivert_tests::fakeapi::{
-    FakeApi, Kind,
-    objects::{namespace, pod_on, ztunnel_on},
+use zdivert_tests::{
+    eventually,
+    fakeapi::{
+        FakeApi, Kind,
+        objects::{namespace, pod_on, ztunnel_on},
+    },
 };
 
 const NODE: &str = "node-a";
@@ -195,9 +198,16 @@ fn a_cut_watch_resumes_from_the_last_bookmark_without_relisting() -> Result<()> 
         ))?;
     }
     let moved_to = f.api.resource_version();
-    std::thread::sleep(Duration::from_millis(1500)); // bookmarks every 500 ms
+    eventually(
+        "a bookmark at the new version",
+        Duration::from_secs(10),
+        || Ok(f.api.bookmarked(Kind::Pod) >= Some(moved_to)),
+    )?;
+    let watches = f.api.watches("/api/v1/pods");
     f.api.cut_watches();
-    std::thread::sleep(Duration::from_millis(1000));
+    eventually("the watch re-opened", Duration::from_secs(10), || {
+        Ok(f.api.watches("/api/v1/pods") > watches)
+    })?;
     f.api.apply(pod_on(NODE, "apps", "c", &ips("10.0.0.5")))?;
     f.until(&["a", "b", "c"], Duration::from_secs(10))?;
 

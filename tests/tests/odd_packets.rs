@@ -230,12 +230,22 @@ fn run(mode: Mode) -> anyhow::Result<()> {
         } else {
             p.must_land
         };
-        std::thread::sleep(Duration::from_millis(250));
-        let landed: Vec<&str> = sniffers
-            .iter()
-            .filter(|s| !s.with_sport(sport).is_empty())
-            .map(|s| s.name.as_str())
-            .collect();
+        let landed_now = || -> Vec<&str> {
+            sniffers
+                .iter()
+                .filter(|s| !s.with_sport(sport).is_empty())
+                .map(|s| s.name.as_str())
+                .collect()
+        };
+        // Until what must land has; a packet that must land nowhere gets the time a landing
+        // one takes (the absence of a packet cannot be awaited).
+        let _ = zdivert_tests::eventually(p.what, Duration::from_secs(2), || {
+            Ok(must_land.iter().all(|m| landed_now().contains(m)))
+        });
+        if must_land.is_empty() {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let landed = landed_now();
         let may_land: &[&str] = if p.v6_captured && !mode.is_ebpf() {
             &[]
         } else {

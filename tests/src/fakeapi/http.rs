@@ -268,6 +268,7 @@ async fn watch(mut conn: TcpStream, shared: &Shared, kind: Kind, req: &Request) 
                     if !send_chunk(&mut conn, &bm).await {
                         return;
                     }
+                    shared.cluster().bookmarks.push((kind, last_rv));
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {

@@ -95,6 +95,8 @@ struct Cluster {
     /// Watches from a resourceVersion below this get 410 Gone.
     compacted: u64,
     requests: Vec<Request>,
+    /// Every bookmark sent: the kind watched and the resourceVersion.
+    bookmarks: Vec<(Kind, u64)>,
 }
 
 struct Shared {
@@ -255,6 +257,26 @@ impl FakeApi {
 
     pub fn resource_version(&self) -> u64 {
         self.shared.cluster().rv
+    }
+
+    /// The highest resourceVersion a bookmark of a `kind` watch has carried so far.
+    pub fn bookmarked(&self, kind: Kind) -> Option<u64> {
+        let c = self.shared.cluster();
+        c.bookmarks
+            .iter()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, rv)| *rv)
+            .max()
+    }
+
+    /// Watch requests of `path` so far.
+    pub fn watches(&self, path: &str) -> usize {
+        self.shared
+            .cluster()
+            .requests
+            .iter()
+            .filter(|r| r.path == path && r.is_watch())
+            .count()
     }
 }
 

@@ -228,11 +228,24 @@ pub fn node_probes_udp_and_non_ambient_traffic_are_not_captured(mode: Mode) -> a
     // UDP (DNS-like) from an ambient pod
     let echo = udp_request(&pp.ns, sa(rv1.ip, 5353))?;
     assert!(echo.starts_with(&format!("{}:", pp.ip)), "{echo}");
-    std::thread::sleep(Duration::from_millis(300));
-    for z in &lab.ztunnels {
+    // Then one captured connection on each node: once ztunnel has logged it, it would have
+    // logged the earlier ones, which closed before it started.
+    let details = lab.w1().pod("details-v1");
+    let markers = [
+        (lab.zt2(), pp, sa(rv1.ip, 9080)),
+        (lab.zt1(), details, sa(curl.ip, 8080)),
+    ];
+    for (z, from, dst) in markers {
+        request(&from.ns, dst)?;
+        z.wait_access(1, from_to(from, dst, "outbound"))?;
+        let others: Vec<_> = z
+            .access_log()
+            .into_iter()
+            .filter(|a| a.dst() != Some(dst))
+            .collect();
         assert!(
-            z.access_log().is_empty(),
-            "nothing went through ztunnel on {}:\n{}",
+            others.is_empty(),
+            "nothing but the marker went through ztunnel on {}:\n{}",
             z.node,
             z.access_summary()
         );
@@ -321,11 +334,11 @@ pub fn sigkilled_agent_restarts_without_failing_a_connection(mode: Mode) -> anyh
     // A stream of connections from productpage while the agent is killed and restarted.
     let stream = RequestStream::start(&pp.ns, dst)?;
     for _ in 0..3 {
-        std::thread::sleep(Duration::from_millis(300));
+        stream.wait_more(5)?;
         lab.agents[0].restart()?; // SIGKILL, then start again
     }
     super::wait_set_up(&lab.agents[0], w2, true)?;
-    std::thread::sleep(Duration::from_millis(300));
+    stream.wait_more(20)?;
     let results = stream.stop();
     super::assert_none_failed(&results, 20);
     lab.ztunnels[0]

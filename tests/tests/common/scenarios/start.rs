@@ -62,8 +62,10 @@ pub fn a_new_pods_tcp_is_held_until_it_is_captured(mode: Mode) -> anyhow::Result
     eventually("both new veths held", Duration::from_secs(5), || {
         Ok(agent.metric("zdivert_links_held")? == 2.0)
     })?;
-    // The API tells the agent about the pods a second later.
-    std::thread::sleep(Duration::from_secs(1));
+    // The API tells the agent about the pods later: SYNs knock all the while.
+    for stream in knocks.iter().chain([&outbound]) {
+        stream.wait_more(3)?;
+    }
     let held_outsider = request(&outsider.ns, sa(sleep.ip, 9090));
     assert!(
         held_outsider.is_err(),
