@@ -62,13 +62,15 @@ pub fn wait_layout(node: &Node, pods: usize, with_ztunnel: bool) -> Result<()> {
     let mut last = String::new();
     while Instant::now() < deadline {
         let members = ipset_members(node).len();
-        let zt = node
-            .ztunnel
-            .ns
-            .cmd("iptables-save", &["-t", "mangle"])
-            .unwrap_or_default()
-            .matches("-j TPROXY")
-            .count();
+        // Both families: IPv6 is applied after IPv4.
+        let zt = ["iptables-save", "ip6tables-save"].map(|save| {
+            node.ztunnel
+                .ns
+                .cmd(save, &["-t", "mangle"])
+                .unwrap_or_default()
+                .matches("-j TPROXY")
+                .count()
+        });
         let chains = node
             .ns
             .cmd("iptables-save", &["-t", "nat"])
@@ -85,11 +87,15 @@ pub fn wait_layout(node: &Node, pods: usize, with_ztunnel: bool) -> Result<()> {
                 }
             })
             .count();
-        if members == pods && routes == pods && chains && (zt == 3) == with_ztunnel {
+        if members == pods
+            && routes == pods
+            && chains
+            && zt.iter().all(|&n| (n == 3) == with_ztunnel)
+        {
             return Ok(());
         }
         last = format!(
-            "{members} ipset members, {routes} pod routes, {zt} TPROXY rules, nat chain {chains}"
+            "{members} ipset members, {routes} pod routes, {zt:?} TPROXY rules (v4, v6), nat chain {chains}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -1,47 +1,12 @@
-//! What only the eBPF dataplane does, through the real ztunnel: IPv6 capture, and ICMP errors
-//! about ztunnel's connections. The scenarios every mode passes are in `paths.rs`.
+//! What only the eBPF dataplane does, through the real ztunnel: ICMP errors about ztunnel's
+//! connections. The scenarios every mode passes are in `paths.rs`.
 mod common;
 
 use common::{Lab, Mode, scenarios::from_to};
 use zdivert_tests::{
     apps::{TcpServer, request, sa},
-    ztunnel::{MeshConfig, identity},
+    ztunnel::MeshConfig,
 };
-
-#[test]
-fn ipv6_tcp_is_captured_like_ipv4() -> anyhow::Result<()> {
-    let lab = Lab::real(Mode::Ebpf, |_| MeshConfig::default())?;
-    let (pp, rv1, sleep) = (
-        lab.w2().pod("productpage-v1"),
-        lab.w2().pod("reviews-v1"),
-        lab.w2().pod("sleep"),
-    );
-    let details = lab.w1().pod("details-v1");
-    let _s1 = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
-    let _s2 = TcpServer::start(&details.ns, "details-v1", 9080)?;
-
-    // Same node (HBONE through this node's ztunnel), from an ambient and a non-ambient pod.
-    let dst = sa(rv1.ip6, 9080);
-    for client in [pp, sleep] {
-        let reply = request(&client.ns, dst)?;
-        assert_eq!(
-            reply.peer.ip(),
-            client.ip6,
-            "the server sees the client's IPv6 address"
-        );
-        lab.zt2().wait_access(1, from_to(client, dst, "inbound"))?;
-    }
-    lab.zt2().wait_access(1, from_to(pp, dst, "outbound"))?;
-
-    // Cross node, through both ztunnels.
-    let dst = sa(details.ip6, 9080);
-    let reply = request(&pp.ns, dst)?;
-    assert_eq!(reply.peer.ip(), pp.ip6);
-    lab.zt2().wait_access(1, from_to(pp, dst, "outbound"))?;
-    let inb = lab.zt1().wait_access(1, from_to(pp, dst, "inbound"))?;
-    assert_eq!(inb[0].src_identity(), identity(pp));
-    Ok(())
-}
 
 /// `Icmp: InDestUnreachs` of a netns: ICMP errors its stack took in.
 fn dest_unreachs(ns: &zdivert_tests::ns::Netns) -> anyhow::Result<u64> {

@@ -37,7 +37,7 @@ struct Probe {
     may_land: &'static [&'static str],
     /// Where it must be delivered.
     must_land: &'static [&'static str],
-    /// IPv6 the eBPF mode captures, and the fallback (no IPv6 layout) drops.
+    /// IPv6 that must reach ztunnel, in every mode.
     v6_captured: bool,
 }
 
@@ -225,7 +225,7 @@ fn run(mode: Mode) -> anyhow::Result<()> {
             }
             _ => anyhow::bail!("{}: mixed families", p.what),
         }
-        let must_land: &[&str] = if p.v6_captured && mode.is_ebpf() {
+        let must_land: &[&str] = if p.v6_captured {
             &["ztunnel"]
         } else {
             p.must_land
@@ -246,11 +246,7 @@ fn run(mode: Mode) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(250));
         }
         let landed = landed_now();
-        let may_land: &[&str] = if p.v6_captured && !mode.is_ebpf() {
-            &[]
-        } else {
-            p.may_land
-        };
+        let may_land = p.may_land;
         let wrong: Vec<&&str> = landed.iter().filter(|l| !may_land.contains(l)).collect();
         let missed: Vec<&&str> = must_land.iter().filter(|m| !landed.contains(m)).collect();
         println!("{mode:?}: {:<50} landed in {landed:?}", p.what);

@@ -41,4 +41,5 @@ in_every_mode!(
     bulk_transfers_complete_same_node_and_cross_node,
     dns_capture_answers_from_ztunnel_and_only_when_enabled,
     a_new_pods_tcp_is_held_until_it_is_captured,
+    ipv6_tcp_is_captured_like_ipv4,
 );

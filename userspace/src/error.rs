@@ -163,7 +163,9 @@ pub enum Error {
         source: serde_json::Error,
     },
 
-    #[error("this node has no IPv4 source address towards {towards}: the tunnels need one")]
+    #[error(
+        "this node has no source address of the family of {towards} towards it: the layout needs one"
+    )]
     NoSourceAddress { towards: IpAddr },
 
     #[error("node {node}: {reason}")]

@@ -4,7 +4,7 @@
 use std::{fmt, net::Ipv4Addr};
 
 use netlink_packet_route::{
-    address::AddressAttribute,
+    address::{AddressAttribute, AddressFlags},
     link::{InfoData, InfoGeneve, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
 };
 use rtnetlink::{LinkGeneve, LinkUnspec, LinkVxlan};
@@ -40,6 +40,8 @@ pub struct Tunnel {
     /// The underlay interface (vxlan only; geneve routes its packets like any UDP).
     pub dev: Option<u32>,
     pub address: Ipv4Addr,
+    /// Its IPv6 address (/64), when it carries IPv6 too.
+    pub address6: Option<std::net::Ipv6Addr>,
     /// Whether the address carries a broadcast (`brd`): the article's node side does, the
     /// ztunnel side does not.
     pub broadcast: bool,
@@ -169,7 +171,11 @@ impl Netlink {
                     .ok_or_else(|| Error::NetlinkNotFound { what: what.clone() })?
             }
         };
-        self.ensure_address(index, t.address, 30, t.broadcast, &what)?;
+        self.ensure_address(index, t.address.into(), 30, t.broadcast, &what)?;
+        if let Some(a6) = t.address6 {
+            self.ensure_address(index, a6.into(), 64, false, &what)?;
+            without_link_local_dad(&t.name)?;
+        }
         self.rt
             .block_on(
                 self.handle
@@ -184,7 +190,7 @@ impl Netlink {
     fn ensure_address(
         &self,
         index: u32,
-        ip: Ipv4Addr,
+        ip: std::net::IpAddr,
         prefix: u8,
         broadcast: bool,
         what: &str,
@@ -196,11 +202,18 @@ impl Netlink {
         if present {
             return Ok(());
         }
-        let mut req = self.handle.address().add(index, ip.into(), prefix);
+        let mut req = self.handle.address().add(index, ip, prefix);
         if !broadcast {
             req.message_mut()
                 .attributes
                 .retain(|a| !matches!(a, AddressAttribute::Broadcast(_)));
+        }
+        if ip.is_ipv6() {
+            // Usable at once: routes name it as their gateway's peer, and a tentative address
+            // (duplicate address detection, a second or more) cannot be a source.
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
         }
         self.rt
             .block_on(req.execute())
@@ -223,4 +236,13 @@ impl Netlink {
         }
         created
     }
+}
+
+/// Neighbour discovery for a forwarded packet solicits from the link's link-local address,
+/// and sends nothing while that is tentative: without this, the first IPv6 packets through a
+/// new tunnel wait one to two seconds for duplicate address detection that a point-to-point
+/// tunnel of ours has no use for. Set before the link goes up; the setting goes with the link.
+fn without_link_local_dad(link: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv6/conf/{link}/accept_dad");
+    std::fs::write(&path, "0").map_err(|source| Error::Sysctl { path, source })
 }

@@ -4,13 +4,14 @@
 //! their own.
 #![allow(dead_code)]
 mod dns;
+mod ipv6;
 mod load;
 mod policy;
 mod start;
 
 // Every test binary includes `common`; only `paths.rs` runs these.
 #[allow(unused_imports)]
-pub use {dns::*, load::*, policy::*, start::*};
+pub use {dns::*, ipv6::*, load::*, policy::*, start::*};
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},

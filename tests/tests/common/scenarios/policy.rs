@@ -1,4 +1,5 @@
-//! Authorization proves capture: a DENY policy that holds on every way in, NodePort included.
+//! Authorization proves capture: a DENY policy that holds on every way in, NodePort and IPv6
+//! included.
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
@@ -36,11 +37,14 @@ pub fn deny_policy_holds_on_every_way_in(mode: Mode) -> anyhow::Result<()> {
     }
     let node_addr = SocketAddr::new(w2.underlay_ip.into(), node_port);
 
-    let ways_in: [(&str, &Pod, SocketAddr); 4] = [
+    let ways_in: [(&str, &Pod, SocketAddr); 7] = [
         ("same node, ambient", pp, sa(rv1.ip, 9080)),
         ("other node, ambient", details, sa(rv1.ip, 9080)),
         ("same node, not ambient", sleep, sa(rv1.ip, 9080)),
         ("NodePort from the other node", curl, node_addr),
+        ("same node, ambient, IPv6", pp, sa(rv1.ip6, 9080)),
+        ("other node, ambient, IPv6", details, sa(rv1.ip6, 9080)),
+        ("same node, not ambient, IPv6", sleep, sa(rv1.ip6, 9080)),
     ];
     for (way, client, dst) in ways_in {
         let r = request_timeout(&client.ns, dst, Duration::from_secs(2));
@@ -56,7 +60,7 @@ pub fn deny_policy_holds_on_every_way_in(mode: Mode) -> anyhow::Result<()> {
     );
     let rejections = lab
         .zt2()
-        .wait_access(4, |a| a.direction() == "inbound" && a.denied())?;
+        .wait_access(ways_in.len(), |a| a.direction() == "inbound" && a.denied())?;
     // The NodePort client reaches ztunnel as the node (masqueraded to the address of the
     // interface the node routed it out of), which is no pod's address.
     let pod_ips: Vec<IpAddr> = lab
@@ -80,12 +84,15 @@ pub fn deny_policy_holds_on_every_way_in(mode: Mode) -> anyhow::Result<()> {
         (details, sa(rv2.ip, 9080)),
         (sleep, sa(rv2.ip, 9080)),
         (curl, SocketAddr::new(w2.underlay_ip.into(), node_port + 1)),
+        (pp, sa(rv2.ip6, 9080)),
+        (details, sa(rv2.ip6, 9080)),
+        (sleep, sa(rv2.ip6, 9080)),
     ] {
         let reply = request(&client.ns, dst)?;
         assert_eq!(reply.server, "reviews-v2", "{} → {dst}", client.name);
     }
     lab.zt2()
-        .wait_access(4, |a| {
+        .wait_access(7, |a| {
             a.direction() == "inbound" && a.dst_workload() == "reviews-v2"
         })
         .map(|_| ())

@@ -4,9 +4,9 @@
 use std::collections::BTreeSet;
 
 use super::{
-    IptablesDataplane, ipset,
-    layout::{self, Params},
-    saved,
+    IptablesDataplane,
+    apply::{self, Families},
+    ipset, layout, saved,
     tables::{self, Backend},
 };
 use crate::error::Result;
@@ -25,12 +25,12 @@ impl IptablesDataplane {
         Ok(())
     }
 
-    /// Notes the rules this apply made (with `p`, the layout's; always the hold's).
-    pub(super) fn record_applied(&mut self, p: Option<&Params>) -> Result<()> {
+    /// Notes the rules this apply made (with `f`, the layout's; always the hold's).
+    pub(super) fn record_applied(&mut self, f: Option<&Families>) -> Result<()> {
         let mut chains: Vec<(bool, layout::Chain)> = vec![];
-        if let Some(p) = p {
-            chains.extend(layout::node_chains(p).into_iter().map(|c| (false, c)));
-            chains.extend(layout::node_chains6().into_iter().map(|c| (true, c)));
+        if let Some(f) = f {
+            chains.extend(layout::node_chains(f.v4).into_iter().map(|c| (false, c)));
+            chains.extend(apply::node_chains6(f).into_iter().map(|c| (true, c)));
         }
         for v6 in [false, true] {
             chains.extend(layout::hold_chains(v6).into_iter().map(|c| (v6, c)));
@@ -45,13 +45,18 @@ impl IptablesDataplane {
             .iter()
             .flat_map(|(v6, c)| c.rules.iter().map(move |r| node(*v6, c.table, r)))
             .collect();
-        if let Some(z) = p.and_then(|p| p.ztunnel.as_ref()) {
+        let ztunnels = f
+            .into_iter()
+            .flat_map(|f| [Some(f.v4), f.v6])
+            .flatten()
+            .filter_map(|p| p.ztunnel.as_ref());
+        for z in ztunnels {
             applied.extend(
                 layout::ztunnel_rules(z)
                     .into_iter()
                     .map(|rule| saved::AppliedRule {
                         netns: "ztunnel".into(),
-                        v6: false,
+                        v6: z.ip.is_ipv6(),
                         table: "mangle".into(),
                         rule,
                     }),

@@ -4,6 +4,7 @@
 //! puts every sysctl back, from the state file and the kernel alone.
 pub mod layout;
 
+mod apply;
 mod hold;
 pub mod inspect;
 mod ipset;
@@ -13,16 +14,13 @@ mod saved;
 pub mod status;
 mod tables;
 
-use std::{
-    collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr},
-    path::Path,
-};
+use std::{collections::BTreeSet, net::IpAddr, path::Path};
 
-use self::remove::{remove_all, remove_ztunnel_side};
+use self::remove::remove_all;
 use self::{
-    layout::{Params, TunnelIndexes, Ztunnel},
-    saved::{Saved, SavedNetns, StateFile},
+    apply::Families,
+    layout::{Params, Ztunnel},
+    saved::{Saved, StateFile},
 };
 pub use self::{
     remove::{Cleaned, cleanup, has_state},
@@ -31,7 +29,7 @@ pub use self::{
 use super::{Dataplane, Report};
 use crate::{
     error::{Error, Result},
-    facts::{self, NodeFacts, ZtunnelFacts},
+    facts::{self, NodeFacts},
     netns,
     nl::{Netlink, TunnelKind},
     state::NodeState,
@@ -66,8 +64,6 @@ const CHAINS: [(&str, &str, &str); 7] = [
     ("nat", "ztunnel-PREROUTING", "PREROUTING"),
     ("nat", "ztunnel-POSTROUTING", "POSTROUTING"),
 ];
-
-const CHAINS6: [(&str, &str, &str); 1] = [("mangle", "ztunnel-PREROUTING", "PREROUTING")];
 
 /// The start-window hold's chains, in iptables and ip6tables, with their sets. They outlive the
 /// rest of the layout (a node with nothing to capture still holds new veths); only `cleanup`
@@ -182,17 +178,19 @@ impl IptablesDataplane {
         &self.file.path
     }
 
-    fn params(&mut self, facts: &NodeFacts, pods: &[Ipv4Addr]) -> Result<Option<Params>> {
-        let probe = facts
+    /// The layout's parameters for one family; `None` when it has nothing of that family to
+    /// capture and no ztunnel address in it. `pods`: the ambient pods' addresses of the family.
+    fn params(&mut self, facts: &NodeFacts, v6: bool, pods: &[IpAddr]) -> Result<Option<Params>> {
+        let of_family = |ip: &IpAddr| ip.is_ipv6() == v6;
+        let zip = facts
             .ztunnel
             .as_ref()
-            .and_then(|z| z.ips.iter().copied().find(IpAddr::is_ipv4))
-            .or_else(|| pods.first().map(|ip| IpAddr::V4(*ip)));
-        let Some(probe) = probe else {
+            .and_then(|z| z.ips.iter().copied().find(of_family));
+        let Some(probe) = zip.or_else(|| pods.first().copied()) else {
             return Ok(None);
         };
         let host_ip = match self.nl.route_src(probe)? {
-            Some(IpAddr::V4(v4)) => v4,
+            Some(ip) if of_family(&ip) => ip,
             _ => {
                 return Err(Error::NoSourceAddress { towards: probe });
             }
@@ -213,12 +211,8 @@ impl IptablesDataplane {
             }
         };
         let ztunnel = facts.ztunnel.as_ref().and_then(|z| {
-            let ip = z.ips.iter().find_map(|ip| match ip {
-                IpAddr::V4(v4) => Some(*v4),
-                IpAddr::V6(_) => None,
-            })?;
             Some(Ztunnel {
-                ip,
+                ip: zip?,
                 veth: z.host_veth.name.clone(),
                 veth_index: z.host_veth.index,
                 eth0: z.eth0.name.clone(),
@@ -233,117 +227,6 @@ impl IptablesDataplane {
             ztunnel,
         }))
     }
-
-    /// ztunnel's side: tunnels, sysctls, rules, routes and TPROXY rules in its netns; and the
-    /// removal of all of it from a previous ztunnel's netns.
-    fn apply_ztunnel(&mut self, p: &Params, zf: Option<&ZtunnelFacts>) -> Result<()> {
-        let want = zf.map(|z| SavedNetns {
-            path: z.netns.clone(),
-            inode: z.netns_inode,
-        });
-        if let Some(old) = self.saved.ztunnel_netns.clone()
-            && Some(&old) != want.as_ref()
-        {
-            remove_ztunnel_side(&self.file, &mut self.saved, self.backend, &old)?;
-        }
-        let (Some(z), Some(ns)) = (&p.ztunnel, want) else {
-            return Ok(());
-        };
-        self.saved.ztunnel_netns = Some(ns.clone());
-        self.file.store(&self.saved)?;
-        let (file, saved, backend) = (&self.file, &mut self.saved, self.backend);
-        netns::run_in(&ns.path, || -> Result<()> {
-            let nl = Netlink::new()?;
-            let mut idx = [0; 2];
-            for (i, t) in layout::tunnels(p, z, false).iter().enumerate() {
-                idx[i] = nl.ensure_tunnel(t)?;
-            }
-            let t = TunnelIndexes {
-                inbound: idx[0],
-                outbound: idx[1],
-            };
-            saved::apply_sysctls(
-                file,
-                saved,
-                ns.inode,
-                &layout::ztunnel_sysctls(z),
-                &[layout::ZTUNNEL_INBOUND, layout::ZTUNNEL_OUTBOUND],
-            )?;
-            let lo = nl.link_index("lo")?.unwrap_or(1);
-            for (table, routes) in layout::ztunnel_routes(p, z, t, lo) {
-                nl.sync_table(table, false, &routes)?;
-            }
-            for r in layout::ztunnel_policy_rules() {
-                nl.ensure_rule(r, false)?;
-            }
-            tables::sync_builtin(
-                backend,
-                "mangle",
-                "PREROUTING",
-                &layout::ztunnel_rules(z),
-                is_ztunnel_rule,
-            )?;
-            Ok(())
-        })?
-    }
-
-    fn apply_node(
-        &mut self,
-        p: &Params,
-        facts: &NodeFacts,
-        pods: &BTreeSet<Ipv4Addr>,
-    ) -> Result<()> {
-        let list: Vec<Ipv4Addr> = pods.iter().copied().collect();
-        let routes = match &p.ztunnel {
-            Some(z) => {
-                let mut idx = [0; 2];
-                for (i, t) in layout::tunnels(p, z, true).iter().enumerate() {
-                    idx[i] = self.nl.ensure_tunnel(t)?;
-                }
-                let t = TunnelIndexes {
-                    inbound: idx[0],
-                    outbound: idx[1],
-                };
-                layout::node_routes(p, z, t, &list)
-            }
-            None => {
-                for name in [layout::NODE_INBOUND, layout::NODE_OUTBOUND] {
-                    self.nl.delete_link(name)?;
-                }
-                layout::node_routes_closed(&list)
-            }
-        };
-        let veths: Vec<&str> = facts.pods.values().map(|f| f.veth.name.as_str()).collect();
-        saved::apply_sysctls(
-            &self.file,
-            &mut self.saved,
-            self.node_netns_inode,
-            &layout::node_sysctls(p, veths.into_iter()),
-            &[layout::NODE_INBOUND, layout::NODE_OUTBOUND],
-        )?;
-        for (table, routes) in routes {
-            self.nl.sync_table(table, false, &routes)?;
-        }
-        for r in layout::node_rules() {
-            self.nl.ensure_rule(r, false)?;
-        }
-        // The local rule's new place first, then the old one goes: never a moment without.
-        for r in layout::local_rule_move() {
-            self.nl.ensure_rule(r, false)?;
-        }
-        self.nl.remove_rule(layout::LOCAL_RULE_AT_0, false)?;
-        let members: Vec<(IpAddr, String)> = facts
-            .pods
-            .values()
-            .flat_map(|f| f.ips.iter().map(|ip| (*ip, f.veth.name.clone())))
-            .collect();
-        for (set, kind, want) in layout::ipsets(&members) {
-            ipset::sync(set, kind, &want)?;
-        }
-        tables::sync_chains(self.backend, false, &layout::node_chains(p))?;
-        tables::sync_chains(self.backend, true, &layout::node_chains6())?;
-        Ok(())
-    }
 }
 
 impl Dataplane for IptablesDataplane {
@@ -355,46 +238,58 @@ impl Dataplane for IptablesDataplane {
         let mut facts = facts::resolve(&self.nl, state)?;
         let mut report = Report::default();
         report.failed.append(&mut facts.failures);
-        let pods: BTreeSet<Ipv4Addr> = facts
+        let addresses: BTreeSet<IpAddr> = facts
             .pods
             .values()
-            .flat_map(|f| f.ips.iter())
-            .filter_map(|ip| match ip {
-                IpAddr::V4(v4) => Some(*v4),
-                IpAddr::V6(_) => None,
-            })
+            .flat_map(|f| f.ips.iter().copied())
             .collect();
+        let (pods6, pods4): (Vec<IpAddr>, Vec<IpAddr>) =
+            addresses.into_iter().partition(IpAddr::is_ipv6);
         let held: Vec<String> = facts.held.iter().map(|l| l.name.clone()).collect();
         report.held = facts.held.iter().map(|l| l.index).collect();
-        let Some(p) = self.params(&facts, &pods.iter().copied().collect::<Vec<_>>())? else {
+        let p6 = self.params(&facts, true, &pods6)?;
+        // IPv4 is the tunnels' underlay: a node without it has nothing this layout can do.
+        let Some(p) = self.params(&facts, false, &pods4)? else {
             // Nothing to capture and no ztunnel: nothing of ours belongs on the node.
             remove_all(&self.file, &mut self.saved, self.backend)?;
             self.sync_holds(&held)?;
             self.record_applied(None)?;
             return Ok(report);
         };
-        if p.ztunnel.is_none() {
+        let families = Families {
+            v4: &p,
+            v6: p6.as_ref(),
+        };
+        let closed = |p: &Params| Params {
+            ztunnel: None,
+            ..p.clone()
+        };
+        let (closed4, closed6) = (closed(&p), p6.as_ref().map(closed));
+        let closed = Families {
+            v4: &closed4,
+            v6: closed6.as_ref(),
+        };
+        let applied = if p.ztunnel.is_none() {
             // Close the node's side before taking ztunnel's apart: never a moment of bypass.
-            self.apply_node(&p, &facts, &pods)?;
-            self.apply_ztunnel(&p, None)?;
-        } else if let Err(e) = self.apply_ztunnel(&p, facts.ztunnel.as_ref()) {
+            self.apply_node(&closed, &facts, &pods4, &pods6)?;
+            self.apply_ztunnel(&closed, None)?;
+            &closed
+        } else if let Err(e) = self.apply_ztunnel(&families, facts.ztunnel.as_ref()) {
             let z = facts
                 .ztunnel
                 .take()
                 .expect("p.ztunnel comes from facts.ztunnel");
             report.failed.push((z.pod, e));
             // Fail closed until ztunnel's side is complete.
-            let closed = Params {
-                ztunnel: None,
-                ..p.clone()
-            };
-            self.apply_node(&closed, &facts, &pods)?;
+            self.apply_node(&closed, &facts, &pods4, &pods6)?;
+            &closed
         } else {
-            self.apply_node(&p, &facts, &pods)?;
-        }
+            self.apply_node(&families, &facts, &pods4, &pods6)?;
+            &families
+        };
         // Capture is in place before a classified veth's hold goes.
         self.sync_holds(&held)?;
-        self.record_applied(Some(&p))?;
+        self.record_applied(Some(applied))?;
         report.ztunnel = super::ZtunnelState::of(facts.ztunnel.as_ref());
         report.captured = facts.pods.keys().cloned().collect();
         Ok(report)

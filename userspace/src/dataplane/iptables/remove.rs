@@ -3,8 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    CHAINS, CHAINS6, HOLD_CHAINS, NODE_TABLES, ZTUNNEL_TABLES, ipset, is_ztunnel_rule, layout,
-    nftables,
+    CHAINS, HOLD_CHAINS, NODE_TABLES, ZTUNNEL_TABLES, ipset, is_ztunnel_rule, layout, nftables,
     saved::{self, Saved, SavedNetns, StateFile},
     tables::{self, Backend},
 };
@@ -21,12 +20,14 @@ pub(super) fn remove_ztunnel_side(
     if alive {
         netns::run_in(&ns.path, || -> Result<()> {
             let nl = Netlink::new()?;
-            tables::sync_builtin(backend, "mangle", "PREROUTING", &[], is_ztunnel_rule)?;
-            for r in layout::ztunnel_policy_rules() {
-                nl.remove_rule(r, false)?;
-            }
-            for t in ZTUNNEL_TABLES {
-                nl.sync_table(t, false, &[])?;
+            for v6 in [false, true] {
+                tables::sync_builtin(backend, v6, "mangle", "PREROUTING", &[], is_ztunnel_rule)?;
+                for r in layout::ztunnel_policy_rules() {
+                    nl.remove_rule(r, v6)?;
+                }
+                for t in ZTUNNEL_TABLES {
+                    nl.sync_table(t, v6, &[])?;
+                }
             }
             for name in [layout::ZTUNNEL_INBOUND, layout::ZTUNNEL_OUTBOUND] {
                 nl.delete_link(name)?;
@@ -45,21 +46,24 @@ pub(super) fn remove_all(file: &StateFile, saved: &mut Saved, backend: Backend) 
     if let Some(ns) = saved.ztunnel_netns.clone() {
         remove_ztunnel_side(file, saved, backend, &ns)?;
     }
-    tables::remove_chains(backend, false, &CHAINS)?;
-    tables::remove_chains(backend, true, &CHAINS6)?;
+    for v6 in [false, true] {
+        tables::remove_chains(backend, v6, &CHAINS)?;
+    }
     for (set, _, _) in layout::ipsets(&[]) {
         ipset::destroy(set)?;
     }
     let nl = Netlink::new()?;
-    nl.ensure_rule(layout::LOCAL_RULE_AT_0, false)?;
-    for r in layout::local_rule_move()
-        .into_iter()
-        .chain(layout::node_rules())
-    {
-        nl.remove_rule(r, false)?;
-    }
-    for t in NODE_TABLES {
-        nl.sync_table(t, false, &[])?;
+    for v6 in [false, true] {
+        nl.ensure_rule(layout::LOCAL_RULE_AT_0, v6)?;
+        for r in layout::local_rule_move()
+            .into_iter()
+            .chain(layout::node_rules())
+        {
+            nl.remove_rule(r, v6)?;
+        }
+        for t in NODE_TABLES {
+            nl.sync_table(t, v6, &[])?;
+        }
     }
     for name in [layout::NODE_INBOUND, layout::NODE_OUTBOUND] {
         nl.delete_link(name)?;

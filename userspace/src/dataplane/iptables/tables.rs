@@ -219,12 +219,13 @@ pub fn remove_chains(
 /// mangle PREROUTING. True if anything changed.
 pub fn sync_builtin(
     backend: Backend,
+    v6: bool,
     table: &str,
     chain: &str,
     want: &[String],
     is_ours: impl Fn(&str) -> bool,
 ) -> Result<bool> {
-    let save = save(backend, false, table)?;
+    let save = save(backend, v6, table)?;
     let (_, rules) = chain_rules(&save, chain);
     let present: Vec<&str> = rules.into_iter().filter(|r| is_ours(r)).collect();
     if present.iter().copied().eq(want.iter().map(String::as_str)) {
@@ -239,7 +240,7 @@ pub fn sync_builtin(
         input.push('\n');
     }
     input += "COMMIT\n";
-    restore(backend, false, &input)?;
+    restore(backend, v6, &input)?;
     Ok(true)
 }
 

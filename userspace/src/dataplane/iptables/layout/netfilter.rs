@@ -17,12 +17,41 @@ pub const IPSET_SOURCES: &str = "ztunnel-pods-srcs";
 /// `0.0.0.0/0,<host veth>`: the interfaces of ambient pods.
 pub const IPSET_IFACES: &str = "ztunnel-pods-ifaces";
 
-/// The IPv6 sets: the fallback cannot capture IPv6, so it fails closed with them.
+/// The IPv6 sets, for the same layout in ip6tables.
 pub const IPSET6: &str = "ztunnel-pods-ips6";
 pub const IPSET6_SOURCES: &str = "ztunnel-pods-srcs6";
 pub const IPSET6_IFACES: &str = "ztunnel-pods-ifaces6";
 
 type IpSet = (&'static str, &'static str, BTreeSet<String>);
+
+/// What the rules of one family spell differently.
+struct Spelling {
+    ips: &'static str,
+    sources: &'static str,
+    ifaces: &'static str,
+    icmp: &'static str,
+    loopback: &'static str,
+}
+
+fn spelling(v6: bool) -> Spelling {
+    if v6 {
+        Spelling {
+            ips: IPSET6,
+            sources: IPSET6_SOURCES,
+            ifaces: IPSET6_IFACES,
+            icmp: "ipv6-icmp",
+            loopback: "::1",
+        }
+    } else {
+        Spelling {
+            ips: IPSET,
+            sources: IPSET_SOURCES,
+            ifaces: IPSET_IFACES,
+            icmp: "icmp",
+            loopback: "127.0.0.1",
+        }
+    }
+}
 
 /// The fallback's sets: name, type, and members for the given pods (address, host veth).
 pub fn ipsets(pods: &[(IpAddr, String)]) -> Vec<IpSet> {
@@ -115,8 +144,16 @@ fn save_mark(chain: &str) -> Vec<String> {
         .collect()
 }
 
-/// The node's chains: mangle marks the packets, nat keeps kube-proxy's DNAT off captured ones.
+/// The node's chains for `p`'s family: mangle marks the packets, nat keeps kube-proxy's DNAT
+/// off captured ones.
 pub fn node_chains(p: &Params) -> Vec<Chain> {
+    let Spelling {
+        ips,
+        sources,
+        ifaces,
+        icmp,
+        ..
+    } = spelling(p.v6());
     let c = "-A ztunnel-PREROUTING";
     let port = p.tunnel_port;
     let skip_return = format!("{c} {} -j RETURN", has_mark(MARK_SKIP));
@@ -124,7 +161,7 @@ pub fn node_chains(p: &Params) -> Vec<Chain> {
         // Beyond the article: an ambient pod's veth carries that pod's own source or nothing
         // (capture keys on the interface, so no pod can pass for another or around ztunnel).
         format!(
-            "{c} -m set --match-set {IPSET_IFACES} src,src -m set ! --match-set {IPSET_SOURCES} src,src -j DROP"
+            "{c} -m set --match-set {ifaces} src,src -m set ! --match-set {sources} src,src -j DROP"
         ),
         mark(&format!("{c} -i {NODE_INBOUND}"), MARK_SKIP),
         format!("{c} -i {NODE_INBOUND} -j RETURN"),
@@ -139,7 +176,7 @@ pub fn node_chains(p: &Params) -> Vec<Chain> {
     ];
     // What comes from ztunnel's veth: its own traffic, or its spoofed connections to pods.
     if let Some(z) = &p.ztunnel {
-        let (zip, zveth) = (z.ip, &z.veth);
+        let (zip, zveth, len) = (z.ip, &z.veth, host_prefix(z.ip));
         // Beyond the article: ztunnel (1.22) speaks HBONE to same-node pods too, dialling
         // `<pod>:15008` from the source pod's address. That connection, both ways, must end on
         // ztunnel's sockets, not the pod's: left unmarked, rule 103 sends it back through
@@ -147,7 +184,7 @@ pub fn node_chains(p: &Params) -> Vec<Chain> {
         let hbone = |port: &str| {
             mark(
                 &format!(
-                    "{c} -i {zveth} -p tcp -m tcp --{port} {PORT_INBOUND_HBONE} -m set --match-set {IPSET} dst"
+                    "{c} -i {zveth} -p tcp -m tcp --{port} {PORT_INBOUND_HBONE} -m set --match-set {ips} dst"
                 ),
                 MARK_CONN_HBONE_LOOP,
             )
@@ -165,7 +202,7 @@ pub fn node_chains(p: &Params) -> Vec<Chain> {
                 MARK_SPOOFED_REPLY,
             ),
             format!("{c} {} -j RETURN", has_mark(MARK_SPOOFED_REPLY)),
-            mark(&format!("{c} ! -s {zip}/32 -i {zveth}"), MARK_CONN_SPOOFED),
+            mark(&format!("{c} ! -s {zip}/{len} -i {zveth}"), MARK_CONN_SPOOFED),
             skip_return.clone(),
             mark(&format!("{c} -i {zveth}"), MARK_CONN_SKIP),
         ]);
@@ -174,21 +211,22 @@ pub fn node_chains(p: &Params) -> Vec<Chain> {
         mark(&format!("{c} -p udp"), MARK_CONN_SKIP),
         // Beyond the article: ping to and from ambient pods is not captured (ztunnel's netns
         // would swallow it). ICMP errors of ztunnel's connections matched 0x210 above.
-        mark(&format!("{c} -p icmp"), MARK_CONN_SKIP),
+        mark(&format!("{c} -p {icmp}"), MARK_CONN_SKIP),
         skip_return,
         mark(
-            &format!("{c} -p tcp -m set --match-set {IPSET} src"),
+            &format!("{c} -p tcp -m set --match-set {ips} src"),
             MARK_OUTBOUND,
         ),
     ]);
     let accept = |chain: &str| vec![format!("-A {chain} {} -j ACCEPT", has_mark(MARK_OUTBOUND))];
     // istio-cni's DNS capture: ambient pods' DNS to ztunnel's DNS proxy, before the ACCEPT that
     // keeps kube-proxy off captured TCP; conntrack answers from the server the pod asked.
+    // IPv4 only, as in eBPF mode.
     let mut nat_prerouting = vec![];
-    if let (true, Some(z)) = (p.dns_capture, &p.ztunnel) {
+    if let (true, false, Some(z)) = (p.dns_capture, p.v6(), &p.ztunnel) {
         for proto in ["udp", "tcp"] {
             nat_prerouting.push(format!(
-                "-A ztunnel-PREROUTING -p {proto} -m set --match-set {IPSET} src -m {proto} --dport {PORT_DNS} -j DNAT --to-destination {}:{PORT_DNS_PROXY}",
+                "-A ztunnel-PREROUTING -p {proto} -m set --match-set {ips} src -m {proto} --dport {PORT_DNS} -j DNAT --to-destination {}:{PORT_DNS_PROXY}",
                 z.ip
             ));
         }
@@ -225,7 +263,7 @@ pub fn node_chains(p: &Params) -> Vec<Chain> {
                 // HBONE connection is for ztunnel's socket, not the pod whose address it carries.
                 mark(
                     &format!(
-                        "-A ztunnel-OUTPUT -p icmp -m connmark --mark {MARK_CONN_HBONE_LOOP:#x}/{MARK_CONN_HBONE_LOOP:#x}"
+                        "-A ztunnel-OUTPUT -p {icmp} -m connmark --mark {MARK_CONN_HBONE_LOOP:#x}/{MARK_CONN_HBONE_LOOP:#x}"
                     ),
                     MARK_SPOOFED_REPLY,
                 ),
@@ -235,8 +273,9 @@ pub fn node_chains(p: &Params) -> Vec<Chain> {
                 ),
                 // Host-originated traffic (kubelet probes) is never captured.
                 format!(
-                    "-A ztunnel-OUTPUT -s {}/32 -j MARK --set-xmark {MARK_CONN_SKIP:#x}/0xffffffff",
-                    p.host_ip
+                    "-A ztunnel-OUTPUT -s {}/{} -j MARK --set-xmark {MARK_CONN_SKIP:#x}/0xffffffff",
+                    p.host_ip,
+                    host_prefix(p.host_ip)
                 ),
             ],
         },
@@ -277,25 +316,38 @@ fn clamp_mss_into_tunnels() -> Vec<String> {
         .collect()
 }
 
-/// The node's IPv6 chain. The article's layout is IPv4 only, so ambient pods' IPv6 TCP is
-/// dropped both ways rather than passed around ztunnel; forged IPv6 sources are dropped too.
-/// Traffic with the node itself (probes and their replies) is exempt.
-pub fn node_chains6() -> Vec<Chain> {
+/// The node's IPv6 chain where there is no IPv6 to capture (neither ztunnel nor any ambient pod
+/// has an IPv6 address): ambient pods' IPv6 TCP is dropped both ways rather than passed around
+/// ztunnel, and forged IPv6 sources too. Traffic with the node itself is exempt.
+pub fn node_chains6_closed() -> Vec<Chain> {
     let c = "-A ztunnel-PREROUTING";
-    vec![Chain {
-        table: "mangle",
-        name: "ztunnel-PREROUTING",
-        from: "PREROUTING",
-        rules: vec![
-            format!(
-                "{c} -m set --match-set {IPSET6_IFACES} src,src -m set ! --match-set {IPSET6_SOURCES} src,src -j DROP"
-            ),
-            format!(
-                "{c} -p tcp -m set --match-set {IPSET6_IFACES} src,src -m addrtype ! --dst-type LOCAL -j DROP"
-            ),
-            format!("{c} -p tcp -m set --match-set {IPSET6} dst -j DROP"),
-        ],
-    }]
+    let drops = vec![
+        format!(
+            "{c} -m set --match-set {IPSET6_IFACES} src,src -m set ! --match-set {IPSET6_SOURCES} src,src -j DROP"
+        ),
+        format!(
+            "{c} -p tcp -m set --match-set {IPSET6_IFACES} src,src -m addrtype ! --dst-type LOCAL -j DROP"
+        ),
+        format!("{c} -p tcp -m set --match-set {IPSET6} dst -j DROP"),
+    ];
+    // The same chains as the layout, the others empty: a switch either way is one sync.
+    let model = Params {
+        host_ip: std::net::Ipv6Addr::LOCALHOST.into(),
+        tunnel: TunnelKind::Vxlan,
+        tunnel_port: DEFAULT_TUNNEL_PORT,
+        dns_capture: false,
+        ztunnel: None,
+    };
+    node_chains(&model)
+        .into_iter()
+        .map(|mut chain| {
+            chain.rules = match (chain.table, chain.name) {
+                ("mangle", "ztunnel-PREROUTING") => drops.clone(),
+                _ => vec![],
+            };
+            chain
+        })
+        .collect()
 }
 
 /// Beyond the article, the pod start window: TCP to and from a new veth that is not classified
@@ -357,9 +409,11 @@ pub const HOLD_SET6: &str = "zdivert-held6";
 /// The rules in ztunnel's netns, in the built-in mangle PREROUTING chain as the article shows
 /// them (order matters: HBONE's 15008 before the catch-all 15006).
 pub fn ztunnel_rules(z: &Ztunnel) -> Vec<String> {
+    let Spelling { icmp, loopback, .. } = spelling(z.ip.is_ipv6());
+    let len = host_prefix(z.ip);
     let tproxy = |iface: &str, extra: &str, port: u16| {
         format!(
-            "-A PREROUTING -i {iface} -p tcp {extra}-j TPROXY --on-port {port} --on-ip 127.0.0.1 \
+            "-A PREROUTING -i {iface} -p tcp {extra}-j TPROXY --on-port {port} --on-ip {loopback} \
              --tproxy-mark {MARK_TPROXY:#x}/{MARK_MASK:#x}"
         )
     };
@@ -370,13 +424,13 @@ pub fn ztunnel_rules(z: &Ztunnel) -> Vec<String> {
         tproxy(ZTUNNEL_OUTBOUND, "", PORT_OUTBOUND),
         tproxy(ZTUNNEL_INBOUND, "", PORT_INBOUND_PLAIN),
         format!(
-            "-A PREROUTING ! -d {}/32 -i {} -p tcp {local}",
+            "-A PREROUTING ! -d {}/{len} -i {} -p tcp {local}",
             z.ip, z.eth0
         ),
         // Beyond the article: ICMP errors the node sends back about ztunnel's connections in a
         // pod's name (0x40 on the node) are delivered here, to ztunnel's socket.
         format!(
-            "-A PREROUTING ! -d {}/32 -i {} -p icmp {local}",
+            "-A PREROUTING ! -d {}/{len} -i {} -p {icmp} {local}",
             z.ip, z.eth0
         ),
     ]

@@ -1,5 +1,5 @@
 //! Policy rules, routes and tunnels of the layout, on the node and in ztunnel's netns.
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::*;
 use crate::nl::{PolicyRule, Route, RuleTarget};
@@ -68,20 +68,23 @@ pub fn ztunnel_policy_rules() -> Vec<PolicyRule> {
     ]
 }
 
-fn v4(a: Ipv4Addr) -> IpAddr {
-    IpAddr::V4(a)
+fn unspecified_like(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    }
 }
 
-fn link_route(table: u32, dst: Ipv4Addr, oif: u32) -> Route {
-    let mut r = Route::to(table, v4(dst), 32);
+fn link_route(table: u32, dst: IpAddr, oif: u32) -> Route {
+    let mut r = Route::to(table, dst, host_prefix(dst));
     r.oif = Some(oif);
     r.scope_link = true;
     r
 }
 
-fn default_via(table: u32, gw: Ipv4Addr, oif: u32) -> Route {
-    let mut r = Route::to(table, v4(Ipv4Addr::UNSPECIFIED), 0);
-    r.gateway = Some(v4(gw));
+fn default_via(table: u32, gw: IpAddr, oif: u32) -> Route {
+    let mut r = Route::to(table, unspecified_like(gw), 0);
+    r.gateway = Some(gw);
     r.oif = Some(oif);
     r
 }
@@ -93,21 +96,22 @@ pub struct TunnelIndexes {
     pub outbound: u32,
 }
 
-/// The node's tables 100/101/102. `pods` are the ambient pods' IPv4 addresses.
+/// The node's tables 100/101/102 for `p`'s family. `pods` are the ambient pods' addresses of
+/// that family.
 pub fn node_routes(
     p: &Params,
     z: &Ztunnel,
     t: TunnelIndexes,
-    pods: &[Ipv4Addr],
+    pods: &[IpAddr],
 ) -> Vec<(u32, Vec<Route>)> {
     let zroute = |table| link_route(table, z.ip, z.veth_index);
     let mut inbound: Vec<Route> = pods
         .iter()
         .map(|ip| {
-            let mut r = Route::to(TABLE_INBOUND, v4(*ip), 32);
-            r.gateway = Some(v4(tunnel_addr(INBOUND_NET, 2)));
+            let mut r = Route::to(TABLE_INBOUND, *ip, host_prefix(*ip));
+            r.gateway = Some(tunnel_addr_like(p.host_ip, INBOUND_NET, 2));
             r.oif = Some(t.inbound);
-            r.prefsrc = Some(v4(p.host_ip));
+            r.prefsrc = Some(p.host_ip);
             r
         })
         .collect();
@@ -119,7 +123,11 @@ pub fn node_routes(
         (
             TABLE_OUTBOUND,
             vec![
-                default_via(TABLE_OUTBOUND, tunnel_addr(OUTBOUND_NET, 2), t.outbound),
+                default_via(
+                    TABLE_OUTBOUND,
+                    tunnel_addr_like(p.host_ip, OUTBOUND_NET, 2),
+                    t.outbound,
+                ),
                 zroute(TABLE_OUTBOUND),
             ],
         ),
@@ -131,10 +139,10 @@ pub fn node_routes(
 }
 
 /// Without a ztunnel, the tables fail closed: ambient pods' captured traffic is dropped instead
-/// of falling through to the main table, around ztunnel.
-pub fn node_routes_closed(pods: &[Ipv4Addr]) -> Vec<(u32, Vec<Route>)> {
-    let blackhole = |table, dst, prefix| {
-        let mut r = Route::to(table, v4(dst), prefix);
+/// of falling through to the main table, around ztunnel. `any` is the family's `0.0.0.0`/`::`.
+pub fn node_routes_closed(any: IpAddr, pods: &[IpAddr]) -> Vec<(u32, Vec<Route>)> {
+    let blackhole = |table, dst: IpAddr, prefix| {
+        let mut r = Route::to(table, dst, prefix);
         r.kind = crate::nl::RouteKind::Blackhole;
         r
     };
@@ -142,25 +150,23 @@ pub fn node_routes_closed(pods: &[Ipv4Addr]) -> Vec<(u32, Vec<Route>)> {
         (
             TABLE_INBOUND,
             pods.iter()
-                .map(|ip| blackhole(TABLE_INBOUND, *ip, 32))
+                .map(|ip| blackhole(TABLE_INBOUND, *ip, host_prefix(*ip)))
                 .collect(),
         ),
-        (
-            TABLE_OUTBOUND,
-            vec![blackhole(TABLE_OUTBOUND, Ipv4Addr::UNSPECIFIED, 0)],
-        ),
+        (TABLE_OUTBOUND, vec![blackhole(TABLE_OUTBOUND, any, 0)]),
         (TABLE_SPOOFED_REPLY, vec![]),
     ]
 }
 
-/// ztunnel's tables: 100 delivers tproxied packets locally; 101/102 as the article lists them.
+/// ztunnel's tables for `p`'s family: 100 delivers tproxied packets locally; 101/102 as the
+/// article lists them.
 pub fn ztunnel_routes(
     p: &Params,
     z: &Ztunnel,
     t: TunnelIndexes,
     lo: u32,
 ) -> Vec<(u32, Vec<Route>)> {
-    let mut local = Route::to(100, v4(Ipv4Addr::UNSPECIFIED), 0);
+    let mut local = Route::to(100, unspecified_like(z.ip), 0);
     local.kind = crate::nl::RouteKind::Local;
     local.oif = Some(lo);
     let host = |table| link_route(table, p.host_ip, z.eth0_index);
@@ -169,22 +175,27 @@ pub fn ztunnel_routes(
         (
             101,
             vec![
-                default_via(101, tunnel_addr(OUTBOUND_NET, 1), t.outbound),
+                default_via(
+                    101,
+                    tunnel_addr_like(p.host_ip, OUTBOUND_NET, 1),
+                    t.outbound,
+                ),
                 host(101),
             ],
         ),
         (
             102,
             vec![
-                default_via(102, tunnel_addr(INBOUND_NET, 1), t.inbound),
+                default_via(102, tunnel_addr_like(p.host_ip, INBOUND_NET, 1), t.inbound),
                 host(102),
             ],
         ),
     ]
 }
 
-/// The tunnels on the node (`side_node`) or in ztunnel's netns.
-pub fn tunnels(p: &Params, z: &Ztunnel, side_node: bool) -> Vec<crate::nl::Tunnel> {
+/// The tunnels on the node (`side_node`) or in ztunnel's netns. The IPv4 `p` makes them; with
+/// `v6` they carry IPv6 too, and get the IPv6 addresses.
+pub fn tunnels(p: &Params, z: &Ztunnel, side_node: bool, v6: bool) -> Vec<crate::nl::Tunnel> {
     let (names, remote, host, dev) = if side_node {
         ([NODE_INBOUND, NODE_OUTBOUND], z.ip, 1, z.veth_index)
     } else {
@@ -194,6 +205,10 @@ pub fn tunnels(p: &Params, z: &Ztunnel, side_node: bool) -> Vec<crate::nl::Tunne
             2,
             z.eth0_index,
         )
+    };
+    // Only the IPv4 layout makes the tunnels: their underlay is IPv4.
+    let IpAddr::V4(remote) = remote else {
+        return Vec::new();
     };
     [(INBOUND_VNI, INBOUND_NET), (OUTBOUND_VNI, OUTBOUND_NET)]
         .into_iter()
@@ -206,6 +221,7 @@ pub fn tunnels(p: &Params, z: &Ztunnel, side_node: bool) -> Vec<crate::nl::Tunne
             port: p.tunnel_port,
             dev: (p.tunnel == TunnelKind::Vxlan).then_some(dev),
             address: tunnel_addr(net, host),
+            address6: v6.then(|| tunnel_addr6(net, host)),
             broadcast: side_node,
         })
         .collect()
