@@ -6,11 +6,13 @@ use anyhow::{Result, bail};
 
 use crate::topology::Node;
 
-/// The article's commands, run on the node and in its ztunnel's netns.
+/// The article's commands, run on the node and in its ztunnel's netns, in IPv4 and IPv6.
 #[derive(Debug, Default)]
 pub struct Dump {
     pub node: String,
     pub ztunnel: String,
+    pub node6: String,
+    pub ztunnel6: String,
 }
 
 /// The article's commands; `ipset list` only applies to the node.
@@ -23,6 +25,17 @@ const COMMANDS: [(&str, &str); 8] = [
     ("ip", "route show table 102"),
     ("ip", "-d link show"),
     ("ip", "addr"),
+];
+
+/// The same commands for the layout's IPv6 half.
+const COMMANDS6: [(&str, &str); 7] = [
+    ("ipset", "list ztunnel-pods-ips6"),
+    ("ip6tables-save", ""),
+    ("ip", "-6 rule"),
+    ("ip", "-6 route show table 100"),
+    ("ip", "-6 route show table 101"),
+    ("ip", "-6 route show table 102"),
+    ("ip", "-6 addr"),
 ];
 
 fn run_all(ns: &crate::ns::Netns, commands: &[(&str, &str)]) -> String {
@@ -40,6 +53,8 @@ impl Dump {
         Ok(Dump {
             node: run_all(&node.ns, &COMMANDS),
             ztunnel: run_all(&node.ztunnel.ns, &COMMANDS[1..]),
+            node6: run_all(&node.ns, &COMMANDS6),
+            ztunnel6: run_all(&node.ztunnel.ns, &COMMANDS6[1..]),
         })
     }
 }
@@ -199,6 +214,74 @@ fn article_lines(node: &Node, tunnel: &str) -> (Vec<String>, Vec<String>) {
     (n, z)
 }
 
+/// The IPv6 half of the layout (docs/design.md): the article's lines in ip6tables and `ip -6`
+/// spelling, the tunnels addressed `fd00:192:168:12{6,7}::N/64`.
+fn article_lines6(node: &Node) -> (Vec<String>, Vec<String>) {
+    let zveth = &node.ztunnel.host_veth;
+    let (zip, host) = (node.ztunnel.ip6, node.gateway6);
+    let tail = "metric 1024 pref medium";
+    let mut n: Vec<String> = vec!["Name: ztunnel-pods-ips6".into()];
+    for p in node.pods.values().filter(|p| p.ambient) {
+        n.push(p.ip6.to_string());
+        n.push(format!(
+            "{} via fd00:192:168:126::2 dev istioin src {host} {tail}",
+            p.ip6
+        ));
+    }
+    let pre = "-A ztunnel-PREROUTING";
+    n.extend([
+        "-A PREROUTING -j ztunnel-PREROUTING".to_string(),
+        format!(
+            "{pre} -p tcp -m set --match-set ztunnel-pods-ips6 src -j MARK --set-xmark 0x100/0x100"
+        ),
+        format!("{pre} -i istioin -j MARK --set-xmark 0x200/0x200"),
+        format!("{pre} -i istioout -j MARK --set-xmark 0x200/0x200"),
+        format!("{pre} ! -i {zveth} -m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40"),
+        format!("{pre} ! -s {zip}/128 -i {zveth} -j MARK --set-xmark 0x210/0x210"),
+        format!("{pre} -i {zveth} -j MARK --set-xmark 0x220/0x220"),
+        format!("{pre} -p ipv6-icmp -j MARK --set-xmark 0x220/0x220"),
+        format!("-A ztunnel-OUTPUT -s {host}/128 -j MARK --set-xmark 0x220/0xffffffff"),
+        "-A ztunnel-POSTROUTING -m mark --mark 0x100/0x100 -j ACCEPT".into(),
+        "100:\tfrom all fwmark 0x200/0x200 goto 32766".into(),
+        "101:\tfrom all fwmark 0x100/0x100 lookup 101".into(),
+        "102:\tfrom all fwmark 0x40/0x40 lookup 102".into(),
+        "103:\tfrom all lookup 100".into(),
+        format!("{zip} dev {zveth} {tail}"),
+        format!("default via fd00:192:168:127::2 dev istioout {tail}"),
+        format!("default via {zip} dev {zveth} metric 1024 onlink pref medium"),
+        "inet6 fd00:192:168:126::1/64 scope global nodad".into(),
+        "inet6 fd00:192:168:127::1/64 scope global nodad".into(),
+    ]);
+    let z = vec![
+        "-A PREROUTING -i pistioin -p tcp -m tcp --dport 15008 -j TPROXY --on-port 15008 --on-ip ::1 --tproxy-mark 0x400/0xfff".into(),
+        "-A PREROUTING -i pistioout -p tcp -j TPROXY --on-port 15001 --on-ip ::1 --tproxy-mark 0x400/0xfff".into(),
+        "-A PREROUTING -i pistioin -p tcp -j TPROXY --on-port 15006 --on-ip ::1 --tproxy-mark 0x400/0xfff".into(),
+        format!("-A PREROUTING ! -d {zip}/128 -i eth0 -p tcp -j MARK --set-xmark 0x4d3/0xfff"),
+        "20000:\tfrom all fwmark 0x400/0xfff lookup 100".into(),
+        "20003:\tfrom all fwmark 0x4d3/0xfff lookup 100".into(),
+        format!("local default dev lo {tail}"),
+        format!("default via fd00:192:168:127::1 dev pistioout {tail}"),
+        format!("default via fd00:192:168:126::1 dev pistioin {tail}"),
+        format!("{host} dev eth0 {tail}"),
+        "inet6 fd00:192:168:126::2/64 scope global nodad".into(),
+        "inet6 fd00:192:168:127::2/64 scope global nodad".into(),
+    ];
+    (n, z)
+}
+
+/// The tunnels' link-local addresses must not be tentative: neighbour discovery on a tunnel
+/// solicits from it, and a tentative one held the first IPv6 connection for ~2 s.
+fn tunnels_link_local_ready(addrs: &str) {
+    let mut link = "";
+    for l in addrs.lines() {
+        if let Some((_, rest)) = l.split_once(": ") {
+            link = rest.split(':').next().unwrap_or("");
+        } else if link.contains("istio") && l.contains("scope link") {
+            assert!(!l.contains("tentative"), "{link}: {l}\n{addrs}");
+        }
+    }
+}
+
 /// Wanted lines that no output line is equal to, or (for the link lines, whose tails differ
 /// between iproute2 versions and the header's index and MTU) begins with after its index.
 pub fn missing(output: &str, wanted: &[String]) -> Vec<String> {
@@ -244,17 +327,22 @@ pub fn sysctl_lines(node: &Node) -> (Vec<String>, Vec<String>) {
     (n, z)
 }
 
-/// Asserts that every line the article shows is on `node` and in its ztunnel's netns, with
-/// the tunnel flags the layout specifies.
+/// Asserts that every line the article shows is on `node` and in its ztunnel's netns, in IPv4
+/// and in the layout's IPv6 spelling, with the tunnel flags the layout specifies.
 pub fn assert_article_lines(node: &Node, tunnel: &str) -> Result<()> {
     let dump = Dump::take(node)?;
     let (want_node, want_zt) = article_lines(node, tunnel);
+    let (want_node6, want_zt6) = article_lines6(node);
     for (side, out, want) in [
         ("node", &dump.node, want_node),
         ("ztunnel", &dump.ztunnel, want_zt),
+        ("node (IPv6)", &dump.node6, want_node6),
+        ("ztunnel (IPv6)", &dump.ztunnel6, want_zt6),
     ] {
         assert_eq!(missing(out, &want), Vec::<String>::new(), "{side}:\n{out}");
         tunnel_tail_checks(out);
     }
+    tunnels_link_local_ready(&dump.node6);
+    tunnels_link_local_ready(&dump.ztunnel6);
     Ok(())
 }
