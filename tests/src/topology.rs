@@ -189,11 +189,20 @@ fn plug(
     let (gateway6, ip6) = (v6_of(gateway), v6_of(ip));
     ip_batch(
         &node_ns.name,
+        &[format!(
+            "link add {veth} type veth peer name eth0 netns {}",
+            pod_ns.name
+        )],
+    )?;
+    // A CNI's ADD returns once the pod's addresses have settled (containernetworking's
+    // `SettleAddresses`). Until its link-local address has passed DAD, the kernel sends no
+    // neighbour solicitation for a packet whose source is not an address of that link (what
+    // ztunnel's transparent sockets send), so pods as young as the lab's would wait ~2 s.
+    node_ns.sysctl(&format!("net.ipv6.conf.{veth}.accept_dad"), "0")?;
+    pod_ns.sysctl("net.ipv6.conf.eth0.accept_dad", "0")?;
+    ip_batch(
+        &node_ns.name,
         &[
-            format!(
-                "link add {veth} type veth peer name eth0 netns {}",
-                pod_ns.name
-            ),
             format!("addr add {gateway}/32 dev {veth}"),
             format!("addr add {gateway6}/128 dev {veth} nodad"),
             format!("link set {veth} up"),

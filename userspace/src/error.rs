@@ -16,8 +16,12 @@ pub enum Error {
         source: io::Error,
     },
 
-    #[error("node description {path}: {reason}")]
-    NodeFile { path: PathBuf, reason: String },
+    #[error("node description {path}")]
+    NodeFile {
+        path: PathBuf,
+        #[source]
+        source: crate::source::file::Invalid,
+    },
 
     #[error("network namespace {path}")]
     Netns {

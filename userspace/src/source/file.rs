@@ -3,7 +3,7 @@
 //! the agent keeps the last good state.
 use std::{
     collections::{BTreeMap, HashMap},
-    net::IpAddr,
+    net::{AddrParseError, IpAddr},
     path::{Path, PathBuf},
 };
 
@@ -48,6 +48,32 @@ struct PodEntry {
     ips: Vec<String>,
 }
 
+/// What is wrong with a node description, naming the entry.
+#[derive(Debug, thiserror::Error)]
+pub enum Invalid {
+    #[error("not a node description")]
+    Yaml(#[from] serde_yaml::Error),
+    #[error("`node` is empty")]
+    EmptyNode,
+    #[error("{who}: no `ips`")]
+    NoIps { who: String },
+    #[error("{who}: `{text}` is not an IP address")]
+    BadIp {
+        who: String,
+        text: String,
+        #[source]
+        source: AddrParseError,
+    },
+    #[error("{who}: address {ip} is also claimed by {other}")]
+    Claimed {
+        who: String,
+        ip: IpAddr,
+        other: String,
+    },
+    #[error("pod {0} is listed twice")]
+    Twice(PodId),
+}
+
 fn istio_system() -> String {
     "istio-system".into()
 }
@@ -60,30 +86,36 @@ pub fn read(path: &Path) -> Result<NodeState> {
         path: path.into(),
         source,
     })?;
-    parse(&text).map_err(|reason| Error::NodeFile {
+    parse(&text).map_err(|source| Error::NodeFile {
         path: path.into(),
-        reason,
+        source,
     })
 }
 
-pub fn parse(text: &str) -> Result<NodeState, String> {
-    let file: NodeFile = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+pub fn parse(text: &str) -> Result<NodeState, Invalid> {
+    let file: NodeFile = serde_yaml::from_str(text)?;
     if file.node.trim().is_empty() {
-        return Err("`node` is empty".into());
+        return Err(Invalid::EmptyNode);
     }
     // Which entry claimed each address first: two owners would let one pass for the other.
     let mut owners: HashMap<IpAddr, String> = HashMap::new();
-    let mut claim = |who: &str, ips: &[String]| -> Result<Vec<IpAddr>, String> {
+    let mut claim = |who: &str, ips: &[String]| -> Result<Vec<IpAddr>, Invalid> {
         if ips.is_empty() {
-            return Err(format!("{who}: no `ips`"));
+            return Err(Invalid::NoIps { who: who.into() });
         }
         ips.iter()
             .map(|s| {
-                let ip: IpAddr = s
-                    .parse()
-                    .map_err(|_| format!("{who}: `{s}` is not an IP address"))?;
+                let ip: IpAddr = s.parse().map_err(|source| Invalid::BadIp {
+                    who: who.into(),
+                    text: s.clone(),
+                    source,
+                })?;
                 if let Some(other) = owners.insert(ip, who.to_string()) {
-                    return Err(format!("{who}: address {ip} is also claimed by {other}"));
+                    return Err(Invalid::Claimed {
+                        who: who.into(),
+                        ip,
+                        other,
+                    });
                 }
                 Ok(ip)
             })
@@ -112,7 +144,7 @@ pub fn parse(text: &str) -> Result<NodeState, String> {
         };
         let ips = claim(&format!("pod {id}"), &p.ips)?;
         if pods.insert(id.clone(), PodSpec { ips }).is_some() {
-            return Err(format!("pod {id} is listed twice"));
+            return Err(Invalid::Twice(id));
         }
     }
     let mut outside = std::collections::BTreeSet::new();
@@ -192,7 +224,7 @@ pods:
             ("node: ''", "`node` is empty"),
         ];
         for (text, want) in cases {
-            let err = parse(text).unwrap_err();
+            let err = crate::error::Chain(&parse(text).unwrap_err()).to_string();
             assert!(err.contains(want), "{text:?}: got {err:?}, want {want:?}");
         }
     }
