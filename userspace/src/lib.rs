@@ -11,6 +11,7 @@ pub mod netns;
 pub mod nl;
 pub mod source;
 pub mod state;
+pub mod zds;
 pub mod ztunnel;
 
 pub use error::{Error, Result};

@@ -23,32 +23,53 @@ use crate::topology::{Node, Topology};
 /// The last release with the node-level proxy that zdivert's node mode feeds.
 pub const NODE_LEVEL_RELEASE: &str = "ztunnel-1.22.8";
 
+/// The in-pod build (node-level mode was removed in 1.23) that zdivert's ZDS server feeds.
+pub const IN_POD_RELEASE: &str = "ztunnel-1.31-dev";
+
 /// The binary: `ZTUNNEL_BIN`, else `../shared/ztunnel/ztunnel-1.22.8` beside the repository,
 /// else the one `cargo xtask setup --ztunnel-src DIR` built.
 pub fn binary() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("ZTUNNEL_BIN") {
+    binary_of(
+        "ZTUNNEL_BIN",
+        NODE_LEVEL_RELEASE,
+        "build one from a ztunnel 1.22.8 checkout with `cargo xtask setup --ztunnel-src DIR`",
+    )
+}
+
+/// The in-pod binary: `ZTUNNEL_INPOD_BIN`, else `../shared/ztunnel/ztunnel-1.31-dev`, else
+/// `target/ztunnel/ztunnel-1.31-dev`.
+pub fn in_pod_binary() -> Result<PathBuf> {
+    binary_of(
+        "ZTUNNEL_INPOD_BIN",
+        IN_POD_RELEASE,
+        "build one from ztunnel's master (62d8265 or later) with `cargo build --profile \
+         quick-release --no-default-features --features tls-aws-lc,testing`",
+    )
+}
+
+fn binary_of(variable: &str, release: &str, how: &str) -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os(variable) {
         let bin = PathBuf::from(bin);
         if !bin.is_file() {
-            bail!("ZTUNNEL_BIN={} is not a file", bin.display());
+            bail!("{variable}={} is not a file", bin.display());
         }
         return Ok(bin);
     }
     let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../shared/ztunnel")
-        .join(NODE_LEVEL_RELEASE);
+        .join(release);
     if shared.is_file() {
         return Ok(shared);
     }
     let built = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../target/ztunnel")
-        .join(NODE_LEVEL_RELEASE);
+        .join(release);
     if built.is_file() {
         return Ok(built);
     }
     bail!(
-        "no ztunnel binary: set ZTUNNEL_BIN to a ztunnel {NODE_LEVEL_RELEASE} built with the \
-         `testing` feature, or build one from a ztunnel 1.22.8 checkout with \
-         `cargo xtask setup --ztunnel-src DIR` (looked for {} and {})",
+        "no ztunnel binary: set {variable} to a ztunnel {release} built with the `testing` \
+         feature, or {how} (looked for {} and {})",
         shared.display(),
         built.display()
     )
@@ -62,6 +83,7 @@ pub struct Ztunnel {
     log: PathBuf,
     config: PathBuf,
     env: Vec<(String, String)>,
+    bin: PathBuf,
     child: Option<Child>,
 }
 
@@ -92,11 +114,40 @@ impl Ztunnel {
         mesh: &MeshConfig,
         env: &[(&str, &str)],
     ) -> Result<Ztunnel> {
+        let mut z = Self::prepare(topo, node, pod, mesh, env, binary()?)?;
+        z.spawn()?;
+        z.wait_ready(Duration::from_secs(20))?;
+        Ok(z)
+    }
+
+    /// The in-pod ztunnel in `node`'s ztunnel pod, a client of the ZDS socket at `uds`. Not
+    /// waited for: it is ready only once the agent has sent it the snapshot.
+    pub fn start_in_pod(
+        topo: &Topology,
+        node: &Node,
+        mesh: &MeshConfig,
+        uds: &std::path::Path,
+    ) -> Result<Ztunnel> {
+        let uds = uds.to_str().context("socket path")?;
+        let env = [("INPOD_UDS", uds)];
+        let mut z = Self::prepare(topo, node, &node.ztunnel, mesh, &env, in_pod_binary()?)?;
+        z.spawn()?;
+        Ok(z)
+    }
+
+    fn prepare(
+        topo: &Topology,
+        node: &Node,
+        pod: &crate::topology::Pod,
+        mesh: &MeshConfig,
+        env: &[(&str, &str)],
+        bin: PathBuf,
+    ) -> Result<Ztunnel> {
         let dir = std::env::temp_dir().join("zdivert-tests");
         std::fs::create_dir_all(&dir)?;
         let config = dir.join(format!("{}-{}.json", node.name, pod.name));
         std::fs::write(&config, mesh.xds(topo))?;
-        let mut z = Ztunnel {
+        Ok(Ztunnel {
             node: node.name.clone(),
             ns: pod.ns.path(),
             ip: pod.ip.into(),
@@ -106,19 +157,17 @@ impl Ztunnel {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            bin,
             child: None,
-        };
-        z.spawn()?;
-        z.wait_ready(Duration::from_secs(20))?;
-        Ok(z)
+        })
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let bin = binary()?;
+        let bin = &self.bin;
         let log = std::fs::File::create(&self.log)?;
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.ns.display()))
-            .arg(&bin)
+            .arg(bin)
             .args(["proxy", "ztunnel"])
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")

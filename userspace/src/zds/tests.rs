@@ -1,0 +1,156 @@
+//! The agent's side of ZDS against ztunnel's side played over a socketpair. The real in-pod
+//! ztunnel is served in `tests/tests/zds.rs`.
+use std::{os::fd::OwnedFd, os::unix::fs::MetadataExt, thread, time::Duration};
+
+use prost::Message;
+
+use super::{
+    messages::{Ack, Request, Response, WorkloadRequest, WorkloadResponse, ZdsHello},
+    *,
+};
+
+fn workload(uid: &str, netns: bool) -> WorkloadNetns {
+    WorkloadNetns {
+        uid: uid.into(),
+        info: WorkloadInfo {
+            name: format!("pod-{uid}"),
+            namespace: "default".into(),
+            service_account: "sa".into(),
+        },
+        netns: netns.then(|| OwnedFd::from(std::fs::File::open("/proc/self/ns/net").unwrap())),
+    }
+}
+
+fn hello(ztunnel: &Peer, version: i32) {
+    ztunnel
+        .send(&ZdsHello { version }.encode_to_vec(), None)
+        .unwrap();
+}
+
+/// ztunnel's side: takes one request, answers `error` (empty: success).
+fn answer(ztunnel: &Peer, error: &str) -> (Request, Option<OwnedFd>) {
+    let mut buf = [0u8; MAX_MESSAGE];
+    let (n, fd) = ztunnel.recv_with_fd(&mut buf).unwrap();
+    let request = WorkloadRequest::decode(&buf[..n]).unwrap().payload.unwrap();
+    let ack = WorkloadResponse {
+        payload: Some(Response::Ack(Ack {
+            error: error.into(),
+        })),
+    };
+    ztunnel.send(&ack.encode_to_vec(), None).unwrap();
+    (request, fd)
+}
+
+#[test]
+fn the_snapshot_hands_over_each_netns_then_says_it_is_complete() {
+    let (agent, ztunnel) = Peer::pair().unwrap();
+    let zt = thread::spawn(move || {
+        hello(&ztunnel, 1);
+        let (add, fd) = answer(&ztunnel, "");
+        let (keep, no_fd) = answer(&ztunnel, "");
+        let (refused, _) = answer(&ztunnel, "no such netns");
+        let (sent, _) = answer(&ztunnel, "");
+        let (del, _) = answer(&ztunnel, "");
+        (add, fd, keep, no_fd.is_none(), refused, sent, del)
+    });
+    let snapshot = [
+        workload("a", true),
+        workload("b", false),
+        workload("c", true),
+    ];
+    let (mut session, report) = Session::open(agent, ACK_TIMEOUT, &snapshot).unwrap();
+    session.del("a").unwrap();
+    let (add, fd, keep, keep_without_fd, refused, sent, del) = zt.join().unwrap();
+
+    let Request::Add(add) = add else {
+        panic!("{add:?}")
+    };
+    assert_eq!(add.uid, "a");
+    assert_eq!(add.workload_info.unwrap().name, "pod-a");
+    let passed = std::fs::File::from(fd.expect("the netns fd"))
+        .metadata()
+        .unwrap();
+    let ours = std::fs::metadata("/proc/self/ns/net").unwrap();
+    assert_eq!((passed.dev(), passed.ino()), (ours.dev(), ours.ino()));
+    assert!(matches!(keep, Request::Keep(k) if k.uid == "b"));
+    assert!(keep_without_fd);
+    assert!(matches!(refused, Request::Add(a) if a.uid == "c"));
+    assert!(matches!(sent, Request::SnapshotSent(_)));
+    assert!(matches!(del, Request::Del(d) if d.uid == "a"));
+    let refused: Vec<String> = report.refused.iter().map(ToString::to_string).collect();
+    assert_eq!(refused, ["ztunnel refused add c: no such netns"]);
+}
+
+/// A peer that breaks the protocol ends its session with the reason; nothing was sent after.
+#[test]
+fn a_peer_that_breaks_the_protocol_is_told_apart() {
+    type Misbehave = fn(Peer) -> Option<Peer>;
+    let cases: [(&str, Misbehave, &str); 5] = [
+        (
+            "wrong version",
+            |z| {
+                hello(&z, 2);
+                Some(z)
+            },
+            "ZDS version 2",
+        ),
+        (
+            "oversized",
+            |z| {
+                z.send(&[0u8; MAX_MESSAGE + 1], None).unwrap();
+                Some(z)
+            },
+            "longer than",
+        ),
+        (
+            "not protobuf",
+            |z| {
+                z.send(&[0xff, 0xff], None).unwrap();
+                Some(z)
+            },
+            "not a ZdsHello",
+        ),
+        ("closed", |_| None, "closed"),
+        ("silent", Some, "no answer"),
+    ];
+    for (name, misbehave, want) in cases {
+        let (agent, ztunnel) = Peer::pair().unwrap();
+        let zt = thread::spawn(move || {
+            let ztunnel = misbehave(ztunnel)?;
+            let mut buf = [0u8; MAX_MESSAGE];
+            ztunnel
+                .set_receive_timeout(Duration::from_millis(500))
+                .unwrap();
+            // What the agent sent after the fault: nothing, until it closed.
+            Some(
+                ztunnel
+                    .recv(&mut buf)
+                    .map(|r| matches!(r, seqpacket::Received::Message(_))),
+            )
+        });
+        let err = Session::open(agent, Duration::from_millis(200), &[workload("a", true)])
+            .err()
+            .unwrap_or_else(|| panic!("{name}: accepted"));
+        assert!(err.to_string().contains(want), "{name}: {err}");
+        if let Some(sent_more) = zt.join().unwrap() {
+            assert!(!sent_more.unwrap(), "{name}: the agent went on sending");
+        }
+    }
+}
+
+#[test]
+fn an_ack_that_never_comes_fails_the_request_not_the_agent() {
+    let (agent, ztunnel) = Peer::pair().unwrap();
+    let zt = thread::spawn(move || {
+        hello(&ztunnel, 1);
+        answer(&ztunnel, "");
+        let mut buf = [0u8; MAX_MESSAGE];
+        // Reads the add and never acks it.
+        ztunnel.recv(&mut buf).unwrap();
+        thread::sleep(Duration::from_millis(500));
+    });
+    let (mut session, _) = Session::open(agent, Duration::from_millis(200), &[]).unwrap();
+    let err = session.add(&workload("late", true)).unwrap_err();
+    assert!(matches!(err, SessionError::NoAnswer(_)), "{err}");
+    zt.join().unwrap();
+}
