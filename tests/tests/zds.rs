@@ -1,13 +1,18 @@
 //! zdivert's ZDS server and the real in-pod ztunnel (1.31-dev): ztunnel connects, takes the
-//! snapshot, opens its listeners in the pod's netns it was handed, and closes them on `del`.
-use std::{fs::File, os::fd::OwnedFd, sync::mpsc, time::Duration};
+//! snapshot, opens its listeners in the netns it was handed, closes them on `del`, and comes
+//! back for a new snapshot after a restart.
+use std::{
+    collections::BTreeMap, fs::File, net::Ipv4Addr, os::fd::OwnedFd, sync::mpsc, time::Duration,
+};
 
 use anyhow::Context;
-use zdivert::zds::{ACK_TIMEOUT, Listener, Session, WorkloadInfo, WorkloadNetns};
+use zdivert::zds::{
+    ACK_TIMEOUT, InPodWorkload, Listener, Server, Session, WorkloadInfo, WorkloadNetns,
+};
 use zdivert_tests::{
     eventually,
     ns::Netns,
-    topology::Topology,
+    topology::{Pod, Topology},
     ztunnel::{MeshConfig, Ztunnel, service_account},
 };
 
@@ -21,6 +26,38 @@ fn listening_ports(ns: &Netns) -> anyhow::Result<Vec<u16>> {
         .filter_map(|l| l.split_whitespace().nth(3))
         .filter_map(|local| local.rsplit_once(':')?.1.parse().ok())
         .collect())
+}
+
+/// Whether `listeners` of ztunnel's in-pod ports are open in `pod`'s netns, within 10 s.
+fn wait_listeners(pod: &Pod, listeners: usize) -> anyhow::Result<()> {
+    eventually(
+        &format!("{listeners} ztunnel listener(s) per port in {}", pod.name),
+        Duration::from_secs(10),
+        || {
+            let ports = listening_ports(&pod.ns)?;
+            Ok(IN_POD_PORTS
+                .iter()
+                .all(|p| ports.iter().filter(|l| *l == p).count() == listeners))
+        },
+    )
+}
+
+fn in_pod(pods: &[&Pod]) -> BTreeMap<String, InPodWorkload> {
+    pods.iter()
+        .map(|p| {
+            let uid = format!("uid-{}", p.name);
+            let w = InPodWorkload {
+                uid: uid.clone(),
+                info: WorkloadInfo {
+                    name: p.name.clone(),
+                    namespace: p.namespace.clone(),
+                    service_account: service_account(p),
+                },
+                netns: p.ns.path(),
+            };
+            (uid, w)
+        })
+        .collect()
 }
 
 /// Removes the socket directory even when the test fails.
@@ -43,7 +80,8 @@ fn the_real_in_pod_ztunnel_takes_a_pods_netns_over_zds() -> anyhow::Result<()> {
     let listener = Listener::bind(&uds)?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || tx.send(listener.accept()));
-    let mut ztunnel = Ztunnel::start_in_pod(&topo, node, &MeshConfig::default(), &uds)?;
+    let mut ztunnel =
+        Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &MeshConfig::default(), &uds)?;
     let peer = rx
         .recv_timeout(Duration::from_secs(20))
         .context("ztunnel never connected to the ZDS socket")??;
@@ -84,4 +122,57 @@ fn the_real_in_pod_ztunnel_takes_a_pods_netns_over_zds() -> anyhow::Result<()> {
             Ok(!IN_POD_PORTS.iter().any(|p| ports.contains(p)))
         },
     )
+}
+
+/// The server through ztunnel's life: a snapshot on connect, changes as they come, a pod
+/// deleted while ztunnel is down left out of the snapshot it gets on reconnecting, and a
+/// second ztunnel (a rolling update's new pod) served beside the first.
+#[test]
+fn every_ztunnel_that_connects_gets_the_snapshot_then_each_change() -> anyhow::Result<()> {
+    let topo = Topology::article()?;
+    let node = topo.worker2();
+    let (pp, rv1) = (node.pod("productpage-v1"), node.pod("reviews-v1"));
+    let dir = SocketDir(std::env::temp_dir().join(format!("zdivert-zds-s{}", std::process::id())));
+    let server = Server::start(&dir.0.join("ztunnel.sock"))?;
+    server.set(in_pod(&[pp]));
+    let mesh = MeshConfig::default();
+    let mut first = Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &mesh, server.path())?;
+    first.wait_ready(Duration::from_secs(20))?;
+    wait_listeners(pp, 1)?;
+
+    server.set(in_pod(&[pp, rv1]));
+    wait_listeners(rv1, 1)?;
+    let peers = server.peers();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(peers[0].pid, Some(first.pid().context("ztunnel's pid")?));
+    assert_eq!(peers[0].acked, ["uid-productpage-v1", "uid-reviews-v1"]);
+
+    // productpage deleted while ztunnel is down: the snapshot on reconnect leaves it out.
+    first.kill();
+    server.set(in_pod(&[rv1]));
+    first.restart()?;
+    wait_listeners(rv1, 1)?;
+    wait_listeners(pp, 0)?;
+
+    // The new pod of a rolling update connects beside the old one; both serve the pod.
+    let new_pod = node.start_pod(
+        "ztunnel-v2",
+        "istio-system",
+        Ipv4Addr::new(10, 244, 2, 11),
+        false,
+    )?;
+    node.plug_pod(&new_pod)?;
+    let mut second = Ztunnel::start_in_pod(&topo, node, &new_pod, &mesh, server.path())?;
+    second.wait_ready(Duration::from_secs(20))?;
+    wait_listeners(rv1, 2)?;
+    eventually(
+        "two peers, each with reviews-v1",
+        Duration::from_secs(5),
+        || {
+            let peers = server.peers();
+            Ok(peers.len() == 2 && peers.iter().all(|p| p.acked == ["uid-reviews-v1"]))
+        },
+    )?;
+    server.set(in_pod(&[]));
+    wait_listeners(rv1, 0)
 }

@@ -120,17 +120,19 @@ impl Ztunnel {
         Ok(z)
     }
 
-    /// The in-pod ztunnel in `node`'s ztunnel pod, a client of the ZDS socket at `uds`. Not
-    /// waited for: it is ready only once the agent has sent it the snapshot.
+    /// The in-pod ztunnel in `pod` (the node's ztunnel pod, or the new one of a rolling
+    /// update), a client of the ZDS socket at `uds`. Not waited for: it is ready only once
+    /// the agent has sent it the snapshot.
     pub fn start_in_pod(
         topo: &Topology,
         node: &Node,
+        pod: &crate::topology::Pod,
         mesh: &MeshConfig,
         uds: &std::path::Path,
     ) -> Result<Ztunnel> {
         let uds = uds.to_str().context("socket path")?;
         let env = [("INPOD_UDS", uds)];
-        let mut z = Self::prepare(topo, node, &node.ztunnel, mesh, &env, in_pod_binary()?)?;
+        let mut z = Self::prepare(topo, node, pod, mesh, &env, in_pod_binary()?)?;
         z.spawn()?;
         Ok(z)
     }
@@ -263,6 +265,11 @@ impl Ztunnel {
         self.kill();
         self.spawn()?;
         self.wait_ready(Duration::from_secs(20))
+    }
+
+    /// ztunnel's pid (nsenter execs it, so it is the child's).
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
     }
 
     pub fn log(&self) -> String {

@@ -3,10 +3,12 @@
 //! pod's network namespace (an fd in SCM_RIGHTS), in which ztunnel opens its listeners.
 mod messages;
 mod seqpacket;
+mod server;
 mod session;
 
 pub use messages::WorkloadInfo;
 pub use seqpacket::{Listener, MAX_MESSAGE, Peer};
+pub use server::{InPodWorkload, PeerState, Server};
 pub use session::{ACK_TIMEOUT, Session, SessionError, SnapshotReport, WorkloadNetns};
 
 /// Where in-pod ztunnel looks for the agent's socket unless `INPOD_UDS` says otherwise.

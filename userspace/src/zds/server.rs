@@ -1,0 +1,284 @@
+//! The agent's ZDS socket: every ztunnel that connects (two during a rolling update) gets the
+//! snapshot of this node's in-pod workloads, then each change, one request at a time. A peer
+//! that breaks the protocol or stops answering loses its session, with who and why logged; the
+//! others keep theirs, and the peer gets a full snapshot when it reconnects.
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use super::{
+    messages::WorkloadInfo,
+    seqpacket::{Listener, Peer},
+    session::{ACK_TIMEOUT, Session, SessionError, WorkloadNetns},
+};
+
+/// An in-pod workload as the agent knows it: the netns is opened when it is sent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InPodWorkload {
+    pub uid: String,
+    pub info: WorkloadInfo,
+    pub netns: PathBuf,
+}
+
+impl InPodWorkload {
+    /// `keep` instead of `add` when the netns is gone (the pod is being deleted): ztunnel
+    /// keeps what it has until the `del`.
+    fn to_send(&self) -> WorkloadNetns {
+        WorkloadNetns {
+            uid: self.uid.clone(),
+            info: self.info.clone(),
+            netns: File::open(&self.netns).ok().map(OwnedFd::from),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Change {
+    Add(InPodWorkload),
+    Del(String),
+}
+
+/// What one connected ztunnel has been told, for status and metrics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PeerState {
+    pub pid: Option<i32>,
+    pub acked: Vec<String>,
+    /// Workloads ztunnel refused, with its error; retried with backoff.
+    pub refused: BTreeMap<String, String>,
+}
+
+#[derive(Default)]
+struct Shared {
+    workloads: BTreeMap<String, InPodWorkload>,
+    peers: Vec<(u64, mpsc::Sender<Change>)>,
+    states: BTreeMap<u64, PeerState>,
+    next_peer: u64,
+}
+
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Mutex<Shared>>,
+    path: PathBuf,
+}
+
+impl Server {
+    /// Serves `path` until the process ends.
+    pub fn start(path: &Path) -> std::io::Result<Server> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let listener = Listener::bind(path)?;
+        let server = Server {
+            shared: Arc::default(),
+            path: path.into(),
+        };
+        let accepting = server.clone();
+        thread::Builder::new()
+            .name("zds-accept".into())
+            .spawn(move || accepting.accept_loop(listener))?;
+        Ok(server)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes `desired` the workloads every ztunnel serves: adds and dels for the difference.
+    pub fn set(&self, desired: BTreeMap<String, InPodWorkload>) {
+        let mut shared = self.shared.lock().expect("zds state");
+        let mut changes = Vec::new();
+        for uid in shared.workloads.keys() {
+            if !desired.contains_key(uid) {
+                changes.push(Change::Del(uid.clone()));
+            }
+        }
+        for (uid, w) in &desired {
+            if shared.workloads.get(uid) != Some(w) {
+                changes.push(Change::Add(w.clone()));
+            }
+        }
+        shared.workloads = desired;
+        // A peer whose thread ended is dropped here; it reconnects for a new snapshot.
+        shared
+            .peers
+            .retain(|(_, tx)| changes.iter().all(|c| tx.send(c.clone()).is_ok()));
+    }
+
+    /// The connected ztunnels and what each acked or refused.
+    pub fn peers(&self) -> Vec<PeerState> {
+        let shared = self.shared.lock().expect("zds state");
+        shared.states.values().cloned().collect()
+    }
+
+    fn accept_loop(self, listener: Listener) {
+        loop {
+            match listener.accept() {
+                Ok(peer) => self.serve(peer),
+                Err(e) => {
+                    log::error!("zds {}: accept: {e}", self.path.display());
+                    thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// Snapshot and registration under one lock: every change after the snapshot reaches the
+    /// peer through its channel, none before it twice.
+    fn serve(&self, peer: Peer) {
+        let (tx, rx) = mpsc::channel();
+        let (id, snapshot) = {
+            let mut shared = self.shared.lock().expect("zds state");
+            let id = shared.next_peer;
+            shared.next_peer += 1;
+            shared.peers.push((id, tx));
+            shared.states.insert(id, PeerState::default());
+            let snapshot: Vec<InPodWorkload> = shared.workloads.values().cloned().collect();
+            (id, snapshot)
+        };
+        let server = self.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("zds-peer-{id}"))
+            .spawn(move || {
+                let pid = peer.peer_pid().ok();
+                let who = pid.map_or("ztunnel (pid unknown)".into(), |p| {
+                    format!("ztunnel pid {p}")
+                });
+                if let Err(e) = server.session(id, peer, pid, snapshot, rx) {
+                    log::warn!(
+                        "zds: {who}: {}; it gets a new snapshot when it reconnects",
+                        crate::error::Chain(&e)
+                    );
+                }
+                let mut shared = server.shared.lock().expect("zds state");
+                shared.peers.retain(|(p, _)| *p != id);
+                shared.states.remove(&id);
+            });
+        if let Err(e) = spawned {
+            log::error!("zds: cannot serve a ztunnel: {e}");
+        }
+    }
+
+    fn session(
+        &self,
+        id: u64,
+        peer: Peer,
+        pid: Option<i32>,
+        snapshot: Vec<InPodWorkload>,
+        changes: mpsc::Receiver<Change>,
+    ) -> Result<(), SessionError> {
+        let sent: Vec<WorkloadNetns> = snapshot.iter().map(InPodWorkload::to_send).collect();
+        let (mut session, report) = Session::open(peer, ACK_TIMEOUT, &sent)?;
+        log::info!(
+            "zds: ztunnel pid {pid:?} took the snapshot of {} workloads",
+            sent.len()
+        );
+        let mut retries = Retries::default();
+        self.record(id, pid, |s| {
+            s.acked = snapshot.iter().map(|w| w.uid.clone()).collect();
+        });
+        for refusal in report.refused {
+            if let SessionError::Refused { uid, error, .. } = refusal
+                && let Some(w) = snapshot.iter().find(|w| w.uid == uid)
+            {
+                self.refused(id, &uid, &error);
+                retries.schedule(w.clone());
+            }
+        }
+        loop {
+            let change = match changes.recv_timeout(retries.wait()) {
+                Ok(change) => Some(change),
+                Err(mpsc::RecvTimeoutError::Timeout) => retries.due().map(Change::Add),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            };
+            let Some(change) = change else { continue };
+            let (uid, result) = match &change {
+                Change::Add(w) => (w.uid.clone(), session.add(&w.to_send())),
+                Change::Del(uid) => {
+                    retries.forget(uid);
+                    (uid.clone(), session.del(uid))
+                }
+            };
+            match result {
+                Ok(()) => {
+                    retries.forget(&uid);
+                    self.record(id, pid, |s| {
+                        s.refused.remove(&uid);
+                        s.acked.retain(|u| *u != uid);
+                        if matches!(change, Change::Add(_)) {
+                            s.acked.push(uid.clone());
+                        }
+                    });
+                }
+                Err(SessionError::Refused { error, .. }) => {
+                    log::warn!("zds: ztunnel pid {pid:?} refused {uid}: {error}; retrying");
+                    self.refused(id, &uid, &error);
+                    if let Change::Add(w) = change {
+                        retries.schedule(w);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn record(&self, id: u64, pid: Option<i32>, update: impl FnOnce(&mut PeerState)) {
+        let mut shared = self.shared.lock().expect("zds state");
+        if let Some(state) = shared.states.get_mut(&id) {
+            state.pid = pid.or(state.pid);
+            update(state);
+        }
+    }
+
+    fn refused(&self, id: u64, uid: &str, error: &str) {
+        self.record(id, None, |s| {
+            s.refused.insert(uid.into(), error.into());
+        });
+    }
+}
+
+/// Refused adds, each retried after a delay that doubles up to a cap.
+#[derive(Default)]
+struct Retries {
+    pending: BTreeMap<String, (InPodWorkload, Instant, Duration)>,
+}
+
+impl Retries {
+    const FIRST: Duration = Duration::from_millis(200);
+    const CAP: Duration = Duration::from_secs(10);
+    const IDLE: Duration = Duration::from_secs(3600);
+
+    fn schedule(&mut self, w: InPodWorkload) {
+        let delay = self
+            .pending
+            .get(&w.uid)
+            .map_or(Self::FIRST, |(_, _, d)| (*d * 2).min(Self::CAP));
+        self.pending
+            .insert(w.uid.clone(), (w, Instant::now() + delay, delay));
+    }
+
+    fn forget(&mut self, uid: &str) {
+        self.pending.remove(uid);
+    }
+
+    fn wait(&self) -> Duration {
+        self.pending
+            .values()
+            .map(|(_, at, _)| at.saturating_duration_since(Instant::now()))
+            .min()
+            .unwrap_or(Self::IDLE)
+    }
+
+    /// The first workload whose retry is due; it stays scheduled until acked or forgotten.
+    fn due(&mut self) -> Option<InPodWorkload> {
+        let now = Instant::now();
+        let (w, at, _) = self.pending.values_mut().find(|(_, at, _)| *at <= now)?;
+        *at = now + Self::CAP; // re-armed by `schedule` if refused again
+        Some(w.clone())
+    }
+}
