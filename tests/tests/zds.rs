@@ -149,6 +149,11 @@ fn every_ztunnel_that_connects_gets_the_snapshot_then_each_change() -> anyhow::R
 
     // productpage deleted while ztunnel is down: the snapshot on reconnect leaves it out.
     first.kill();
+    eventually(
+        "the killed ztunnel gone from the peers",
+        Duration::from_secs(5),
+        || Ok(server.peers().is_empty()),
+    )?;
     server.set(in_pod(&[rv1]));
     first.restart()?;
     wait_listeners(rv1, 1)?;

@@ -148,6 +148,19 @@ impl Peer {
         .map(drop)
     }
 
+    /// Whether the peer hung up or sent something, without waiting: between requests a
+    /// ztunnel sends nothing, so either ends its session.
+    pub fn hung_up_or_spoke(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one pollfd on a descriptor we own.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+        ready > 0
+    }
+
     /// The peer's pid, to name it in logs.
     pub fn peer_pid(&self) -> io::Result<i32> {
         let mut cred: libc::ucred = unsafe { zeroed() };

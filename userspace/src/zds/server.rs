@@ -38,6 +38,9 @@ impl InPodWorkload {
     }
 }
 
+/// How often an idle session checks that its ztunnel is still there.
+const IDLE_CHECK: Duration = Duration::from_millis(500);
+
 #[derive(Clone, Debug)]
 enum Change {
     Add(InPodWorkload),
@@ -179,20 +182,29 @@ impl Server {
             sent.len()
         );
         let mut retries = Retries::default();
-        self.record(id, pid, |s| {
-            s.acked = snapshot.iter().map(|w| w.uid.clone()).collect();
-        });
+        let mut refused = BTreeMap::new();
         for refusal in report.refused {
             if let SessionError::Refused { uid, error, .. } = refusal
                 && let Some(w) = snapshot.iter().find(|w| w.uid == uid)
             {
-                self.refused(id, &uid, &error);
                 retries.schedule(w.clone());
+                refused.insert(uid, error);
             }
         }
+        self.record(id, pid, |s| {
+            s.acked = snapshot
+                .iter()
+                .filter(|w| !refused.contains_key(&w.uid))
+                .map(|w| w.uid.clone())
+                .collect();
+            s.refused = refused;
+        });
         loop {
-            let change = match changes.recv_timeout(retries.wait()) {
+            let change = match changes.recv_timeout(retries.wait().min(IDLE_CHECK)) {
                 Ok(change) => Some(change),
+                Err(mpsc::RecvTimeoutError::Timeout) if session.peer_gone() => {
+                    return Err(SessionError::Closed);
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => retries.due().map(Change::Add),
                 Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
             };

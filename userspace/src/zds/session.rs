@@ -173,8 +173,9 @@ impl Session {
         M::decode(&buf[..n]).map_err(|source| SessionError::Malformed { what, source })
     }
 
-    /// The peer's pid, to name it in logs.
-    pub fn peer_pid(&self) -> Option<i32> {
-        self.peer.peer_pid().ok()
+    /// Whether the peer is gone (or broke the protocol by speaking unasked); checked while
+    /// idle, so a ztunnel that exited leaves the status before the next change.
+    pub fn peer_gone(&self) -> bool {
+        self.peer.hung_up_or_spoke()
     }
 }
