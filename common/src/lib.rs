@@ -161,6 +161,11 @@ pub const MARK_SKIP: u32 = 0x200;
 pub const MARK_TPROXY: u32 = 0x400;
 pub const MARK_MASK: u32 = 0xfff;
 
+/// In-pod mode (istio-cni's contract): ztunnel marks its own sockets' packets 0x539, and
+/// connections it accepted carry connmark 0x111 so their replies find its socket.
+pub const MARK_INPOD_ZTUNNEL: u32 = 0x539;
+pub const MARK_INPOD_CONN: u32 = 0x111;
+
 /// ztunnel's listeners, as in the article.
 pub const PORT_OUTBOUND: u16 = 15001;
 pub const PORT_INBOUND_PLAIN: u16 = 15006;

@@ -114,6 +114,18 @@ pub fn identity(pod: &Pod) -> String {
 impl MeshConfig {
     /// ztunnel's local XDS file (JSON, which ztunnel reads as the YAML it is) for `topo`:
     /// every pod of every node, HBONE for ambient pods and TCP for the rest.
+    /// The same for the in-pod build, whose policies carry `dryRun` (1.22.8 rejects the field).
+    pub fn xds_in_pod(&self, topo: &Topology) -> String {
+        let mut xds: serde_json::Value =
+            serde_json::from_str(&self.xds(topo)).expect("xds() writes JSON");
+        if let Some(policies) = xds["policies"].as_array_mut() {
+            for p in policies {
+                p["dryRun"] = false.into();
+            }
+        }
+        xds.to_string()
+    }
+
     pub fn xds(&self, topo: &Topology) -> String {
         let mut pods: Vec<LaterPod> = topo
             .nodes

@@ -114,7 +114,7 @@ impl Ztunnel {
         mesh: &MeshConfig,
         env: &[(&str, &str)],
     ) -> Result<Ztunnel> {
-        let mut z = Self::prepare(topo, node, pod, mesh, env, binary()?)?;
+        let mut z = Self::prepare(node, pod, &mesh.xds(topo), env, binary()?)?;
         z.spawn()?;
         z.wait_ready(Duration::from_secs(20))?;
         Ok(z)
@@ -132,23 +132,23 @@ impl Ztunnel {
     ) -> Result<Ztunnel> {
         let uds = uds.to_str().context("socket path")?;
         let env = [("INPOD_UDS", uds)];
-        let mut z = Self::prepare(topo, node, pod, mesh, &env, in_pod_binary()?)?;
+        let xds = mesh.xds_in_pod(topo);
+        let mut z = Self::prepare(node, pod, &xds, &env, in_pod_binary()?)?;
         z.spawn()?;
         Ok(z)
     }
 
     fn prepare(
-        topo: &Topology,
         node: &Node,
         pod: &crate::topology::Pod,
-        mesh: &MeshConfig,
+        xds: &str,
         env: &[(&str, &str)],
         bin: PathBuf,
     ) -> Result<Ztunnel> {
         let dir = std::env::temp_dir().join("zdivert-tests");
         std::fs::create_dir_all(&dir)?;
         let config = dir.join(format!("{}-{}.json", node.name, pod.name));
-        std::fs::write(&config, mesh.xds(topo))?;
+        std::fs::write(&config, xds)?;
         Ok(Ztunnel {
             node: node.name.clone(),
             ns: pod.ns.path(),

@@ -6,6 +6,7 @@ pub mod layout;
 
 mod apply;
 mod hold;
+pub mod inpod;
 pub mod inspect;
 mod ipset;
 mod nftables;

@@ -1,0 +1,142 @@
+//! In-pod mode end to end, with the real in-pod ztunnel (1.31-dev): zdivert's ZDS server hands
+//! it each ambient pod's netns, and istio-cni's in-pod rules redirect inside each pod. A DENY
+//! policy holds for ambient and non-ambient clients in both families, and allowed pairs reach
+//! the server through ztunnel. This is the iptables side of in-pod mode; the agent does not
+//! drive it yet (issue 16).
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use zdivert::{
+    dataplane::iptables::{Backend, inpod},
+    zds::{InPodWorkload, Server, WorkloadInfo},
+};
+use zdivert_tests::{
+    apps::{TcpServer, request, request_timeout, sa},
+    eventually,
+    topology::{Node, Pod, Topology},
+    ztunnel::{MeshConfig, Policy, Ztunnel, identity, service_account},
+};
+
+/// The node's ambient pods as ZDS workloads, with the uids the XDS file gives them.
+fn ambient_workloads(node: &Node) -> BTreeMap<String, InPodWorkload> {
+    node.pods
+        .values()
+        .filter(|p| p.ambient)
+        .map(|p| {
+            let uid = format!("cluster1//v1/Pod/{}/{}", p.namespace, p.name);
+            let w = InPodWorkload {
+                uid: uid.clone(),
+                info: WorkloadInfo {
+                    name: p.name.clone(),
+                    namespace: p.namespace.clone(),
+                    service_account: service_account(p),
+                },
+                netns: p.ns.path(),
+            };
+            (uid, w)
+        })
+        .collect()
+}
+
+fn listens_on_15001(pod: &Pod) -> anyhow::Result<bool> {
+    Ok(pod
+        .ns
+        .cmd("ss", &["-Hltn", "sport = :15001"])?
+        .lines()
+        .count()
+        > 0)
+}
+
+struct SocketDir(std::path::PathBuf);
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn in_pod_redirection_holds_a_deny_policy_and_lets_allowed_pairs_through() -> anyhow::Result<()> {
+    let topo = Topology::article()?;
+    let node = topo.worker2();
+    let (pp, rv1, rv2, sleep) = (
+        node.pod("productpage-v1"),
+        node.pod("reviews-v1"),
+        node.pod("reviews-v2"),
+        node.pod("sleep"),
+    );
+    let mesh = MeshConfig {
+        policies: vec![Policy::deny_port(rv1, 9080)],
+        ..Default::default()
+    };
+    let dir = SocketDir(std::env::temp_dir().join(format!("zdivert-inpod-{}", std::process::id())));
+    let server = Server::start(&dir.0.join("ztunnel.sock"))?;
+    let workloads = ambient_workloads(node);
+    for p in node.pods.values().filter(|p| p.ambient) {
+        inpod::apply(&p.ns.path(), Backend::Nft, false)?;
+    }
+    // Applying again changes nothing (the jumps are not repeated).
+    let before = pp.ns.cmd("iptables-save", &["-t", "nat"])?;
+    inpod::apply(&pp.ns.path(), Backend::Nft, false)?;
+    let after = pp.ns.cmd("iptables-save", &["-t", "nat"])?;
+    let rules = |s: &str| {
+        s.lines()
+            .filter(|l| l.starts_with("-A"))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(rules(&before), rules(&after));
+
+    server.set(workloads);
+    let mut ztunnel = Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &mesh, server.path())?;
+    ztunnel.wait_ready(Duration::from_secs(20))?;
+    for p in node.pods.values().filter(|p| p.ambient) {
+        eventually(
+            &format!("ztunnel listening in {}", p.name),
+            Duration::from_secs(10),
+            || listens_on_15001(p),
+        )?;
+    }
+    let denied = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let _allowed = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
+
+    let ways_in: [(&str, &Pod, SocketAddr); 4] = [
+        ("ambient", pp, sa(rv1.ip, 9080)),
+        ("not ambient", sleep, sa(rv1.ip, 9080)),
+        ("ambient, IPv6", pp, sa(rv1.ip6, 9080)),
+        ("not ambient, IPv6", sleep, sa(rv1.ip6, 9080)),
+    ];
+    for (way, client, dst) in ways_in {
+        let r = request_timeout(&client.ns, dst, Duration::from_secs(2));
+        assert!(r.is_err(), "{way}: DENY did not hold: {r:?}");
+    }
+    assert!(
+        denied.seen().is_empty(),
+        "reached around ztunnel: {:?}",
+        denied.seen()
+    );
+    ztunnel.wait_access(ways_in.len(), |a| a.direction() == "inbound" && a.denied())?;
+
+    for (client, dst) in [
+        (pp, sa(rv2.ip, 9080)),
+        (sleep, sa(rv2.ip, 9080)),
+        (pp, sa(rv2.ip6, 9080)),
+        (sleep, sa(rv2.ip6, 9080)),
+    ] {
+        let reply = request(&client.ns, dst)?;
+        assert_eq!(reply.server, "reviews-v2", "{} → {dst}", client.name);
+    }
+    // productpage's connections came in over HBONE with its identity.
+    let inbound = ztunnel.wait_access(4, |a| {
+        a.direction() == "inbound" && a.dst_workload() == "reviews-v2" && !a.denied()
+    })?;
+    assert_eq!(
+        inbound
+            .iter()
+            .filter(|a| a.src_identity() == identity(pp))
+            .count(),
+        2,
+        "{}",
+        ztunnel.access_summary()
+    );
+    Ok(())
+}
