@@ -85,6 +85,27 @@ fn in_pod_redirection_holds_a_deny_policy_and_lets_allowed_pairs_through() -> an
             .collect::<Vec<_>>()
     };
     assert_eq!(rules(&before), rules(&after));
+    // Golden: what the kernel holds is istio-cni's rules, in both families, with its route.
+    for (v6, save, ip) in [
+        (false, "iptables-save", "-4"),
+        (true, "ip6tables-save", "-6"),
+    ] {
+        let held = rules(&pp.ns.cmd(save, &[])?);
+        let wanted = inpod::restore_input(v6, false, &|_, _, _| false);
+        for line in wanted.lines().filter(|l| l.starts_with("-A")) {
+            assert!(
+                held.iter().any(|h| h == line),
+                "{save}: no {line}\n{held:#?}"
+            );
+        }
+        let rule = pp.ns.cmd("ip", &[ip, "rule"])?;
+        assert!(
+            rule.contains("32764:\tfrom all fwmark 0x111/0xfff lookup 100"),
+            "{rule}"
+        );
+        let route = pp.ns.cmd("ip", &[ip, "route", "show", "table", "100"])?;
+        assert!(route.starts_with("local default dev lo"), "{route}");
+    }
 
     server.set(workloads);
     let mut ztunnel = Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &mesh, server.path())?;

@@ -72,7 +72,7 @@ pub fn restore_input(
          -A ISTIO_OUTPUT ! -d {lo}/{len} -o lo -j ACCEPT\n\
          -A ISTIO_OUTPUT ! -d {lo}/{len} -p tcp -m mark ! --mark {zt:#x}/{mask:#x} -j REDIRECT --to-ports {PORT_OUTBOUND}\n\
          -A ISTIO_PRERT -s {probe}/{len} -p tcp -m tcp -j ACCEPT\n\
-         -A ISTIO_PRERT ! -d {lo}/{len} -p tcp ! --dport {PORT_INBOUND_HBONE} -m mark ! --mark {zt:#x}/{mask:#x} -j REDIRECT --to-ports {PORT_INBOUND_PLAIN}\n\
+         -A ISTIO_PRERT ! -d {lo}/{len} -p tcp -m tcp ! --dport {PORT_INBOUND_HBONE} -m mark ! --mark {zt:#x}/{mask:#x} -j REDIRECT --to-ports {PORT_INBOUND_PLAIN}\n\
          COMMIT\n"
     );
     s
@@ -114,7 +114,8 @@ fn table_lines<'a>(save: &'a str, table: &str) -> impl Iterator<Item = &'a str> 
 mod tests {
     use super::*;
 
-    /// The lines of ztunnel's reference copy of istio-cni's in-pod rules, IPv4 with DNS.
+    /// The lines of ztunnel's reference copy of istio-cni's in-pod rules, IPv4 with DNS, as
+    /// `iptables-save` prints them (it adds the implicit `-m tcp` of `--dport`).
     const REFERENCE: &str = "\
 -A PREROUTING -j ISTIO_PRERT
 -A OUTPUT -j ISTIO_OUTPUT
@@ -129,7 +130,7 @@ mod tests {
 -A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT
 -A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
 -A ISTIO_PRERT -s 169.254.7.127/32 -p tcp -m tcp -j ACCEPT
--A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006";
+-A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp -m tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006";
 
     #[test]
     fn the_rules_are_istio_cnis_and_jumps_are_not_repeated() {
@@ -145,7 +146,7 @@ mod tests {
             0
         );
         let v6 = restore_input(true, false, &|_, _, _| false);
-        assert!(v6.contains("! -d ::1/128 -p tcp ! --dport 15008"), "{v6}");
+        assert!(v6.contains("! -d ::1/128 -p tcp -m tcp ! --dport 15008"), "{v6}");
         assert!(!v6.contains("--dport 53"), "{v6}");
     }
 }
