@@ -10,6 +10,7 @@ use zdivert::{
     zds::{InPodWorkload, Server, WorkloadInfo},
 };
 use zdivert_tests::{
+    TempDir,
     apps::{TcpServer, request, request_timeout, sa},
     eventually,
     topology::{Node, Pod, Topology},
@@ -46,14 +47,6 @@ fn listens_on_15001(pod: &Pod) -> anyhow::Result<bool> {
         > 0)
 }
 
-struct SocketDir(std::path::PathBuf);
-
-impl Drop for SocketDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn in_pod_redirection_holds_a_deny_policy_and_lets_allowed_pairs_through() -> anyhow::Result<()> {
     let topo = Topology::article()?;
@@ -68,7 +61,7 @@ fn in_pod_redirection_holds_a_deny_policy_and_lets_allowed_pairs_through() -> an
         policies: vec![Policy::deny_port(rv1, 9080)],
         ..Default::default()
     };
-    let dir = SocketDir(std::env::temp_dir().join(format!("zdivert-inpod-{}", std::process::id())));
+    let dir = TempDir::new("zdivert-inpod")?;
     let server = Server::start(&dir.0.join("ztunnel.sock"))?;
     let workloads = ambient_workloads(node);
     for p in node.pods.values().filter(|p| p.ambient) {

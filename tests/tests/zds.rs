@@ -10,7 +10,7 @@ use zdivert::zds::{
     ACK_TIMEOUT, InPodWorkload, Listener, Server, Session, WorkloadInfo, WorkloadNetns,
 };
 use zdivert_tests::{
-    eventually,
+    TempDir, eventually,
     ns::Netns,
     topology::{Pod, Topology},
     ztunnel::{MeshConfig, Ztunnel, service_account},
@@ -60,22 +60,12 @@ fn in_pod(pods: &[&Pod]) -> BTreeMap<String, InPodWorkload> {
         .collect()
 }
 
-/// Removes the socket directory even when the test fails.
-struct SocketDir(std::path::PathBuf);
-
-impl Drop for SocketDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn the_real_in_pod_ztunnel_takes_a_pods_netns_over_zds() -> anyhow::Result<()> {
     let topo = Topology::article()?;
     let node = topo.worker2();
     let pod = node.pod("productpage-v1");
-    let dir = SocketDir(std::env::temp_dir().join(format!("zdivert-zds-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0)?;
+    let dir = TempDir::new("zdivert-zds")?;
     let uds = dir.0.join("ztunnel.sock");
     let listener = Listener::bind(&uds)?;
     let (tx, rx) = mpsc::channel();
@@ -132,7 +122,7 @@ fn every_ztunnel_that_connects_gets_the_snapshot_then_each_change() -> anyhow::R
     let topo = Topology::article()?;
     let node = topo.worker2();
     let (pp, rv1) = (node.pod("productpage-v1"), node.pod("reviews-v1"));
-    let dir = SocketDir(std::env::temp_dir().join(format!("zdivert-zds-s{}", std::process::id())));
+    let dir = TempDir::new("zdivert-zds")?;
     let server = Server::start(&dir.0.join("ztunnel.sock"))?;
     server.set(in_pod(&[pp]));
     let mesh = MeshConfig::default();

@@ -146,7 +146,10 @@ mod tests {
             0
         );
         let v6 = restore_input(true, false, &|_, _, _| false);
-        assert!(v6.contains("! -d ::1/128 -p tcp -m tcp ! --dport 15008"), "{v6}");
+        assert!(
+            v6.contains("! -d ::1/128 -p tcp -m tcp ! --dport 15008"),
+            "{v6}"
+        );
         assert!(!v6.contains("--dport 53"), "{v6}");
     }
 }
