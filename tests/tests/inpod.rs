@@ -1,8 +1,9 @@
 //! In-pod mode end to end, with the real in-pod ztunnel (1.31-dev): zdivert's ZDS server hands
 //! it each ambient pod's netns, and istio-cni's in-pod rules redirect inside each pod. A DENY
 //! policy holds for ambient and non-ambient clients in both families, and allowed pairs reach
-//! the server through ztunnel. This is the iptables side of in-pod mode; the agent does not
-//! drive it yet (issue 16).
+//! the server through ztunnel; a pod that leaves the mesh loses its rules and is reached
+//! directly. This is the iptables side of in-pod mode; the agent does not drive it yet
+//! (issue 16).
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use zdivert::{
@@ -152,5 +153,34 @@ fn in_pod_redirection_holds_a_deny_policy_and_lets_allowed_pairs_through() -> an
         "{}",
         ztunnel.access_summary()
     );
+
+    // reviews-v2 leaves the mesh: ztunnel lets go of it, then its rules go, and nothing of
+    // them is left; its clients now reach it directly.
+    let mut rest = ambient_workloads(node);
+    rest.retain(|_, w| w.info.name != rv2.name);
+    server.set(rest);
+    eventually(
+        "ztunnel gone from reviews-v2",
+        Duration::from_secs(10),
+        || Ok(!listens_on_15001(rv2)?),
+    )?;
+    inpod::remove(&rv2.ns.path(), Backend::Nft)?;
+    for (save, ip) in [("iptables-save", "-4"), ("ip6tables-save", "-6")] {
+        let left = rv2.ns.cmd(save, &[])?;
+        assert!(!left.contains("ISTIO"), "{left}");
+        let rule = rv2.ns.cmd("ip", &[ip, "rule"])?;
+        assert!(!rule.contains("0x111"), "{rule}");
+        let route = rv2.ns.cmd("ip", &[ip, "route", "show", "table", "100"])?;
+        assert!(route.trim().is_empty(), "{route}");
+    }
+    let logged = ztunnel.access_log().len();
+    let reply = request(&sleep.ns, sa(rv2.ip, 9080))?;
+    assert_eq!(reply.server, "reviews-v2");
+    // A connection ztunnel does see, after it: once it is logged, anything of the one before
+    // would have been too.
+    assert!(request_timeout(&sleep.ns, sa(rv1.ip, 9080), Duration::from_secs(2)).is_err());
+    let log = ztunnel.wait_access(logged + 1, |_| true)?;
+    assert_eq!(log.len(), logged + 1, "{}", ztunnel.access_summary());
+    assert_eq!(log[logged].dst_workload(), "reviews-v1");
     Ok(())
 }

@@ -90,16 +90,34 @@ pub fn apply(pod_netns: &Path, backend: Backend, dns_capture: bool) -> Result<()
             };
             tables::restore(backend, v6, &restore_input(v6, dns_capture, &present))?;
             nl.ensure_local_default(ZTUNNEL_TPROXY_TABLE, v6)?;
-            let rule = PolicyRule::fwmark(
-                RULE_PRIORITY,
-                MARK_INPOD_CONN,
-                MARK_MASK,
-                RuleTarget::Table(ZTUNNEL_TPROXY_TABLE),
-            );
-            nl.ensure_rule(rule, v6)?;
+            nl.ensure_rule(reply_rule(), v6)?;
         }
         Ok(())
     })?
+}
+
+/// Takes the redirection out of the netns at `pod_netns` (the pod left the mesh, or cleanup):
+/// chains, jumps, the rule and the route; what is already gone is skipped.
+pub fn remove(pod_netns: &Path, backend: Backend) -> Result<()> {
+    let chains = JUMPS.map(|(table, from, to)| (table, to, from));
+    netns::run_in(pod_netns, || -> Result<()> {
+        let nl = Netlink::new()?;
+        for v6 in [false, true] {
+            tables::remove_chains(backend, v6, &chains)?;
+            nl.remove_rule(reply_rule(), v6)?;
+            nl.remove_local_default(ZTUNNEL_TPROXY_TABLE, v6)?;
+        }
+        Ok(())
+    })?
+}
+
+fn reply_rule() -> PolicyRule {
+    PolicyRule::fwmark(
+        RULE_PRIORITY,
+        MARK_INPOD_CONN,
+        MARK_MASK,
+        RuleTarget::Table(ZTUNNEL_TPROXY_TABLE),
+    )
 }
 
 /// The lines of one table in an `iptables-save` of all tables.
