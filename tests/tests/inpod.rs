@@ -12,7 +12,8 @@ use zdivert::{
 };
 use zdivert_tests::{
     TempDir,
-    apps::{TcpServer, request, request_timeout, sa},
+    agent::{Agent, Mode},
+    apps::{LongLived, RequestStream, TcpServer, request, request_timeout, sa},
     eventually,
     topology::{Node, Pod, Topology},
     ztunnel::{MeshConfig, Policy, Ztunnel, identity, service_account},
@@ -182,5 +183,108 @@ fn in_pod_redirection_holds_a_deny_policy_and_lets_allowed_pairs_through() -> an
     let log = ztunnel.wait_access(logged + 1, |_| true)?;
     assert_eq!(log.len(), logged + 1, "{}", ztunnel.access_summary());
     assert_eq!(log[logged].dst_workload(), "reviews-v1");
+    Ok(())
+}
+
+/// The node description for in-pod mode: each ambient pod with its uid, service account and
+/// netns, except those named in `left`.
+fn in_pod_description(node: &Node, left: &[&str]) -> String {
+    let mut yaml = format!("node: {}\npods:\n", node.name);
+    for p in node
+        .pods
+        .values()
+        .filter(|p| p.ambient && !left.contains(&p.name.as_str()))
+    {
+        yaml += &format!(
+            "  - {{ name: {}, namespace: {}, ips: [{}, {}], uid: \"cluster1//v1/Pod/{}/{}\", \
+             serviceAccount: {}, netns: {} }}\n",
+            p.name,
+            p.namespace,
+            p.ip,
+            p.ip6,
+            p.namespace,
+            p.name,
+            service_account(p),
+            p.ns.path().display()
+        );
+    }
+    yaml
+}
+
+/// The agent in `--ztunnel-mode inpod`: it serves ZDS and redirects in each pod; a DENY policy
+/// holds, a SIGKILLed agent comes back under a request stream without a failed request (the
+/// rules stay in the pods, ztunnel reconnects and gets the snapshot again), and a pod that
+/// leaves the mesh loses its rules and ztunnel's listeners.
+#[test]
+fn the_agent_in_pod_mode_serves_ztunnel_and_survives_its_own_restart() -> anyhow::Result<()> {
+    let topo = Topology::article()?;
+    let node = topo.worker2();
+    let (pp, rv1, rv2, sleep) = (
+        node.pod("productpage-v1"),
+        node.pod("reviews-v1"),
+        node.pod("reviews-v2"),
+        node.pod("sleep"),
+    );
+    let mesh = MeshConfig {
+        policies: vec![Policy::deny_port(rv1, 9080)],
+        ..Default::default()
+    };
+    let dir = TempDir::new("zdivert-inpod-agent")?;
+    let socket = dir.0.join("ztunnel.sock");
+    let socket_arg = socket.display().to_string();
+    let extra = [
+        "--ztunnel-mode",
+        "inpod",
+        "--zds-socket",
+        socket_arg.as_str(),
+    ];
+    let mut agent =
+        Agent::start_with(node, &in_pod_description(node, &[]), Mode::Iptables, &extra)?;
+    let mut ztunnel = Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &mesh, &socket)?;
+    ztunnel.wait_ready(Duration::from_secs(20))?;
+    for p in node.pods.values().filter(|p| p.ambient) {
+        eventually(
+            &format!("ztunnel listening in {}", p.name),
+            Duration::from_secs(10),
+            || listens_on_15001(p),
+        )?;
+    }
+    let denied = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let _allowed = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
+    for client in [pp, sleep] {
+        let r = request_timeout(&client.ns, sa(rv1.ip, 9080), Duration::from_secs(2));
+        assert!(r.is_err(), "{}: DENY did not hold: {r:?}", client.name);
+    }
+    assert!(denied.seen().is_empty(), "{:?}", denied.seen());
+    ztunnel.wait_access(2, |a| a.direction() == "inbound" && a.denied())?;
+
+    let stream = RequestStream::start(&pp.ns, sa(rv2.ip, 9080))?;
+    let long = LongLived::start(&pp.ns, sa(rv2.ip, 9080))?;
+    stream.wait_more(5)?;
+    agent.kill();
+    stream.wait_more(5)?;
+    agent.restart()?;
+    eventually(
+        "ztunnel back on the restarted agent's socket",
+        Duration::from_secs(20),
+        || Ok(ztunnel.log().matches("received snapshot sent").count() >= 2),
+    )?;
+    stream.wait_more(10)?;
+    long.wait_more(10)?;
+    let failed: Vec<String> = stream
+        .stop()
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| format!("{e:#}")))
+        .collect();
+    assert_eq!(failed, Vec::<String>::new());
+    let broken: Vec<String> = long.stop().into_iter().filter_map(Result::err).collect();
+    assert_eq!(broken, Vec::<String>::new());
+
+    agent.describe(&in_pod_description(node, &["reviews-v2"]))?;
+    eventually("reviews-v2 released", Duration::from_secs(10), || {
+        let rules = rv2.ns.cmd("iptables-save", &[])?;
+        Ok(!listens_on_15001(rv2)? && !rules.contains("ISTIO"))
+    })?;
+    assert_eq!(request(&sleep.ns, sa(rv2.ip, 9080))?.server, "reviews-v2");
     Ok(())
 }

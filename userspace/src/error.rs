@@ -175,6 +175,18 @@ pub enum Error {
     #[error("node {node}: {reason}")]
     NodeFacts { node: String, reason: String },
 
+    #[error(
+        "pod {pod}: no network namespace on this node holds its addresses (scanned /proc/*/ns/net and /run/netns)"
+    )]
+    PodNetnsNotFound { pod: String },
+
+    #[error("ZDS socket {path}")]
+    Zds {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
     #[error("loading the eBPF object")]
     Load(#[from] aya::EbpfError),
 }

@@ -42,6 +42,12 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ZtunnelMode {
+    Node,
+    Inpod,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Keep the node's dataplane in sync with the Kubernetes API (or a node description file).
@@ -83,6 +89,13 @@ enum Command {
         /// (the start window). Only for nodes whose veths are not all pods'.
         #[arg(long)]
         no_hold_new_veths: bool,
+        /// Which ztunnel the node runs: the node-level proxy (1.22 and before) or in-pod
+        /// ztunnel, served over ZDS (redirection with istio-cni's rules; eBPF not yet).
+        #[arg(long, value_enum, default_value_t = ZtunnelMode::Node)]
+        ztunnel_mode: ZtunnelMode,
+        /// The ZDS socket in-pod ztunnel connects to (its `INPOD_UDS`).
+        #[arg(long, default_value = zdivert::zds::DEFAULT_SOCKET)]
+        zds_socket: PathBuf,
     },
     /// Show the pinned maps, attachments and packet counters.
     /// Show what is in the kernel for the node, in its mode: eBPF (maps, attachments,
@@ -145,6 +158,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             attach,
             dns_capture,
             no_hold_new_veths,
+            ztunnel_mode,
+            zds_socket,
         } => {
             let node = match (&pods_file, cli.node) {
                 (Some(path), node) => {
@@ -170,17 +185,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // kernel state stays), it never kills the agent halfway through an apply.
             rt.block_on(stop_on_signal())?;
             let attach = attach.unwrap_or_else(AttachMode::for_kernel);
-            let mut dp = choose::build(
-                mode,
-                &choose::Options {
-                    bpffs: &cli.bpffs,
-                    state_dir: &cli.state_dir,
-                    node: &node,
-                    tunnel,
-                    attach,
+            let mut dp: Box<dyn zdivert::dataplane::Dataplane> = match ztunnel_mode {
+                ZtunnelMode::Node => choose::build(
+                    mode,
+                    &choose::Options {
+                        bpffs: &cli.bpffs,
+                        state_dir: &cli.state_dir,
+                        node: &node,
+                        tunnel,
+                        attach,
+                        dns_capture,
+                    },
+                )?,
+                ZtunnelMode::Inpod if mode == Mode::Ebpf => anyhow::bail!(
+                    "--ztunnel-mode inpod redirects with iptables only so far: use --mode \
+                     iptables or auto"
+                ),
+                ZtunnelMode::Inpod => Box::new(zdivert::dataplane::inpod::InPod::new(
+                    &zds_socket,
                     dns_capture,
-                },
-            )?;
+                )?),
+            };
+            let no_hold_new_veths = no_hold_new_veths || ztunnel_mode == ZtunnelMode::Inpod;
             let health = Arc::new(Health::new(&node, dp.name()).with_dataplane(dp.as_ref()));
             if health_addr != "off" {
                 let addr: SocketAddr = health_addr

@@ -20,10 +20,16 @@ impl fmt::Display for PodId {
 }
 
 /// An ambient pod on this node whose traffic must go through ztunnel.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodSpec {
     /// Every address of the pod (`status.podIPs`), IPv4 and IPv6.
     pub ips: Vec<IpAddr>,
+    /// `metadata.uid`: how in-pod ztunnel (ZDS) names the pod.
+    pub uid: String,
+    /// `spec.serviceAccountName`, sent to in-pod ztunnel with the pod.
+    pub service_account: String,
+    /// The pod's network namespace when the source knows it; otherwise found by its address.
+    pub netns: Option<std::path::PathBuf>,
 }
 
 /// The node's ztunnel.

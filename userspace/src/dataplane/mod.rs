@@ -7,6 +7,7 @@ use crate::{
 
 pub mod choose;
 pub mod ebpf;
+pub mod inpod;
 pub mod iptables;
 pub mod status;
 
@@ -40,6 +41,8 @@ pub enum ZtunnelState {
         /// Where to look for its listeners between applies.
         netns: std::path::PathBuf,
     },
+    /// In-pod mode: ztunnels connected over ZDS, and no pod yet to open listeners in.
+    Connected { peers: usize },
 }
 
 impl ZtunnelState {
@@ -59,7 +62,10 @@ impl ZtunnelState {
     }
 
     pub fn is_ready(&self) -> bool {
-        matches!(self, ZtunnelState::Ready { .. })
+        matches!(
+            self,
+            ZtunnelState::Ready { .. } | ZtunnelState::Connected { .. }
+        )
     }
 }
 
@@ -82,6 +88,12 @@ impl std::fmt::Display for ZtunnelState {
                 )
             }
             ZtunnelState::Ready { pod, .. } => write!(f, "ztunnel {pod} is ready"),
+            ZtunnelState::Connected { peers } => {
+                write!(
+                    f,
+                    "{peers} in-pod ztunnel(s) connected over ZDS, no pod to serve yet"
+                )
+            }
         }
     }
 }

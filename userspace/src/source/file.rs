@@ -46,6 +46,13 @@ struct PodEntry {
     #[serde(default = "default_ns")]
     namespace: String,
     ips: Vec<String>,
+    /// For in-pod ztunnel: the pod's uid, service account and netns path.
+    #[serde(default)]
+    uid: Option<String>,
+    #[serde(default, rename = "serviceAccount")]
+    service_account: Option<String>,
+    #[serde(default)]
+    netns: Option<PathBuf>,
 }
 
 /// What is wrong with a node description, naming the entry.
@@ -143,7 +150,13 @@ pub fn parse(text: &str) -> Result<NodeState, Invalid> {
             name: p.name,
         };
         let ips = claim(&format!("pod {id}"), &p.ips)?;
-        if pods.insert(id.clone(), PodSpec { ips }).is_some() {
+        let spec = PodSpec {
+            ips,
+            uid: p.uid.unwrap_or_else(|| id.to_string()),
+            service_account: p.service_account.unwrap_or_else(|| "default".into()),
+            netns: p.netns,
+        };
+        if pods.insert(id.clone(), spec).is_some() {
             return Err(Invalid::Twice(id));
         }
     }

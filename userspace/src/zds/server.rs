@@ -7,7 +7,7 @@ use std::{
     fs::File,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, mpsc},
+    sync::{Arc, Condvar, Mutex, mpsc},
     thread,
     time::{Duration, Instant},
 };
@@ -58,6 +58,9 @@ pub struct PeerState {
 
 #[derive(Default)]
 struct Shared {
+    /// Whether `set` was called: until the agent knows its pods, a snapshot would be empty
+    /// and ztunnel would drop every pod it serves (a restarted agent's first moments).
+    synced: bool,
     workloads: BTreeMap<String, InPodWorkload>,
     peers: Vec<(u64, mpsc::Sender<Change>)>,
     states: BTreeMap<u64, PeerState>,
@@ -67,6 +70,7 @@ struct Shared {
 #[derive(Clone)]
 pub struct Server {
     shared: Arc<Mutex<Shared>>,
+    synced: Arc<Condvar>,
     path: PathBuf,
 }
 
@@ -79,6 +83,7 @@ impl Server {
         let listener = Listener::bind(path)?;
         let server = Server {
             shared: Arc::default(),
+            synced: Arc::default(),
             path: path.into(),
         };
         let accepting = server.clone();
@@ -93,6 +98,7 @@ impl Server {
     }
 
     /// Makes `desired` the workloads every ztunnel serves: adds and dels for the difference.
+    /// The first call also lets ztunnels that connected before it have their snapshot.
     pub fn set(&self, desired: BTreeMap<String, InPodWorkload>) {
         let mut shared = self.shared.lock().expect("zds state");
         let mut changes = Vec::new();
@@ -107,6 +113,8 @@ impl Server {
             }
         }
         shared.workloads = desired;
+        shared.synced = true;
+        self.synced.notify_all();
         // A peer whose thread ended is dropped here; it reconnects for a new snapshot.
         shared
             .peers
@@ -136,7 +144,10 @@ impl Server {
     fn serve(&self, peer: Peer) {
         let (tx, rx) = mpsc::channel();
         let (id, snapshot) = {
-            let mut shared = self.shared.lock().expect("zds state");
+            let mut shared = self
+                .synced
+                .wait_while(self.shared.lock().expect("zds state"), |s| !s.synced)
+                .expect("zds state");
             let id = shared.next_peer;
             shared.next_peer += 1;
             shared.peers.push((id, tx));

@@ -154,3 +154,35 @@ fn an_ack_that_never_comes_fails_the_request_not_the_agent() {
     assert!(matches!(err, SessionError::NoAnswer(_)), "{err}");
     zt.join().unwrap();
 }
+
+/// A restarted agent serves its socket before it knows its pods: a ztunnel that connects then
+/// must wait for the snapshot, not get an empty one (it would drop every pod it serves).
+#[test]
+fn no_snapshot_before_the_agent_knows_its_pods() {
+    let dir = std::env::temp_dir().join(format!("zdivert-zds-unit-{}", std::process::id()));
+    let server = Server::start(&dir.join("ztunnel.sock")).unwrap();
+    let ztunnel = Peer::connect(server.path()).unwrap();
+    hello(&ztunnel, 1);
+    ztunnel
+        .set_receive_timeout(Duration::from_millis(300))
+        .unwrap();
+    let mut buf = [0u8; MAX_MESSAGE];
+    let early = ztunnel.recv(&mut buf);
+    assert!(early.is_err(), "a snapshot before the pods were known");
+
+    let netns = dir.join("netns");
+    std::fs::write(&netns, "").unwrap();
+    let w = InPodWorkload {
+        uid: "a".into(),
+        info: workload("a", false).info,
+        netns,
+    };
+    server.set([("a".to_string(), w)].into());
+    ztunnel.set_receive_timeout(ACK_TIMEOUT).unwrap();
+    let (add, fd) = answer(&ztunnel, "");
+    assert!(matches!(add, Request::Add(a) if a.uid == "a"));
+    assert!(fd.is_some());
+    let (sent, _) = answer(&ztunnel, "");
+    assert!(matches!(sent, Request::SnapshotSent(_)));
+    let _ = std::fs::remove_dir_all(&dir);
+}

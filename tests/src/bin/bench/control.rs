@@ -48,6 +48,7 @@ fn state(node: &str, ztunnel: &ZtunnelSpec, pods: u32) -> NodeState {
                 id,
                 PodSpec {
                     ips: vec![IpAddr::V4(pod_ip(i))],
+                    ..PodSpec::default()
                 },
             )
         })

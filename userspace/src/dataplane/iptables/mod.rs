@@ -25,7 +25,7 @@ use self::{
 };
 pub use self::{
     remove::{Cleaned, cleanup, has_state},
-    tables::Backend,
+    tables::{Backend, detect as detect_backend},
 };
 use super::{Dataplane, Report};
 use crate::{

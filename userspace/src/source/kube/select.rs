@@ -227,7 +227,17 @@ pub fn select(cfg: &SelectConfig, pods: &[&Pod], namespaces: &[&Namespace]) -> S
                     continue;
                 }
                 owners.extend(ips.iter().map(|ip| (*ip, pid.clone())));
-                sel.state.pods.insert(pid, PodSpec { ips });
+                let spec = PodSpec {
+                    ips,
+                    uid: pod.metadata.uid.clone().unwrap_or_default(),
+                    service_account: pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.service_account_name.clone())
+                        .unwrap_or_default(),
+                    netns: None,
+                };
+                sel.state.pods.insert(pid, spec);
             }
             Err(why) => {
                 // Pods that live outside the mesh: their veths leave the start-window hold.
