@@ -1,4 +1,4 @@
-//! deploy/ parsed into k8s-openapi types (as the API server would decode them), and checked for
+//! deploy/base parsed into k8s-openapi types (as the API server would decode them), and checked for
 //! what the agent needs on a node: host namespaces, privileges, bpffs, the node name, probes on
 //! the agent's own endpoints, every taint tolerated, a one-at-a-time rollout, and just the RBAC
 //! the Kubernetes source uses.
@@ -12,6 +12,11 @@ use k8s_openapi::api::{
 };
 use serde::Deserialize;
 use serde_json::Value;
+
+/// The base every overlay builds on (`deploy/` itself renders it unchanged).
+fn base() -> PathBuf {
+    deploy().join("base")
+}
 
 fn deploy() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -28,9 +33,8 @@ struct Manifests {
 
 /// Every document of every resource the kustomization lists, decoded by its kind.
 fn load() -> Result<Manifests> {
-    let kustomization: Value = serde_yaml::from_str(&std::fs::read_to_string(
-        deploy().join("kustomization.yaml"),
-    )?)?;
+    let kustomization: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(base().join("kustomization.yaml"))?)?;
     let mut m = Manifests {
         namespace: kustomization["namespace"]
             .as_str()
@@ -41,8 +45,8 @@ fn load() -> Result<Manifests> {
     let resources = kustomization["resources"].as_array().context("resources")?;
     for r in resources {
         let file = r.as_str().context("resource is a path")?;
-        let text = std::fs::read_to_string(deploy().join(file))
-            .with_context(|| format!("deploy/{file}"))?;
+        let text =
+            std::fs::read_to_string(base().join(file)).with_context(|| format!("deploy/{file}"))?;
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let v = Value::deserialize(doc).with_context(|| format!("deploy/{file}: not YAML"))?;
             let kind = v["kind"].as_str().unwrap_or_default().to_string();
@@ -66,7 +70,7 @@ fn load() -> Result<Manifests> {
     }
     // Every manifest in deploy/ is part of the kustomization.
     let listed: BTreeSet<&str> = resources.iter().filter_map(Value::as_str).collect();
-    for entry in std::fs::read_dir(deploy())? {
+    for entry in std::fs::read_dir(base())? {
         let name = entry?.file_name().into_string().unwrap_or_default();
         if name.ends_with(".yaml") && name != "kustomization.yaml" {
             assert!(
@@ -320,8 +324,8 @@ fn the_image_recipe_builds_in_stages_and_ships_the_fallback_tools() -> Result<()
         assert!(runtime.contains(tool), "the runtime stage installs {tool}");
     }
     assert!(runtime.contains("COPY --from=build"));
-    let kustomization = std::fs::read_to_string(deploy().join("kustomization.yaml"))?;
-    let ds = std::fs::read_to_string(deploy().join("daemonset.yaml"))?;
+    let kustomization = std::fs::read_to_string(base().join("kustomization.yaml"))?;
+    let ds = std::fs::read_to_string(base().join("daemonset.yaml"))?;
     assert!(
         ds.contains("image: zdivert") && kustomization.contains("- name: zdivert"),
         "kustomize sets the image"
@@ -372,5 +376,63 @@ fn kustomize_renders_the_namespace_and_image() -> Result<()> {
             "ServiceAccount"
         ]
     );
+    Ok(())
+}
+
+/// The in-pod overlay: the agent in `--ztunnel-mode inpod`, its ZDS socket inside the host
+/// directory ztunnel's DaemonSet mounts too.
+#[test]
+fn the_in_pod_overlay_shares_the_zds_socket_directory() -> Result<()> {
+    let out = std::process::Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(deploy().join("inpod"))
+        .output()
+        .context("running kubectl kustomize (apt-get install kubectl)")?;
+    assert!(
+        out.status.success(),
+        "kubectl kustomize: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout)?;
+    let ds: DaemonSet = serde_yaml::Deserializer::from_str(&text)
+        .map(Value::deserialize)
+        .filter_map(Result::ok)
+        .find(|v| v["kind"] == "DaemonSet")
+        .map(serde_json::from_value)
+        .context("no DaemonSet rendered")??;
+    let c = agent(&ds);
+    let args = c.args.clone().unwrap_or_default();
+    let after = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    assert_eq!(
+        after("--ztunnel-mode").as_deref(),
+        Some("inpod"),
+        "{args:?}"
+    );
+    let socket = after("--zds-socket").context("--zds-socket")?;
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| socket.starts_with(&format!("{}/", m.mount_path)))
+        .with_context(|| format!("no mount holds {socket}"))?;
+    let spec = ds.spec.template.spec.as_ref().context("pod spec")?;
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .context("the mount's volume")?;
+    assert_eq!(
+        volume.host_path.as_ref().map(|h| h.path.as_str()),
+        Some("/var/run/ztunnel"),
+        "ztunnel's DaemonSet mounts this host directory"
+    );
+    // The rest of the DaemonSet is the base's.
+    assert_eq!(spec.host_pid, Some(true));
     Ok(())
 }
