@@ -249,6 +249,12 @@ fn the_agent_in_pod_mode_serves_ztunnel_and_survives_its_own_restart() -> anyhow
             || listens_on_15001(p),
         )?;
     }
+    // ZDS in the agent's metrics: one ztunnel, and an acked add per ambient pod.
+    let ambient = node.pods.values().filter(|p| p.ambient).count() as f64;
+    let adds = "zdivert_zds_requests_total{request=\"add\",outcome=\"acked\"}";
+    eventually("ZDS metrics", Duration::from_secs(5), || {
+        Ok(agent.metric("zdivert_zds_peers")? == 1.0 && agent.metric(adds)? == ambient)
+    })?;
     let denied = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
     let _allowed = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
     for client in [pp, sleep] {

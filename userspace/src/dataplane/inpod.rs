@@ -136,4 +136,8 @@ impl Dataplane for InPod {
     fn held(&self) -> Result<Vec<u32>> {
         Ok(vec![])
     }
+
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.server.metrics().register(registry);
+    }
 }

@@ -13,6 +13,7 @@ use std::{
 };
 
 use super::{
+    Metrics,
     messages::WorkloadInfo,
     seqpacket::{Listener, Peer},
     session::{ACK_TIMEOUT, Session, SessionError, WorkloadNetns},
@@ -72,6 +73,7 @@ pub struct Server {
     shared: Arc<Mutex<Shared>>,
     synced: Arc<Condvar>,
     path: PathBuf,
+    metrics: Metrics,
 }
 
 impl Server {
@@ -85,6 +87,7 @@ impl Server {
             shared: Arc::default(),
             synced: Arc::default(),
             path: path.into(),
+            metrics: Metrics::default(),
         };
         let accepting = server.clone();
         thread::Builder::new()
@@ -95,6 +98,10 @@ impl Server {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Makes `desired` the workloads every ztunnel serves: adds and dels for the difference.
@@ -187,7 +194,20 @@ impl Server {
         changes: mpsc::Receiver<Change>,
     ) -> Result<(), SessionError> {
         let sent: Vec<WorkloadNetns> = snapshot.iter().map(InPodWorkload::to_send).collect();
-        let (mut session, report) = Session::open(peer, ACK_TIMEOUT, &sent)?;
+        let (mut session, report) = Session::open(peer, ACK_TIMEOUT, &sent)
+            .inspect_err(|_| self.metrics.count("snapshot", "failed", 1))?;
+        let keeps = sent.iter().filter(|w| w.netns.is_none()).count() as u64;
+        let refused_n = report.refused.len() as u64;
+        self.metrics.count("keep", "acked", keeps);
+        self.metrics.count(
+            "add",
+            "acked",
+            (sent.len() as u64 - keeps).saturating_sub(refused_n),
+        );
+        self.metrics.count("add", "refused", refused_n);
+        self.metrics.count("snapshot", "acked", 1);
+        self.metrics.peers.inc();
+        let _connected = PeerGauge(&self.metrics);
         log::info!(
             "zds: ztunnel pid {pid:?} took the snapshot of {} workloads",
             sent.len()
@@ -220,6 +240,10 @@ impl Server {
                 Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
             };
             let Some(change) = change else { continue };
+            let request = match change {
+                Change::Add(_) => "add",
+                Change::Del(_) => "del",
+            };
             let (uid, result) = match &change {
                 Change::Add(w) => (w.uid.clone(), session.add(&w.to_send())),
                 Change::Del(uid) => {
@@ -227,6 +251,12 @@ impl Server {
                     (uid.clone(), session.del(uid))
                 }
             };
+            let outcome = match &result {
+                Ok(()) => "acked",
+                Err(SessionError::Refused { .. }) => "refused",
+                Err(_) => "failed",
+            };
+            self.metrics.count(request, outcome, 1);
             match result {
                 Ok(()) => {
                     retries.forget(&uid);
@@ -262,6 +292,15 @@ impl Server {
         self.record(id, None, |s| {
             s.refused.insert(uid.into(), error.into());
         });
+    }
+}
+
+/// One connected ztunnel in `zds_peers`, for as long as its session lives.
+struct PeerGauge<'a>(&'a Metrics);
+
+impl Drop for PeerGauge<'_> {
+    fn drop(&mut self) {
+        self.0.peers.dec();
     }
 }
 
