@@ -294,3 +294,72 @@ fn the_agent_in_pod_mode_serves_ztunnel_and_survives_its_own_restart() -> anyhow
     assert_eq!(request(&sleep.ns, sa(rv2.ip, 9080))?.server, "reviews-v2");
     Ok(())
 }
+
+/// ztunnel down under the agent: captured traffic fails closed (nothing reaches the server
+/// around it), peers that break the protocol are turned away without disturbing anything, and
+/// the restarted ztunnel gets its snapshot and carries traffic again.
+#[test]
+fn without_ztunnel_in_pod_traffic_fails_closed_and_resumes_when_it_is_back() -> anyhow::Result<()> {
+    let topo = Topology::article()?;
+    let node = topo.worker2();
+    let (pp, rv2) = (node.pod("productpage-v1"), node.pod("reviews-v2"));
+    let dir = TempDir::new("zdivert-inpod-restart")?;
+    let socket = dir.0.join("ztunnel.sock");
+    let socket_arg = socket.display().to_string();
+    let extra = [
+        "--ztunnel-mode",
+        "inpod",
+        "--zds-socket",
+        socket_arg.as_str(),
+    ];
+    let agent = Agent::start_with(node, &in_pod_description(node, &[]), Mode::Iptables, &extra)?;
+    let mut ztunnel =
+        Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &MeshConfig::default(), &socket)?;
+    ztunnel.wait_ready(Duration::from_secs(20))?;
+    eventually(
+        "ztunnel listening in reviews-v2",
+        Duration::from_secs(10),
+        || listens_on_15001(rv2),
+    )?;
+    let server = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
+    assert_eq!(request(&pp.ns, sa(rv2.ip, 9080))?.server, "reviews-v2");
+
+    ztunnel.kill();
+    let seen = server.seen().len();
+    for dst in [sa(rv2.ip, 9080), sa(rv2.ip6, 9080)] {
+        let r = request_timeout(&pp.ns, dst, Duration::from_secs(2));
+        assert!(r.is_err(), "{dst} answered without ztunnel: {r:?}");
+    }
+    assert_eq!(
+        server.seen().len(),
+        seen,
+        "reached around ztunnel: {:?}",
+        server.seen()
+    );
+
+    // Peers that are not ztunnel, or not speaking ZDS, are turned away.
+    let garbage = zdivert::zds::Peer::connect(&socket)?;
+    garbage.send(&[0xff, 0xff, 0xff], None)?;
+    let oversized = zdivert::zds::Peer::connect(&socket)?;
+    oversized.send(&[0u8; 4096], None)?;
+    let failed = "zdivert_zds_requests_total{request=\"snapshot\",outcome=\"failed\"}";
+    eventually(
+        "both bad peers turned away",
+        Duration::from_secs(10),
+        || Ok(agent.metric(failed)? >= 2.0),
+    )?;
+
+    ztunnel.restart()?;
+    eventually(
+        "ztunnel back in reviews-v2",
+        Duration::from_secs(10),
+        || listens_on_15001(rv2),
+    )?;
+    assert_eq!(request(&pp.ns, sa(rv2.ip, 9080))?.server, "reviews-v2");
+    assert_eq!(request(&pp.ns, sa(rv2.ip6, 9080))?.server, "reviews-v2");
+    // Its log starts anew with the restart: the two connections since.
+    ztunnel.wait_access(2, |a| {
+        a.direction() == "inbound" && a.dst_workload() == "reviews-v2" && a.error().is_none()
+    })?;
+    Ok(())
+}
