@@ -16,7 +16,7 @@ use super::{
     Metrics,
     messages::WorkloadInfo,
     seqpacket::{Listener, Peer},
-    session::{ACK_TIMEOUT, Session, SessionError, WorkloadNetns},
+    session::{ACK_TIMEOUT, Session, SessionError, SnapshotReport, WorkloadNetns},
 };
 
 /// An in-pod workload as the agent knows it: the netns is opened when it is sent.
@@ -196,40 +196,9 @@ impl Server {
         let sent: Vec<WorkloadNetns> = snapshot.iter().map(InPodWorkload::to_send).collect();
         let (mut session, report) = Session::open(peer, ACK_TIMEOUT, &sent)
             .inspect_err(|_| self.metrics.count("snapshot", "failed", 1))?;
-        let keeps = sent.iter().filter(|w| w.netns.is_none()).count() as u64;
-        let refused_n = report.refused.len() as u64;
-        self.metrics.count("keep", "acked", keeps);
-        self.metrics.count(
-            "add",
-            "acked",
-            (sent.len() as u64 - keeps).saturating_sub(refused_n),
-        );
-        self.metrics.count("add", "refused", refused_n);
-        self.metrics.count("snapshot", "acked", 1);
         self.metrics.peers.inc();
         let _connected = PeerGauge(&self.metrics);
-        log::info!(
-            "zds: ztunnel pid {pid:?} took the snapshot of {} workloads",
-            sent.len()
-        );
-        let mut retries = Retries::default();
-        let mut refused = BTreeMap::new();
-        for refusal in report.refused {
-            if let SessionError::Refused { uid, error, .. } = refusal
-                && let Some(w) = snapshot.iter().find(|w| w.uid == uid)
-            {
-                retries.schedule(w.clone());
-                refused.insert(uid, error);
-            }
-        }
-        self.record(id, pid, |s| {
-            s.acked = snapshot
-                .iter()
-                .filter(|w| !refused.contains_key(&w.uid))
-                .map(|w| w.uid.clone())
-                .collect();
-            s.refused = refused;
-        });
+        let mut retries = self.took_snapshot(id, pid, &snapshot, &sent, report);
         loop {
             let change = match changes.recv_timeout(retries.wait().min(IDLE_CHECK)) {
                 Ok(change) => Some(change),
@@ -269,7 +238,8 @@ impl Server {
                     });
                 }
                 Err(SessionError::Refused { error, .. }) => {
-                    log::warn!("zds: ztunnel pid {pid:?} refused {uid}: {error}; retrying");
+                    let who = pid.map_or("unknown".into(), |p| p.to_string());
+                    log::warn!("zds: ztunnel pid {who} refused {uid}: {error}; retrying");
                     self.refused(id, &uid, &error);
                     if let Change::Add(w) = change {
                         retries.schedule(w);
@@ -278,6 +248,49 @@ impl Server {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Counts and records what the snapshot achieved; refused workloads are retried later.
+    fn took_snapshot(
+        &self,
+        id: u64,
+        pid: Option<i32>,
+        snapshot: &[InPodWorkload],
+        sent: &[WorkloadNetns],
+        report: SnapshotReport,
+    ) -> Retries {
+        let keeps = sent.iter().filter(|w| w.netns.is_none()).count() as u64;
+        let refused_n = report.refused.len() as u64;
+        let adds = sent.len() as u64 - keeps;
+        self.metrics.count("keep", "acked", keeps);
+        self.metrics
+            .count("add", "acked", adds.saturating_sub(refused_n));
+        self.metrics.count("add", "refused", refused_n);
+        self.metrics.count("snapshot", "acked", 1);
+        log::info!(
+            "zds: ztunnel pid {} took the snapshot of {} workloads",
+            pid.map_or("unknown".into(), |p| p.to_string()),
+            sent.len()
+        );
+        let mut retries = Retries::default();
+        let mut refused = BTreeMap::new();
+        for refusal in report.refused {
+            if let SessionError::Refused { uid, error, .. } = refusal
+                && let Some(w) = snapshot.iter().find(|w| w.uid == uid)
+            {
+                retries.schedule(w.clone());
+                refused.insert(uid, error);
+            }
+        }
+        self.record(id, pid, |s| {
+            s.acked = snapshot
+                .iter()
+                .filter(|w| !refused.contains_key(&w.uid))
+                .map(|w| w.uid.clone())
+                .collect();
+            s.refused = refused;
+        });
+        retries
     }
 
     fn record(&self, id: u64, pid: Option<i32>, update: impl FnOnce(&mut PeerState)) {
