@@ -7,6 +7,7 @@ pub mod dns;
 pub mod fakeapi;
 pub mod fallback;
 pub mod foreign;
+pub mod inpod;
 pub mod load;
 pub mod ns;
 pub mod packets;

@@ -2,52 +2,21 @@
 //! it each ambient pod's netns, and istio-cni's in-pod rules redirect inside each pod. A DENY
 //! policy holds for ambient and non-ambient clients in both families, and allowed pairs reach
 //! the server through ztunnel; a pod that leaves the mesh loses its rules and is reached
-//! directly. This is the iptables side of in-pod mode; the agent does not drive it yet
-//! (issue 16).
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+//! directly. First with the pieces driven by hand, then by the agent in `--ztunnel-mode inpod`.
+use std::{net::SocketAddr, time::Duration};
 
 use zdivert::{
-    dataplane::iptables::{Backend, inpod},
-    zds::{InPodWorkload, Server, WorkloadInfo},
+    dataplane::iptables::{Backend, inpod as rules},
+    zds::Server,
 };
 use zdivert_tests::{
     TempDir,
-    agent::{Agent, Mode},
     apps::{LongLived, RequestStream, TcpServer, request, request_timeout, sa},
     eventually,
-    topology::{Node, Pod, Topology},
-    ztunnel::{MeshConfig, Policy, Ztunnel, identity, service_account},
+    inpod::{self, wait_ztunnel_in, ztunnel_listens_in},
+    topology::{Pod, Topology},
+    ztunnel::{MeshConfig, Policy, Ztunnel, identity},
 };
-
-/// The node's ambient pods as ZDS workloads, with the uids the XDS file gives them.
-fn ambient_workloads(node: &Node) -> BTreeMap<String, InPodWorkload> {
-    node.pods
-        .values()
-        .filter(|p| p.ambient)
-        .map(|p| {
-            let uid = format!("cluster1//v1/Pod/{}/{}", p.namespace, p.name);
-            let w = InPodWorkload {
-                uid: uid.clone(),
-                info: WorkloadInfo {
-                    name: p.name.clone(),
-                    namespace: p.namespace.clone(),
-                    service_account: service_account(p),
-                },
-                netns: p.ns.path(),
-            };
-            (uid, w)
-        })
-        .collect()
-}
-
-fn listens_on_15001(pod: &Pod) -> anyhow::Result<bool> {
-    Ok(pod
-        .ns
-        .cmd("ss", &["-Hltn", "sport = :15001"])?
-        .lines()
-        .count()
-        > 0)
-}
 
 #[test]
 fn in_pod_redirection_holds_a_deny_policy_and_lets_allowed_pairs_through() -> anyhow::Result<()> {
@@ -65,13 +34,13 @@ fn in_pod_redirection_holds_a_deny_policy_and_lets_allowed_pairs_through() -> an
     };
     let dir = TempDir::new("zdivert-inpod")?;
     let server = Server::start(&dir.0.join("ztunnel.sock"))?;
-    let workloads = ambient_workloads(node);
+    let workloads = inpod::workloads(node.pods.values().filter(|p| p.ambient));
     for p in node.pods.values().filter(|p| p.ambient) {
-        inpod::apply(&p.ns.path(), Backend::Nft, false)?;
+        rules::apply(&p.ns.path(), Backend::Nft, false)?;
     }
     // Applying again changes nothing (the jumps are not repeated).
     let before = pp.ns.cmd("iptables-save", &["-t", "nat"])?;
-    inpod::apply(&pp.ns.path(), Backend::Nft, false)?;
+    rules::apply(&pp.ns.path(), Backend::Nft, false)?;
     let after = pp.ns.cmd("iptables-save", &["-t", "nat"])?;
     let rules = |s: &str| {
         s.lines()
@@ -86,7 +55,7 @@ fn in_pod_redirection_holds_a_deny_policy_and_lets_allowed_pairs_through() -> an
         (true, "ip6tables-save", "-6"),
     ] {
         let held = rules(&pp.ns.cmd(save, &[])?);
-        let wanted = inpod::restore_input(v6, false, &|_, _, _| false);
+        let wanted = rules::restore_input(v6, false, &|_, _, _| false);
         for line in wanted.lines().filter(|l| l.starts_with("-A")) {
             assert!(
                 held.iter().any(|h| h == line),
@@ -105,13 +74,7 @@ fn in_pod_redirection_holds_a_deny_policy_and_lets_allowed_pairs_through() -> an
     server.set(workloads);
     let mut ztunnel = Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &mesh, server.path())?;
     ztunnel.wait_ready(Duration::from_secs(20))?;
-    for p in node.pods.values().filter(|p| p.ambient) {
-        eventually(
-            &format!("ztunnel listening in {}", p.name),
-            Duration::from_secs(10),
-            || listens_on_15001(p),
-        )?;
-    }
+    wait_ztunnel_in(node.pods.values().filter(|p| p.ambient))?;
     let denied = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
     let _allowed = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
 
@@ -157,15 +120,15 @@ fn in_pod_redirection_holds_a_deny_policy_and_lets_allowed_pairs_through() -> an
 
     // reviews-v2 leaves the mesh: ztunnel lets go of it, then its rules go, and nothing of
     // them is left; its clients now reach it directly.
-    let mut rest = ambient_workloads(node);
+    let mut rest = inpod::workloads(node.pods.values().filter(|p| p.ambient));
     rest.retain(|_, w| w.info.name != rv2.name);
     server.set(rest);
     eventually(
         "ztunnel gone from reviews-v2",
         Duration::from_secs(10),
-        || Ok(!listens_on_15001(rv2)?),
+        || Ok(!ztunnel_listens_in(rv2)?),
     )?;
-    inpod::remove(&rv2.ns.path(), Backend::Nft)?;
+    rules::remove(&rv2.ns.path(), Backend::Nft)?;
     for (save, ip) in [("iptables-save", "-4"), ("ip6tables-save", "-6")] {
         let left = rv2.ns.cmd(save, &[])?;
         assert!(!left.contains("ISTIO"), "{left}");
@@ -184,31 +147,6 @@ fn in_pod_redirection_holds_a_deny_policy_and_lets_allowed_pairs_through() -> an
     assert_eq!(log.len(), logged + 1, "{}", ztunnel.access_summary());
     assert_eq!(log[logged].dst_workload(), "reviews-v1");
     Ok(())
-}
-
-/// The node description for in-pod mode: each ambient pod with its uid, service account and
-/// netns, except those named in `left`.
-fn in_pod_description(node: &Node, left: &[&str]) -> String {
-    let mut yaml = format!("node: {}\npods:\n", node.name);
-    for p in node
-        .pods
-        .values()
-        .filter(|p| p.ambient && !left.contains(&p.name.as_str()))
-    {
-        yaml += &format!(
-            "  - {{ name: {}, namespace: {}, ips: [{}, {}], uid: \"cluster1//v1/Pod/{}/{}\", \
-             serviceAccount: {}, netns: {} }}\n",
-            p.name,
-            p.namespace,
-            p.ip,
-            p.ip6,
-            p.namespace,
-            p.name,
-            service_account(p),
-            p.ns.path().display()
-        );
-    }
-    yaml
 }
 
 /// The agent in `--ztunnel-mode inpod`: it serves ZDS and redirects in each pod; a DENY policy
@@ -231,24 +169,10 @@ fn the_agent_in_pod_mode_serves_ztunnel_and_survives_its_own_restart() -> anyhow
     };
     let dir = TempDir::new("zdivert-inpod-agent")?;
     let socket = dir.0.join("ztunnel.sock");
-    let socket_arg = socket.display().to_string();
-    let extra = [
-        "--ztunnel-mode",
-        "inpod",
-        "--zds-socket",
-        socket_arg.as_str(),
-    ];
-    let mut agent =
-        Agent::start_with(node, &in_pod_description(node, &[]), Mode::Iptables, &extra)?;
+    let mut agent = inpod::start_agent(node, &socket)?;
     let mut ztunnel = Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &mesh, &socket)?;
     ztunnel.wait_ready(Duration::from_secs(20))?;
-    for p in node.pods.values().filter(|p| p.ambient) {
-        eventually(
-            &format!("ztunnel listening in {}", p.name),
-            Duration::from_secs(10),
-            || listens_on_15001(p),
-        )?;
-    }
+    wait_ztunnel_in(node.pods.values().filter(|p| p.ambient))?;
     // ZDS in the agent's metrics: one ztunnel, and an acked add per ambient pod.
     let ambient = node.pods.values().filter(|p| p.ambient).count() as f64;
     let adds = "zdivert_zds_requests_total{request=\"add\",outcome=\"acked\"}";
@@ -286,10 +210,10 @@ fn the_agent_in_pod_mode_serves_ztunnel_and_survives_its_own_restart() -> anyhow
     let broken: Vec<String> = long.stop().into_iter().filter_map(Result::err).collect();
     assert_eq!(broken, Vec::<String>::new());
 
-    agent.describe(&in_pod_description(node, &["reviews-v2"]))?;
+    agent.describe(&inpod::description(node, &["reviews-v2"]))?;
     eventually("reviews-v2 released", Duration::from_secs(10), || {
         let rules = rv2.ns.cmd("iptables-save", &[])?;
-        Ok(!listens_on_15001(rv2)? && !rules.contains("ISTIO"))
+        Ok(!ztunnel_listens_in(rv2)? && !rules.contains("ISTIO"))
     })?;
     assert_eq!(request(&sleep.ns, sa(rv2.ip, 9080))?.server, "reviews-v2");
     Ok(())
@@ -305,22 +229,11 @@ fn without_ztunnel_in_pod_traffic_fails_closed_and_resumes_when_it_is_back() -> 
     let (pp, rv2) = (node.pod("productpage-v1"), node.pod("reviews-v2"));
     let dir = TempDir::new("zdivert-inpod-restart")?;
     let socket = dir.0.join("ztunnel.sock");
-    let socket_arg = socket.display().to_string();
-    let extra = [
-        "--ztunnel-mode",
-        "inpod",
-        "--zds-socket",
-        socket_arg.as_str(),
-    ];
-    let agent = Agent::start_with(node, &in_pod_description(node, &[]), Mode::Iptables, &extra)?;
+    let agent = inpod::start_agent(node, &socket)?;
     let mut ztunnel =
         Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &MeshConfig::default(), &socket)?;
     ztunnel.wait_ready(Duration::from_secs(20))?;
-    eventually(
-        "ztunnel listening in reviews-v2",
-        Duration::from_secs(10),
-        || listens_on_15001(rv2),
-    )?;
+    wait_ztunnel_in([rv2])?;
     let server = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
     assert_eq!(request(&pp.ns, sa(rv2.ip, 9080))?.server, "reviews-v2");
 
@@ -350,11 +263,7 @@ fn without_ztunnel_in_pod_traffic_fails_closed_and_resumes_when_it_is_back() -> 
     )?;
 
     ztunnel.restart()?;
-    eventually(
-        "ztunnel back in reviews-v2",
-        Duration::from_secs(10),
-        || listens_on_15001(rv2),
-    )?;
+    wait_ztunnel_in([rv2])?;
     assert_eq!(request(&pp.ns, sa(rv2.ip, 9080))?.server, "reviews-v2");
     assert_eq!(request(&pp.ns, sa(rv2.ip6, 9080))?.server, "reviews-v2");
     // Its log starts anew with the restart: the two connections since.

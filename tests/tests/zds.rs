@@ -1,19 +1,15 @@
 //! zdivert's ZDS server and the real in-pod ztunnel (1.31-dev): ztunnel connects, takes the
 //! snapshot, opens its listeners in the netns it was handed, closes them on `del`, and comes
 //! back for a new snapshot after a restart.
-use std::{
-    collections::BTreeMap, fs::File, net::Ipv4Addr, os::fd::OwnedFd, sync::mpsc, time::Duration,
-};
+use std::{fs::File, net::Ipv4Addr, os::fd::OwnedFd, sync::mpsc, time::Duration};
 
 use anyhow::Context;
-use zdivert::zds::{
-    ACK_TIMEOUT, InPodWorkload, Listener, Server, Session, WorkloadInfo, WorkloadNetns,
-};
+use zdivert::zds::{ACK_TIMEOUT, Listener, Server, Session, WorkloadInfo, WorkloadNetns};
 use zdivert_tests::{
-    TempDir, eventually,
+    TempDir, eventually, inpod,
     ns::Netns,
     topology::{Pod, Topology},
-    ztunnel::{MeshConfig, Ztunnel, service_account},
+    ztunnel::{MeshConfig, Ztunnel, service_account, workload_uid},
 };
 
 /// ztunnel's in-pod listeners: outbound, inbound plain, inbound HBONE.
@@ -40,24 +36,6 @@ fn wait_listeners(pod: &Pod, listeners: usize) -> anyhow::Result<()> {
                 .all(|p| ports.iter().filter(|l| *l == p).count() == listeners))
         },
     )
-}
-
-fn in_pod(pods: &[&Pod]) -> BTreeMap<String, InPodWorkload> {
-    pods.iter()
-        .map(|p| {
-            let uid = format!("uid-{}", p.name);
-            let w = InPodWorkload {
-                uid: uid.clone(),
-                info: WorkloadInfo {
-                    name: p.name.clone(),
-                    namespace: p.namespace.clone(),
-                    service_account: service_account(p),
-                },
-                netns: p.ns.path(),
-            };
-            (uid, w)
-        })
-        .collect()
 }
 
 #[test]
@@ -124,18 +102,18 @@ fn every_ztunnel_that_connects_gets_the_snapshot_then_each_change() -> anyhow::R
     let (pp, rv1) = (node.pod("productpage-v1"), node.pod("reviews-v1"));
     let dir = TempDir::new("zdivert-zds")?;
     let server = Server::start(&dir.0.join("ztunnel.sock"))?;
-    server.set(in_pod(&[pp]));
+    server.set(inpod::workloads([pp]));
     let mesh = MeshConfig::default();
     let mut first = Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &mesh, server.path())?;
     first.wait_ready(Duration::from_secs(20))?;
     wait_listeners(pp, 1)?;
 
-    server.set(in_pod(&[pp, rv1]));
+    server.set(inpod::workloads([pp, rv1]));
     wait_listeners(rv1, 1)?;
     let peers = server.peers();
     assert_eq!(peers.len(), 1, "{peers:?}");
     assert_eq!(peers[0].pid, Some(first.pid().context("ztunnel's pid")?));
-    assert_eq!(peers[0].acked, ["uid-productpage-v1", "uid-reviews-v1"]);
+    assert_eq!(peers[0].acked, [workload_uid(pp), workload_uid(rv1)]);
 
     // productpage deleted while ztunnel is down: the snapshot on reconnect leaves it out.
     first.kill();
@@ -144,7 +122,7 @@ fn every_ztunnel_that_connects_gets_the_snapshot_then_each_change() -> anyhow::R
         Duration::from_secs(5),
         || Ok(server.peers().is_empty()),
     )?;
-    server.set(in_pod(&[rv1]));
+    server.set(inpod::workloads([rv1]));
     first.restart()?;
     wait_listeners(rv1, 1)?;
     wait_listeners(pp, 0)?;
@@ -165,9 +143,9 @@ fn every_ztunnel_that_connects_gets_the_snapshot_then_each_change() -> anyhow::R
         Duration::from_secs(5),
         || {
             let peers = server.peers();
-            Ok(peers.len() == 2 && peers.iter().all(|p| p.acked == ["uid-reviews-v1"]))
+            Ok(peers.len() == 2 && peers.iter().all(|p| p.acked == [workload_uid(rv1)]))
         },
     )?;
-    server.set(in_pod(&[]));
+    server.set(inpod::workloads([]));
     wait_listeners(rv1, 0)
 }

@@ -103,6 +103,15 @@ fn service_account_of(name: &str) -> String {
 }
 
 /// The SPIFFE identity ztunnel gives `pod`.
+/// The uid the XDS file gives a pod's workload; in-pod ztunnel names pods by it over ZDS.
+pub fn workload_uid(pod: &Pod) -> String {
+    uid_of(&pod.namespace, &pod.name)
+}
+
+fn uid_of(namespace: &str, name: &str) -> String {
+    format!("cluster1//v1/Pod/{namespace}/{name}")
+}
+
 pub fn identity(pod: &Pod) -> String {
     format!(
         "spiffe://cluster.local/ns/{}/sa/{}",
@@ -155,7 +164,7 @@ impl MeshConfig {
                 );
             }
             workloads.push(json!({
-                "uid": format!("cluster1//v1/Pod/{}/{}", pod.namespace, pod.name),
+                "uid": uid_of(&pod.namespace, &pod.name),
                 "name": pod.name,
                 "namespace": pod.namespace,
                 "serviceAccount": service_account_of(&pod.name),

@@ -6,7 +6,7 @@ mod access;
 mod mesh;
 
 pub use access::Access;
-pub use mesh::{LaterPod, MeshConfig, Policy, Service, identity, service_account};
+pub use mesh::{LaterPod, MeshConfig, Policy, Service, identity, service_account, workload_uid};
 
 use std::{
     io::{Read, Write},
