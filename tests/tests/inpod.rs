@@ -18,6 +18,14 @@ use zdivert_tests::{
     ztunnel::{MeshConfig, Policy, Ztunnel, identity},
 };
 
+/// The mesh of the DENY tests: reviews-v1:9080 denied to everyone.
+fn deny_reviews_v1(node: &zdivert_tests::topology::Node) -> MeshConfig {
+    MeshConfig {
+        policies: vec![Policy::deny_port(node.pod("reviews-v1"), 9080)],
+        ..Default::default()
+    }
+}
+
 #[test]
 fn in_pod_redirection_holds_a_deny_policy_and_lets_allowed_pairs_through() -> anyhow::Result<()> {
     let topo = Topology::article()?;
@@ -28,10 +36,7 @@ fn in_pod_redirection_holds_a_deny_policy_and_lets_allowed_pairs_through() -> an
         node.pod("reviews-v2"),
         node.pod("sleep"),
     );
-    let mesh = MeshConfig {
-        policies: vec![Policy::deny_port(rv1, 9080)],
-        ..Default::default()
-    };
+    let mesh = deny_reviews_v1(node);
     let dir = TempDir::new("zdivert-inpod")?;
     let server = Server::start(&dir.0.join("ztunnel.sock"))?;
     let workloads = inpod::workloads(node.pods.values().filter(|p| p.ambient));
@@ -163,10 +168,7 @@ fn the_agent_in_pod_mode_serves_ztunnel_and_survives_its_own_restart() -> anyhow
         node.pod("reviews-v2"),
         node.pod("sleep"),
     );
-    let mesh = MeshConfig {
-        policies: vec![Policy::deny_port(rv1, 9080)],
-        ..Default::default()
-    };
+    let mesh = deny_reviews_v1(node);
     let dir = TempDir::new("zdivert-inpod-agent")?;
     let socket = dir.0.join("ztunnel.sock");
     let mut agent = inpod::start_agent(node, &socket)?;

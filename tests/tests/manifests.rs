@@ -333,20 +333,26 @@ fn the_image_recipe_builds_in_stages_and_ships_the_fallback_tools() -> Result<()
     Ok(())
 }
 
-#[test]
-fn kustomize_renders_the_namespace_and_image() -> Result<()> {
-    // `cargo xtask setup` installs kubectl (Debian's package): without it this fails.
+/// `kubectl kustomize dir`. `cargo xtask setup` installs kubectl (Debian's package): without
+/// it this fails.
+fn kustomize(dir: &std::path::Path) -> Result<String> {
     let out = std::process::Command::new("kubectl")
         .args(["kustomize"])
-        .arg(deploy())
+        .arg(dir)
         .output()
         .context("running kubectl kustomize (apt-get install kubectl)")?;
     assert!(
         out.status.success(),
-        "kubectl kustomize: {}",
+        "kubectl kustomize {}: {}",
+        dir.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8(out.stdout)?;
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+#[test]
+fn kustomize_renders_the_namespace_and_image() -> Result<()> {
+    let text = kustomize(&deploy())?;
     let mut kinds = vec![];
     for doc in serde_yaml::Deserializer::from_str(&text) {
         let v = Value::deserialize(doc)?;
@@ -383,17 +389,7 @@ fn kustomize_renders_the_namespace_and_image() -> Result<()> {
 /// directory ztunnel's DaemonSet mounts too.
 #[test]
 fn the_in_pod_overlay_shares_the_zds_socket_directory() -> Result<()> {
-    let out = std::process::Command::new("kubectl")
-        .args(["kustomize"])
-        .arg(deploy().join("inpod"))
-        .output()
-        .context("running kubectl kustomize (apt-get install kubectl)")?;
-    assert!(
-        out.status.success(),
-        "kubectl kustomize: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout)?;
+    let text = kustomize(&deploy().join("inpod"))?;
     let ds: DaemonSet = serde_yaml::Deserializer::from_str(&text)
         .map(Value::deserialize)
         .filter_map(Result::ok)
