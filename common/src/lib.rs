@@ -40,8 +40,12 @@ pub mod map {
     pub const LISTENERS: &str = "LISTENERS";
     pub const CONFIG: &str = "CONFIG";
     pub const DNS_FLOWS: &str = "DNS_FLOWS";
+    /// In-pod mode: per-CPU counters of the programs in the pods' netns.
+    pub const POD_STATS: &str = "POD_STATS";
+    /// In-pod mode: ztunnel's listener for each SYN that met one of its TIME_WAIT sockets.
+    pub const TIME_WAIT_SYNS: &str = "TIME_WAIT_SYNS";
     /// Every map of the object: all of them are pinned.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 10] = [
         PODS,
         NODE_IPS,
         ZTUNNEL,
@@ -50,6 +54,8 @@ pub mod map {
         LISTENERS,
         CONFIG,
         DNS_FLOWS,
+        POD_STATS,
+        TIME_WAIT_SYNS,
     ];
 }
 
@@ -67,6 +73,14 @@ pub mod program {
     pub const ZTUNNEL_LOOKUP: &str = "zd_zt_lookup";
     /// A new veth the agent has not classified yet (both directions).
     pub const HOLD: &str = "zd_hold";
+    /// In-pod mode, egress of the pod's eth0: its TCP turned back into its own netns.
+    pub const POD_EGRESS: &str = "zd_pod_egress";
+    /// In-pod mode, ingress of the pod's eth0 (from the wire) and lo (turned back): each
+    /// captured segment assigned to ztunnel's socket in the pod.
+    pub const POD_INGRESS: &str = "zd_pod_ingress";
+    /// In-pod mode, sk_lookup in the pod's netns: a SYN that retired one of ztunnel's TIME_WAIT
+    /// sockets finds ztunnel's listener.
+    pub const POD_LOOKUP: &str = "zd_pod_lookup";
 }
 
 /// An IP address as a map key: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`) so that one map
@@ -166,6 +180,29 @@ pub const MARK_MASK: u32 = 0xfff;
 pub const MARK_INPOD_ZTUNNEL: u32 = 0x539;
 pub const MARK_INPOD_CONN: u32 = 0x111;
 
+/// istio-cni's addresses for kubelet probes (the node SNATs them to these, `--ambient-snat`):
+/// in-pod redirection leaves TCP from them alone.
+pub const PROBE_SOURCE_V4: [u8; 4] = [169, 254, 7, 127];
+pub const PROBE_SOURCE_V6: [u8; 16] = [
+    0xfd, 0x16, 0x92, 0x54, 0x71, 0x27, 0x13, 0x37, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+];
+
+/// `lo` is interface 1 in every netns: where in-pod capture turns a pod's packets back.
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
+/// `TIME_WAIT_SYNS` key: a SYN as the listener lookup it causes sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SynKey {
+    pub remote: IpKey,
+    pub local: IpKey,
+    /// Network byte order, both.
+    pub remote_port_be: u16,
+    pub local_port_be: u16,
+}
+
+pub const TIME_WAIT_SYNS_MAX_ENTRIES: u32 = 4096;
+
 /// ztunnel's listeners, as in the article.
 pub const PORT_OUTBOUND: u16 = 15001;
 pub const PORT_INBOUND_PLAIN: u16 = 15006;
@@ -218,17 +255,19 @@ pub const NODE_IPS_MAX_ENTRIES: u32 = 256;
 pub const TCX_NEXT: i32 = -1;
 
 macro_rules! counters {
-    ($($name:ident = $idx:literal, $path:literal, $what:literal;)*) => {
-        /// Indexes into the per-CPU `STATS` array: one counter per packet path and outcome.
-        pub mod counter {
+    ($(#[$doc:meta])* $module:ident, $all:ident; $($name:ident = $idx:literal, $path:literal, $what:literal;)*) => {
+        $(#[$doc])*
+        pub mod $module {
             $(pub const $name: u32 = $idx;)*
         }
         /// `(index, path, outcome)` of every counter, for `zdivert status` and `/metrics`.
-        pub const COUNTERS: &[(u32, &str, &str)] = &[$(($idx, $path, $what)),*];
+        pub const $all: &[(u32, &str, &str)] = &[$(($idx, $path, $what)),*];
     };
 }
 
 counters! {
+    /// Indexes into the per-CPU `STATS` array: one counter per packet path and outcome.
+    counter, COUNTERS;
     OUT_REDIRECTED = 0, "outbound", "redirected";
     OUT_PASSED = 1, "outbound", "passed";
     OUT_DROP_NO_ZTUNNEL = 2, "outbound", "dropped_no_ztunnel";
@@ -261,6 +300,25 @@ counters! {
 
 pub const COUNTER_SLOTS: u32 = 32;
 
+counters! {
+    /// Indexes into the per-CPU `POD_STATS` array (in-pod mode).
+    pod_counter, POD_COUNTERS;
+    EGRESS_TURNED_BACK = 0, "pod_egress", "turned_back";
+    EGRESS_PASSED = 1, "pod_egress", "passed";
+    EGRESS_DNS = 2, "pod_egress", "dns_to_ztunnel";
+    EGRESS_DROP_MALFORMED = 3, "pod_egress", "dropped_malformed";
+    INGRESS_ESTABLISHED = 4, "pod_ingress", "assigned_established";
+    INGRESS_LISTENER = 5, "pod_ingress", "assigned_listener";
+    INGRESS_TIME_WAIT = 6, "pod_ingress", "syn_to_time_wait";
+    INGRESS_PASSED = 7, "pod_ingress", "passed";
+    INGRESS_DROP_NO_LISTENER = 8, "pod_ingress", "dropped_no_listener";
+    INGRESS_DROP_MALFORMED = 9, "pod_ingress", "dropped_malformed";
+    INGRESS_DNS = 10, "pod_ingress", "dns_answer";
+    LOOKUP_ASSIGNED = 11, "pod_sk_lookup", "assigned_listener";
+}
+
+pub const POD_COUNTER_SLOTS: u32 = 16;
+
 const _: () = {
     assert!(core::mem::size_of::<IpKey>() == 16);
     assert!(core::mem::size_of::<PodEntry>() == 16);
@@ -268,6 +326,8 @@ const _: () = {
     assert!(core::mem::size_of::<DrainingZtunnel>() == 40);
     assert!(core::mem::size_of::<DnsFlowKey>() == 8);
     assert!(COUNTERS.len() as u32 <= COUNTER_SLOTS);
+    assert!(core::mem::size_of::<SynKey>() == 36);
+    assert!(POD_COUNTERS.len() as u32 <= POD_COUNTER_SLOTS);
 };
 
 #[cfg(feature = "user")]
@@ -278,4 +338,5 @@ mod pod_impls {
     unsafe impl aya::Pod for super::ZtunnelEntry {}
     unsafe impl aya::Pod for super::DrainingZtunnel {}
     unsafe impl aya::Pod for super::DnsFlowKey {}
+    unsafe impl aya::Pod for super::SynKey {}
 }

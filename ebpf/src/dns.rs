@@ -6,11 +6,14 @@
 //! notes the server the pod asked in `DNS_FLOWS` (keyed by the pod's address, port and
 //! protocol); the return program puts that server back as the answer's source. No conntrack and
 //! no NAT table are involved: the note is the whole state, and an LRU map bounds it.
+//!
+//! In-pod ztunnel listens on `127.0.0.1:15053` in the pod's own netns: the same rewrite, with
+//! loopback as the proxy (`pod_egress`, `pod_ingress`).
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use zdivert_common::{DnsFlowKey, PORT_DNS, PORT_DNS_PROXY, ZTUNNEL_F_V4, ZtunnelEntry};
+use zdivert_common::{DnsFlowKey, PORT_DNS, PORT_DNS_PROXY};
 
 use crate::{
     maps::DNS_FLOWS,
@@ -73,13 +76,10 @@ pub fn is_dns(ctx: &TcContext, ip: &Ip) -> bool {
         && ports(ctx, ip).is_some_and(|(_, dport)| u16::from_be(dport) == PORT_DNS)
 }
 
-/// Readdresses a pod's DNS packet to ztunnel's DNS proxy, noting the server it asked. `None`
-/// if the packet could not be rewritten (then it must not pass).
+/// Readdresses a pod's DNS packet to the DNS proxy at `proxy`, :15053, noting the server it
+/// asked. `None` if the packet could not be rewritten (then it must not pass).
 #[inline(always)]
-pub fn to_ztunnel(ctx: &TcContext, ip: &Ip, z: &ZtunnelEntry) -> Option<()> {
-    if z.flags & ZTUNNEL_F_V4 == 0 {
-        return None;
-    }
+pub fn to_proxy(ctx: &TcContext, ip: &Ip, proxy: [u8; 4]) -> Option<()> {
     let (sport, dport) = ports(ctx, ip)?;
     let (pod, server) = (v4(&ip.src.addr), v4(&ip.dst.addr));
     let key = DnsFlowKey {
@@ -92,16 +92,16 @@ pub fn to_ztunnel(ctx: &TcContext, ip: &Ip, z: &ZtunnelEntry) -> Option<()> {
     rewrite(
         ctx,
         ip,
-        (IPV4_DST_OFF, server, z.ipv4),
+        (IPV4_DST_OFF, server, proxy),
         (ip.l4_off + 2, dport, PORT_DNS_PROXY.to_be()),
     )
 }
 
-/// An answer of ztunnel's DNS proxy to a pod: its source becomes the server the pod asked.
-/// `None` if it is no such answer.
+/// An answer of the DNS proxy at `proxy` to a pod: its source becomes the server the pod
+/// asked. `None` if it is no such answer.
 #[inline(always)]
-pub fn answer_from_server(ctx: &TcContext, ip: &Ip, z: &ZtunnelEntry) -> Option<()> {
-    if ip.v6 || ip.fragment || z.flags & ZTUNNEL_F_V4 == 0 || v4(&ip.src.addr) != z.ipv4 {
+pub fn answer_from_server(ctx: &TcContext, ip: &Ip, proxy: [u8; 4]) -> Option<()> {
+    if ip.v6 || ip.fragment || v4(&ip.src.addr) != proxy {
         return None;
     }
     let (sport, dport) = ports(ctx, ip)?;
@@ -119,7 +119,7 @@ pub fn answer_from_server(ctx: &TcContext, ip: &Ip, z: &ZtunnelEntry) -> Option<
     rewrite(
         ctx,
         ip,
-        (IPV4_SRC_OFF, z.ipv4, server),
+        (IPV4_SRC_OFF, proxy, server),
         (ip.l4_off, sport, PORT_DNS.to_be()),
     )
 }

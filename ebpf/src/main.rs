@@ -7,6 +7,7 @@
 #![no_main]
 
 mod dns;
+mod lookup_ctx;
 mod maps;
 mod packet;
 mod socket;
@@ -17,6 +18,10 @@ mod outbound;
 mod ztunnel_lookup;
 mod ztunnel_return;
 mod ztunnel_tproxy;
+
+mod pod_egress;
+mod pod_ingress;
+mod pod_lookup;
 
 #[cfg(not(test))]
 #[panic_handler]

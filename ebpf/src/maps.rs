@@ -3,13 +3,13 @@
 //! (`zdivert_common::map`), so that a restarted agent finds the very maps the attached programs
 //! use.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash, SockMap},
     macros::btf_map,
 };
 use zdivert_common::{
     CONFIG_DNS_CAPTURE, COUNTER_SLOTS, DNS_FLOWS_MAX_ENTRIES, DnsFlowKey, DrainingZtunnel, IpKey,
-    LISTENER_SLOTS, NODE_IPS_MAX_ENTRIES, PODS_MAX_ENTRIES, PodEntry, ZTUNNEL_F_PRESENT,
-    ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZtunnelEntry,
+    LISTENER_SLOTS, NODE_IPS_MAX_ENTRIES, POD_COUNTER_SLOTS, PODS_MAX_ENTRIES, PodEntry, SynKey,
+    TIME_WAIT_SYNS_MAX_ENTRIES, ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZtunnelEntry,
 };
 
 /// Ambient pods on this node: pod IP (each of its addresses) → its host veth.
@@ -46,6 +46,16 @@ pub static CONFIG: Array<u32, 1> = Array::new();
 pub static DNS_FLOWS: LruHashMap<DnsFlowKey, [u8; 4], { DNS_FLOWS_MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
+/// In-pod mode: per-CPU packet counters, indexed by `zdivert_common::pod_counter`.
+#[btf_map]
+pub static POD_STATS: PerCpuArray<u64, { POD_COUNTER_SLOTS as usize }> = PerCpuArray::new();
+
+/// In-pod mode: ztunnel's listener for a SYN that met one of its TIME_WAIT sockets, keyed by
+/// the SYN, written by `pod_ingress` and taken by `pod_lookup` (see there).
+#[btf_map]
+pub static TIME_WAIT_SYNS: SockHash<SynKey, { TIME_WAIT_SYNS_MAX_ENTRIES as usize }> =
+    SockHash::new();
+
 #[inline(always)]
 pub fn dns_capture() -> bool {
     CONFIG.get(0).is_some_and(|c| c & CONFIG_DNS_CAPTURE != 0)
@@ -54,6 +64,14 @@ pub fn dns_capture() -> bool {
 #[inline(always)]
 pub fn count(index: u32) {
     if let Some(slot) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *slot += 1 }
+    }
+}
+
+#[inline(always)]
+pub fn count_pod(index: u32) {
+    if let Some(slot) = POD_STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *slot += 1 }
     }

@@ -6,7 +6,7 @@
 use aya_ebpf::{
     bindings::TC_ACT_SHOT, helpers::bpf_redirect_peer, macros::classifier, programs::TcContext,
 };
-use zdivert_common::{MARK_OUTBOUND, TCX_NEXT, ZtunnelEntry, counter::*};
+use zdivert_common::{MARK_OUTBOUND, TCX_NEXT, ZTUNNEL_F_V4, ZtunnelEntry, counter::*};
 
 use crate::{
     dns,
@@ -85,7 +85,10 @@ pub fn zd_outbound(ctx: TcContext) -> i32 {
 /// A DNS query, to ztunnel's DNS proxy (see `dns.rs`).
 #[inline(always)]
 fn dns_query(ctx: &TcContext, ip: &Ip, z: &ZtunnelEntry) -> i32 {
-    if dns::to_ztunnel(ctx, ip, z).is_none() || !set_dst_mac(ctx, &z.mac) {
+    if z.flags & ZTUNNEL_F_V4 == 0
+        || dns::to_proxy(ctx, ip, z.ipv4).is_none()
+        || !set_dst_mac(ctx, &z.mac)
+    {
         return drop(OUT_DROP_MALFORMED);
     }
     count(OUT_DNS);

@@ -4,7 +4,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, bpf_sock, bpf_sock_tuple},
-    helpers::{bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::TcContext,
 };
 
@@ -154,4 +154,45 @@ pub fn owned_here(ctx: &TcContext, ip: &Ip, seg: &Tcp) -> bool {
     // SAFETY: a socket reference from the lookup helper, released once.
     unsafe { bpf_sk_release(sk as *mut c_void) };
     true
+}
+
+/// Whether a connection of the current netns owns this segment, seen from the receiving end:
+/// a listener that would take it (the tuple's destination port on a wildcard address) does not
+/// count, nor does a closed socket.
+#[inline(always)]
+pub fn connected_here(ctx: &TcContext, ip: &Ip, seg: &Tcp) -> bool {
+    let mut tuple = Tuple::new(ip, seg);
+    let sk = tuple.lookup(ctx, Lookup::AnyState);
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a socket reference from the lookup helper: its state is readable; released once.
+    let state = unsafe { (*sk).state };
+    unsafe { bpf_sk_release(sk as *mut c_void) };
+    !matches!(state, TCP_LISTEN | TCP_CLOSE)
+}
+
+/// Assigns `sk` to the packet (it will skip the kernel's socket lookup) and releases the
+/// lookup's reference. False if the kernel refused.
+///
+/// # Safety
+/// `sk` must be a non-null socket returned by a lookup helper and not yet released.
+#[inline(always)]
+pub unsafe fn assign(ctx: &TcContext, sk: *mut bpf_sock) -> bool {
+    let ret = unsafe { bpf_sk_assign(ctx.skb.skb as *mut c_void, sk as *mut c_void, 0) };
+    unsafe { bpf_sk_release(sk as *mut c_void) };
+    ret == 0
+}
+
+/// The listener on `port` (wildcard, else loopback as the original TPROXY rules' `--on-ip
+/// 127.0.0.1` expected), with a reference the caller must release; null if there is none.
+#[inline(always)]
+pub fn listener(ctx: &TcContext, tuple: &mut Tuple, port: u16, v6: bool) -> *mut bpf_sock {
+    tuple.set_dport(port);
+    let sk = tuple.lookup(ctx, Lookup::FullSocket);
+    if !sk.is_null() {
+        return sk;
+    }
+    tuple.set_loopback_dst(v6);
+    tuple.lookup(ctx, Lookup::FullSocket)
 }

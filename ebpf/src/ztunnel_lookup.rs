@@ -11,48 +11,24 @@ use zdivert_common::{
 };
 
 use crate::{
+    lookup_ctx::{Wanted, wanted},
     maps::{LISTENERS, count, is_ztunnel_ip, pod, ztunnel},
     packet::IPPROTO_TCP,
 };
 
-const AF_INET6: u32 = 10;
-
-/// Reads one field of the kernel's context. The verifier only accepts context loads at a
-/// constant offset from the context pointer, so each field is read on its own, volatile, where
-/// the compiler cannot merge two of them into one pointer that differs by branch.
-macro_rules! field {
-    ($ctx:expr, $($f:tt)+) => {
-        // SAFETY: the context is the kernel's bpf_sk_lookup, valid while the program runs.
-        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ctx.lookup).$($f)+)) }
-    };
-}
-
 #[sk_lookup]
 pub fn zd_zt_lookup(ctx: SkLookupContext) -> u32 {
-    if field!(ctx, protocol) != IPPROTO_TCP as u32 {
+    let Wanted {
+        protocol,
+        v6,
+        local,
+        remote,
+        local_port,
+        ..
+    } = wanted(&ctx);
+    if protocol != IPPROTO_TCP as u32 {
         return SK_PASS;
     }
-    // Every address field, read before any branch on the family (see `field!`).
-    let v6 = field!(ctx, family) == AF_INET6;
-    let (local4, remote4) = (field!(ctx, local_ip4), field!(ctx, remote_ip4));
-    let local6 = [
-        field!(ctx, local_ip6[0]),
-        field!(ctx, local_ip6[1]),
-        field!(ctx, local_ip6[2]),
-        field!(ctx, local_ip6[3]),
-    ];
-    let remote6 = [
-        field!(ctx, remote_ip6[0]),
-        field!(ctx, remote_ip6[1]),
-        field!(ctx, remote_ip6[2]),
-        field!(ctx, remote_ip6[3]),
-    ];
-    let local_port = field!(ctx, local_port);
-    let (local, remote) = if v6 {
-        (addr6(&local6), addr6(&remote6))
-    } else {
-        (addr4(local4), addr4(remote4))
-    };
     // ztunnel's own addresses and loopback are local lookups like any other; only a captured
     // connection carries someone else's address.
     match ztunnel() {
@@ -73,21 +49,6 @@ pub fn zd_zt_lookup(ctx: SkLookupContext) -> u32 {
         Err(_) => count(LOOKUP_NO_LISTENER),
     }
     SK_PASS
-}
-
-#[inline(always)]
-fn addr4(be: u32) -> IpKey {
-    IpKey::from_v4(be.to_ne_bytes())
-}
-
-#[inline(always)]
-fn addr6(words: &[u32; 4]) -> IpKey {
-    let [a, b, c, d] = *words;
-    let ([a0, a1, a2, a3], [b0, b1, b2, b3]) = (a.to_ne_bytes(), b.to_ne_bytes());
-    let ([c0, c1, c2, c3], [d0, d1, d2, d3]) = (c.to_ne_bytes(), d.to_ne_bytes());
-    IpKey::from_v6([
-        a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3,
-    ])
 }
 
 #[inline(always)]

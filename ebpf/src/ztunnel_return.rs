@@ -13,7 +13,7 @@
 use aya_ebpf::{
     bindings::TC_ACT_SHOT, helpers::bpf_redirect_peer, macros::classifier, programs::TcContext,
 };
-use zdivert_common::{PORT_INBOUND_HBONE, PodEntry, TCX_NEXT, counter::*};
+use zdivert_common::{PORT_INBOUND_HBONE, PodEntry, TCX_NEXT, ZTUNNEL_F_V4, counter::*};
 
 use crate::{
     dns,
@@ -34,7 +34,8 @@ pub fn zd_zt_return(ctx: TcContext) -> i32 {
     };
     if dns_capture()
         && let Some(z) = ztunnel()
-        && dns::answer_from_server(&ctx, &ip, &z).is_some()
+        && z.flags & ZTUNNEL_F_V4 != 0
+        && dns::answer_from_server(&ctx, &ip, z.ipv4).is_some()
     {
         return deliver(&ctx, &p, RET_DNS);
     }

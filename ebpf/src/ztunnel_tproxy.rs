@@ -10,7 +10,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT, bpf_sock},
-    helpers::{bpf_map_update_elem, bpf_sk_assign, bpf_sk_release},
+    helpers::{bpf_map_update_elem, bpf_sk_release},
     macros::classifier,
     programs::TcContext,
 };
@@ -22,7 +22,7 @@ use zdivert_common::{
 use crate::{
     maps::{LISTENERS, count, is_ztunnel_ip, ztunnel},
     packet::{Frame, IPPROTO_TCP, Ip, Tcp, icmp_error_quote, mark, parse, tcp},
-    socket::{Lookup, Tuple},
+    socket::{self, Lookup, Tuple, listener},
 };
 
 #[classifier]
@@ -113,19 +113,6 @@ fn listener_port(ctx: &TcContext, seg: &Tcp) -> u16 {
     }
 }
 
-/// The listener on `port` (wildcard, else loopback as the original TPROXY rules' `--on-ip
-/// 127.0.0.1` expected), with a reference the caller must release; null if there is none.
-#[inline(always)]
-fn listener(ctx: &TcContext, tuple: &mut Tuple, port: u16, v6: bool) -> *mut bpf_sock {
-    tuple.set_dport(port);
-    let sk = tuple.lookup(ctx, Lookup::FullSocket);
-    if !sk.is_null() {
-        return sk;
-    }
-    tuple.set_loopback_dst(v6);
-    tuple.lookup(ctx, Lookup::FullSocket)
-}
-
 /// Keeps `LISTENERS[slot]` on the listener the sk_lookup program must answer with. Done only
 /// for a SYN that meets a TIME_WAIT socket, so always current (a restarted ztunnel's old
 /// listeners leave the map when they close) and never on the common path.
@@ -170,9 +157,7 @@ fn icmp_error(ctx: &TcContext, ip: &Ip) -> i32 {
 /// `sk` must be a non-null socket returned by a lookup helper and not yet released.
 #[inline(always)]
 unsafe fn assign(ctx: &TcContext, sk: *mut bpf_sock, counter: u32) -> i32 {
-    let ret = unsafe { bpf_sk_assign(ctx.skb.skb as *mut c_void, sk as *mut c_void, 0) };
-    unsafe { bpf_sk_release(sk as *mut c_void) };
-    if ret != 0 {
+    if !unsafe { socket::assign(ctx, sk) } {
         return drop(TP_DROP_NO_LISTENER);
     }
     ctx.skb.set_mark((mark(ctx) & !MARK_MASK) | MARK_TPROXY);

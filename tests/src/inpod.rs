@@ -71,9 +71,48 @@ pub fn description(node: &Node, left: &[&str]) -> String {
     yaml
 }
 
-/// The agent on `node` in `--ztunnel-mode inpod`, serving ZDS on `socket`.
-pub fn start_agent(node: &Node, socket: &Path) -> Result<Agent> {
+/// The agent on `node` in `--ztunnel-mode inpod`, serving ZDS on `socket`, redirecting in the
+/// pods with eBPF (`Mode::Ebpf`) or istio-cni's rules (`Mode::Iptables`).
+pub fn start_agent(node: &Node, socket: &Path, mode: Mode) -> Result<Agent> {
     let socket = socket.display().to_string();
     let extra = ["--ztunnel-mode", "inpod", "--zds-socket", socket.as_str()];
-    Agent::start_with(node, &description(node, &[]), Mode::Iptables, &extra)
+    Agent::start_with(node, &description(node, &[]), mode, &extra)
+}
+
+/// What of a redirection, of either kind, `pod`'s netns holds: istio-cni's chains, the reply
+/// rule and its route, zdivert's programs (TC and sk_lookup), lo's sysctls. Empty once the pod
+/// is released.
+pub fn redirection_in(pod: &Pod) -> Result<Vec<String>> {
+    let mut held = Vec::new();
+    for save in ["iptables-save", "ip6tables-save"] {
+        let rules = pod.ns.cmd(save, &[])?;
+        held.extend(
+            rules
+                .lines()
+                .filter(|l| l.contains("ISTIO"))
+                .map(|l| format!("{save}: {l}")),
+        );
+    }
+    for family in ["-4", "-6"] {
+        let rules = pod.ns.cmd("ip", &[family, "rule"])?;
+        held.extend(rules.lines().filter(|l| l.contains("0x111")).map(String::from));
+        let routes = pod.ns.cmd("ip", &[family, "route", "show", "table", "100"])?;
+        held.extend(routes.lines().map(|l| format!("table 100: {l}")));
+    }
+    let programs = pod.ns.cmd("bpftool", &["net", "show"])?;
+    held.extend(
+        programs
+            .lines()
+            .filter(|l| l.contains("zd_pod"))
+            .map(String::from),
+    );
+    for key in ["accept_local", "route_localnet"] {
+        let value = zdivert::netns::run_in(&pod.ns.path(), || {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/lo/{key}"))
+        })??;
+        if value.trim() != "0" {
+            held.push(format!("lo {key} = {}", value.trim()));
+        }
+    }
+    Ok(held)
 }

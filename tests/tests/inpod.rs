@@ -2,7 +2,8 @@
 //! it each ambient pod's netns, and istio-cni's in-pod rules redirect inside each pod. A DENY
 //! policy holds for ambient and non-ambient clients in both families, and allowed pairs reach
 //! the server through ztunnel; a pod that leaves the mesh loses its rules and is reached
-//! directly. First with the pieces driven by hand, then by the agent in `--ztunnel-mode inpod`.
+//! directly. First with the pieces driven by hand, then by the agent in `--ztunnel-mode inpod`,
+//! with each redirection: eBPF programs in the pods' netns, and istio-cni's rules.
 use std::{net::SocketAddr, time::Duration};
 
 use zdivert::{
@@ -11,6 +12,7 @@ use zdivert::{
 };
 use zdivert_tests::{
     TempDir,
+    agent::Mode,
     apps::{LongLived, RequestStream, TcpServer, request, request_timeout, sa},
     eventually,
     inpod::{self, wait_ztunnel_in, ztunnel_listens_in},
@@ -154,12 +156,35 @@ fn in_pod_redirection_holds_a_deny_policy_and_lets_allowed_pairs_through() -> an
     Ok(())
 }
 
+macro_rules! with_each_redirection {
+    ($($test:ident),* $(,)?) => {
+        mod ebpf {
+            $(#[test]
+            fn $test() -> anyhow::Result<()> {
+                super::$test(zdivert_tests::agent::Mode::Ebpf)
+            })*
+        }
+        mod iptables {
+            $(#[test]
+            fn $test() -> anyhow::Result<()> {
+                super::$test(zdivert_tests::agent::Mode::Iptables)
+            })*
+        }
+    };
+}
+
+with_each_redirection!(
+    the_agent_in_pod_mode_serves_ztunnel_and_survives_its_own_restart,
+    without_ztunnel_in_pod_traffic_fails_closed_and_resumes_when_it_is_back,
+);
+
 /// The agent in `--ztunnel-mode inpod`: it serves ZDS and redirects in each pod; a DENY policy
 /// holds, a SIGKILLed agent comes back under a request stream without a failed request (the
-/// rules stay in the pods, ztunnel reconnects and gets the snapshot again), and a pod that
-/// leaves the mesh loses its rules and ztunnel's listeners.
-#[test]
-fn the_agent_in_pod_mode_serves_ztunnel_and_survives_its_own_restart() -> anyhow::Result<()> {
+/// redirection stays in the pods, ztunnel reconnects and gets the snapshot again), and a pod
+/// that leaves the mesh loses its redirection and ztunnel's listeners.
+fn the_agent_in_pod_mode_serves_ztunnel_and_survives_its_own_restart(
+    mode: Mode,
+) -> anyhow::Result<()> {
     let topo = Topology::article()?;
     let node = topo.worker2();
     let (pp, rv1, rv2, sleep) = (
@@ -171,7 +196,7 @@ fn the_agent_in_pod_mode_serves_ztunnel_and_survives_its_own_restart() -> anyhow
     let mesh = deny_reviews_v1(node);
     let dir = TempDir::new("zdivert-inpod-agent")?;
     let socket = dir.0.join("ztunnel.sock");
-    let mut agent = inpod::start_agent(node, &socket)?;
+    let mut agent = inpod::start_agent(node, &socket, mode)?;
     let mut ztunnel = Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &mesh, &socket)?;
     ztunnel.wait_ready(Duration::from_secs(20))?;
     wait_ztunnel_in(node.pods.values().filter(|p| p.ambient))?;
@@ -189,6 +214,12 @@ fn the_agent_in_pod_mode_serves_ztunnel_and_survives_its_own_restart() -> anyhow
     }
     assert!(denied.seen().is_empty(), "{:?}", denied.seen());
     ztunnel.wait_access(2, |a| a.direction() == "inbound" && a.denied())?;
+    if mode == Mode::Ebpf {
+        // The programs, not something else, took both to ztunnel: productpage's to :15001 in
+        // its netns, sleep's to :15006 in reviews-v1's.
+        let assigned = "zdivert_packets_total{path=\"pod_ingress\",outcome=\"assigned_listener\"}";
+        assert!(agent.metric(assigned)? >= 2.0, "{assigned}");
+    }
 
     let stream = RequestStream::start(&pp.ns, sa(rv2.ip, 9080))?;
     let long = LongLived::start(&pp.ns, sa(rv2.ip, 9080))?;
@@ -214,8 +245,7 @@ fn the_agent_in_pod_mode_serves_ztunnel_and_survives_its_own_restart() -> anyhow
 
     agent.describe(&inpod::description(node, &["reviews-v2"]))?;
     eventually("reviews-v2 released", Duration::from_secs(10), || {
-        let rules = rv2.ns.cmd("iptables-save", &[])?;
-        Ok(!ztunnel_listens_in(rv2)? && !rules.contains("ISTIO"))
+        Ok(!ztunnel_listens_in(rv2)? && inpod::redirection_in(rv2)?.is_empty())
     })?;
     assert_eq!(request(&sleep.ns, sa(rv2.ip, 9080))?.server, "reviews-v2");
     Ok(())
@@ -224,14 +254,15 @@ fn the_agent_in_pod_mode_serves_ztunnel_and_survives_its_own_restart() -> anyhow
 /// ztunnel down under the agent: captured traffic fails closed (nothing reaches the server
 /// around it), peers that break the protocol are turned away without disturbing anything, and
 /// the restarted ztunnel gets its snapshot and carries traffic again.
-#[test]
-fn without_ztunnel_in_pod_traffic_fails_closed_and_resumes_when_it_is_back() -> anyhow::Result<()> {
+fn without_ztunnel_in_pod_traffic_fails_closed_and_resumes_when_it_is_back(
+    mode: Mode,
+) -> anyhow::Result<()> {
     let topo = Topology::article()?;
     let node = topo.worker2();
     let (pp, rv2) = (node.pod("productpage-v1"), node.pod("reviews-v2"));
     let dir = TempDir::new("zdivert-inpod-restart")?;
     let socket = dir.0.join("ztunnel.sock");
-    let agent = inpod::start_agent(node, &socket)?;
+    let agent = inpod::start_agent(node, &socket, mode)?;
     let mut ztunnel =
         Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &MeshConfig::default(), &socket)?;
     ztunnel.wait_ready(Duration::from_secs(20))?;

@@ -180,6 +180,9 @@ pub enum Error {
     )]
     PodNetnsNotFound { pod: String },
 
+    #[error("netns {netns}: no interface holds the pod's addresses {ips:?}")]
+    PodInterfaceNotFound { netns: PathBuf, ips: Vec<IpAddr> },
+
     #[error("ZDS socket {path}")]
     Zds {
         path: PathBuf,

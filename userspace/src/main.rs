@@ -197,13 +197,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         dns_capture,
                     },
                 )?,
-                ZtunnelMode::Inpod if mode == Mode::Ebpf => anyhow::bail!(
-                    "--ztunnel-mode inpod redirects with iptables only so far: use --mode \
-                     iptables or auto"
-                ),
                 ZtunnelMode::Inpod => Box::new(zdivert::dataplane::inpod::InPod::new(
                     &zds_socket,
-                    dns_capture,
+                    choose::in_pod_redirection(mode, &cli.bpffs, &node, attach, dns_capture)?,
                 )?),
             };
             let no_hold_new_veths = no_hold_new_veths || ztunnel_mode == ZtunnelMode::Inpod;

@@ -87,6 +87,36 @@ pub fn build(mode: Mode, o: &Options) -> Result<Box<dyn Dataplane>> {
     }
 }
 
+/// In-pod mode: the pods' redirection `mode` asks for (eBPF programs in each pod's netns, or
+/// istio-cni's rules), decided as for the node-level dataplanes.
+pub fn in_pod_redirection(
+    mode: Mode,
+    bpffs: &Path,
+    node: &str,
+    attach: AttachMode,
+    dns_capture: bool,
+) -> Result<super::inpod::Redirection> {
+    use super::inpod::{Redirection, programs::PodPrograms};
+    check_object(mode, ebpf::object())?;
+    let use_ebpf = match mode {
+        Mode::Ebpf => true,
+        Mode::Iptables => false,
+        Mode::Auto => match ebpf::probe(bpffs, attach) {
+            Ok(()) => true,
+            Err(why) => {
+                log::warn!("mode auto: in-pod iptables rules, because {why}");
+                false
+            }
+        },
+    };
+    if !use_ebpf {
+        return Ok(Redirection::iptables(dns_capture));
+    }
+    let programs = PodPrograms::load(bpffs, node, attach, dns_capture)?;
+    log::info!("in-pod eBPF redirection for node {node}, attached through {attach}");
+    Ok(Redirection::Ebpf(Box::new(programs)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

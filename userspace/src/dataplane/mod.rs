@@ -106,10 +106,11 @@ pub fn cleanup(
 ) -> Result<Vec<String>, Error> {
     let c = ebpf::cleanup(bpffs, node)?;
     let mut done = vec![format!(
-        "removed {} links, {} maps, tproxy routing in {} ztunnel netns",
+        "removed {} links, {} maps, tproxy routing in {} ztunnel netns and {} pod netns",
         c.links,
         c.maps,
-        c.ztunnel_netns.len()
+        c.ztunnel_netns.len(),
+        c.pod_netns.len()
     )];
     if iptables::has_state(state_dir, node) {
         let c = iptables::cleanup(state_dir, node)?;

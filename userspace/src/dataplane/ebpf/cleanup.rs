@@ -15,6 +15,8 @@ pub struct Cleaned {
     pub links: usize,
     pub maps: usize,
     pub ztunnel_netns: Vec<PathBuf>,
+    /// In-pod mode: pod netns whose routing was taken out.
+    pub pod_netns: Vec<PathBuf>,
 }
 
 /// Removes every link, pin and ztunnel-netns rule of this node's eBPF dataplane, working from the
@@ -48,8 +50,18 @@ fn cleanup_layout(bpffs: &Path, dirs: &PinDirs, cleaned: &mut Cleaned) -> Result
         }
         attach::detach(dirs, mode, &name, &pinned)?;
         cleaned.links += 1;
+        if pinned.hook == Hook::InPodIngress
+            && let Some(ns) = netns::find_by_inode(pinned.netns_inode)
+        {
+            match crate::dataplane::inpod::programs::unroute(&ns) {
+                Ok(()) => cleaned.pod_netns.push(ns),
+                Err(e) => log::warn!("pod netns {}: {}", ns.display(), e.chain()),
+            }
+        }
     }
-    cleaned.links += lookup::remove_others(dirs, &[])?;
+    for kind in lookup::Lookup::ALL {
+        cleaned.links += lookup::remove_others(dirs, kind, &[])?;
+    }
     for name in maps::ALL {
         let path = dirs.maps.join(name);
         if path.exists() {

@@ -1,6 +1,7 @@
-//! The sk_lookup program in ztunnel's netns (`ebpf/src/ztunnel_lookup.rs`): it answers the
-//! listener lookup the kernel makes when a SYN retires one of ztunnel's TIME_WAIT sockets. Its
-//! link is pinned as `links/lookup_<netns inode>`, so it outlives the agent like the TC links.
+//! The sk_lookup programs: in ztunnel's netns (`ebpf/src/ztunnel_lookup.rs`) and, in in-pod mode,
+//! in each ambient pod's (`ebpf/src/pod_lookup.rs`). They answer the listener lookup the kernel
+//! makes when a SYN retires one of ztunnel's TIME_WAIT sockets. Links are pinned as
+//! `links/<prefix><netns inode>`, so they outlive the agent like the TC links.
 use std::{fs::File, path::Path};
 
 use aya::{
@@ -11,42 +12,79 @@ use aya::{
 use super::PinDirs;
 use crate::error::{Error, Result};
 
-pub const PROGRAM: &str = zdivert_common::program::ZTUNNEL_LOOKUP;
-const PREFIX: &str = "lookup_";
-
-pub fn pin_name(netns_inode: u64) -> String {
-    format!("{PREFIX}{netns_inode}")
+/// Whose netns a lookup program is attached to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Ztunnel,
+    /// An ambient pod's, in in-pod mode.
+    Pod,
 }
 
-/// The netns inodes of every pinned lookup link.
-pub fn pinned(dirs: &PinDirs) -> Vec<(String, u64)> {
+impl Lookup {
+    pub const ALL: [Lookup; 2] = [Lookup::Ztunnel, Lookup::Pod];
+
+    pub fn program(self) -> &'static str {
+        match self {
+            Lookup::Ztunnel => zdivert_common::program::ZTUNNEL_LOOKUP,
+            Lookup::Pod => zdivert_common::program::POD_LOOKUP,
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Lookup::Ztunnel => "lookup_",
+            Lookup::Pod => "podlookup_",
+        }
+    }
+
+    pub fn pin_name(self, netns_inode: u64) -> String {
+        format!("{}{netns_inode}", self.prefix())
+    }
+}
+
+/// The netns inodes of every pinned lookup link of this kind.
+pub fn pinned(dirs: &PinDirs, kind: Lookup) -> Vec<(String, u64)> {
     std::fs::read_dir(&dirs.links)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            let inode = name.strip_prefix(PREFIX)?.parse().ok()?;
+            let inode = name.strip_prefix(kind.prefix())?.parse().ok()?;
             Some((name, inode))
         })
         .collect()
 }
 
-pub fn program(ebpf: &mut Ebpf) -> Result<&mut SkLookup> {
-    ebpf.program_mut(PROGRAM)
-        .ok_or(Error::ProgramMissing { program: PROGRAM })?
+pub fn program(ebpf: &mut Ebpf, kind: Lookup) -> Result<&mut SkLookup> {
+    let program = kind.program();
+    ebpf.program_mut(program)
+        .ok_or(Error::ProgramMissing { program })?
         .try_into()
+        .map_err(|source| Error::Program { program, source })
+}
+
+/// Loads the program of `kind` into the kernel.
+pub fn load(ebpf: &mut Ebpf, kind: Lookup) -> Result<()> {
+    program(ebpf, kind)?
+        .load()
         .map_err(|source| Error::Program {
-            program: PROGRAM,
+            program: kind.program(),
             source,
         })
 }
 
 /// Attaches this process's program to the netns at `netns` and pins the link over any earlier
 /// one: the rename replaces the old link in one step, and both answer alike meanwhile.
-pub fn attach(ebpf: &mut Ebpf, dirs: &PinDirs, netns: &Path, netns_inode: u64) -> Result<()> {
+pub fn attach(
+    ebpf: &mut Ebpf,
+    dirs: &PinDirs,
+    kind: Lookup,
+    netns: &Path,
+    netns_inode: u64,
+) -> Result<()> {
     let attach_err = |source: crate::error::Cause| Error::Attach {
-        program: PROGRAM,
+        program: kind.program(),
         interface: format!("netns {}", netns.display()),
         direction: "sk_lookup",
         source,
@@ -55,17 +93,17 @@ pub fn attach(ebpf: &mut Ebpf, dirs: &PinDirs, netns: &Path, netns_inode: u64) -
         path: netns.into(),
         source,
     })?;
-    let prog = program(ebpf)?;
+    let prog = program(ebpf, kind)?;
     let id = prog.attach(&ns).map_err(|e| attach_err(e.into()))?;
     let link: FdLink = prog
         .take_link(id)
         .map_err(|e: ProgramError| attach_err(e.into()))?
         .into();
-    let pin = dirs.links.join(pin_name(netns_inode));
+    let pin = dirs.links.join(kind.pin_name(netns_inode));
     let tmp = dirs.links.join(format!(
         "{}{}",
         super::attach::REPIN_PREFIX,
-        pin_name(netns_inode)
+        kind.pin_name(netns_inode)
     ));
     let _ = std::fs::remove_file(&tmp);
     link.pin(&tmp).map_err(|source| Error::Pin {
@@ -75,10 +113,10 @@ pub fn attach(ebpf: &mut Ebpf, dirs: &PinDirs, netns: &Path, netns_inode: u64) -
     std::fs::rename(&tmp, &pin).map_err(|source| Error::Bpffs { path: pin, source })
 }
 
-/// Detaches every pinned lookup link but the one for `keep`.
-pub fn remove_others(dirs: &PinDirs, keep: &[u64]) -> Result<usize> {
+/// Detaches every pinned lookup link of this kind but those of the netns in `keep`.
+pub fn remove_others(dirs: &PinDirs, kind: Lookup, keep: &[u64]) -> Result<usize> {
     let mut removed = 0;
-    for (name, inode) in pinned(dirs) {
+    for (name, inode) in pinned(dirs, kind) {
         if !keep.contains(&inode) {
             super::attach::unpin(&dirs.links, &name)?;
             removed += 1;

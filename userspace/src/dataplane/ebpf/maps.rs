@@ -120,6 +120,18 @@ fn map_err(map: &'static str) -> impl Fn(MapError) -> Error {
     move |source| Error::Map { map, source }
 }
 
+/// One map, taken out of the loaded object (the programs keep their own references).
+pub fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T> {
+    let map = ebpf.take_map(name).ok_or(Error::MapMissing { map: name })?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+/// Writes `config` (`CONFIG_*` bits) for the programs.
+pub fn write_config(ebpf: &mut aya::Ebpf, config: u32) -> Result<()> {
+    let mut settings: Array<MapData, u32> = take(ebpf, CONFIG)?;
+    settings.set(0, config, 0).map_err(map_err(CONFIG))
+}
+
 /// The maps the agent writes, taken out of the loaded object (the programs keep their own
 /// references). Writes only what differs: additions and changes first, removals last, so that at
 /// no moment a desired pod lacks its entry (its programs would drop its traffic as forged).
@@ -141,15 +153,7 @@ const REREAD: Duration = Duration::from_secs(30);
 impl Maps {
     /// Takes the maps the agent writes, and writes `config` (`CONFIG_*` bits) for the programs.
     pub fn take(ebpf: &mut aya::Ebpf, config: u32) -> Result<Self> {
-        fn take<T: TryFrom<Map, Error = MapError>>(
-            ebpf: &mut aya::Ebpf,
-            name: &'static str,
-        ) -> Result<T> {
-            let map = ebpf.take_map(name).ok_or(Error::MapMissing { map: name })?;
-            T::try_from(map).map_err(map_err(name))
-        }
-        let mut settings: Array<MapData, u32> = take(ebpf, CONFIG)?;
-        settings.set(0, config, 0).map_err(map_err(CONFIG))?;
+        write_config(ebpf, config)?;
         Ok(Maps {
             pods: take(ebpf, PODS)?,
             node_ips: take(ebpf, NODE_IPS)?,
@@ -162,10 +166,7 @@ impl Maps {
 
     /// The per-CPU counters, for `/metrics`.
     pub fn take_stats(ebpf: &mut aya::Ebpf) -> Result<PerCpuArray<MapData, u64>> {
-        let map = ebpf
-            .take_map(STATS)
-            .ok_or(Error::MapMissing { map: STATS })?;
-        PerCpuArray::try_from(map).map_err(map_err(STATS))
+        take(ebpf, STATS)
     }
 
     /// The draining ztunnel an earlier agent left, if any.

@@ -1,5 +1,5 @@
 //! The eBPF dataplane's metrics: the programs' per-path packet counters, read from the per-CPU
-//! `STATS` map this process already holds open, and the pod map's size as the agent last wrote
+//! `STATS` (or, in-pod, `POD_STATS`) map this process already holds open, and the pod map's size as the agent last wrote
 //! it. A scrape costs one lookup per counter and never walks the pod map.
 use aya::maps::{MapData, PerCpuArray};
 use prometheus_client::{
@@ -8,21 +8,24 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter, gauge::Gauge},
     registry::Registry,
 };
-use zdivert_common::COUNTERS;
-
 pub struct PacketCounters {
     stats: PerCpuArray<MapData, u64>,
+    /// `zdivert_common::COUNTERS` or `POD_COUNTERS`: what each index of `stats` counts.
+    counters: &'static [(u32, &'static str, &'static str)],
 }
 
 impl std::fmt::Debug for PacketCounters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PacketCounters(STATS)")
+        write!(f, "PacketCounters({} counters)", self.counters.len())
     }
 }
 
 impl PacketCounters {
-    pub fn new(stats: PerCpuArray<MapData, u64>) -> Self {
-        PacketCounters { stats }
+    pub fn new(
+        stats: PerCpuArray<MapData, u64>,
+        counters: &'static [(u32, &'static str, &'static str)],
+    ) -> Self {
+        PacketCounters { stats, counters }
     }
 }
 
@@ -34,7 +37,7 @@ impl Collector for PacketCounters {
             None,
             MetricType::Counter,
         )?;
-        for &(index, path, outcome) in COUNTERS {
+        for &(index, path, outcome) in self.counters {
             // A counter the kernel cannot read now is left out of this scrape, not made up.
             let Ok(per_cpu) = self.stats.get(&index, 0) else {
                 continue;

@@ -2,9 +2,9 @@
 //! `<bpffs>/zdivert/<PIN_VERSION>/<node>/{maps,links,filters}`.
 pub mod attach;
 mod cleanup;
-mod lookup;
+pub mod lookup;
 pub mod maps;
-mod metrics;
+pub mod metrics;
 mod migrate;
 mod probe;
 pub mod status;
@@ -105,7 +105,7 @@ pub struct EbpfDataplane {
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
-fn ensure_bpffs(bpffs: &Path) -> Result<()> {
+pub(crate) fn ensure_bpffs(bpffs: &Path) -> Result<()> {
     let c =
         std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes()).map_err(|e| Error::Bpffs {
             path: bpffs.into(),
@@ -125,7 +125,7 @@ fn ensure_bpffs(bpffs: &Path) -> Result<()> {
     Ok(())
 }
 
-fn mkdirs(dirs: &PinDirs) -> Result<()> {
+pub(crate) fn mkdirs(dirs: &PinDirs) -> Result<()> {
     for d in [&dirs.maps, &dirs.links, &dirs.filters] {
         std::fs::create_dir_all(d).map_err(|source| Error::Bpffs {
             path: d.clone(),
@@ -156,12 +156,7 @@ impl EbpfDataplane {
             prog.load()
                 .map_err(|source| Error::Program { program, source })?;
         }
-        lookup::program(&mut ebpf)?
-            .load()
-            .map_err(|source| Error::Program {
-                program: lookup::PROGRAM,
-                source,
-            })?;
+        lookup::load(&mut ebpf, lookup::Lookup::Ztunnel)?;
         let config = if dns_capture {
             zdivert_common::CONFIG_DNS_CAPTURE
         } else {
@@ -170,7 +165,10 @@ impl EbpfDataplane {
         // Before anything reads the pins: an older agent's attachments become this layout's.
         migrate::from_previous(bpffs, node, &dirs)?;
         let maps = maps::Maps::take(&mut ebpf, config)?;
-        let packets = metrics::PacketCounters::new(maps::Maps::take_stats(&mut ebpf)?);
+        let packets = metrics::PacketCounters::new(
+            maps::Maps::take_stats(&mut ebpf)?,
+            zdivert_common::COUNTERS,
+        );
         let nl = Netlink::new()?;
         let pins: Vec<_> = attach::all_pinned(&dirs)?
             .into_iter()

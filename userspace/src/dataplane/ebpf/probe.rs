@@ -44,7 +44,7 @@ fn load_and_attach(pins: &Path, attach: AttachMode) -> Result<(), String> {
         prog.load()
             .map_err(|e| format!("the verifier rejects {program}: {e}"))?;
     }
-    super::lookup::program(&mut ebpf)
+    super::lookup::program(&mut ebpf, super::lookup::Lookup::Ztunnel)
         .map_err(|e| e.to_string())?
         .load()
         .map_err(|e| format!("sk_lookup programs cannot load (Linux 5.9+): {e}"))?;

@@ -177,12 +177,12 @@ impl Ztunnels {
             }
         }
         let keep: Vec<u64> = want.iter().map(|w| w.2).collect();
-        lookup::remove_others(dirs, &keep)?;
+        lookup::remove_others(dirs, lookup::Lookup::Ztunnel, &keep)?;
         for (ns, v6, inode) in want {
             tproxy_routing(&ns, v6, true)?;
-            let pinned = dirs.links.join(lookup::pin_name(inode)).exists();
+            let pinned = dirs.links.join(lookup::Lookup::Ztunnel.pin_name(inode)).exists();
             if !done.iter().any(|d| d.0 == ns) || !pinned {
-                lookup::attach(ebpf, dirs, &ns, inode)?;
+                lookup::attach(ebpf, dirs, lookup::Lookup::Ztunnel, &ns, inode)?;
             }
             self.routed.push((ns, v6));
         }

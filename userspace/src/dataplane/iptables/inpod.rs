@@ -89,8 +89,7 @@ pub fn apply(pod_netns: &Path, backend: Backend, dns_capture: bool) -> Result<()
                 table_lines(&saved, table).any(|l| l == format!("-A {chain} -j {to}"))
             };
             tables::restore(backend, v6, &restore_input(v6, dns_capture, &present))?;
-            nl.ensure_local_default(ZTUNNEL_TPROXY_TABLE, v6)?;
-            nl.ensure_rule(reply_rule(), v6)?;
+            route_replies(&nl, v6)?;
         }
         Ok(())
     })?
@@ -104,11 +103,24 @@ pub fn remove(pod_netns: &Path, backend: Backend) -> Result<()> {
         let nl = Netlink::new()?;
         for v6 in [false, true] {
             tables::remove_chains(backend, v6, &chains)?;
-            nl.remove_rule(reply_rule(), v6)?;
-            nl.remove_local_default(ZTUNNEL_TPROXY_TABLE, v6)?;
+            unroute_replies(&nl, v6)?;
         }
         Ok(())
     })?
+}
+
+/// In the pod's netns (the caller is there): packets marked 0x111 are delivered locally,
+/// whatever their destination. Both redirections need it: replies of ztunnel's original-source
+/// connections, and (eBPF) the segments turned back to ztunnel.
+pub fn route_replies(nl: &Netlink, v6: bool) -> Result<()> {
+    nl.ensure_local_default(ZTUNNEL_TPROXY_TABLE, v6)?;
+    nl.ensure_rule(reply_rule(), v6)
+}
+
+/// Undoes `route_replies`; what is already gone is skipped.
+pub fn unroute_replies(nl: &Netlink, v6: bool) -> Result<()> {
+    nl.remove_rule(reply_rule(), v6)?;
+    nl.remove_local_default(ZTUNNEL_TPROXY_TABLE, v6)
 }
 
 fn reply_rule() -> PolicyRule {

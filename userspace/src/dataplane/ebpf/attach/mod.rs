@@ -45,25 +45,37 @@ pub enum Hook {
     HoldOutbound,
     /// Egress of a new veth not classified yet.
     HoldInbound,
+    /// In-pod mode: egress of an ambient pod's eth0, inside its netns.
+    InPodEgress,
+    /// In-pod mode: ingress of an ambient pod's eth0, inside its netns.
+    InPodIngress,
+    /// In-pod mode: ingress of an ambient pod's lo, where its egress turns segments back.
+    InPodLoopback,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 6] = [
+    pub const ALL: [Hook; 9] = [
         Hook::PodOutbound,
         Hook::PodInbound,
         Hook::ZtunnelReturn,
         Hook::ZtunnelTproxy,
         Hook::HoldOutbound,
         Hook::HoldInbound,
+        Hook::InPodEgress,
+        Hook::InPodIngress,
+        Hook::InPodLoopback,
     ];
 
-    /// Every TC program of the object, once (the hold hooks share one).
-    pub const PROGRAMS: [&'static str; 5] = [
+    /// Every TC program of the object, once (the hold hooks share one, the in-pod ingress
+    /// hooks another).
+    pub const PROGRAMS: [&'static str; 7] = [
         program::OUTBOUND,
         program::INBOUND,
         program::ZTUNNEL_RETURN,
         program::ZTUNNEL_TPROXY,
         program::HOLD,
+        program::POD_EGRESS,
+        program::POD_INGRESS,
     ];
 
     pub fn program(self) -> &'static str {
@@ -73,6 +85,8 @@ impl Hook {
             Hook::ZtunnelReturn => program::ZTUNNEL_RETURN,
             Hook::ZtunnelTproxy => program::ZTUNNEL_TPROXY,
             Hook::HoldOutbound | Hook::HoldInbound => program::HOLD,
+            Hook::InPodEgress => program::POD_EGRESS,
+            Hook::InPodIngress | Hook::InPodLoopback => program::POD_INGRESS,
         }
     }
 
@@ -80,9 +94,16 @@ impl Hook {
         matches!(self, Hook::HoldOutbound | Hook::HoldInbound)
     }
 
+    pub fn is_in_pod(self) -> bool {
+        matches!(
+            self,
+            Hook::InPodEgress | Hook::InPodIngress | Hook::InPodLoopback
+        )
+    }
+
     fn attach_type(self) -> TcAttachType {
         match self {
-            Hook::PodInbound | Hook::HoldInbound => TcAttachType::Egress,
+            Hook::PodInbound | Hook::HoldInbound | Hook::InPodEgress => TcAttachType::Egress,
             _ => TcAttachType::Ingress,
         }
     }
@@ -102,6 +123,9 @@ impl Hook {
             Hook::ZtunnelTproxy => "ztproxy",
             Hook::HoldOutbound => "holdout",
             Hook::HoldInbound => "holdin",
+            Hook::InPodEgress => "podeg",
+            Hook::InPodIngress => "podin",
+            Hook::InPodLoopback => "podlo",
         }
     }
 

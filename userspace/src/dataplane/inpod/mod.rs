@@ -1,9 +1,13 @@
 //! In-pod mode (`--ztunnel-mode inpod`): ztunnel opens its listeners inside each ambient pod's
-//! netns, which this dataplane hands it over ZDS, and the pod's traffic is redirected there with
-//! istio-cni's rules (`iptables::inpod`). The rules go in before the `add`, so a pod is never
-//! handed over unredirected; until ztunnel listens, its redirected TCP is refused (fail closed).
+//! netns, which this dataplane hands it over ZDS, and the pod's traffic is redirected there:
+//! with eBPF programs in the pod's netns (`programs`), or with istio-cni's rules
+//! (`iptables::inpod`). The redirection goes in before the `add`, so a pod is never handed over
+//! unredirected; until ztunnel listens, its redirected TCP is refused (fail closed).
+pub mod programs;
+
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -18,28 +22,57 @@ use crate::{
     zds::{InPodWorkload, Server, WorkloadInfo},
 };
 
+/// How a pod's traffic reaches the ztunnel listening in its netns.
+pub enum Redirection {
+    Ebpf(Box<programs::PodPrograms>),
+    Iptables { backend: Backend, dns_capture: bool },
+}
+
+impl Redirection {
+    /// istio-cni's rules, through the backend the pods' iptables use.
+    pub fn iptables(dns_capture: bool) -> Redirection {
+        let (backend, why) = super::iptables::detect_backend();
+        log::info!("iptables backend {backend:?}: {why}");
+        Redirection::Iptables {
+            backend,
+            dns_capture,
+        }
+    }
+
+    fn redirect(&mut self, ns: &Path, ips: &[IpAddr]) -> Result<()> {
+        match self {
+            Redirection::Ebpf(p) => p.redirect(ns, ips),
+            Redirection::Iptables {
+                backend,
+                dns_capture,
+            } => inpod::apply(ns, *backend, *dns_capture),
+        }
+    }
+
+    fn release(&mut self, ns: &Path) -> Result<()> {
+        match self {
+            Redirection::Ebpf(p) => p.release(ns),
+            Redirection::Iptables { backend, .. } => inpod::remove(ns, *backend),
+        }
+    }
+}
+
 pub struct InPod {
     server: Server,
-    backend: Backend,
-    dns_capture: bool,
-    /// Pods whose netns holds our rules, and where.
+    redirection: Redirection,
+    /// Pods whose netns holds our redirection, and where.
     redirected: BTreeMap<PodId, PathBuf>,
 }
 
 impl InPod {
-    pub fn new(socket: &Path, dns_capture: bool) -> Result<InPod> {
+    pub fn new(socket: &Path, redirection: Redirection) -> Result<InPod> {
         let server = Server::start(socket).map_err(|source| Error::Zds {
             path: socket.into(),
             source,
         })?;
         Ok(InPod {
             server,
-            backend: {
-                let (backend, why) = super::iptables::detect_backend();
-                log::info!("iptables backend {backend:?}: {why}");
-                backend
-            },
-            dns_capture,
+            redirection,
             redirected: BTreeMap::new(),
         })
     }
@@ -76,7 +109,10 @@ impl InPod {
 
 impl Dataplane for InPod {
     fn name(&self) -> &'static str {
-        "in-pod (iptables)"
+        match self.redirection {
+            Redirection::Ebpf(_) => "in-pod (ebpf)",
+            Redirection::Iptables { .. } => "in-pod (iptables)",
+        }
     }
 
     fn apply(&mut self, state: &NodeState) -> Result<Report> {
@@ -97,7 +133,7 @@ impl Dataplane for InPod {
                 ));
                 continue;
             };
-            if let Err(e) = inpod::apply(&ns, self.backend, self.dns_capture) {
+            if let Err(e) = self.redirection.redirect(&ns, &spec.ips) {
                 report.failed.push((id.clone(), e));
                 continue;
             }
@@ -118,12 +154,17 @@ impl Dataplane for InPod {
         for (id, ns) in &self.redirected {
             if !redirected.contains_key(id)
                 && ns.exists()
-                && let Err(e) = inpod::remove(ns, self.backend)
+                && let Err(e) = self.redirection.release(ns)
             {
                 log::warn!("{id} left the mesh: {}", e.chain());
             }
         }
         self.redirected = redirected;
+        if let Redirection::Ebpf(p) = &mut self.redirection
+            && let Err(e) = p.remove_stale()
+        {
+            log::warn!("removing the programs of pods gone: {}", e.chain());
+        }
         report.ztunnel = self.ztunnel_state(state);
         Ok(report)
     }
@@ -139,5 +180,8 @@ impl Dataplane for InPod {
 
     fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         self.server.metrics().register(registry);
+        if let Redirection::Ebpf(p) = &self.redirection {
+            p.register_metrics(registry);
+        }
     }
 }

@@ -1,0 +1,98 @@
+//! In-pod capture, outbound half: TC egress of an ambient pod's eth0, inside the pod's netns.
+//!
+//! In-pod ztunnel listens in the pod's own netns, so a captured segment never leaves it: the
+//! pod's TCP is turned back into its own stack through `lo`'s ingress (`bpf_redirect` with
+//! `BPF_F_INGRESS`), where `pod_ingress` assigns it to ztunnel's socket. Turned back:
+//! - a new connection (SYN): it is ztunnel's, on :15001;
+//! - any segment of a connection whose other end is a socket of this netns: ztunnel's accepted
+//!   outbound connections, and ztunnel's original-source connections to the pod (their replies
+//!   are what istio-cni's connmark 0x111 routes back to ztunnel).
+//!
+//! Left alone: ztunnel's own packets (mark 0x539), replies on connections the pod accepted
+//! uncaptured (kubelet probes), and everything but TCP and DNS.
+use aya_ebpf::{
+    bindings::{BPF_F_INGRESS, TC_ACT_SHOT},
+    helpers::bpf_redirect,
+    macros::classifier,
+    programs::TcContext,
+};
+use zdivert_common::{
+    LOOPBACK_IFINDEX, MARK_INPOD_CONN, MARK_INPOD_ZTUNNEL, MARK_MASK, TCX_NEXT, pod_counter::*,
+};
+
+use crate::{
+    dns,
+    maps::{count_pod, dns_capture},
+    packet::{Frame, IPPROTO_TCP, Ip, mark, parse, set_dst_mac, tcp},
+    socket::connected_here,
+};
+
+/// `lo`'s address: a frame turned back through it must be addressed to it, or the stack takes it
+/// for another host's.
+const LOOPBACK_MAC: [u8; 6] = [0; 6];
+const LOOPBACK_V4: [u8; 4] = [127, 0, 0, 1];
+
+#[classifier]
+pub fn zd_pod_egress(ctx: TcContext) -> i32 {
+    if mark(&ctx) & MARK_MASK == MARK_INPOD_ZTUNNEL {
+        return pass();
+    }
+    // A frame this netns's own stack built: what is not IP, or not readable as IP, is nothing
+    // capture decides about.
+    let Frame::Ip(ip) = parse(&ctx) else {
+        return pass();
+    };
+    if dns_capture() && dns::is_dns(&ctx, &ip) {
+        return dns_query(&ctx, &ip);
+    }
+    if ip.proto != IPPROTO_TCP {
+        return pass();
+    }
+    // The stack does not fragment TCP (DF, PMTU): a fragment is broken or crafted.
+    if ip.fragment {
+        return drop(EGRESS_DROP_MALFORMED);
+    }
+    let Some(seg) = tcp(&ctx, &ip) else {
+        return drop(EGRESS_DROP_MALFORMED);
+    };
+    if !seg.is_syn() && !connected_here(&ctx, &ip, &seg) {
+        return pass();
+    }
+    count_pod(EGRESS_TURNED_BACK);
+    turn_back(&ctx)
+}
+
+/// A DNS query, readdressed to ztunnel's DNS proxy on 127.0.0.1:15053 (see `dns.rs`).
+#[inline(always)]
+fn dns_query(ctx: &TcContext, ip: &Ip) -> i32 {
+    if dns::to_proxy(ctx, ip, LOOPBACK_V4).is_none() {
+        return drop(EGRESS_DROP_MALFORMED);
+    }
+    count_pod(EGRESS_DNS);
+    turn_back(ctx)
+}
+
+/// Into this netns's stack again, through `lo`: marked 0x111, which routes it to the local
+/// table (istio-cni's `ip rule fwmark 0x111/0xfff lookup 100`).
+#[inline(always)]
+fn turn_back(ctx: &TcContext) -> i32 {
+    if !set_dst_mac(ctx, &LOOPBACK_MAC) {
+        return drop(EGRESS_DROP_MALFORMED);
+    }
+    ctx.skb
+        .set_mark((mark(ctx) & !MARK_MASK) | MARK_INPOD_CONN);
+    // SAFETY: plain helper call; returns TC_ACT_REDIRECT, or TC_ACT_SHOT if lo is gone.
+    unsafe { bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS as u64) as i32 }
+}
+
+#[inline(always)]
+fn pass() -> i32 {
+    count_pod(EGRESS_PASSED);
+    TCX_NEXT
+}
+
+#[inline(always)]
+fn drop(counter: u32) -> i32 {
+    count_pod(counter);
+    TC_ACT_SHOT as i32
+}

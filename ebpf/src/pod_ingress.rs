@@ -1,0 +1,212 @@
+//! In-pod capture, the half that hands segments to ztunnel: TC ingress of an ambient pod's eth0
+//! (what arrives from the wire) and of its `lo` (what `pod_egress` turned back).
+//!
+//! Each captured segment is assigned to a socket of ztunnel's in the pod with `bpf_sk_assign`:
+//! its connection's socket if there is one, else ztunnel's listener, :15001 for what the pod
+//! sends, :15006 for what it is sent. This is istio-cni's contract without netfilter:
+//! - ztunnel's own packets (mark 0x539) and loopback traffic are not captured;
+//! - inbound TCP is captured except to :15008 (ztunnel's own listener takes it) and from the
+//!   kubelet probe address;
+//! - turned-back segments carry mark 0x111, which `ip rule fwmark 0x111/0xfff lookup 100` routes
+//!   to `local default dev lo`: their destination is not this netns's own.
+//!
+//! A SYN that meets one of ztunnel's TIME_WAIT sockets goes to that socket, which the kernel
+//! retires and replaces by asking for a listener; `pod_lookup` answers that lookup with the
+//! listener recorded here (`TIME_WAIT_SYNS`). Without the answer the kernel would find the
+//! pod's own listener on the original port: a way around ztunnel.
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT, bpf_sock},
+    helpers::{bpf_map_update_elem, bpf_sk_release},
+    macros::classifier,
+    programs::TcContext,
+};
+use zdivert_common::{
+    LOOPBACK_IFINDEX, MARK_INPOD_CONN, MARK_INPOD_ZTUNNEL, MARK_MASK, PORT_INBOUND_HBONE,
+    PORT_INBOUND_PLAIN, PORT_OUTBOUND, PROBE_SOURCE_V4, PROBE_SOURCE_V6, SynKey, TCX_NEXT,
+    pod_counter::*,
+};
+
+use crate::{
+    dns,
+    maps::{TIME_WAIT_SYNS, count_pod, dns_capture},
+    packet::{Frame, IPPROTO_TCP, Ip, Tcp, ifindex, mark, parse, tcp},
+    socket::{self, Lookup, Tuple, listener},
+};
+
+const LOOPBACK_V4: [u8; 4] = [127, 0, 0, 1];
+
+#[classifier]
+pub fn zd_pod_ingress(ctx: TcContext) -> i32 {
+    if ifindex(&ctx) == LOOPBACK_IFINDEX {
+        turned_back(&ctx)
+    } else {
+        from_the_wire(&ctx)
+    }
+}
+
+/// `lo`: the pod's own traffic, ztunnel's included. Only what `pod_egress` turned back (0x111)
+/// and, with DNS capture, ztunnel's DNS answers (0x539) are looked at.
+#[inline(always)]
+fn turned_back(ctx: &TcContext) -> i32 {
+    let m = mark(ctx) & MARK_MASK;
+    if m != MARK_INPOD_CONN && !(m == MARK_INPOD_ZTUNNEL && dns_capture()) {
+        return TCX_NEXT;
+    }
+    let Frame::Ip(ip) = parse(ctx) else {
+        return TCX_NEXT;
+    };
+    if m == MARK_INPOD_ZTUNNEL {
+        if dns::answer_from_server(ctx, &ip, LOOPBACK_V4).is_some() {
+            count_pod(INGRESS_DNS);
+        }
+        return TCX_NEXT;
+    }
+    // A DNS query readdressed to the proxy on loopback: the stack delivers it as it is.
+    if ip.proto != IPPROTO_TCP || is_loopback(&ip) {
+        return pass();
+    }
+    let Some(seg) = tcp(ctx, &ip).filter(|_| !ip.fragment) else {
+        return drop(INGRESS_DROP_MALFORMED);
+    };
+    to_ztunnel(ctx, &ip, &seg, PORT_OUTBOUND)
+}
+
+/// eth0: traffic to the pod. Not IP, not TCP: passes (ICMP, UDP, neighbour discovery).
+#[inline(always)]
+fn from_the_wire(ctx: &TcContext) -> i32 {
+    let ip = match parse(ctx) {
+        Frame::NotIp => return pass(),
+        Frame::Malformed => return drop(INGRESS_DROP_MALFORMED),
+        Frame::Ip(ip) => ip,
+    };
+    if ip.proto != IPPROTO_TCP {
+        return pass();
+    }
+    if ip.fragment {
+        return drop(INGRESS_DROP_MALFORMED);
+    }
+    let Some(seg) = tcp(ctx, &ip) else {
+        return drop(INGRESS_DROP_MALFORMED);
+    };
+    if seg.dport() == PORT_INBOUND_HBONE || is_probe(&ip) {
+        return pass();
+    }
+    to_ztunnel(ctx, &ip, &seg, PORT_INBOUND_PLAIN)
+}
+
+/// Assigns the segment to its connection's socket, or to ztunnel's listener on `port`.
+#[inline(always)]
+fn to_ztunnel(ctx: &TcContext, ip: &Ip, seg: &Tcp, port: u16) -> i32 {
+    let mut tuple = Tuple::new(ip, seg);
+    // SAFETY: helper contract: the tuple lives on the stack; every socket returned is released
+    // on every path below.
+    unsafe {
+        let sk = tuple.lookup(ctx, Lookup::AnyState);
+        if !sk.is_null() {
+            let state = (*sk).state;
+            if state == BPF_TCP_TIME_WAIT && seg.is_syn() {
+                return syn_to_time_wait(ctx, sk, &mut tuple, ip, seg, port);
+            }
+            // A listener on the original port is the pod's, not this connection's.
+            if state != BPF_TCP_LISTEN {
+                return assign(ctx, sk, INGRESS_ESTABLISHED);
+            }
+            bpf_sk_release(sk as *mut c_void);
+        }
+        let l = listener(ctx, &mut tuple, port, ip.v6);
+        if l.is_null() {
+            // ztunnel is not listening in this pod (yet, or any more): nothing gets around it.
+            return drop(INGRESS_DROP_NO_LISTENER);
+        }
+        assign(ctx, l, INGRESS_LISTENER)
+    }
+}
+
+/// A SYN whose 4-tuple a TIME_WAIT socket of ztunnel's still holds (see the module's doc). If
+/// the listener cannot be recorded, the SYN is dropped: the client retransmits, and nothing
+/// reaches the pod's own listener.
+///
+/// # Safety
+/// `tw` must be a TIME_WAIT socket reference from a lookup helper, not yet released.
+#[inline(always)]
+unsafe fn syn_to_time_wait(
+    ctx: &TcContext,
+    tw: *mut bpf_sock,
+    tuple: &mut Tuple,
+    ip: &Ip,
+    seg: &Tcp,
+    port: u16,
+) -> i32 {
+    let l = listener(ctx, tuple, port, ip.v6);
+    if l.is_null() {
+        unsafe { bpf_sk_release(tw as *mut c_void) };
+        return drop(INGRESS_DROP_NO_LISTENER);
+    }
+    let key = SynKey {
+        remote: ip.src,
+        local: ip.dst,
+        remote_port_be: seg.sport_be,
+        local_port_be: seg.dport_be,
+    };
+    let map = &TIME_WAIT_SYNS as *const _ as *mut c_void;
+    // SAFETY: key and listener are live for the call; both references are released once.
+    unsafe {
+        let recorded = bpf_map_update_elem(
+            map,
+            &key as *const SynKey as *const c_void,
+            l as *const c_void,
+            BPF_ANY as u64,
+        ) == 0;
+        bpf_sk_release(l as *mut c_void);
+        if !recorded {
+            bpf_sk_release(tw as *mut c_void);
+            return drop(INGRESS_DROP_NO_LISTENER);
+        }
+        assign(ctx, tw, INGRESS_TIME_WAIT)
+    }
+}
+
+/// # Safety
+/// `sk` must be a non-null socket returned by a lookup helper and not yet released.
+#[inline(always)]
+unsafe fn assign(ctx: &TcContext, sk: *mut bpf_sock, counter: u32) -> i32 {
+    if !unsafe { socket::assign(ctx, sk) } {
+        return drop(INGRESS_DROP_NO_LISTENER);
+    }
+    count_pod(counter);
+    TC_ACT_OK as i32
+}
+
+#[inline(always)]
+fn is_probe(ip: &Ip) -> bool {
+    let a = &ip.src.addr;
+    if ip.v6 {
+        *a == PROBE_SOURCE_V6
+    } else {
+        [a[12], a[13], a[14], a[15]] == PROBE_SOURCE_V4
+    }
+}
+
+#[inline(always)]
+fn is_loopback(ip: &Ip) -> bool {
+    let a = &ip.dst.addr;
+    if ip.v6 {
+        a[..15].iter().all(|b| *b == 0) && a[15] == 1
+    } else {
+        a[12] == 127
+    }
+}
+
+#[inline(always)]
+fn pass() -> i32 {
+    count_pod(INGRESS_PASSED);
+    TCX_NEXT
+}
+
+#[inline(always)]
+fn drop(counter: u32) -> i32 {
+    count_pod(counter);
+    TC_ACT_SHOT as i32
+}

@@ -1,0 +1,215 @@
+//! In-pod redirection with eBPF (`--ztunnel-mode inpod --mode ebpf`): in each ambient pod's
+//! netns, `zd_pod_egress` on eth0's egress turns the pod's TCP back through lo, and
+//! `zd_pod_ingress` on eth0's and lo's ingress assigns each captured segment to ztunnel's socket
+//! (`ebpf/src/pod_*.rs`). No iptables, no conntrack: the contract is istio-cni's (marks 0x539
+//! and 0x111, the policy route to the local table), kept by the programs.
+//!
+//! Links are pinned like the node-level ones (`links/podeg_…`, `podin_…`, `podlo_…`,
+//! `podlookup_…`), so a restarted agent swaps its programs in without a gap.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::Path,
+    sync::Mutex,
+};
+
+use aya::{Ebpf, programs::SchedClassifier};
+use zdivert_common::{CONFIG_DNS_CAPTURE, POD_COUNTERS, program};
+
+use crate::{
+    dataplane::{
+        ebpf::{
+            PinDirs,
+            attach::{self, AttachMode, Attachment, Hook},
+            lookup::{self, Lookup},
+            maps,
+            metrics::PacketCounters,
+        },
+        iptables::inpod::{route_replies, unroute_replies},
+    },
+    error::{Error, Result},
+    netns,
+    nl::Netlink,
+};
+
+/// What the turned-back segments need from lo: a source that is the pod's own address
+/// (`accept_local`), and for DNS a destination on loopback (`route_localnet`).
+const LO_SYSCTLS: [&str; 2] = [
+    "/proc/sys/net/ipv4/conf/lo/accept_local",
+    "/proc/sys/net/ipv4/conf/lo/route_localnet",
+];
+
+pub struct PodPrograms {
+    ebpf: Ebpf,
+    dirs: PinDirs,
+    attach: AttachMode,
+    /// Attachment pins this process has swapped its programs into.
+    adopted: BTreeSet<String>,
+    /// Pod netns (by inode) whose sk_lookup link this process attached.
+    lookups: BTreeSet<u64>,
+    /// Each redirected pod netns's attachments, by inode.
+    redirected: BTreeMap<u64, Vec<Attachment>>,
+    packets: Mutex<Option<PacketCounters>>,
+}
+
+impl PodPrograms {
+    pub fn load(
+        bpffs: &Path,
+        node: &str,
+        attach: AttachMode,
+        dns_capture: bool,
+    ) -> Result<PodPrograms> {
+        let object = crate::dataplane::ebpf::object();
+        if object.is_empty() {
+            return Err(Error::NoEbpfObject);
+        }
+        crate::dataplane::ebpf::ensure_bpffs(bpffs)?;
+        let dirs = PinDirs::new(bpffs, node);
+        crate::dataplane::ebpf::mkdirs(&dirs)?;
+        let mut ebpf = crate::dataplane::ebpf::loader(&dirs.maps).load(object)?;
+        for program in [program::POD_EGRESS, program::POD_INGRESS] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(program)
+                .ok_or(Error::ProgramMissing { program })?
+                .try_into()
+                .map_err(|source| Error::Program { program, source })?;
+            prog.load()
+                .map_err(|source| Error::Program { program, source })?;
+        }
+        lookup::load(&mut ebpf, Lookup::Pod)?;
+        maps::write_config(
+            &mut ebpf,
+            if dns_capture { CONFIG_DNS_CAPTURE } else { 0 },
+        )?;
+        let packets = PacketCounters::new(maps::take(&mut ebpf, maps::POD_STATS)?, POD_COUNTERS);
+        Ok(PodPrograms {
+            ebpf,
+            dirs,
+            attach,
+            adopted: BTreeSet::new(),
+            lookups: BTreeSet::new(),
+            redirected: BTreeMap::new(),
+            packets: Mutex::new(Some(packets)),
+        })
+    }
+
+    /// Redirects the pod whose netns is `ns` and whose addresses are `ips`, idempotently. The
+    /// sk_lookup link, routing and sysctls go in before the TC programs: a segment the programs
+    /// capture must find everything it needs.
+    pub fn redirect(&mut self, ns: &Path, ips: &[IpAddr]) -> Result<()> {
+        let inode = netns::inode(ns)?;
+        if !self.lookups.contains(&inode) {
+            lookup::attach(&mut self.ebpf, &self.dirs, Lookup::Pod, ns, inode)?;
+            self.lookups.insert(inode);
+        }
+        let eth0 = netns::run_in(ns, || -> Result<crate::nl::Link> {
+            let nl = Netlink::new()?;
+            for v6 in [false, true] {
+                route_replies(&nl, v6)?;
+            }
+            for path in LO_SYSCTLS {
+                write_sysctl(path, "1")?;
+            }
+            let index = nl
+                .addresses()?
+                .into_iter()
+                .find(|(_, a)| ips.contains(a))
+                .map(|(index, _)| index)
+                .ok_or_else(|| Error::PodInterfaceNotFound {
+                    netns: ns.into(),
+                    ips: ips.to_vec(),
+                })?;
+            nl.link_by_index(index)
+        })??;
+        let lo = crate::nl::Link {
+            name: "lo".into(),
+            index: zdivert_common::LOOPBACK_IFINDEX,
+            mac: [0; 6],
+            is_veth: false,
+            peer_netns_id: None,
+        };
+        let at = |hook, link: &crate::nl::Link| Attachment {
+            hook,
+            netns_inode: inode,
+            ifindex: link.index,
+            ifname: link.name.clone(),
+            netns: Some(ns.into()),
+        };
+        let wanted = vec![
+            at(Hook::InPodIngress, &eth0),
+            at(Hook::InPodLoopback, &lo),
+            at(Hook::InPodEgress, &eth0),
+        ];
+        let ensured = attach::ensure(
+            &mut self.ebpf,
+            &self.dirs,
+            self.attach,
+            &wanted,
+            &mut self.adopted,
+        )?;
+        for (a, ahead) in &ensured.moved_to_head {
+            log::warn!(
+                "{} in netns {}: {ahead} had got in front of it; moved back to the head",
+                a.hook.program(),
+                ns.display()
+            );
+        }
+        self.redirected.insert(inode, wanted);
+        match ensured.failures.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes the redirection out of the pod netns at `ns` (the pod left the mesh).
+    pub fn release(&mut self, ns: &Path) -> Result<()> {
+        let inode = netns::inode(ns)?;
+        self.redirected.remove(&inode);
+        self.remove_stale()?;
+        unroute(ns)
+    }
+
+    /// Detaches what no redirected pod needs: pods released, and pods an earlier agent
+    /// redirected that are gone.
+    pub fn remove_stale(&mut self) -> Result<()> {
+        let wanted: Vec<Attachment> = self.redirected.values().flatten().cloned().collect();
+        attach::remove_stale(&self.dirs, self.attach, &wanted, &mut self.adopted)?;
+        let keep: Vec<u64> = self.redirected.keys().copied().collect();
+        lookup::remove_others(&self.dirs, Lookup::Pod, &keep)?;
+        self.lookups.retain(|i| keep.contains(i));
+        Ok(())
+    }
+
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        let packets = self
+            .packets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(packets) = packets {
+            registry.register_collector(Box::new(packets));
+        }
+    }
+}
+
+/// Takes the routing and sysctls of the redirection out of the pod netns at `ns`, once its
+/// programs are gone (release, `zdivert cleanup`).
+pub fn unroute(ns: &Path) -> Result<()> {
+    netns::run_in(ns, || -> Result<()> {
+        let nl = Netlink::new()?;
+        for v6 in [false, true] {
+            unroute_replies(&nl, v6)?;
+        }
+        for path in LO_SYSCTLS {
+            write_sysctl(path, "0")?;
+        }
+        Ok(())
+    })?
+}
+
+fn write_sysctl(path: &str, value: &str) -> Result<()> {
+    std::fs::write(path, value).map_err(|source| Error::Sysctl {
+        path: path.into(),
+        source,
+    })
+}
