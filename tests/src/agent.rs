@@ -19,6 +19,10 @@ pub enum Mode {
     EbpfClsact,
     /// The iptables fallback.
     Iptables,
+    /// In-pod ztunnel (`--ztunnel-mode inpod`), eBPF programs in each pod's netns.
+    InPodEbpf,
+    /// In-pod ztunnel, istio-cni's rules in each pod's netns.
+    InPodIptables,
 }
 
 impl Mode {
@@ -27,19 +31,37 @@ impl Mode {
             Mode::Ebpf => "ebpf",
             Mode::EbpfClsact => "ebpf-clsact",
             Mode::Iptables => "iptables",
+            Mode::InPodEbpf => "inpod-ebpf",
+            Mode::InPodIptables => "inpod-iptables",
         }
     }
 
+    /// The node-level eBPF dataplane (its programs, counters and pins).
     pub fn is_ebpf(self) -> bool {
-        self != Mode::Iptables
+        matches!(self, Mode::Ebpf | Mode::EbpfClsact)
     }
 
-    /// The agent's options that choose it.
+    /// In-pod ztunnel, with either redirection.
+    pub fn is_in_pod(self) -> bool {
+        matches!(self, Mode::InPodEbpf | Mode::InPodIptables)
+    }
+
+    pub const ALL: [Mode; 5] = [
+        Mode::Ebpf,
+        Mode::EbpfClsact,
+        Mode::Iptables,
+        Mode::InPodEbpf,
+        Mode::InPodIptables,
+    ];
+
+    /// The agent's options that choose it (in-pod: with the node's ZDS socket, `zds_socket`).
     fn args(self) -> &'static [&'static str] {
         match self {
             Mode::Ebpf => &["--mode", "ebpf"],
             Mode::EbpfClsact => &["--mode", "ebpf", "--attach", "netlink"],
             Mode::Iptables => &["--mode", "iptables"],
+            Mode::InPodEbpf => &["--mode", "ebpf", "--ztunnel-mode", "inpod"],
+            Mode::InPodIptables => &["--mode", "iptables", "--ztunnel-mode", "inpod"],
         }
     }
 }
@@ -53,10 +75,12 @@ impl std::fmt::Display for Mode {
 impl std::str::FromStr for Mode {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Mode> {
-        [Mode::Ebpf, Mode::EbpfClsact, Mode::Iptables]
+        Mode::ALL
             .into_iter()
             .find(|m| m.as_str() == s)
-            .with_context(|| format!("mode ebpf|ebpf-clsact|iptables, not {s}"))
+            .with_context(|| {
+                format!("mode ebpf|ebpf-clsact|iptables|inpod-ebpf|inpod-iptables, not {s}")
+            })
     }
 }
 
@@ -66,6 +90,13 @@ pub fn zdivert_bin() -> PathBuf {
         .unwrap_or_else(|| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/zdivert")
         })
+}
+
+/// Where the agent of `node` serves ZDS in in-pod mode, and its in-pod ztunnel connects.
+pub fn zds_socket(node: &str) -> PathBuf {
+    std::env::temp_dir()
+        .join("zdivert-tests")
+        .join(format!("{node}.zds.sock"))
 }
 
 pub struct Agent {
@@ -143,13 +174,16 @@ impl Agent {
             .arg(zdivert_bin())
             .args(["--node", &self.node, "run"])
             .args(self.mode.args());
+        if self.mode.is_in_pod() {
+            cmd.arg("--zds-socket").arg(zds_socket(&self.node));
+        }
         match &self.kubeconfig {
             Some(k) => cmd.env("KUBECONFIG", k),
             None => cmd.arg("--pods-file").arg(&self.pods_file),
         };
         let child = cmd
             .args(&self.extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("ZDIVERT_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .spawn()
             .context("starting zdivert")?;
@@ -278,7 +312,8 @@ impl Agent {
         let pods = node.pods.values().filter(|p| p.ambient).count();
         match self.mode {
             Mode::Iptables => crate::fallback::wait_layout(node, pods, with_ztunnel),
-            _ => {
+            Mode::InPodEbpf | Mode::InPodIptables => crate::inpod::wait_redirected(node, self.mode),
+            Mode::Ebpf | Mode::EbpfClsact => {
                 let links = pods * 2 + if with_ztunnel { 2 } else { 0 };
                 self.wait_ready(pods * 2, links).map(|_| ())
             }

@@ -117,9 +117,9 @@ pub fn wait_layout(node: &Node, pods: usize, with_ztunnel: bool) -> Result<()> {
     bail!("fallback on {} not ready: {last}", node.name)
 }
 
-/// Packets that matched the mangle rule containing `rule`, from `iptables-save -c`.
+/// Packets that matched the rule containing `rule` (any table), from `iptables-save -c`.
 pub fn rule_packets(ns: &crate::ns::Netns, rule: &str) -> Result<u64> {
-    let save = ns.cmd("iptables-save", &["-c", "-t", "mangle"])?;
+    let save = ns.cmd("iptables-save", &["-c"])?;
     let line = save
         .lines()
         .find(|l| l.contains(rule))

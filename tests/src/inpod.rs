@@ -1,6 +1,6 @@
 //! In-pod mode in the lab: the node's pods as ZDS workloads (with the uids the XDS file gives
 //! them), ztunnel's listeners in a pod, and the agent started in `--ztunnel-mode inpod`.
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::Result;
 use zdivert::zds::{InPodWorkload, WorkloadInfo};
@@ -47,36 +47,28 @@ pub fn wait_ztunnel_in<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Result<()
     Ok(())
 }
 
-/// The node description for in-pod mode: each ambient pod but those named in `left`, with its
-/// uid, service account and netns.
-pub fn description(node: &Node, left: &[&str]) -> String {
-    let mut yaml = format!("node: {}\npods:\n", node.name);
-    for p in node
-        .pods
-        .values()
-        .filter(|p| p.ambient && !left.contains(&p.name.as_str()))
-    {
-        yaml += &format!(
-            "  - {{ name: {}, namespace: {}, ips: [{}, {}], uid: \"{}\", serviceAccount: {}, \
-             netns: {} }}\n",
-            p.name,
-            p.namespace,
-            p.ip,
-            p.ip6,
-            crate::ztunnel::workload_uid(p),
-            service_account(p),
-            p.ns.path().display()
-        );
-    }
-    yaml
+/// The agent on `node` in `--ztunnel-mode inpod` (`mode`: `InPodEbpf` or `InPodIptables`),
+/// serving ZDS on `agent::zds_socket`.
+pub fn start_agent(node: &Node, mode: Mode) -> Result<Agent> {
+    anyhow::ensure!(mode.is_in_pod(), "{mode} is not an in-pod mode");
+    Agent::start_with(node, &node.pods_file(true), mode, &[])
 }
 
-/// The agent on `node` in `--ztunnel-mode inpod`, serving ZDS on `socket`, redirecting in the
-/// pods with eBPF (`Mode::Ebpf`) or istio-cni's rules (`Mode::Iptables`).
-pub fn start_agent(node: &Node, socket: &Path, mode: Mode) -> Result<Agent> {
-    let socket = socket.display().to_string();
-    let extra = ["--ztunnel-mode", "inpod", "--zds-socket", socket.as_str()];
-    Agent::start_with(node, &description(node, &[]), mode, &extra)
+/// Waits until each ambient pod of `node` holds the redirection of `mode`.
+pub fn wait_redirected(node: &Node, mode: Mode) -> Result<()> {
+    let marker = if mode == Mode::InPodEbpf {
+        "zd_pod"
+    } else {
+        "ISTIO"
+    };
+    for p in node.pods.values().filter(|p| p.ambient) {
+        crate::eventually(
+            &format!("{mode} redirection in {}", p.name),
+            Duration::from_secs(20),
+            || Ok(redirection_in(p)?.iter().any(|l| l.contains(marker))),
+        )?;
+    }
+    Ok(())
 }
 
 /// What of a redirection, of either kind, `pod`'s netns holds: istio-cni's chains, the reply
@@ -99,13 +91,7 @@ pub fn redirection_in(pod: &Pod) -> Result<Vec<String>> {
         let routes = pod.ns.cmd("ip", &[family, "route", "show", "table", "100"])?;
         held.extend(routes.lines().map(|l| format!("table 100: {l}")));
     }
-    let programs = pod.ns.cmd("bpftool", &["net", "show"])?;
-    held.extend(
-        programs
-            .lines()
-            .filter(|l| l.contains("zd_pod"))
-            .map(String::from),
-    );
+    held.extend(programs_in(pod)?);
     for key in ["accept_local", "route_localnet"] {
         let value = zdivert::netns::run_in(&pod.ns.path(), || {
             std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/lo/{key}"))
@@ -115,4 +101,24 @@ pub fn redirection_in(pod: &Pod) -> Result<Vec<String>> {
         }
     }
     Ok(held)
+}
+
+/// The TCX programs on `pod`'s eth0 (both ways) and lo (ingress), as `<where>: <name>`.
+pub fn programs_in(pod: &Pod) -> Result<Vec<String>> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    zdivert::netns::run_in(&pod.ns.path(), || -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for (dev, hook) in [
+            ("eth0", TcAttachType::Ingress),
+            ("eth0", TcAttachType::Egress),
+            ("lo", TcAttachType::Ingress),
+        ] {
+            let (_, programs) = SchedClassifier::query_tcx(dev, hook)?;
+            for p in programs {
+                let name = p.name_as_str().unwrap_or("?").to_string();
+                out.push(format!("{dev} {hook:?}: {name}"));
+            }
+        }
+        Ok(out)
+    })?
 }

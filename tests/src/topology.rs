@@ -140,10 +140,7 @@ impl Node {
             .values()
             .filter(|p| p.ambient && !left.contains(&p.name.as_str()))
         {
-            s += &format!(
-                "  - {{ name: {}, namespace: {}, ips: [{}, {}] }}\n",
-                p.name, p.namespace, p.ip, p.ip6
-            );
+            s += &pod_line(p);
         }
         // The rest of the node's pods: outside the mesh, so a new veth of theirs is not held.
         s += "outside:\n";
@@ -152,13 +149,25 @@ impl Node {
             .values()
             .filter(|p| !p.ambient || left.contains(&p.name.as_str()))
         {
-            s += &format!(
-                "  - {{ name: {}, namespace: {}, ips: [{}, {}] }}\n",
-                p.name, p.namespace, p.ip, p.ip6
-            );
+            s += &pod_line(p);
         }
         s
     }
+}
+
+/// A pod's entry in a node description, with what in-pod mode also needs (uid as the XDS file
+/// gives it, service account, netns).
+fn pod_line(p: &Pod) -> String {
+    format!(
+        "  - {{ name: {}, namespace: {}, ips: [{}, {}], uid: \"{}\", serviceAccount: {}, netns: {} }}\n",
+        p.name,
+        p.namespace,
+        p.ip,
+        p.ip6,
+        crate::ztunnel::workload_uid(p),
+        crate::ztunnel::service_account(p),
+        p.ns.path().display()
+    )
 }
 
 pub struct Topology {
@@ -261,10 +270,7 @@ impl Node {
             &self.ztunnel_line(ztunnel),
         );
         for p in extra {
-            let entry = format!(
-                "  - {{ name: {}, namespace: {}, ips: [{}, {}] }}\n",
-                p.name, p.namespace, p.ip, p.ip6
-            );
+            let entry = pod_line(p);
             let section = if p.ambient { "pods:\n" } else { "outside:\n" };
             s = s.replacen(section, &format!("{section}{entry}"), 1);
         }

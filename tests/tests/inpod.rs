@@ -12,7 +12,7 @@ use zdivert::{
 };
 use zdivert_tests::{
     TempDir,
-    agent::Mode,
+    agent::{Mode, zds_socket},
     apps::{LongLived, RequestStream, TcpServer, request, request_timeout, sa},
     eventually,
     inpod::{self, wait_ztunnel_in, ztunnel_listens_in},
@@ -161,13 +161,13 @@ macro_rules! with_each_redirection {
         mod ebpf {
             $(#[test]
             fn $test() -> anyhow::Result<()> {
-                super::$test(zdivert_tests::agent::Mode::Ebpf)
+                super::$test(zdivert_tests::agent::Mode::InPodEbpf)
             })*
         }
         mod iptables {
             $(#[test]
             fn $test() -> anyhow::Result<()> {
-                super::$test(zdivert_tests::agent::Mode::Iptables)
+                super::$test(zdivert_tests::agent::Mode::InPodIptables)
             })*
         }
     };
@@ -194,9 +194,8 @@ fn the_agent_in_pod_mode_serves_ztunnel_and_survives_its_own_restart(
         node.pod("sleep"),
     );
     let mesh = deny_reviews_v1(node);
-    let dir = TempDir::new("zdivert-inpod-agent")?;
-    let socket = dir.0.join("ztunnel.sock");
-    let mut agent = inpod::start_agent(node, &socket, mode)?;
+    let socket = zds_socket(&node.name);
+    let mut agent = inpod::start_agent(node, mode)?;
     let mut ztunnel = Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &mesh, &socket)?;
     ztunnel.wait_ready(Duration::from_secs(20))?;
     wait_ztunnel_in(node.pods.values().filter(|p| p.ambient))?;
@@ -214,7 +213,7 @@ fn the_agent_in_pod_mode_serves_ztunnel_and_survives_its_own_restart(
     }
     assert!(denied.seen().is_empty(), "{:?}", denied.seen());
     ztunnel.wait_access(2, |a| a.direction() == "inbound" && a.denied())?;
-    if mode == Mode::Ebpf {
+    if mode == Mode::InPodEbpf {
         // The programs, not something else, took both to ztunnel: productpage's to :15001 in
         // its netns, sleep's to :15006 in reviews-v1's.
         let assigned = "zdivert_packets_total{path=\"pod_ingress\",outcome=\"assigned_listener\"}";
@@ -243,7 +242,7 @@ fn the_agent_in_pod_mode_serves_ztunnel_and_survives_its_own_restart(
     let broken: Vec<String> = long.stop().into_iter().filter_map(Result::err).collect();
     assert_eq!(broken, Vec::<String>::new());
 
-    agent.describe(&inpod::description(node, &["reviews-v2"]))?;
+    agent.describe(&node.pods_file_without(true, &["reviews-v2"]))?;
     eventually("reviews-v2 released", Duration::from_secs(10), || {
         Ok(!ztunnel_listens_in(rv2)? && inpod::redirection_in(rv2)?.is_empty())
     })?;
@@ -260,9 +259,8 @@ fn without_ztunnel_in_pod_traffic_fails_closed_and_resumes_when_it_is_back(
     let topo = Topology::article()?;
     let node = topo.worker2();
     let (pp, rv2) = (node.pod("productpage-v1"), node.pod("reviews-v2"));
-    let dir = TempDir::new("zdivert-inpod-restart")?;
-    let socket = dir.0.join("ztunnel.sock");
-    let agent = inpod::start_agent(node, &socket, mode)?;
+    let socket = zds_socket(&node.name);
+    let agent = inpod::start_agent(node, mode)?;
     let mut ztunnel =
         Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &MeshConfig::default(), &socket)?;
     ztunnel.wait_ready(Duration::from_secs(20))?;

@@ -125,17 +125,20 @@ impl MeshConfig {
     /// every pod of every node, HBONE for ambient pods and TCP for the rest.
     /// The same for the in-pod build, whose policies carry `dryRun` (1.22.8 rejects the field).
     pub fn xds_in_pod(&self, topo: &Topology) -> String {
-        let mut xds: serde_json::Value =
-            serde_json::from_str(&self.xds(topo)).expect("xds() writes JSON");
+        let mut xds = self.xds_value(topo);
         if let Some(policies) = xds["policies"].as_array_mut() {
             for p in policies {
                 p["dryRun"] = false.into();
             }
         }
-        xds.to_string()
+        unquote_numeric_keys(&xds.to_string())
     }
 
     pub fn xds(&self, topo: &Topology) -> String {
+        unquote_numeric_keys(&self.xds_value(topo).to_string())
+    }
+
+    fn xds_value(&self, topo: &Topology) -> Value {
         let mut pods: Vec<LaterPod> = topo
             .nodes
             .iter()
@@ -194,8 +197,7 @@ impl MeshConfig {
             })
             .collect();
         let policies: Vec<Value> = self.policies.iter().map(Policy::xds).collect();
-        let json = json!({ "workloads": workloads, "services": services, "policies": policies });
-        unquote_numeric_keys(&json.to_string())
+        json!({ "workloads": workloads, "services": services, "policies": policies })
     }
 }
 

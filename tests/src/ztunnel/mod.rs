@@ -130,8 +130,21 @@ impl Ztunnel {
         mesh: &MeshConfig,
         uds: &std::path::Path,
     ) -> Result<Ztunnel> {
+        Self::start_in_pod_with(topo, node, pod, mesh, uds, &[])
+    }
+
+    /// With more environment.
+    pub fn start_in_pod_with(
+        topo: &Topology,
+        node: &Node,
+        pod: &crate::topology::Pod,
+        mesh: &MeshConfig,
+        uds: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Result<Ztunnel> {
         let uds = uds.to_str().context("socket path")?;
-        let env = [("INPOD_UDS", uds)];
+        let mut env = env.to_vec();
+        env.push(("INPOD_UDS", uds));
         let xds = mesh.xds_in_pod(topo);
         let mut z = Self::prepare(node, pod, &xds, &env, in_pod_binary()?)?;
         z.spawn()?;

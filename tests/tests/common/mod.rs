@@ -47,7 +47,8 @@ impl Lab {
         Self::real_with(mode, mesh, &[], &[])
     }
 
-    /// With more environment for ztunnel and more `run` options for the agents.
+    /// With more environment for ztunnel and more `run` options for the agents. In the in-pod
+    /// modes the agents go first: each ztunnel connects to its agent's ZDS socket.
     pub fn real_with(
         mode: Mode,
         mesh: impl FnOnce(&Topology) -> MeshConfig,
@@ -62,6 +63,30 @@ impl Lab {
             mesh,
             topo,
         };
+        if mode.is_in_pod() {
+            for node in &lab.topo.nodes {
+                let agent = Agent::start_with(node, &node.pods_file(true), mode, agent_options)?;
+                lab.agents.push(agent);
+                lab.wait_ready(node, true)?;
+            }
+            for node in &lab.topo.nodes {
+                let socket = zdivert_tests::agent::zds_socket(&node.name);
+                let ztunnel = Ztunnel::start_in_pod_with(
+                    &lab.topo,
+                    node,
+                    &node.ztunnel,
+                    &lab.mesh,
+                    &socket,
+                    ztunnel_env,
+                )?;
+                lab.ztunnels.push(ztunnel);
+            }
+            for (node, ztunnel) in lab.topo.nodes.iter().zip(&mut lab.ztunnels) {
+                ztunnel.wait_ready(std::time::Duration::from_secs(20))?;
+                zdivert_tests::inpod::wait_ztunnel_in(node.pods.values().filter(|p| p.ambient))?;
+            }
+            return Ok(lab);
+        }
         for node in &lab.topo.nodes {
             lab.ztunnels.push(Ztunnel::start_with(
                 &lab.topo,

@@ -56,17 +56,16 @@ pub fn connection_churn_with_normal_closes_never_waits_for_a_retransmission(
         retransmits, 0,
         "{retransmits} SYN retransmissions over {total} connections"
     );
-    if mode.is_ebpf() {
-        assert!(
-            lab.agent2().counter("ztunnel_tproxy", "syn_to_time_wait")? > 0,
-            "no SYN met a TIME_WAIT socket: the test did not test it"
-        );
-        assert!(
-            lab.agent2()
-                .counter("ztunnel_sk_lookup", "assigned_listener")?
-                > 0
-        );
-    }
+    let (tproxy, lookup) = match mode {
+        Mode::Ebpf | Mode::EbpfClsact => ("ztunnel_tproxy", "ztunnel_sk_lookup"),
+        Mode::InPodEbpf => ("pod_ingress", "pod_sk_lookup"),
+        Mode::Iptables | Mode::InPodIptables => return Ok(()),
+    };
+    assert!(
+        lab.agent2().counter(tproxy, "syn_to_time_wait")? > 0,
+        "no SYN met a TIME_WAIT socket: the test did not test it"
+    );
+    assert!(lab.agent2().counter(lookup, "assigned_listener")? > 0);
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 //! their own.
 #![allow(dead_code)]
 mod dns;
+mod inpod;
 mod ipv6;
 mod load;
 mod policy;
@@ -11,7 +12,7 @@ mod start;
 
 // Every test binary includes `common`; only `paths.rs` runs these.
 #[allow(unused_imports)]
-pub use {dns::*, ipv6::*, load::*, policy::*, start::*};
+pub use {dns::*, inpod::*, ipv6::*, load::*, policy::*, start::*};
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -79,35 +80,51 @@ fn hbone_from_productpage(lab: &Lab, server: &Pod, inbound_on: &Ztunnel) -> anyh
 pub fn same_node_ambient_to_ambient_is_hbone_through_ztunnel(mode: Mode) -> anyhow::Result<()> {
     let lab = Lab::real(mode, |_| MeshConfig::default())?;
     hbone_from_productpage(&lab, lab.w2().pod("reviews-v1"), lab.zt2())?;
-    if mode == Mode::Iptables {
-        // The article's path, by the rules' own packet counters: marked 0x100 on the node,
-        // tproxied from pistioout, and HBONE sent back in through pistioin to :15008.
-        let (node, zt) = (&lab.w2().ns, &lab.w2().ztunnel.ns);
-        for (ns, rule) in [
-            (
-                node,
-                "--match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100",
-            ),
-            (
-                node,
-                "--dport 15008 -m set --match-set ztunnel-pods-ips dst",
-            ),
-            (
-                node,
-                "--sport 15008 -m set --match-set ztunnel-pods-ips dst",
-            ),
-            (zt, "-i pistioout -p tcp -j TPROXY --on-port 15001"),
-            (zt, "--dport 15008 -j TPROXY --on-port 15008"),
-        ] {
+    let agent = lab.agent2();
+    match mode {
+        Mode::Iptables => {
+            // The article's path, by the rules' own packet counters: marked 0x100 on the node,
+            // tproxied from pistioout, and HBONE sent back in through pistioin to :15008.
+            let (node, zt) = (&lab.w2().ns, &lab.w2().ztunnel.ns);
+            for (ns, rule) in [
+                (
+                    node,
+                    "--match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100",
+                ),
+                (
+                    node,
+                    "--dport 15008 -m set --match-set ztunnel-pods-ips dst",
+                ),
+                (
+                    node,
+                    "--sport 15008 -m set --match-set ztunnel-pods-ips dst",
+                ),
+                (zt, "-i pistioout -p tcp -j TPROXY --on-port 15001"),
+                (zt, "--dport 15008 -j TPROXY --on-port 15008"),
+            ] {
+                assert!(
+                    fallback::rule_packets(ns, rule)? > 0,
+                    "no packet hit {rule}"
+                );
+            }
+        }
+        Mode::Ebpf | Mode::EbpfClsact => {
+            assert!(agent.counter("outbound", "redirected")? > 0);
+            assert!(agent.counter("ztunnel_return", "hbone_to_ztunnel")? > 0);
+        }
+        Mode::InPodEbpf => {
+            // Turned back in productpage's netns and given to ztunnel's :15001 there.
+            assert!(agent.counter("pod_egress", "turned_back")? > 0);
+            assert!(agent.counter("pod_ingress", "assigned_listener")? > 0);
+        }
+        Mode::InPodIptables => {
+            let pp = &lab.w2().pod("productpage-v1").ns;
+            let rule = "-p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001";
             assert!(
-                fallback::rule_packets(ns, rule)? > 0,
+                fallback::rule_packets(pp, rule)? > 0,
                 "no packet hit {rule}"
             );
         }
-    } else {
-        let agent = lab.agent2();
-        assert!(agent.counter("outbound", "redirected")? > 0);
-        assert!(agent.counter("ztunnel_return", "hbone_to_ztunnel")? > 0);
     }
     Ok(())
 }
@@ -158,7 +175,13 @@ pub fn non_ambient_to_ambient_goes_through_ztunnels_inbound(mode: Mode) -> anyho
     let (sleep, rv1) = (lab.w2().pod("sleep"), lab.w2().pod("reviews-v1"));
     let curl = lab.w1().pod("curl");
     let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
-    let in_pod_15008 = TcpServer::start(&rv1.ns, "reviews-v1-15008", 15008)?;
+    // In-pod ztunnel holds :15008 in the pod's own netns: there the port is not the pod's to
+    // open at all.
+    let in_pod_15008 = if mode.is_in_pod() {
+        None
+    } else {
+        Some(TcpServer::start(&rv1.ns, "reviews-v1-15008", 15008)?)
+    };
     let dst = sa(rv1.ip, 9080);
 
     for client in [sleep, curl] {
@@ -171,11 +194,13 @@ pub fn non_ambient_to_ambient_goes_through_ztunnels_inbound(mode: Mode) -> anyho
     // pod's own socket on that port never sees it.
     let plain = request_timeout(&sleep.ns, sa(rv1.ip, 15008), Duration::from_secs(2));
     assert!(plain.is_err(), "plain TCP is no HBONE: {plain:?}");
-    assert!(
-        in_pod_15008.seen().is_empty(),
-        "the pod's :15008 was reached around ztunnel: {:?}",
-        in_pod_15008.seen()
-    );
+    if let Some(s) = in_pod_15008 {
+        assert!(
+            s.seen().is_empty(),
+            "the pod's :15008 was reached around ztunnel: {:?}",
+            s.seen()
+        );
+    }
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use zdivert_common::{
-    COUNTERS, DrainingZtunnel, IpKey, NODE_IP_LOCAL, POD_F_V4, POD_F_V6, PodEntry,
+    COUNTERS, DrainingZtunnel, IpKey, NODE_IP_LOCAL, POD_COUNTERS, POD_F_V4, POD_F_V6, PodEntry,
     ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZtunnelEntry,
 };
 
@@ -296,6 +296,15 @@ pub fn snapshot(dir: &Path) -> Result<Snapshot> {
     for &(index, path, outcome) in COUNTERS {
         let per_cpu = stats.get(&index, 0).map_err(map_err(STATS))?;
         counters.push((path, outcome, per_cpu.iter().sum()));
+    }
+    // In-pod mode's counters; absent from the pins of an agent older than in-pod eBPF.
+    if dir.join(POD_STATS).exists() {
+        let stats: PerCpuArray<_, u64> =
+            open(dir, POD_STATS)?.try_into().map_err(map_err(POD_STATS))?;
+        for &(index, path, outcome) in POD_COUNTERS {
+            let per_cpu = stats.get(&index, 0).map_err(map_err(POD_STATS))?;
+            counters.push((path, outcome, per_cpu.iter().sum()));
+        }
     }
     Ok(Snapshot {
         pods: pods.iter().flatten().map(|(k, v)| (ip(&k), v)).collect(),

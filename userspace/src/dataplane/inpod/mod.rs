@@ -79,16 +79,20 @@ impl InPod {
 
     fn ztunnel_state(&self, state: &NodeState) -> ZtunnelState {
         let peers = self.server.peers().len();
+        let Some(pod) = state.ztunnel.as_ref().map(|z| z.pod.clone()) else {
+            return match peers {
+                0 => ZtunnelState::Absent,
+                peers => ZtunnelState::Connected { peers },
+            };
+        };
         if peers == 0 {
-            return ZtunnelState::Absent;
+            // The node's ztunnel is not connected (starting, or its process exited): looked at
+            // again soon, as a node-level ztunnel that does not listen.
+            return ZtunnelState::NotListening {
+                pod,
+                missing: crate::ztunnel::LISTENERS.to_vec(),
+            };
         }
-        let pod = state.ztunnel.as_ref().map_or_else(
-            || PodId {
-                namespace: "istio-system".into(),
-                name: "ztunnel".into(),
-            },
-            |z| z.pod.clone(),
-        );
         // ztunnel listens in every pod it serves; the first one stands for all.
         let Some(netns) = self.redirected.values().next() else {
             return ZtunnelState::Connected { peers };
