@@ -36,13 +36,15 @@ pub fn send6(ns: &Netns, dst: Ipv6Addr, packet: Vec<u8>) -> Result<()> {
     })
 }
 
-/// One delivered packet: its TCP ports (and, for IPv4, addresses).
+/// One delivered packet: its TCP ports and flags (and, for IPv4, addresses).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Seen {
     pub src: Option<Ipv4Addr>,
     pub dst: Option<Ipv4Addr>,
     pub sport: u16,
     pub dport: u16,
+    /// None for a header cut short before them.
+    pub flags: Option<u8>,
 }
 
 /// Records every TCP packet, IPv4 or IPv6, delivered in one netns.
@@ -117,13 +119,14 @@ fn parse(b: &[u8]) -> Option<Seen> {
     )
 }
 
-fn parse_tcp(t: &[u8], addrs: Option<(Ipv4Addr, Ipv4Addr)>) -> Option<Seen> {
-    let t = t.get(..4)?;
+fn parse_tcp(full: &[u8], addrs: Option<(Ipv4Addr, Ipv4Addr)>) -> Option<Seen> {
+    let t = full.get(..4)?;
     Some(Seen {
         src: addrs.map(|a| a.0),
         dst: addrs.map(|a| a.1),
         sport: u16::from_be_bytes([t[0], t[1]]),
         dport: u16::from_be_bytes([t[2], t[3]]),
+        flags: full.get(13).copied(),
     })
 }
 
