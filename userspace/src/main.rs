@@ -185,21 +185,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // kernel state stays), it never kills the agent halfway through an apply.
             rt.block_on(stop_on_signal())?;
             let attach = attach.unwrap_or_else(AttachMode::for_kernel);
+            let options = choose::Options {
+                bpffs: &cli.bpffs,
+                state_dir: &cli.state_dir,
+                node: &node,
+                tunnel,
+                attach,
+                dns_capture,
+            };
             let mut dp: Box<dyn zdivert::dataplane::Dataplane> = match ztunnel_mode {
-                ZtunnelMode::Node => choose::build(
-                    mode,
-                    &choose::Options {
-                        bpffs: &cli.bpffs,
-                        state_dir: &cli.state_dir,
-                        node: &node,
-                        tunnel,
-                        attach,
-                        dns_capture,
-                    },
-                )?,
+                ZtunnelMode::Node => choose::build(mode, &options)?,
                 ZtunnelMode::Inpod => Box::new(zdivert::dataplane::inpod::InPod::new(
                     &zds_socket,
-                    choose::in_pod_redirection(mode, &cli.bpffs, &node, attach, dns_capture)?,
+                    choose::in_pod_redirection(mode, &options)?,
                 )?),
             };
             let no_hold_new_veths = no_hold_new_veths || ztunnel_mode == ZtunnelMode::Inpod;

@@ -91,12 +91,17 @@ pub fn build(mode: Mode, o: &Options) -> Result<Box<dyn Dataplane>> {
 /// istio-cni's rules), decided as for the node-level dataplanes.
 pub fn in_pod_redirection(
     mode: Mode,
-    bpffs: &Path,
-    node: &str,
-    attach: AttachMode,
-    dns_capture: bool,
+    o: &Options,
 ) -> Result<super::inpod::Redirection> {
-    use super::inpod::{Redirection, programs::PodPrograms};
+    use super::inpod::{Redirection, programs::PodPrograms, rules::PodRules};
+    let Options {
+        bpffs,
+        state_dir,
+        node,
+        attach,
+        dns_capture,
+        ..
+    } = *o;
     check_object(mode, ebpf::object())?;
     let use_ebpf = match mode {
         Mode::Ebpf => true,
@@ -110,7 +115,11 @@ pub fn in_pod_redirection(
         },
     };
     if !use_ebpf {
-        return Ok(Redirection::iptables(dns_capture));
+        return Ok(Redirection::Iptables(PodRules::new(
+            state_dir,
+            node,
+            dns_capture,
+        )?));
     }
     let programs = PodPrograms::load(bpffs, node, attach, dns_capture)?;
     log::info!("in-pod eBPF redirection for node {node}, attached through {attach}");

@@ -112,6 +112,13 @@ pub fn cleanup(
         c.ztunnel_netns.len(),
         c.pod_netns.len()
     )];
+    let pods = inpod::rules::cleanup(state_dir, node)?;
+    if !pods.is_empty() {
+        done.push(format!(
+            "removed istio-cni's rules from {} pod netns",
+            pods.len()
+        ));
+    }
     if iptables::has_state(state_dir, node) {
         let c = iptables::cleanup(state_dir, node)?;
         done.push(format!(

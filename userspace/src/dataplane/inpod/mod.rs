@@ -4,6 +4,7 @@
 //! (`iptables::inpod`). The redirection goes in before the `add`, so a pod is never handed over
 //! unredirected; until ztunnel listens, its redirected TCP is refused (fail closed).
 pub mod programs;
+pub mod rules;
 
 use std::{
     collections::BTreeMap,
@@ -11,10 +12,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{
-    Dataplane, Report, ZtunnelState,
-    iptables::{Backend, inpod},
-};
+use super::{Dataplane, Report, ZtunnelState};
 use crate::{
     error::{Error, Result},
     netns,
@@ -25,34 +23,21 @@ use crate::{
 /// How a pod's traffic reaches the ztunnel listening in its netns.
 pub enum Redirection {
     Ebpf(Box<programs::PodPrograms>),
-    Iptables { backend: Backend, dns_capture: bool },
+    Iptables(rules::PodRules),
 }
 
 impl Redirection {
-    /// istio-cni's rules, through the backend the pods' iptables use.
-    pub fn iptables(dns_capture: bool) -> Redirection {
-        let (backend, why) = super::iptables::detect_backend();
-        log::info!("iptables backend {backend:?}: {why}");
-        Redirection::Iptables {
-            backend,
-            dns_capture,
-        }
-    }
-
     fn redirect(&mut self, ns: &Path, ips: &[IpAddr]) -> Result<()> {
         match self {
             Redirection::Ebpf(p) => p.redirect(ns, ips),
-            Redirection::Iptables {
-                backend,
-                dns_capture,
-            } => inpod::apply(ns, *backend, *dns_capture),
+            Redirection::Iptables(r) => r.redirect(ns),
         }
     }
 
     fn release(&mut self, ns: &Path) -> Result<()> {
         match self {
             Redirection::Ebpf(p) => p.release(ns),
-            Redirection::Iptables { backend, .. } => inpod::remove(ns, *backend),
+            Redirection::Iptables(r) => r.release(ns),
         }
     }
 }
@@ -115,7 +100,7 @@ impl Dataplane for InPod {
     fn name(&self) -> &'static str {
         match self.redirection {
             Redirection::Ebpf(_) => "in-pod (ebpf)",
-            Redirection::Iptables { .. } => "in-pod (iptables)",
+            Redirection::Iptables(_) => "in-pod (iptables)",
         }
     }
 

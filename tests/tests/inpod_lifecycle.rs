@@ -1,0 +1,188 @@
+//! In-pod mode over the pods' lifecycle, under the agent and the real in-pod ztunnel, with each
+//! redirection: pods join and leave the mesh while traffic flows, a pod deleted while ztunnel
+//! is down is not served when it is back, a ZDS peer that never acks does not hold up the
+//! others, and `zdivert cleanup` takes the redirection out of every pod.
+mod common;
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use common::{Lab, Mode};
+use zdivert_tests::{
+    apps::{RequestStream, TcpServer, request, request_timeout, sa},
+    eventually,
+    inpod::{redirection_in, wait_ztunnel_in, ztunnel_listens_in},
+    ztunnel::{LaterPod, MeshConfig},
+};
+
+macro_rules! with_each_redirection {
+    ($($test:ident),* $(,)?) => {
+        mod ebpf {
+            $(#[test]
+            fn $test() -> anyhow::Result<()> {
+                super::$test(super::Mode::InPodEbpf)
+            })*
+        }
+        mod iptables {
+            $(#[test]
+            fn $test() -> anyhow::Result<()> {
+                super::$test(super::Mode::InPodIptables)
+            })*
+        }
+    };
+}
+
+with_each_redirection!(
+    pods_join_and_leave_the_mesh_while_traffic_flows,
+    a_pod_deleted_while_ztunnel_is_down_is_not_served_when_it_is_back,
+    a_peer_that_never_acks_holds_up_no_one,
+    cleanup_takes_the_redirection_out_of_every_pod,
+);
+
+/// The node description without the pods named in `left` (gone from the API).
+fn without(description: &str, left: &[&str]) -> String {
+    description
+        .lines()
+        .filter(|l| !left.iter().any(|n| l.contains(&format!("name: {n},"))))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+fn pods_join_and_leave_the_mesh_while_traffic_flows(mode: Mode) -> anyhow::Result<()> {
+    let newcomer_ip = Ipv4Addr::new(10, 244, 2, 60);
+    let lab = Lab::real(mode, |topo| MeshConfig {
+        later: vec![LaterPod {
+            node: topo.worker2().name.clone(),
+            name: "ratings-v9".into(),
+            namespace: "default".into(),
+            ip: newcomer_ip,
+            ambient: true,
+        }],
+        ..Default::default()
+    })?;
+    let (w2, agent, zt) = (lab.w2(), lab.agent2(), lab.zt2());
+    let (pp, rv1, rv2, sleep) = (
+        w2.pod("productpage-v1"),
+        w2.pod("reviews-v1"),
+        w2.pod("reviews-v2"),
+        w2.pod("sleep"),
+    );
+    let _s1 = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let _s2 = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
+    let stream = RequestStream::start(&pp.ns, sa(rv1.ip, 9080))?;
+    stream.wait_more(5)?;
+
+    // A pod joins: it is redirected, handed to ztunnel, and reached through it.
+    let newcomer = w2.start_pod("ratings-v9", "default", newcomer_ip, true)?;
+    w2.plug_pod(&newcomer)?;
+    let _s3 = TcpServer::start(&newcomer.ns, "ratings-v9", 9080)?;
+    let with_newcomer = w2.pods_file_with(&[&newcomer]);
+    agent.describe(&with_newcomer)?;
+    wait_ztunnel_in([&newcomer])?;
+    let reply = request(&sleep.ns, sa(newcomer.ip, 9080))?;
+    assert_eq!(reply.server, "ratings-v9");
+    zt.wait_access(1, |a| {
+        a.direction() == "inbound" && a.dst_workload() == "ratings-v9" && a.error().is_none()
+    })?;
+    stream.wait_more(5)?;
+
+    // A pod leaves: ztunnel lets go of it, its redirection goes, it is reached directly.
+    agent.describe(&without(&with_newcomer, &["reviews-v2"]))?;
+    eventually("reviews-v2 released", Duration::from_secs(10), || {
+        Ok(!ztunnel_listens_in(rv2)? && redirection_in(rv2)?.is_empty())
+    })?;
+    let logged = zt.access_log().len();
+    assert_eq!(request(&sleep.ns, sa(rv2.ip, 9080))?.server, "reviews-v2");
+    stream.wait_more(5)?;
+    let results = stream.stop();
+    common::assert_none_failed(&results, 15);
+    // Every request of the stream went through ztunnel; the direct one did not.
+    zt.wait_access(results.len(), |a| {
+        a.direction() == "inbound" && a.dst_workload() == "reviews-v1"
+    })?;
+    assert!(
+        zt.access_log()[logged..]
+            .iter()
+            .all(|a| a.dst_workload() != "reviews-v2"),
+        "{}",
+        zt.access_summary()
+    );
+    Ok(())
+}
+
+fn a_pod_deleted_while_ztunnel_is_down_is_not_served_when_it_is_back(
+    mode: Mode,
+) -> anyhow::Result<()> {
+    let mut lab = Lab::real(mode, |_| MeshConfig::default())?;
+    let w2 = lab.topo.worker2();
+    let (pp, rv1, rv2) = (
+        w2.pod("productpage-v1"),
+        w2.pod("reviews-v1"),
+        w2.pod("reviews-v2"),
+    );
+    let _s1 = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    lab.ztunnels[0].kill();
+    lab.agents[0].describe(&without(&w2.pods_file(true), &["reviews-v2"]))?;
+    eventually("reviews-v2 released", Duration::from_secs(10), || {
+        Ok(redirection_in(rv2)?.is_empty())
+    })?;
+    lab.ztunnels[0].restart()?;
+    lab.ztunnels[0].wait_ready(Duration::from_secs(20))?;
+    wait_ztunnel_in(w2.pods.values().filter(|p| p.ambient && p.name != rv2.name))?;
+    assert!(
+        !ztunnel_listens_in(rv2)?,
+        "the restarted ztunnel was handed the deleted pod"
+    );
+    assert_eq!(request(&pp.ns, sa(rv1.ip, 9080))?.server, "reviews-v1");
+    lab.ztunnels[0].wait_access(1, |a| {
+        a.direction() == "inbound" && a.dst_workload() == "reviews-v1"
+    })?;
+    Ok(())
+}
+
+/// A peer that says hello and never acks its snapshot: the agent gives up on it after its ack
+/// timeout, says so in its metrics, and serves the real ztunnel all along (a pod that joins
+/// meanwhile is handed to it).
+fn a_peer_that_never_acks_holds_up_no_one(mode: Mode) -> anyhow::Result<()> {
+    let lab = Lab::real(mode, |_| MeshConfig::default())?;
+    let (w2, agent) = (lab.w2(), lab.agent2());
+    let (rv2, sleep) = (w2.pod("reviews-v2"), w2.pod("sleep"));
+    let socket = zdivert_tests::agent::zds_socket(&w2.name);
+    let silent = zdivert::zds::Peer::connect(&socket)?;
+    // ZdsHello { version: V1 }: field 1, varint 1.
+    silent.send(&[0x08, 0x01], None)?;
+    let timeouts = "zdivert_zds_requests_total{request=\"snapshot\",outcome=\"failed\"}";
+    // Meanwhile a pod leaves and comes back: the real ztunnel is told both.
+    agent.describe(&without(&w2.pods_file(true), &["reviews-v2"]))?;
+    eventually("ztunnel let go of reviews-v2", Duration::from_secs(10), || {
+        Ok(!ztunnel_listens_in(rv2)?)
+    })?;
+    agent.describe(&w2.pods_file(true))?;
+    wait_ztunnel_in([rv2])?;
+    let _s2 = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
+    assert_eq!(request(&sleep.ns, sa(rv2.ip, 9080))?.server, "reviews-v2");
+    eventually("the silent peer given up", Duration::from_secs(15), || {
+        Ok(agent.metric(timeouts)? >= 1.0 && agent.metric("zdivert_zds_peers")? == 1.0)
+    })?;
+    drop(silent);
+    Ok(())
+}
+
+fn cleanup_takes_the_redirection_out_of_every_pod(mode: Mode) -> anyhow::Result<()> {
+    let mut lab = Lab::real(mode, |_| MeshConfig::default())?;
+    let w2 = lab.topo.worker2();
+    let (pp, rv1) = (w2.pod("productpage-v1"), w2.pod("reviews-v1"));
+    let _s1 = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let out = lab.agents[0].cleanup()?;
+    for p in w2.pods.values().filter(|p| p.ambient) {
+        let left = redirection_in(p)?;
+        // istio-cni's rules belong to the iptables fallback's cleanup only in node-level mode;
+        // in-pod, what the agent put in a pod is what cleanup must take out.
+        assert!(left.is_empty(), "{mode:?}: {} still holds {left:?}\n{out}", p.name);
+    }
+    // Nothing captures any more: productpage reaches reviews-v1 directly.
+    lab.ztunnels[0].kill();
+    let r = request_timeout(&pp.ns, sa(rv1.ip, 9080), Duration::from_secs(2))?;
+    assert_eq!(r.server, "reviews-v1");
+    assert_eq!(r.peer.ip(), pp.ip);
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! In-pod redirection with istio-cni's rules (`iptables::inpod`), and a record of the pods that
+//! hold them: `<state dir>/<node>.inpod/<netns inode>`, one empty file each, written before the
+//! rules go in and removed after they are out, so that `zdivert cleanup` finds every pod netns
+//! an agent touched without the agent.
+use std::path::{Path, PathBuf};
+
+use crate::{
+    dataplane::iptables::{self, Backend, inpod},
+    error::{Error, Result},
+    netns,
+};
+
+pub struct PodRules {
+    backend: Backend,
+    dns_capture: bool,
+    records: PathBuf,
+}
+
+pub fn records_dir(state_dir: &Path, node: &str) -> PathBuf {
+    state_dir.join(format!("{node}.inpod"))
+}
+
+impl PodRules {
+    pub fn new(state_dir: &Path, node: &str, dns_capture: bool) -> Result<PodRules> {
+        let (backend, why) = iptables::detect_backend();
+        log::info!("iptables backend {backend:?}: {why}");
+        let records = records_dir(state_dir, node);
+        std::fs::create_dir_all(&records).map_err(|source| Error::StateFile {
+            path: records.clone(),
+            source,
+        })?;
+        Ok(PodRules {
+            backend,
+            dns_capture,
+            records,
+        })
+    }
+
+    pub fn redirect(&self, ns: &Path) -> Result<()> {
+        let record = self.records.join(netns::inode(ns)?.to_string());
+        if !record.exists() {
+            std::fs::write(&record, b"").map_err(|source| Error::StateFile {
+                path: record.clone(),
+                source,
+            })?;
+        }
+        inpod::apply(ns, self.backend, self.dns_capture)
+    }
+
+    pub fn release(&self, ns: &Path) -> Result<()> {
+        inpod::remove(ns, self.backend)?;
+        forget(&self.records.join(netns::inode(ns)?.to_string()))
+    }
+}
+
+/// Takes istio-cni's rules out of every pod netns an agent of `node` recorded: the pod netns
+/// it cleaned (those still there).
+pub fn cleanup(state_dir: &Path, node: &str) -> Result<Vec<PathBuf>> {
+    let dir = records_dir(state_dir, node);
+    let mut cleaned = Vec::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(cleaned);
+    };
+    let (backend, _) = iptables::detect_backend();
+    for e in entries.flatten() {
+        let inode = e.file_name().to_string_lossy().parse::<u64>().ok();
+        if let Some(ns) = inode.and_then(netns::find_by_inode) {
+            inpod::remove(&ns, backend)?;
+            cleaned.push(ns);
+        }
+        forget(&e.path())?;
+    }
+    let _ = std::fs::remove_dir(&dir);
+    Ok(cleaned)
+}
+
+fn forget(record: &Path) -> Result<()> {
+    match std::fs::remove_file(record) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::StateFile {
+            path: record.into(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
