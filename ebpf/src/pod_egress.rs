@@ -79,8 +79,7 @@ fn turn_back(ctx: &TcContext) -> i32 {
     if !set_dst_mac(ctx, &LOOPBACK_MAC) {
         return drop(EGRESS_DROP_MALFORMED);
     }
-    ctx.skb
-        .set_mark((mark(ctx) & !MARK_MASK) | MARK_INPOD_CONN);
+    ctx.skb.set_mark((mark(ctx) & !MARK_MASK) | MARK_INPOD_CONN);
     // SAFETY: plain helper call; returns TC_ACT_REDIRECT, or TC_ACT_SHOT if lo is gone.
     unsafe { bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS as u64) as i32 }
 }

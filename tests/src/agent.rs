@@ -183,7 +183,10 @@ impl Agent {
         };
         let child = cmd
             .args(&self.extra)
-            .env("RUST_LOG", std::env::var("ZDIVERT_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("ZDIVERT_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .spawn()
             .context("starting zdivert")?;

@@ -50,8 +50,13 @@ pub fn wait_ztunnel_in<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Result<()
 /// The agent on `node` in `--ztunnel-mode inpod` (`mode`: `InPodEbpf` or `InPodIptables`),
 /// serving ZDS on `agent::zds_socket`.
 pub fn start_agent(node: &Node, mode: Mode) -> Result<Agent> {
+    start_agent_with(node, mode, &[])
+}
+
+/// With more `run` options (`--attach tcx`).
+pub fn start_agent_with(node: &Node, mode: Mode, extra: &[&str]) -> Result<Agent> {
     anyhow::ensure!(mode.is_in_pod(), "{mode} is not an in-pod mode");
-    Agent::start_with(node, &node.pods_file(true), mode, &[])
+    Agent::start_with(node, &node.pods_file(true), mode, extra)
 }
 
 /// Waits until each ambient pod of `node` holds the redirection of `mode`.
@@ -87,8 +92,15 @@ pub fn redirection_in(pod: &Pod) -> Result<Vec<String>> {
     }
     for family in ["-4", "-6"] {
         let rules = pod.ns.cmd("ip", &[family, "rule"])?;
-        held.extend(rules.lines().filter(|l| l.contains("0x111")).map(String::from));
-        let routes = pod.ns.cmd("ip", &[family, "route", "show", "table", "100"])?;
+        held.extend(
+            rules
+                .lines()
+                .filter(|l| l.contains("0x111"))
+                .map(String::from),
+        );
+        let routes = pod
+            .ns
+            .cmd("ip", &[family, "route", "show", "table", "100"])?;
         held.extend(routes.lines().map(|l| format!("table 100: {l}")));
     }
     held.extend(programs_in(pod)?);
@@ -103,11 +115,22 @@ pub fn redirection_in(pod: &Pod) -> Result<Vec<String>> {
     Ok(held)
 }
 
-/// The TCX programs on `pod`'s eth0 (both ways) and lo (ingress), as `<where>: <name>`.
+/// zdivert's programs on `pod`'s eth0 (both ways) and lo (ingress), TCX links and tc filters,
+/// as `<where>: <name>`.
 pub fn programs_in(pod: &Pod) -> Result<Vec<String>> {
     use aya::programs::{SchedClassifier, TcAttachType};
+    let mut filters = Vec::new();
+    for (dev, dir) in [("eth0", "ingress"), ("eth0", "egress"), ("lo", "ingress")] {
+        let shown = pod.ns.cmd("tc", &["filter", "show", "dev", dev, dir])?;
+        filters.extend(
+            shown
+                .lines()
+                .filter(|l| l.contains("zd_pod"))
+                .map(|l| format!("{dev} {dir} filter: {}", l.trim())),
+        );
+    }
     zdivert::netns::run_in(&pod.ns.path(), || -> Result<Vec<String>> {
-        let mut out = Vec::new();
+        let mut out = filters;
         for (dev, hook) in [
             ("eth0", TcAttachType::Ingress),
             ("eth0", TcAttachType::Egress),

@@ -185,6 +185,16 @@ with_each_redirection!(
 fn the_agent_in_pod_mode_serves_ztunnel_and_survives_its_own_restart(
     mode: Mode,
 ) -> anyhow::Result<()> {
+    serves_ztunnel_and_survives_its_own_restart(mode, &[])
+}
+
+/// The programs attached as TCX links instead of tc filters (in-pod mode's default).
+#[test]
+fn ebpf_with_tcx_links_serves_ztunnel_and_survives_its_own_restart() -> anyhow::Result<()> {
+    serves_ztunnel_and_survives_its_own_restart(Mode::InPodEbpf, &["--attach", "tcx"])
+}
+
+fn serves_ztunnel_and_survives_its_own_restart(mode: Mode, extra: &[&str]) -> anyhow::Result<()> {
     let topo = Topology::article()?;
     let node = topo.worker2();
     let (pp, rv1, rv2, sleep) = (
@@ -195,7 +205,7 @@ fn the_agent_in_pod_mode_serves_ztunnel_and_survives_its_own_restart(
     );
     let mesh = deny_reviews_v1(node);
     let socket = zds_socket(&node.name);
-    let mut agent = inpod::start_agent(node, mode)?;
+    let mut agent = inpod::start_agent_with(node, mode, extra)?;
     let mut ztunnel = Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &mesh, &socket)?;
     ztunnel.wait_ready(Duration::from_secs(20))?;
     wait_ztunnel_in(node.pods.values().filter(|p| p.ambient))?;

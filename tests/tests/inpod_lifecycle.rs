@@ -153,9 +153,11 @@ fn a_peer_that_never_acks_holds_up_no_one(mode: Mode) -> anyhow::Result<()> {
     let timeouts = "zdivert_zds_requests_total{request=\"snapshot\",outcome=\"failed\"}";
     // Meanwhile a pod leaves and comes back: the real ztunnel is told both.
     agent.describe(&without(&w2.pods_file(true), &["reviews-v2"]))?;
-    eventually("ztunnel let go of reviews-v2", Duration::from_secs(10), || {
-        Ok(!ztunnel_listens_in(rv2)?)
-    })?;
+    eventually(
+        "ztunnel let go of reviews-v2",
+        Duration::from_secs(10),
+        || Ok(!ztunnel_listens_in(rv2)?),
+    )?;
     agent.describe(&w2.pods_file(true))?;
     wait_ztunnel_in([rv2])?;
     let _s2 = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
@@ -177,7 +179,11 @@ fn cleanup_takes_the_redirection_out_of_every_pod(mode: Mode) -> anyhow::Result<
         let left = redirection_in(p)?;
         // istio-cni's rules belong to the iptables fallback's cleanup only in node-level mode;
         // in-pod, what the agent put in a pod is what cleanup must take out.
-        assert!(left.is_empty(), "{mode:?}: {} still holds {left:?}\n{out}", p.name);
+        assert!(
+            left.is_empty(),
+            "{mode:?}: {} still holds {left:?}\n{out}",
+            p.name
+        );
     }
     // Nothing captures any more: productpage reaches reviews-v1 directly.
     lab.ztunnels[0].kill();

@@ -89,10 +89,7 @@ pub fn build(mode: Mode, o: &Options) -> Result<Box<dyn Dataplane>> {
 
 /// In-pod mode: the pods' redirection `mode` asks for (eBPF programs in each pod's netns, or
 /// istio-cni's rules), decided as for the node-level dataplanes.
-pub fn in_pod_redirection(
-    mode: Mode,
-    o: &Options,
-) -> Result<super::inpod::Redirection> {
+pub fn in_pod_redirection(mode: Mode, o: &Options) -> Result<super::inpod::Redirection> {
     use super::inpod::{Redirection, programs::PodPrograms, rules::PodRules};
     let Options {
         bpffs,

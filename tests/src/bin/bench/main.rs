@@ -1,9 +1,11 @@
 //! `cargo xtask bench`: what each redirection path costs, side by side in one run. Prints the
 //! tables and writes `bench/results.json` and `bench/results.md`.
 //!
-//! Usage: bench [--quick] [--rounds N] [--only datapath|upgrade|perpacket|control] [--out DIR]
+//! Usage: bench [--quick] [--rounds N] [--only datapath|inpod|upgrade|perpacket|control]
+//! [--out DIR]
 mod control;
 mod datapath;
+mod inpod_apply;
 mod perpacket;
 mod report;
 mod stats;
@@ -15,7 +17,7 @@ use anyhow::{Context, Result, bail};
 
 struct Args {
     quick: bool,
-    /// Only this part: datapath, upgrade, perpacket or control.
+    /// Only this part: datapath, inpod, upgrade, perpacket or control.
     only: Option<String>,
     rounds: usize,
     out: PathBuf,
@@ -42,7 +44,7 @@ fn args() -> Result<Args> {
             "--only" => {
                 a.only = Some(
                     it.next()
-                        .context("--only datapath|upgrade|perpacket|control")?,
+                        .context("--only datapath|inpod|upgrade|perpacket|control")?,
                 )
             }
             "--out" => a.out = it.next().context("--out DIR")?.into(),
@@ -79,6 +81,13 @@ fn main() -> Result<()> {
     if part("datapath") {
         eprintln!("bench: data path ({} rounds)", sizes.rounds);
         datapath::run(&sizes, &mut samples)?;
+    }
+    if part("inpod") {
+        eprintln!("bench: in-pod data path ({} rounds)", sizes.rounds);
+        datapath::run_in_pod(&sizes, &mut samples)?;
+        let pods = if a.quick { 4 } else { 40 };
+        eprintln!("bench: in-pod apply of one new pod ({pods} pods)");
+        inpod_apply::run(pods, &mut samples)?;
     }
     if part("upgrade") {
         eprintln!("bench: ztunnel replacement ({} rounds)", sizes.rounds);

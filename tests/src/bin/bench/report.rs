@@ -65,7 +65,14 @@ impl Report {
                     });
                 }
             }
+            for metric in metrics {
+                ratios.push(Ratio {
+                    name: format!("{side} {metric} inpod-ebpf/inpod-iptables"),
+                    value: m("d-inpod-ebpf", metric) / m("e-inpod-iptables", metric),
+                });
+            }
             let eb = |metric: &str| m("b-ebpf", metric) / m("c-iptables", metric);
+            let inpod = |metric: &str| m("d-inpod-ebpf", metric) / m("e-inpod-iptables", metric);
             let mut target = |what: &str, wanted: &str, measured: f64, met: bool| {
                 targets.push(Target {
                     what: format!("{side}: {what}"),
@@ -89,7 +96,33 @@ impl Report {
                     t >= 1.0,
                 );
             }
+            let conn = inpod("conn_per_s");
+            target(
+                "in-pod connections/s, eBPF/rules",
+                "≥ 1.25",
+                conn,
+                conn >= 1.25,
+            );
+            let rr = inpod("rr_p50");
+            target("in-pod RR latency p50, eBPF/rules", "≤ 0.90", rr, rr <= 0.9);
+            for metric in ["bulk_1", "bulk_4"] {
+                let t = inpod(metric);
+                target(
+                    &format!("in-pod throughput {metric}, eBPF/rules"),
+                    "≥ 1.00",
+                    t,
+                    t >= 1.0,
+                );
+            }
         }
+        let one_pod = median(&figures, "in-pod/ebpf", "apply_one_pod")
+            / median(&figures, "in-pod/iptables", "apply_one_pod");
+        targets.push(Target {
+            what: "in-pod apply of one new pod, eBPF/rules".into(),
+            target: "≤ 0.50".into(),
+            measured: one_pod,
+            met: one_pod <= 0.5,
+        });
         for prog in ["zd_outbound", "zd_inbound", "zd_zt_return", "zd_zt_tproxy"] {
             let ns = median(&figures, &format!("10000 pods/{prog}"), "ns_per_packet");
             targets.push(Target {

@@ -47,12 +47,18 @@ pub fn probes_from_istio_cnis_address_reach_the_pod_and_nothing_else_from_the_no
         (sa(rv1.ip6, 8081), PROBE_V6.parse()?),
     ] {
         let reply = request(&w2.ns, dst)?;
-        assert_eq!(reply.server, "reviews-v1-health", "{mode:?}: probe to {dst}");
+        assert_eq!(
+            reply.server, "reviews-v1-health",
+            "{mode:?}: probe to {dst}"
+        );
         assert_eq!(reply.peer.ip(), probe, "{mode:?}: the probe came as itself");
     }
     for dst in [sa(rv1.ip, 9080), sa(rv1.ip6, 9080)] {
         let r = request_timeout(&w2.ns, dst, Duration::from_secs(2));
-        assert!(r.is_err(), "{mode:?}: the node reached {dst} around ztunnel: {r:?}");
+        assert!(
+            r.is_err(),
+            "{mode:?}: the node reached {dst} around ztunnel: {r:?}"
+        );
     }
     assert!(app.seen().is_empty(), "{:?}", app.seen());
     let denied = lab

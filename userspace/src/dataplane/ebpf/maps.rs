@@ -121,7 +121,10 @@ fn map_err(map: &'static str) -> impl Fn(MapError) -> Error {
 }
 
 /// One map, taken out of the loaded object (the programs keep their own references).
-pub fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T> {
+pub fn take<T: TryFrom<Map, Error = MapError>>(
+    ebpf: &mut aya::Ebpf,
+    name: &'static str,
+) -> Result<T> {
     let map = ebpf.take_map(name).ok_or(Error::MapMissing { map: name })?;
     T::try_from(map).map_err(map_err(name))
 }
@@ -299,8 +302,9 @@ pub fn snapshot(dir: &Path) -> Result<Snapshot> {
     }
     // In-pod mode's counters; absent from the pins of an agent older than in-pod eBPF.
     if dir.join(POD_STATS).exists() {
-        let stats: PerCpuArray<_, u64> =
-            open(dir, POD_STATS)?.try_into().map_err(map_err(POD_STATS))?;
+        let stats: PerCpuArray<_, u64> = open(dir, POD_STATS)?
+            .try_into()
+            .map_err(map_err(POD_STATS))?;
         for &(index, path, outcome) in POD_COUNTERS {
             let per_cpu = stats.get(&index, 0).map_err(map_err(POD_STATS))?;
             counters.push((path, outcome, per_cpu.iter().sum()));

@@ -180,7 +180,10 @@ impl Ztunnels {
         lookup::remove_others(dirs, lookup::Lookup::Ztunnel, &keep)?;
         for (ns, v6, inode) in want {
             tproxy_routing(&ns, v6, true)?;
-            let pinned = dirs.links.join(lookup::Lookup::Ztunnel.pin_name(inode)).exists();
+            let pinned = dirs
+                .links
+                .join(lookup::Lookup::Ztunnel.pin_name(inode))
+                .exists();
             if !done.iter().any(|d| d.0 == ns) || !pinned {
                 lookup::attach(ebpf, dirs, lookup::Lookup::Ztunnel, &ns, inode)?;
             }

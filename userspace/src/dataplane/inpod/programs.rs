@@ -77,10 +77,7 @@ impl PodPrograms {
                 .map_err(|source| Error::Program { program, source })?;
         }
         lookup::load(&mut ebpf, Lookup::Pod)?;
-        maps::write_config(
-            &mut ebpf,
-            if dns_capture { CONFIG_DNS_CAPTURE } else { 0 },
-        )?;
+        maps::write_config(&mut ebpf, if dns_capture { CONFIG_DNS_CAPTURE } else { 0 })?;
         let packets = PacketCounters::new(maps::take(&mut ebpf, maps::POD_STATS)?, POD_COUNTERS);
         Ok(PodPrograms {
             ebpf,
