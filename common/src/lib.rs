@@ -44,8 +44,10 @@ pub mod map {
     pub const POD_STATS: &str = "POD_STATS";
     /// In-pod mode: ztunnel's listener for each SYN that met one of its TIME_WAIT sockets.
     pub const TIME_WAIT_SYNS: &str = "TIME_WAIT_SYNS";
+    /// In-pod mode: the original DNS server of each captured IPv6 DNS flow.
+    pub const DNS_FLOWS6: &str = "DNS_FLOWS6";
     /// Every map of the object: all of them are pinned.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         PODS,
         NODE_IPS,
         ZTUNNEL,
@@ -56,6 +58,7 @@ pub mod map {
         DNS_FLOWS,
         POD_STATS,
         TIME_WAIT_SYNS,
+        DNS_FLOWS6,
     ];
 }
 
@@ -229,6 +232,18 @@ pub struct DnsFlowKey {
 
 pub const DNS_FLOWS_MAX_ENTRIES: u32 = 16384;
 
+/// `DNS_FLOWS6` key: one IPv6 DNS flow of an ambient pod (in-pod mode), as the pod sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsFlowKey6 {
+    pub pod: [u8; 16],
+    /// The pod's port, network byte order.
+    pub port_be: u16,
+    /// IPPROTO_UDP or IPPROTO_TCP.
+    pub proto: u8,
+    pub _reserved: u8,
+}
+
 /// The routing table and rule priority used in ztunnel's netns for assigned packets.
 pub const ZTUNNEL_TPROXY_TABLE: u32 = 100;
 pub const ZTUNNEL_TPROXY_RULE_PRIORITY: u32 = 20000;
@@ -315,6 +330,9 @@ counters! {
     INGRESS_DROP_MALFORMED = 9, "pod_ingress", "dropped_malformed";
     INGRESS_DNS = 10, "pod_ingress", "dns_answer";
     LOOKUP_ASSIGNED = 11, "pod_sk_lookup", "assigned_listener";
+    INGRESS_TIME_WAIT_GONE = 12, "pod_ingress", "time_wait_gone";
+    INGRESS_DROP_ASSIGN_REFUSED = 13, "pod_ingress", "dropped_assign_refused";
+    INGRESS_DROP_UNRECORDED = 14, "pod_ingress", "dropped_time_wait_unrecorded";
 }
 
 pub const POD_COUNTER_SLOTS: u32 = 16;
@@ -327,6 +345,7 @@ const _: () = {
     assert!(core::mem::size_of::<DnsFlowKey>() == 8);
     assert!(COUNTERS.len() as u32 <= COUNTER_SLOTS);
     assert!(core::mem::size_of::<SynKey>() == 36);
+    assert!(core::mem::size_of::<DnsFlowKey6>() == 20);
     assert!(POD_COUNTERS.len() as u32 <= POD_COUNTER_SLOTS);
 };
 
@@ -339,4 +358,5 @@ mod pod_impls {
     unsafe impl aya::Pod for super::DrainingZtunnel {}
     unsafe impl aya::Pod for super::DnsFlowKey {}
     unsafe impl aya::Pod for super::SynKey {}
+    unsafe impl aya::Pod for super::DnsFlowKey6 {}
 }

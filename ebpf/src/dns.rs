@@ -21,13 +21,13 @@ use crate::{
 };
 
 pub const IPPROTO_UDP: u8 = 17;
-const IPV4_CSUM_OFF: usize = ETH_HLEN + 10;
+pub const IPV4_CSUM_OFF: usize = ETH_HLEN + 10;
 const IPV4_SRC_OFF: usize = ETH_HLEN + 12;
 const IPV4_DST_OFF: usize = ETH_HLEN + 16;
 
 /// The L4 checksum's offset and the flags its updates need (a UDP checksum of 0 means none).
 #[inline(always)]
-fn l4_csum(ip: &Ip) -> (usize, u64) {
+pub fn l4_csum(ip: &Ip) -> (usize, u64) {
     if ip.proto == IPPROTO_TCP {
         (ip.l4_off + 16, 0)
     } else {
@@ -37,7 +37,7 @@ fn l4_csum(ip: &Ip) -> (usize, u64) {
 
 /// The ports of a TCP or UDP header, network byte order.
 #[inline(always)]
-fn ports(ctx: &TcContext, ip: &Ip) -> Option<(u16, u16)> {
+pub fn ports(ctx: &TcContext, ip: &Ip) -> Option<(u16, u16)> {
     let p: [u8; 4] = ctx.load(ip.l4_off).ok()?;
     Some((
         u16::from_ne_bytes([p[0], p[1]]),
@@ -70,8 +70,13 @@ fn rewrite(
 /// Whether the pod's packet is DNS this capture takes: IPv4, UDP or TCP to port 53.
 #[inline(always)]
 pub fn is_dns(ctx: &TcContext, ip: &Ip) -> bool {
-    !ip.v6
-        && !ip.fragment
+    !ip.v6 && is_dns_any(ctx, ip)
+}
+
+/// UDP or TCP to port 53, either family.
+#[inline(always)]
+pub fn is_dns_any(ctx: &TcContext, ip: &Ip) -> bool {
+    !ip.fragment
         && (ip.proto == IPPROTO_UDP || ip.proto == IPPROTO_TCP)
         && ports(ctx, ip).is_some_and(|(_, dport)| u16::from_be(dport) == PORT_DNS)
 }

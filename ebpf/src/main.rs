@@ -7,6 +7,7 @@
 #![no_main]
 
 mod dns;
+mod dns6;
 mod lookup_ctx;
 mod maps;
 mod packet;

@@ -7,9 +7,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use zdivert_common::{
-    CONFIG_DNS_CAPTURE, COUNTER_SLOTS, DNS_FLOWS_MAX_ENTRIES, DnsFlowKey, DrainingZtunnel, IpKey,
-    LISTENER_SLOTS, NODE_IPS_MAX_ENTRIES, POD_COUNTER_SLOTS, PODS_MAX_ENTRIES, PodEntry, SynKey,
-    TIME_WAIT_SYNS_MAX_ENTRIES, ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZtunnelEntry,
+    CONFIG_DNS_CAPTURE, COUNTER_SLOTS, DNS_FLOWS_MAX_ENTRIES, DnsFlowKey, DnsFlowKey6,
+    DrainingZtunnel, IpKey, LISTENER_SLOTS, NODE_IPS_MAX_ENTRIES, POD_COUNTER_SLOTS,
+    PODS_MAX_ENTRIES, PodEntry, SynKey, TIME_WAIT_SYNS_MAX_ENTRIES, ZTUNNEL_F_PRESENT,
+    ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZtunnelEntry,
 };
 
 /// Ambient pods on this node: pod IP (each of its addresses) → its host veth.
@@ -55,6 +56,11 @@ pub static POD_STATS: PerCpuArray<u64, { POD_COUNTER_SLOTS as usize }> = PerCpuA
 #[btf_map]
 pub static TIME_WAIT_SYNS: SockHash<SynKey, { TIME_WAIT_SYNS_MAX_ENTRIES as usize }> =
     SockHash::new();
+
+/// In-pod mode: the original DNS server of each captured IPv6 DNS flow (`dns6.rs`).
+#[btf_map]
+pub static DNS_FLOWS6: LruHashMap<DnsFlowKey6, [u8; 16], { DNS_FLOWS_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
 
 #[inline(always)]
 pub fn dns_capture() -> bool {

@@ -21,7 +21,7 @@ use zdivert_common::{
 };
 
 use crate::{
-    dns,
+    dns, dns6,
     maps::{count_pod, dns_capture},
     packet::{Frame, IPPROTO_TCP, Ip, mark, parse, set_dst_mac, tcp},
     socket::connected_here,
@@ -42,7 +42,7 @@ pub fn zd_pod_egress(ctx: TcContext) -> i32 {
     let Frame::Ip(ip) = parse(&ctx) else {
         return pass();
     };
-    if dns_capture() && dns::is_dns(&ctx, &ip) {
+    if dns_capture() && dns::is_dns_any(&ctx, &ip) {
         return dns_query(&ctx, &ip);
     }
     if ip.proto != IPPROTO_TCP {
@@ -62,10 +62,16 @@ pub fn zd_pod_egress(ctx: TcContext) -> i32 {
     turn_back(&ctx)
 }
 
-/// A DNS query, readdressed to ztunnel's DNS proxy on 127.0.0.1:15053 (see `dns.rs`).
+/// A DNS query, readdressed to ztunnel's DNS proxy on 127.0.0.1:15053 or [::1]:15053 (see
+/// `dns.rs`, `dns6.rs`).
 #[inline(always)]
 fn dns_query(ctx: &TcContext, ip: &Ip) -> i32 {
-    if dns::to_proxy(ctx, ip, LOOPBACK_V4).is_none() {
+    let readdressed = if ip.v6 {
+        dns6::to_proxy(ctx, ip)
+    } else {
+        dns::to_proxy(ctx, ip, LOOPBACK_V4)
+    };
+    if readdressed.is_none() {
         return drop(EGRESS_DROP_MALFORMED);
     }
     count_pod(EGRESS_DNS);

@@ -1,9 +1,11 @@
 //! In-pod capture, the half that hands segments to ztunnel: TC ingress of an ambient pod's eth0
 //! (what arrives from the wire) and of its `lo` (what `pod_egress` turned back).
 //!
-//! Each captured segment is assigned to a socket of ztunnel's in the pod with `bpf_sk_assign`:
-//! its connection's socket if there is one, else ztunnel's listener, :15001 for what the pod
-//! sends, :15006 for what it is sent. This is istio-cni's contract without netfilter:
+//! Captured segments are assigned to a socket of ztunnel's in the pod with `bpf_sk_assign`: their
+//! connection's socket if there is one, else ztunnel's listener, :15001 for what the pod sends,
+//! :15006 for what it is sent. (Turned-back segments without SYN are left to the stack's own
+//! lookup: `pod_egress` turned them back because their socket is here.) This is istio-cni's
+//! contract without netfilter:
 //! - ztunnel's own packets (mark 0x539) and loopback traffic are not captured;
 //! - inbound TCP is captured except to :15008 (ztunnel's own listener takes it) and from the
 //!   kubelet probe address;
@@ -23,13 +25,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use zdivert_common::{
-    LOOPBACK_IFINDEX, MARK_INPOD_CONN, MARK_INPOD_ZTUNNEL, MARK_MASK, PORT_INBOUND_HBONE,
+    IpKey, LOOPBACK_IFINDEX, MARK_INPOD_CONN, MARK_INPOD_ZTUNNEL, MARK_MASK, PORT_INBOUND_HBONE,
     PORT_INBOUND_PLAIN, PORT_OUTBOUND, PROBE_SOURCE_V4, PROBE_SOURCE_V6, SynKey, TCX_NEXT,
     pod_counter::*,
 };
 
 use crate::{
-    dns,
+    dns, dns6,
     maps::{TIME_WAIT_SYNS, count_pod, dns_capture},
     packet::{Frame, IPPROTO_TCP, Ip, Tcp, ifindex, mark, parse, tcp},
     socket::{self, Lookup, Tuple, listener},
@@ -58,7 +60,12 @@ fn turned_back(ctx: &TcContext) -> i32 {
         return TCX_NEXT;
     };
     if m == MARK_INPOD_ZTUNNEL {
-        if dns::answer_from_server(ctx, &ip, LOOPBACK_V4).is_some() {
+        let answered = if ip.v6 {
+            dns6::answer_from_server(ctx, &ip)
+        } else {
+            dns::answer_from_server(ctx, &ip, LOOPBACK_V4)
+        };
+        if answered.is_some() {
             count_pod(INGRESS_DNS);
         }
         return TCX_NEXT;
@@ -70,6 +77,12 @@ fn turned_back(ctx: &TcContext) -> i32 {
     let Some(seg) = tcp(ctx, &ip).filter(|_| !ip.fragment) else {
         return drop(INGRESS_DROP_MALFORMED);
     };
+    // A segment without SYN was turned back because a socket here is its other end: the
+    // stack's own lookup finds it (0x111 routes it to the local table), a second one here
+    // would only cost.
+    if !seg.is_syn() {
+        return pass();
+    }
     to_ztunnel(ctx, &ip, &seg, PORT_OUTBOUND)
 }
 
@@ -150,21 +163,61 @@ unsafe fn syn_to_time_wait(
         remote_port_be: seg.sport_be,
         local_port_be: seg.dport_be,
     };
-    let map = &TIME_WAIT_SYNS as *const _ as *mut c_void;
-    // SAFETY: key and listener are live for the call; both references are released once.
+    // The pod's own address: the source of what it sends, the destination of what it is sent.
+    let pod = if port == PORT_OUTBOUND {
+        ip.src
+    } else {
+        ip.dst
+    };
+    // SAFETY: the listener reference is live for both calls and released once below.
+    let recorded = unsafe { record(&anchor(pod, port), l) && record(&key, l) };
+    // SAFETY: references from the lookup helpers, released once on every path.
     unsafe {
-        let recorded = bpf_map_update_elem(
-            map,
-            &key as *const SynKey as *const c_void,
-            l as *const c_void,
-            BPF_ANY as u64,
-        ) == 0;
-        bpf_sk_release(l as *mut c_void);
         if !recorded {
+            bpf_sk_release(l as *mut c_void);
             bpf_sk_release(tw as *mut c_void);
-            return drop(INGRESS_DROP_NO_LISTENER);
+            return drop(INGRESS_DROP_UNRECORDED);
         }
-        assign(ctx, tw, INGRESS_TIME_WAIT)
+        if socket::assign(ctx, tw) {
+            bpf_sk_release(l as *mut c_void);
+            count_pod(INGRESS_TIME_WAIT);
+            return TC_ACT_OK as i32;
+        }
+        // The TIME_WAIT socket is on its way out (its last reference went while we looked):
+        // the listener takes the SYN, as it would a moment later.
+        count_pod(INGRESS_TIME_WAIT_GONE);
+        assign(ctx, l, INGRESS_LISTENER)
+    }
+}
+
+/// A key no lookup asks for (no remote address, no remote port), under which each listener
+/// stays in `TIME_WAIT_SYNS` while it serves the pod. A socket leaves a sock hash for good with
+/// its last entry, and an update racing that departure fails (`EBUSY`): without the anchor, the
+/// lookup program's delete of one SYN's entry could make the next SYN's update fail.
+#[inline(always)]
+fn anchor(pod: IpKey, port: u16) -> SynKey {
+    SynKey {
+        remote: IpKey { addr: [0; 16] },
+        local: pod,
+        remote_port_be: 0,
+        local_port_be: port.to_be(),
+    }
+}
+
+/// `TIME_WAIT_SYNS[key] = listener`; false if the kernel refused.
+///
+/// # Safety
+/// `listener` must be a live socket reference from a lookup helper.
+#[inline(always)]
+unsafe fn record(key: &SynKey, listener: *mut bpf_sock) -> bool {
+    let map = &TIME_WAIT_SYNS as *const _ as *mut c_void;
+    unsafe {
+        bpf_map_update_elem(
+            map,
+            key as *const SynKey as *const c_void,
+            listener as *const c_void,
+            BPF_ANY as u64,
+        ) == 0
     }
 }
 
@@ -173,7 +226,7 @@ unsafe fn syn_to_time_wait(
 #[inline(always)]
 unsafe fn assign(ctx: &TcContext, sk: *mut bpf_sock, counter: u32) -> i32 {
     if !unsafe { socket::assign(ctx, sk) } {
-        return drop(INGRESS_DROP_NO_LISTENER);
+        return drop(INGRESS_DROP_ASSIGN_REFUSED);
     }
     count_pod(counter);
     TC_ACT_OK as i32

@@ -68,7 +68,12 @@ fn first_a(answer: &[u8]) -> Result<Ipv4Addr> {
 
 /// Asks `server` for `name`'s A record over UDP from the pod: (address, who answered).
 pub fn resolve_udp(ns: &Netns, server: SocketAddr, name: &str) -> Result<(Ipv4Addr, SocketAddr)> {
-    let sock = ns.exec(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?;
+    let any: SocketAddr = if server.is_ipv6() {
+        "[::]:0".parse()?
+    } else {
+        "0.0.0.0:0".parse()?
+    };
+    let sock = ns.exec(move || UdpSocket::bind(any))?;
     sock.set_read_timeout(Some(Duration::from_secs(2)))?;
     sock.send_to(&query(name), server)?;
     let mut buf = [0u8; 1500];

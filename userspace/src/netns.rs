@@ -77,7 +77,8 @@ fn process_namespaces() -> Vec<(PathBuf, u64)> {
 static FOUND: std::sync::Mutex<Option<(std::net::IpAddr, PathBuf, u64)>> =
     std::sync::Mutex::new(None);
 
-fn has_address(path: &Path, ip: std::net::IpAddr) -> bool {
+/// Whether an interface of the netns at `path` holds `ip`.
+pub fn has_address(path: &Path, ip: std::net::IpAddr) -> bool {
     run_in(path, || {
         crate::nl::Netlink::new()
             .and_then(|nl| nl.addresses())

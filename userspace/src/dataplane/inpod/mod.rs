@@ -109,9 +109,16 @@ impl Dataplane for InPod {
         let mut workloads = BTreeMap::new();
         let mut redirected = BTreeMap::new();
         for (id, spec) in &state.pods {
+            // The source's netns, else the one this pod had last time while it still holds the
+            // pod's address, else a scan of every process's (the Kubernetes source knows none).
             let found = spec
                 .netns
                 .clone()
+                .or_else(|| {
+                    let last = self.redirected.get(id)?;
+                    let ip = spec.ips.first()?;
+                    netns::has_address(last, *ip).then(|| last.clone())
+                })
                 .or_else(|| spec.ips.iter().find_map(|ip| netns::holding(*ip)));
             let Some(ns) = found else {
                 report.failed.push((
