@@ -10,6 +10,7 @@ pub mod foreign;
 pub mod inpod;
 pub mod load;
 pub mod ns;
+pub mod odd;
 pub mod packets;
 pub mod raw;
 pub mod snapshot;

@@ -1,0 +1,133 @@
+//! The odd-packet suites' machinery: probes crafted with raw sockets inside the pods, and
+//! sniffers in every namespace that record where each one was delivered.
+use std::{net::IpAddr, time::Duration};
+
+use crate::{
+    packets::{SYN, V4, tcp, v6},
+    raw::{self, Sniffer},
+    topology::Pod,
+};
+
+pub const RST: u8 = 0x04;
+const IPPROTO_TCP: u8 = 6;
+
+pub struct Probe {
+    pub what: &'static str,
+    pub from: &'static str,
+    pub src: Option<IpAddr>,
+    pub dst: IpAddr,
+    /// IPv6 extension headers (type, bytes).
+    pub exts: Vec<(u8, Vec<u8>)>,
+    pub dport: u16,
+    pub flags: u8,
+    pub options: Vec<u8>,
+    pub frag: u16,
+    /// Bytes of the TCP header sent (20 = whole).
+    pub tcp_len: usize,
+    /// Where it may be delivered (sniffer names); nowhere else.
+    pub may_land: &'static [&'static str],
+    /// Where it must be delivered.
+    pub must_land: &'static [&'static str],
+    /// IPv6 that must reach ztunnel, in every mode.
+    pub v6_captured: bool,
+}
+
+pub fn probe(what: &'static str, from: &'static str, dst: impl Into<IpAddr>, dport: u16) -> Probe {
+    Probe {
+        what,
+        from,
+        src: None,
+        dst: dst.into(),
+        exts: vec![],
+        v6_captured: false,
+        dport,
+        flags: SYN,
+        options: vec![],
+        frag: 0x4000,
+        tcp_len: 20,
+        may_land: &[],
+        must_land: &[],
+    }
+}
+
+/// Sends each probe from its pod and checks where the sniffers saw it delivered: the failures,
+/// one line each.
+pub fn deliver<'a>(
+    mode: impl std::fmt::Debug + Copy,
+    probes: &[Probe],
+    sniffers: &[Sniffer],
+    pod: impl Fn(&str) -> &'a Pod,
+) -> anyhow::Result<Vec<String>> {
+    let mut failures = Vec::new();
+    for (i, p) in probes.iter().enumerate() {
+        let sport = 40000 + i as u16;
+        let from = pod(p.from);
+        let src = p.src.unwrap_or(match p.dst {
+            IpAddr::V4(_) => from.ip.into(),
+            IpAddr::V6(_) => from.ip6.into(),
+        });
+        let mut segment = tcp(sport, p.dport, p.flags);
+        raw::tcp_checksum(src, p.dst, &mut segment);
+        segment.truncate(p.tcp_len);
+        match (src, p.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let mut v4 = V4::new(s, d, IPPROTO_TCP);
+                v4.options = p.options.clone();
+                v4.frag = p.frag;
+                raw::send(&from.ns, d, v4.packet(&segment))?;
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                raw::send6(&from.ns, d, v6(s, d, &p.exts, IPPROTO_TCP, &segment))?;
+            }
+            _ => anyhow::bail!("{}: mixed families", p.what),
+        }
+        let must_land: &[&str] = if p.v6_captured {
+            &["ztunnel"]
+        } else {
+            p.must_land
+        };
+        // The probe itself, not what it provoked: a RST that a forged source's own stack sends
+        // back on a SYN-ACK it never asked for carries the probe's port too.
+        let landed_now = || -> Vec<&str> {
+            sniffers
+                .iter()
+                .filter(|s| {
+                    s.with_sport(sport)
+                        .iter()
+                        .any(|seen| seen.flags.is_none_or(|f| f == p.flags))
+                })
+                .map(|s| s.name.as_str())
+                .collect()
+        };
+        // Until what must land has; a packet that must land nowhere gets the time a landing
+        // one takes (the absence of a packet cannot be awaited).
+        let _ = crate::eventually(p.what, Duration::from_secs(2), || {
+            Ok(must_land.iter().all(|m| landed_now().contains(m)))
+        });
+        if must_land.is_empty() {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let landed = landed_now();
+        let may_land = p.may_land;
+        let wrong: Vec<&&str> = landed.iter().filter(|l| !may_land.contains(l)).collect();
+        let missed: Vec<&&str> = must_land.iter().filter(|m| !landed.contains(m)).collect();
+        println!("{mode:?}: {:<50} landed in {landed:?}", p.what);
+        if !wrong.is_empty() || !missed.is_empty() {
+            failures.push(format!(
+                "{}: landed in {landed:?}, allowed {:?}, required {:?}",
+                p.what, may_land, must_land
+            ));
+        }
+    }
+    Ok(failures)
+}
+
+/// A hop-by-hop or destination-options header holding only padding.
+pub fn hop_by_hop() -> Vec<u8> {
+    vec![0, 0, 1, 4, 0, 0, 0, 0]
+}
+
+/// A routing header with no segments left (nothing to route through).
+pub fn routing() -> Vec<u8> {
+    vec![0, 0, 2, 0, 0, 0, 0, 0]
+}
