@@ -44,7 +44,46 @@ pub struct Server {
 
 impl Server {
     pub fn start(ns: &Netns, port: u16) -> Result<Server> {
-        let listener = Arc::new(ns.exec(move || TcpListener::bind(("0.0.0.0", port)))?);
+        let listener = ns.exec(move || TcpListener::bind(("0.0.0.0", port)))?;
+        Ok(Self::serve_on(listener))
+    }
+
+    /// The same on `[::]:port`, opened as in-pod ztunnel opens its listeners (`IP_TRANSPARENT`,
+    /// `SO_MARK 0x539`): what in-pod redirection delivers to, with no proxy behind it.
+    pub fn start_like_in_pod_ztunnel(ns: &Netns, port: u16) -> Result<Server> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let listener = ns.exec(move || -> Result<TcpListener> {
+            let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+            s.set_only_v6(false)?;
+            let on: libc::c_int = 1;
+            let mark: libc::c_int = zdivert_common::MARK_INPOD_ZTUNNEL as libc::c_int;
+            for (level, name, value) in [
+                (libc::SOL_IPV6, libc::IPV6_TRANSPARENT, &on),
+                (libc::SOL_SOCKET, libc::SO_MARK, &mark),
+            ] {
+                // SAFETY: setsockopt on a socket we own, with an int the size it names.
+                let r = unsafe {
+                    libc::setsockopt(
+                        s.as_raw_fd(),
+                        level,
+                        name,
+                        (value as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                if r != 0 {
+                    return Err(std::io::Error::last_os_error().into());
+                }
+            }
+            s.bind(&SocketAddr::from(([0u16; 8], port)).into())?;
+            s.listen(1024)?;
+            Ok(s.into())
+        })?;
+        Ok(Self::serve_on(listener))
+    }
+
+    fn serve_on(listener: TcpListener) -> Server {
+        let listener = Arc::new(listener);
         let l = listener.clone();
         thread::spawn(move || {
             for conn in l.incoming() {
@@ -52,7 +91,7 @@ impl Server {
                 thread::spawn(move || serve(conn));
             }
         });
-        Ok(Server { listener })
+        Server { listener }
     }
 }
 

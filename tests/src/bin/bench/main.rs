@@ -6,6 +6,7 @@
 mod control;
 mod datapath;
 mod inpod_apply;
+mod inpod_redirect;
 mod perpacket;
 mod report;
 mod stats;
@@ -85,6 +86,8 @@ fn main() -> Result<()> {
     if part("inpod") {
         eprintln!("bench: in-pod data path ({} rounds)", sizes.rounds);
         datapath::run_in_pod(&sizes, &mut samples)?;
+        eprintln!("bench: in-pod redirection alone ({} rounds)", sizes.rounds);
+        inpod_redirect::run(&sizes, &mut samples)?;
         let pods = if a.quick { 4 } else { 40 };
         eprintln!("bench: in-pod apply of one new pod ({pods} pods)");
         inpod_apply::run(pods, &mut samples)?;

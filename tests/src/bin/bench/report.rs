@@ -115,6 +115,13 @@ impl Report {
                 );
             }
         }
+        for metric in ["rr_p50", "rr_p99", "conn_per_s", "bulk_1"] {
+            let m = |v: &str| median(&figures, &format!("redirect-only/{v}"), metric);
+            ratios.push(Ratio {
+                name: format!("redirect-only {metric} inpod-ebpf/inpod-iptables"),
+                value: m("d-inpod-ebpf") / m("e-inpod-iptables"),
+            });
+        }
         let one_pod = median(&figures, "in-pod/ebpf", "apply_one_pod")
             / median(&figures, "in-pod/iptables", "apply_one_pod");
         targets.push(Target {
