@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: what each redirection path costs, side by side in one run. Prints the
 //! tables and writes `bench/results.json` and `bench/results.md`.
 //!
-//! Usage: bench [--quick] [--rounds N] [--only datapath|inpod|upgrade|perpacket|control]
+//! Usage: bench [--quick] [--rounds N] [--only datapath|inpod|redirect|upgrade|perpacket|control]
 //! [--out DIR]
 mod control;
 mod datapath;
@@ -18,7 +18,8 @@ use anyhow::{Context, Result, bail};
 
 struct Args {
     quick: bool,
-    /// Only this part: datapath, inpod, upgrade, perpacket or control.
+    /// Only this part: datapath, inpod (redirect: its redirection-alone part), upgrade, perpacket
+    /// or control.
     only: Option<String>,
     rounds: usize,
     out: PathBuf,
@@ -45,7 +46,7 @@ fn args() -> Result<Args> {
             "--only" => {
                 a.only = Some(
                     it.next()
-                        .context("--only datapath|inpod|upgrade|perpacket|control")?,
+                        .context("--only datapath|inpod|redirect|upgrade|perpacket|control")?,
                 )
             }
             "--out" => a.out = it.next().context("--out DIR")?.into(),
@@ -86,8 +87,12 @@ fn main() -> Result<()> {
     if part("inpod") {
         eprintln!("bench: in-pod data path ({} rounds)", sizes.rounds);
         datapath::run_in_pod(&sizes, &mut samples)?;
+    }
+    if part("inpod") || a.only.as_deref() == Some("redirect") {
         eprintln!("bench: in-pod redirection alone ({} rounds)", sizes.rounds);
         inpod_redirect::run(&sizes, &mut samples)?;
+    }
+    if part("inpod") {
         let pods = if a.quick { 4 } else { 40 };
         eprintln!("bench: in-pod apply of one new pod ({pods} pods)");
         inpod_apply::run(pods, &mut samples)?;
