@@ -1,7 +1,14 @@
 //! Network namespaces made by the tests, and a worker thread living in each, so that sockets
 //! can be created inside a namespace (a socket stays in the netns it was created in) while the
 //! test drives them from anywhere.
-use std::{os::fd::AsRawFd, path::PathBuf, process::Command, sync::mpsc, thread};
+use std::{
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::PathBuf,
+    process::Command,
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 
@@ -208,6 +215,17 @@ impl Pause {
             .spawn()
             .context("starting a pause process")?;
         Ok(Pause(child))
+    }
+
+    /// Waits until the process is inside `ns` (nsenter enters it a moment after it starts).
+    pub fn wait_in(&self, ns: &Netns) -> Result<()> {
+        let want = std::fs::metadata(ns.path())?.ino();
+        let at = format!("/proc/{}/ns/net", self.0.id());
+        crate::eventually(
+            "the pause process in its netns",
+            Duration::from_secs(5),
+            || Ok(std::fs::metadata(&at).map(|m| m.ino()).ok() == Some(want)),
+        )
     }
 }
 

@@ -192,3 +192,34 @@ fn cleanup_takes_the_redirection_out_of_every_pod(mode: Mode) -> anyhow::Result<
     assert_eq!(r.peer.ip(), pp.ip);
     Ok(())
 }
+
+/// A pod's netns found by its address (the Kubernetes source names none): an address that two
+/// namespaces hold is refused, so neither can be redirected or handed to ztunnel as the pod.
+#[test]
+fn an_address_two_namespaces_hold_belongs_to_neither() -> anyhow::Result<()> {
+    use zdivert_tests::ns::{Netns, Pause};
+    let ip: std::net::IpAddr = "10.253.0.7".parse()?;
+    let make = |n: usize| -> anyhow::Result<(Netns, Pause)> {
+        let ns = Netns::new(&format!("zdamb{}-{n}", std::process::id()))?;
+        ns.cmd(
+            "ip",
+            &[
+                "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+            ],
+        )?;
+        ns.cmd("ip", &["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        let pause = Pause::start(&ns)?;
+        pause.wait_in(&ns)?;
+        Ok((ns, pause))
+    };
+    let first = make(1)?;
+    let second = make(2)?;
+    assert_eq!(zdivert::netns::holding(ip), None, "two holders: refused");
+    drop(second);
+    let want = zdivert::netns::inode(&first.0.path())?;
+    eventually("the one holder left found", Duration::from_secs(5), || {
+        let found = zdivert::netns::holding(ip).map(|p| zdivert::netns::inode(&p));
+        Ok(found.transpose()? == Some(want))
+    })?;
+    Ok(())
+}

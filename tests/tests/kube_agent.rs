@@ -1,7 +1,8 @@
 //! The agent with its Kubernetes source, in the simulated article node, driven by the fake API
 //! server: the namespace label decides whose traffic goes through the stand-in ztunnel, the pods
 //! get their status annotation, /metrics shows live counters, an unreachable API server (even
-//! across an agent restart) leaves the capture as it was, and losing ztunnel fails closed.
+//! across an agent restart) leaves the capture as it was, and losing ztunnel fails closed. In
+//! in-pod mode, the label decides which pods the agent redirects and hands to in-pod ztunnel.
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -252,5 +253,67 @@ fn without_its_ztunnel_pod_ambient_traffic_fails_closed() -> Result<()> {
         Ok(!lab.agent.status()?["ztunnel"].is_null())
     })?;
     assert!(through_ztunnel(&lab)?);
+    Ok(())
+}
+
+/// In-pod mode from the Kubernetes source: the pods' uid and service account come from the API,
+/// their netns from the processes in them (no source names it). Labelling the namespace
+/// redirects its pods and hands them to the real in-pod ztunnel; removing the label releases
+/// them, and traffic goes direct.
+#[test]
+fn in_pod_mode_takes_its_pods_from_the_namespace_label() -> Result<()> {
+    let topo = Topology::article()?;
+    let w2 = topo.worker2();
+    let api = FakeApi::start()?;
+    for obj in node_objects(w2) {
+        api.apply(obj)?;
+    }
+    api.apply(namespace("default", Some("ambient")))?;
+    let addr = api.listen_in(&w2.ns.path())?;
+    let dir = std::env::temp_dir().join("zdivert-tests");
+    std::fs::create_dir_all(&dir)?;
+    let kubeconfig = FakeApi::write_kubeconfig(&dir, &w2.name, addr)?;
+    let ambient: Vec<_> = w2.pods.values().filter(|p| p.ambient).collect();
+    let _pauses = ambient
+        .iter()
+        .map(|p| Pause::start(&p.ns))
+        .collect::<Result<Vec<_>>>()?;
+    let agent = Agent::start_kube(w2, &kubeconfig, Mode::InPodEbpf, &[])?;
+    let mut ztunnel = Ztunnel::start_in_pod(
+        &topo,
+        w2,
+        &w2.ztunnel,
+        &MeshConfig::default(),
+        &zdivert_tests::agent::zds_socket(&w2.name),
+    )?;
+    ztunnel.wait_ready(WAIT)?;
+    zdivert_tests::inpod::wait_ztunnel_in(ambient.iter().copied())?;
+    let (pp, rv1) = (w2.pod("productpage-v1"), w2.pod("reviews-v1"));
+    let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let dst = sa(rv1.ip, 9080);
+    assert_eq!(request(&pp.ns, dst)?.server, "reviews-v1");
+    let inbound = ztunnel.wait_access(1, |a| a.direction() == "inbound" && a.dst() == Some(dst))?;
+    assert_eq!(
+        inbound[0].src_identity(),
+        zdivert_tests::ztunnel::identity(pp),
+        "ztunnel knew the pod by the uid the API gave it"
+    );
+
+    api.apply(namespace("default", None))?;
+    eventually("the pods released", WAIT, || {
+        for p in &ambient {
+            if zdivert_tests::inpod::ztunnel_listens_in(p)?
+                || !zdivert_tests::inpod::redirection_in(p)?.is_empty()
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })?;
+    let logged = ztunnel.access_log().len();
+    assert_eq!(request(&pp.ns, dst)?.server, "reviews-v1");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ztunnel.access_log().len(), logged, "released: direct");
+    drop(agent);
     Ok(())
 }

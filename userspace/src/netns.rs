@@ -88,7 +88,10 @@ pub fn has_address(path: &Path, ip: std::net::IpAddr) -> bool {
 }
 
 /// The network namespace (as `/proc/<pid>/ns/net`) in which an interface holds `ip`: how the
-/// agent finds ztunnel's netns on a node, where pod namespaces have no names. Needs hostPID.
+/// agent finds ztunnel's netns, and a pod's when the source names none, on a node where pod
+/// namespaces have no names. Needs hostPID. An address two namespaces hold when it is looked
+/// for (a pod being replaced, or one pretending) is nobody's: taking either could redirect, or
+/// hand ztunnel, the wrong pod. Once found, a namespace keeps the address while it holds it.
 pub fn holding(ip: std::net::IpAddr) -> Option<PathBuf> {
     let mut found = FOUND.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((cached_ip, path, ino)) = found.as_ref()
@@ -99,13 +102,25 @@ pub fn holding(ip: std::net::IpAddr) -> Option<PathBuf> {
         return Some(path.clone());
     }
     *found = None;
-    for (path, ino) in process_namespaces() {
-        if has_address(&path, ip) {
-            *found = Some((ip, path.clone(), ino));
-            return Some(path);
+    let holders: Vec<(PathBuf, u64)> = process_namespaces()
+        .into_iter()
+        .filter(|(path, _)| has_address(path, ip))
+        .collect();
+    match holders.as_slice() {
+        [(path, ino)] => {
+            *found = Some((ip, path.clone(), *ino));
+            Some(path.clone())
+        }
+        [] => None,
+        many => {
+            let inodes: Vec<u64> = many.iter().map(|(_, i)| *i).collect();
+            log::warn!(
+                "{ip} is held by {} network namespaces {inodes:?}: none is taken",
+                many.len()
+            );
+            None
         }
     }
-    None
 }
 
 /// A path to the network namespace with this inode, if any process or `/run/netns` name still

@@ -28,14 +28,18 @@ pub fn pod_on(node: &str, namespace: &str, name: &str, ips: &[String]) -> Value 
     })
 }
 
-/// A simulated pod of `node`, with its two addresses.
+/// A simulated pod of `node`, with its two addresses, and the uid and service account the
+/// mesh's XDS gives it (in-pod ztunnel knows a pod handed to it by its uid).
 pub fn pod(node: &Node, p: &Pod) -> Value {
-    pod_on(
+    let mut v = pod_on(
         &node.name,
         &p.namespace,
         &p.name,
         &[p.ip.to_string(), p.ip6.to_string()],
-    )
+    );
+    v["metadata"]["uid"] = crate::ztunnel::workload_uid(p).into();
+    v["spec"]["serviceAccountName"] = crate::ztunnel::service_account(p).into();
+    v
 }
 
 /// The node's ztunnel pod: `app=ztunnel` in istio-system, Ready.

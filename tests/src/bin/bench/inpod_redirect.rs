@@ -20,7 +20,10 @@ use crate::{datapath::Sizes, stats::Samples};
 
 pub fn run(sizes: &Sizes, samples: &mut Samples) -> Result<()> {
     let topo = Topology::article()?;
-    let (pp, rv1) = (topo.worker2().pod("productpage-v1"), topo.worker2().pod("reviews-v1"));
+    let (pp, rv1) = (
+        topo.worker2().pod("productpage-v1"),
+        topo.worker2().pod("reviews-v1"),
+    );
     let _listener = Server::start_like_in_pod_ztunnel(&pp.ns, PORT_OUTBOUND)?;
     // Never reached: every connection to it is redirected to the local listener.
     let dst = SocketAddr::new(rv1.ip.into(), 7000);
@@ -58,8 +61,8 @@ pub fn run(sizes: &Sizes, samples: &mut Samples) -> Result<()> {
                 .with_context(|| format!("{case}: churn"))?;
                 let rate = churn.connections as f64 / churn.elapsed.as_secs_f64();
                 samples.add("datapath", &case, "conn_per_s", "conn/s", rate);
-                let bps = load::bulk(&ns, dst, 1, sizes.bulk)
-                    .with_context(|| format!("{case}: bulk"))?;
+                let bps =
+                    load::bulk(&ns, dst, 1, sizes.bulk).with_context(|| format!("{case}: bulk"))?;
                 samples.add("datapath", &case, "bulk_1", "Gbit/s", bps / 1e9);
                 match variant {
                     "d-inpod-ebpf" => programs.release(&ns)?,
