@@ -385,8 +385,8 @@ fn kustomize_renders_the_namespace_and_image() -> Result<()> {
     Ok(())
 }
 
-/// The in-pod overlay: the agent in `--ztunnel-mode inpod`, its ZDS socket inside the host
-/// directory ztunnel's DaemonSet mounts too.
+/// The in-pod overlay: the agent in `--ztunnel-mode inpod --mode auto`, its ZDS socket inside
+/// the host directory ztunnel's DaemonSet mounts too.
 #[test]
 fn the_in_pod_overlay_shares_the_zds_socket_directory() -> Result<()> {
     let text = kustomize(&deploy().join("inpod"))?;
@@ -409,6 +409,8 @@ fn the_in_pod_overlay_shares_the_zds_socket_directory() -> Result<()> {
         Some("inpod"),
         "{args:?}"
     );
+    // The programs where they load, istio-cni's rules elsewhere: decided per node.
+    assert_eq!(after("--mode").as_deref(), Some("auto"), "{args:?}");
     let socket = after("--zds-socket").context("--zds-socket")?;
     let mount = c
         .volume_mounts
