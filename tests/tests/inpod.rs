@@ -215,6 +215,19 @@ fn serves_ztunnel_and_survives_its_own_restart(mode: Mode, extra: &[&str]) -> an
     eventually("ZDS metrics", Duration::from_secs(5), || {
         Ok(agent.metric("zdivert_zds_peers")? == 1.0 && agent.metric(adds)? == ambient)
     })?;
+    // ...and in `zdivert status`: the one ztunnel, by pid, and the pods it acked.
+    let st = agent.status()?;
+    let peers = st["zds"]["peers"].as_array().cloned().unwrap_or_default();
+    assert_eq!(peers.len(), 1, "{st}");
+    assert_eq!(
+        peers[0]["pid"].as_i64(),
+        ztunnel.pid().map(i64::from),
+        "{st}"
+    );
+    assert_eq!(
+        peers[0]["acked"].as_array().map(Vec::len),
+        Some(ambient as usize)
+    );
     let denied = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
     let _allowed = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
     for client in [pp, sleep] {

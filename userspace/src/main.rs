@@ -203,6 +203,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ZtunnelMode::Node => choose::build(mode, &options)?,
                 ZtunnelMode::Inpod => Box::new(zdivert::dataplane::inpod::InPod::new(
                     &zds_socket,
+                    &zdivert::zds::status_file(&cli.state_dir, &node),
                     choose::in_pod_redirection(mode, &options)?,
                 )?),
             };
@@ -262,10 +263,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status { output } => {
             for node in status::nodes(&cli.bpffs, &cli.state_dir, cli.node) {
-                let st = status::read(&cli.bpffs, &cli.state_dir, &node)?;
+                let zds = zdivert::zds::read_status(&cli.state_dir, &node);
+                // In-pod with istio-cni's rules, the node has no dataplane state of its own.
+                let st = match status::read(&cli.bpffs, &cli.state_dir, &node) {
+                    Ok(st) => Some(st),
+                    Err(_) if zds.is_some() => None,
+                    Err(e) => return Err(e.into()),
+                };
                 match output {
-                    Output::Json => println!("{}", serde_json::to_string(&st)?),
-                    Output::Text => print!("{}", st.render()),
+                    Output::Json => {
+                        let mut v = match &st {
+                            Some(st) => serde_json::to_value(st)?,
+                            None => serde_json::json!({ "node": node }),
+                        };
+                        if let Some(z) = &zds {
+                            v["zds"] = z.clone();
+                        }
+                        println!("{v}");
+                    }
+                    Output::Text => {
+                        if let Some(st) = &st {
+                            print!("{}", st.render());
+                        }
+                        if let Some(z) = &zds {
+                            print!("{}", zdivert::zds::render_status(z));
+                        }
+                    }
                 }
             }
             Ok(())

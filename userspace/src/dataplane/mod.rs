@@ -112,6 +112,10 @@ pub fn cleanup(
         c.ztunnel_netns.len(),
         c.pod_netns.len()
     )];
+    let zds = crate::zds::status_file(state_dir, node);
+    if zds.exists() {
+        std::fs::remove_file(&zds).map_err(|source| Error::StateFile { path: zds, source })?;
+    }
     let pods = inpod::rules::cleanup(state_dir, node)?;
     if !pods.is_empty() {
         done.push(format!(

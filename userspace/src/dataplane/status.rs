@@ -31,8 +31,16 @@ pub fn nodes(bpffs: &Path, state_dir: &Path, only: Option<String>) -> Vec<String
         .flat_map(std::fs::read_dir)
         .flatten()
         .flatten()
-        .filter(|e| e.path().is_dir())
-        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            // An in-pod agent's records (`<node>.inpod/`) and ZDS peers (`<node>.zds.json`).
+            if let Some(node) = name.strip_suffix(".zds.json") {
+                return Some(node.to_string());
+            }
+            e.path()
+                .is_dir()
+                .then(|| name.strip_suffix(".inpod").unwrap_or(&name).to_string())
+        })
         .collect();
     nodes.sort();
     nodes.dedup();

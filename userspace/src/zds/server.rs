@@ -49,7 +49,7 @@ enum Change {
 }
 
 /// What one connected ztunnel has been told, for status and metrics.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PeerState {
     pub pid: Option<i32>,
     pub acked: Vec<String>,
@@ -66,6 +66,27 @@ struct Shared {
     peers: Vec<(u64, mpsc::Sender<Change>)>,
     states: BTreeMap<u64, PeerState>,
     next_peer: u64,
+    /// Where the peers' states are written for `zdivert status`, on every change.
+    status_file: Option<PathBuf>,
+}
+
+impl Shared {
+    /// Writes the peers' states to the status file (replaced whole, never seen half-written).
+    /// A failed write is logged: status is a view, serving goes on.
+    fn publish(&self) {
+        let Some(path) = &self.status_file else {
+            return;
+        };
+        let peers: Vec<&PeerState> = self.states.values().collect();
+        let tmp = path.with_extension("tmp");
+        let written = serde_json::to_vec(&serde_json::json!({ "peers": peers }))
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            log::warn!("zds: status file {}: {e}", path.display());
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -98,6 +119,13 @@ impl Server {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// From now on, the peers' states are kept in `file` for `zdivert status`.
+    pub fn publish_to(&self, file: &Path) {
+        let mut shared = self.shared.lock().expect("zds state");
+        shared.status_file = Some(file.into());
+        shared.publish();
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -159,6 +187,7 @@ impl Server {
             shared.next_peer += 1;
             shared.peers.push((id, tx));
             shared.states.insert(id, PeerState::default());
+            shared.publish();
             let snapshot: Vec<InPodWorkload> = shared.workloads.values().cloned().collect();
             (id, snapshot)
         };
@@ -179,6 +208,7 @@ impl Server {
                 let mut shared = server.shared.lock().expect("zds state");
                 shared.peers.retain(|(p, _)| *p != id);
                 shared.states.remove(&id);
+                shared.publish();
             });
         if let Err(e) = spawned {
             log::error!("zds: cannot serve a ztunnel: {e}");
@@ -299,6 +329,7 @@ impl Server {
             state.pid = pid.or(state.pid);
             update(state);
         }
+        shared.publish();
     }
 
     fn refused(&self, id: u64, uid: &str, error: &str) {

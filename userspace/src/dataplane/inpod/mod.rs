@@ -50,11 +50,13 @@ pub struct InPod {
 }
 
 impl InPod {
-    pub fn new(socket: &Path, redirection: Redirection) -> Result<InPod> {
+    /// Serves ZDS on `socket`, keeping the peers' states in `status_file` for `zdivert status`.
+    pub fn new(socket: &Path, status_file: &Path, redirection: Redirection) -> Result<InPod> {
         let server = Server::start(socket).map_err(|source| Error::Zds {
             path: socket.into(),
             source,
         })?;
+        server.publish_to(status_file);
         Ok(InPod {
             server,
             redirection,
