@@ -94,13 +94,6 @@ impl Hook {
         matches!(self, Hook::HoldOutbound | Hook::HoldInbound)
     }
 
-    pub fn is_in_pod(self) -> bool {
-        matches!(
-            self,
-            Hook::InPodEgress | Hook::InPodIngress | Hook::InPodLoopback
-        )
-    }
-
     fn attach_type(self) -> TcAttachType {
         match self {
             Hook::PodInbound | Hook::HoldInbound | Hook::InPodEgress => TcAttachType::Egress,
