@@ -233,3 +233,14 @@ pub fn mark(ctx: &TcContext) -> u32 {
     // SAFETY: as above.
     unsafe { (*ctx.skb.skb).mark }
 }
+
+/// Whether `ip` is a loopback address of its family (127/8, ::1).
+#[inline(always)]
+pub fn is_loopback(ip: &IpKey, v6: bool) -> bool {
+    let a = &ip.addr;
+    if v6 {
+        a[..15].iter().all(|b| *b == 0) && a[15] == 1
+    } else {
+        a[12] == 127
+    }
+}

@@ -33,7 +33,7 @@ use zdivert_common::{
 use crate::{
     dns, dns6,
     maps::{TIME_WAIT_SYNS, count_pod, dns_capture},
-    packet::{Frame, IPPROTO_TCP, Ip, Tcp, ifindex, mark, parse, tcp},
+    packet::{Frame, IPPROTO_TCP, Ip, Tcp, ifindex, is_loopback, mark, parse, tcp},
     socket::{self, Lookup, Tuple, listener},
 };
 
@@ -71,7 +71,7 @@ fn turned_back(ctx: &TcContext) -> i32 {
         return TCX_NEXT;
     }
     // A DNS query readdressed to the proxy on loopback: the stack delivers it as it is.
-    if ip.proto != IPPROTO_TCP || is_loopback(&ip) {
+    if ip.proto != IPPROTO_TCP || is_loopback(&ip.dst, ip.v6) {
         return pass();
     }
     let Some(seg) = tcp(ctx, &ip).filter(|_| !ip.fragment) else {
@@ -239,16 +239,6 @@ fn is_probe(ip: &Ip) -> bool {
         *a == PROBE_SOURCE_V6
     } else {
         [a[12], a[13], a[14], a[15]] == PROBE_SOURCE_V4
-    }
-}
-
-#[inline(always)]
-fn is_loopback(ip: &Ip) -> bool {
-    let a = &ip.dst.addr;
-    if ip.v6 {
-        a[..15].iter().all(|b| *b == 0) && a[15] == 1
-    } else {
-        a[12] == 127
     }
 }
 

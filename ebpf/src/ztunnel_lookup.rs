@@ -7,13 +7,13 @@
 //! chooses it. Lookups for ztunnel's own addresses are left to the kernel.
 use aya_ebpf::{bindings::sk_action::SK_PASS, macros::sk_lookup, programs::SkLookupContext};
 use zdivert_common::{
-    IpKey, PORT_INBOUND_HBONE, PORT_INBOUND_PLAIN, PORT_OUTBOUND, counter::*, listener_slot,
+    PORT_INBOUND_HBONE, PORT_INBOUND_PLAIN, PORT_OUTBOUND, counter::*, listener_slot,
 };
 
 use crate::{
     lookup_ctx::{Wanted, wanted},
     maps::{LISTENERS, count, is_ztunnel_ip, pod, ztunnel},
-    packet::IPPROTO_TCP,
+    packet::{IPPROTO_TCP, is_loopback},
 };
 
 #[sk_lookup]
@@ -49,14 +49,4 @@ pub fn zd_zt_lookup(ctx: SkLookupContext) -> u32 {
         Err(_) => count(LOOKUP_NO_LISTENER),
     }
     SK_PASS
-}
-
-#[inline(always)]
-fn is_loopback(ip: &IpKey, v6: bool) -> bool {
-    let a = &ip.addr;
-    if v6 {
-        a[..15].iter().all(|b| *b == 0) && a[15] == 1
-    } else {
-        a[12] == 127
-    }
 }

@@ -105,6 +105,20 @@ pub struct EbpfDataplane {
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
+/// Loads the named TC programs of `ebpf` into the kernel.
+pub(crate) fn load_classifiers(ebpf: &mut Ebpf, programs: &[&'static str]) -> Result<()> {
+    for &program in programs {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(program)
+            .ok_or(Error::ProgramMissing { program })?
+            .try_into()
+            .map_err(|source| Error::Program { program, source })?;
+        prog.load()
+            .map_err(|source| Error::Program { program, source })?;
+    }
+    Ok(())
+}
+
 pub(crate) fn ensure_bpffs(bpffs: &Path) -> Result<()> {
     let c =
         std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes()).map_err(|e| Error::Bpffs {
@@ -147,15 +161,7 @@ impl EbpfDataplane {
         let dirs = PinDirs::new(bpffs, node);
         mkdirs(&dirs)?;
         let mut ebpf = loader(&dirs.maps).load(OBJECT)?;
-        for program in Hook::PROGRAMS {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(program)
-                .ok_or(Error::ProgramMissing { program })?
-                .try_into()
-                .map_err(|source| Error::Program { program, source })?;
-            prog.load()
-                .map_err(|source| Error::Program { program, source })?;
-        }
+        load_classifiers(&mut ebpf, &Hook::PROGRAMS)?;
         lookup::load(&mut ebpf, lookup::Lookup::Ztunnel)?;
         let config = if dns_capture {
             zdivert_common::CONFIG_DNS_CAPTURE

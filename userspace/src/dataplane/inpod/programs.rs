@@ -13,7 +13,7 @@ use std::{
     sync::Mutex,
 };
 
-use aya::{Ebpf, programs::SchedClassifier};
+use aya::Ebpf;
 use zdivert_common::{CONFIG_DNS_CAPTURE, POD_COUNTERS, program};
 
 use crate::{
@@ -67,15 +67,10 @@ impl PodPrograms {
         let dirs = PinDirs::new(bpffs, node);
         crate::dataplane::ebpf::mkdirs(&dirs)?;
         let mut ebpf = crate::dataplane::ebpf::loader(&dirs.maps).load(object)?;
-        for program in [program::POD_EGRESS, program::POD_INGRESS] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(program)
-                .ok_or(Error::ProgramMissing { program })?
-                .try_into()
-                .map_err(|source| Error::Program { program, source })?;
-            prog.load()
-                .map_err(|source| Error::Program { program, source })?;
-        }
+        crate::dataplane::ebpf::load_classifiers(
+            &mut ebpf,
+            &[program::POD_EGRESS, program::POD_INGRESS],
+        )?;
         lookup::load(&mut ebpf, Lookup::Pod)?;
         maps::write_config(&mut ebpf, if dns_capture { CONFIG_DNS_CAPTURE } else { 0 })?;
         let packets = PacketCounters::new(maps::take(&mut ebpf, maps::POD_STATS)?, POD_COUNTERS);
