@@ -11,6 +11,7 @@ use std::{
     net::IpAddr,
     path::Path,
     sync::Mutex,
+    time::{Duration, Instant},
 };
 
 use aya::Ebpf;
@@ -34,6 +35,9 @@ use crate::{
 
 /// What the turned-back segments need from lo: a source that is the pod's own address
 /// (`accept_local`), and for DNS a destination on loopback (`route_localnet`).
+/// How long a pod's redirection, once checked in full, is taken as it was left.
+const RECHECK: Duration = Duration::from_secs(30);
+
 const LO_SYSCTLS: [&str; 2] = [
     "/proc/sys/net/ipv4/conf/lo/accept_local",
     "/proc/sys/net/ipv4/conf/lo/route_localnet",
@@ -49,6 +53,8 @@ pub struct PodPrograms {
     lookups: BTreeSet<u64>,
     /// Each redirected pod netns's attachments, by inode.
     redirected: BTreeMap<u64, Vec<Attachment>>,
+    /// When each pod netns was last checked in full (routing, sysctls, attachments).
+    checked: BTreeMap<u64, Instant>,
     packets: Mutex<Option<PacketCounters>>,
 }
 
@@ -81,6 +87,7 @@ impl PodPrograms {
             adopted: BTreeSet::new(),
             lookups: BTreeSet::new(),
             redirected: BTreeMap::new(),
+            checked: BTreeMap::new(),
             packets: Mutex::new(Some(packets)),
         })
     }
@@ -88,8 +95,19 @@ impl PodPrograms {
     /// Redirects the pod whose netns is `ns` and whose addresses are `ips`, idempotently. The
     /// sk_lookup link, routing and sysctls go in before the TC programs: a segment the programs
     /// capture must find everything it needs.
+    /// A pod checked within `RECHECK` is not entered again: an apply costs nothing per pod
+    /// already set up, and what was taken away behind the agent's back is put back within
+    /// `RECHECK`.
     pub fn redirect(&mut self, ns: &Path, ips: &[IpAddr]) -> Result<()> {
         let inode = netns::inode(ns)?;
+        if self.redirected.contains_key(&inode)
+            && self
+                .checked
+                .get(&inode)
+                .is_some_and(|t| t.elapsed() < RECHECK)
+        {
+            return Ok(());
+        }
         if !self.lookups.contains(&inode) {
             lookup::attach(&mut self.ebpf, &self.dirs, Lookup::Pod, ns, inode)?;
             self.lookups.insert(inode);
@@ -149,7 +167,10 @@ impl PodPrograms {
         self.redirected.insert(inode, wanted);
         match ensured.failures.into_iter().next() {
             Some((_, e)) => Err(e),
-            None => Ok(()),
+            None => {
+                self.checked.insert(inode, Instant::now());
+                Ok(())
+            }
         }
     }
 
@@ -169,6 +190,7 @@ impl PodPrograms {
         let keep: Vec<u64> = self.redirected.keys().copied().collect();
         lookup::remove_others(&self.dirs, Lookup::Pod, &keep)?;
         self.lookups.retain(|i| keep.contains(i));
+        self.checked.retain(|i, _| keep.contains(i));
         Ok(())
     }
 
