@@ -8,12 +8,11 @@ use zdivert_common::{DnsFlowKey6, PORT_DNS, PORT_DNS_PROXY};
 use crate::{
     dns::{l4_csum, ports},
     maps::DNS_FLOWS6,
-    packet::{ETH_HLEN, Ip},
+    packet::{ETH_HLEN, Ip, LOOPBACK_V6},
 };
 
 const IPV6_SRC_OFF: usize = ETH_HLEN + 8;
 const IPV6_DST_OFF: usize = ETH_HLEN + 24;
-pub const LOOPBACK: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 /// Rewrites the IPv6 address at `addr_off` and the port at `port_off`, the L4 checksum included.
 #[inline(always)]
@@ -54,7 +53,7 @@ pub fn to_proxy(ctx: &TcContext, ip: &Ip) -> Option<()> {
     rewrite(
         ctx,
         ip,
-        (IPV6_DST_OFF, ip.dst.addr, LOOPBACK),
+        (IPV6_DST_OFF, ip.dst.addr, LOOPBACK_V6),
         (ip.l4_off + 2, dport, PORT_DNS_PROXY.to_be()),
     )
 }
@@ -63,7 +62,7 @@ pub fn to_proxy(ctx: &TcContext, ip: &Ip) -> Option<()> {
 /// asked. `None` if it is no such answer.
 #[inline(always)]
 pub fn answer_from_server(ctx: &TcContext, ip: &Ip) -> Option<()> {
-    if !ip.v6 || ip.fragment || ip.src.addr != LOOPBACK {
+    if !ip.v6 || ip.fragment || ip.src.addr != LOOPBACK_V6 {
         return None;
     }
     let (sport, dport) = ports(ctx, ip)?;
@@ -81,7 +80,7 @@ pub fn answer_from_server(ctx: &TcContext, ip: &Ip) -> Option<()> {
     rewrite(
         ctx,
         ip,
-        (IPV6_SRC_OFF, LOOPBACK, server),
+        (IPV6_SRC_OFF, LOOPBACK_V6, server),
         (ip.l4_off, sport, PORT_DNS.to_be()),
     )
 }

@@ -13,6 +13,10 @@ const IPV6_HLEN: usize = 40;
 /// IPv6 extension headers walked before giving up (and calling the packet malformed).
 const MAX_IPV6_EXT_HEADERS: usize = 8;
 
+/// The loopback addresses, as the programs write them into headers and lookups.
+pub const LOOPBACK_V4: [u8; 4] = [127, 0, 0, 1];
+pub const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 

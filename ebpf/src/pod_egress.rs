@@ -23,14 +23,13 @@ use zdivert_common::{
 use crate::{
     dns, dns6,
     maps::{count_pod, dns_capture},
-    packet::{Frame, IPPROTO_TCP, Ip, mark, parse, set_dst_mac, tcp},
+    packet::{Frame, IPPROTO_TCP, Ip, LOOPBACK_V4, mark, parse, set_dst_mac, tcp},
     socket::connected_here,
 };
 
 /// `lo`'s address: a frame turned back through it must be addressed to it, or the stack takes it
 /// for another host's.
 const LOOPBACK_MAC: [u8; 6] = [0; 6];
-const LOOPBACK_V4: [u8; 4] = [127, 0, 0, 1];
 
 #[classifier]
 pub fn zd_pod_egress(ctx: TcContext) -> i32 {

@@ -33,11 +33,9 @@ use zdivert_common::{
 use crate::{
     dns, dns6,
     maps::{TIME_WAIT_SYNS, count_pod, dns_capture},
-    packet::{Frame, IPPROTO_TCP, Ip, Tcp, ifindex, is_loopback, mark, parse, tcp},
+    packet::{Frame, IPPROTO_TCP, Ip, LOOPBACK_V4, Tcp, ifindex, is_loopback, mark, parse, tcp},
     socket::{self, Lookup, Tuple, listener},
 };
-
-const LOOPBACK_V4: [u8; 4] = [127, 0, 0, 1];
 
 #[classifier]
 pub fn zd_pod_ingress(ctx: TcContext) -> i32 {

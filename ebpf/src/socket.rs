@@ -12,13 +12,11 @@ use zdivert_common::ZtunnelEntry;
 
 use crate::{
     maps::draining,
-    packet::{Ip, Tcp},
+    packet::{Ip, LOOPBACK_V4, LOOPBACK_V6, Tcp},
 };
 
 const V4_TUPLE_LEN: u32 = 12;
 const V6_TUPLE_LEN: u32 = 36;
-const LOOPBACK_V4: [u8; 4] = [127, 0, 0, 1];
-const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const NETNS: u64 = BPF_F_CURRENT_NETNS as u64;
 
 pub struct Tuple {
