@@ -93,6 +93,16 @@ pub enum Error {
     #[error("eBPF program {program} is missing from the object")]
     ProgramMissing { program: &'static str },
 
+    /// The kernel refused to load a program: its verifier's last lines say why.
+    #[error(
+        "the kernel refuses eBPF program {program} ({errno}); the verifier's last lines:\n{verifier}"
+    )]
+    Rejected {
+        program: &'static str,
+        errno: io::Error,
+        verifier: String,
+    },
+
     #[error("eBPF program {program}")]
     Program {
         program: &'static str,

@@ -106,6 +106,14 @@ enum Command {
     },
     /// Remove every program, link, pin and rule zdivert created.
     Cleanup,
+    /// Say whether this kernel runs each eBPF redirection, as `--mode auto` decides it: every
+    /// program of the mode loaded and one attached, and for in-pod mode a SYN assigned to a
+    /// SO_REUSEPORT listener in a scratch netns. Leaves nothing behind.
+    Probe {
+        /// How programs would be attached (default: TCX where the kernel has it, else tc clsact).
+        #[arg(long, value_enum)]
+        attach: Option<AttachMode>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -289,6 +297,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             print!("{}", zdivert::zds::render_status(z));
                         }
                     }
+                }
+            }
+            Ok(())
+        }
+        Command::Probe { attach } => {
+            use zdivert::dataplane::ebpf::{self, ProgramSet};
+            choose::check_object(choose::Mode::Ebpf, ebpf::object())?;
+            let attach = attach.unwrap_or_else(AttachMode::for_kernel);
+            for set in [ProgramSet::NodeLevel, ProgramSet::InPod] {
+                match ebpf::probe(&cli.bpffs, attach, set) {
+                    Ok(()) => println!("{} eBPF: usable (attached through {attach})", set.name()),
+                    Err(why) => println!("{} eBPF: not usable: {why}", set.name()),
                 }
             }
             Ok(())

@@ -42,7 +42,7 @@ pub fn build(mode: Mode, o: &Options) -> Result<Box<dyn Dataplane>> {
     let fallback_because = match mode {
         Mode::Ebpf => None,
         Mode::Iptables => Some("--mode iptables".to_string()),
-        Mode::Auto => match ebpf::probe(o.bpffs, o.attach) {
+        Mode::Auto => match ebpf::probe(o.bpffs, o.attach, ebpf::ProgramSet::NodeLevel) {
             Ok(()) => {
                 log::info!(
                     "mode auto: eBPF (programs load, {} attaches, bpf_sk_assign usable)",
@@ -103,7 +103,7 @@ pub fn in_pod_redirection(mode: Mode, o: &Options) -> Result<super::inpod::Redir
     let use_ebpf = match mode {
         Mode::Ebpf => true,
         Mode::Iptables => false,
-        Mode::Auto => match ebpf::probe(bpffs, attach) {
+        Mode::Auto => match ebpf::probe(bpffs, attach, ebpf::ProgramSet::InPod) {
             Ok(()) => true,
             Err(why) => {
                 log::warn!("mode auto: in-pod iptables rules, because {why}");

@@ -220,6 +220,22 @@ impl Netlink {
             .map_err(nl_err(format!("address {ip}/{prefix} on {what}")))
     }
 
+    /// Sets `lo` up with `ip` as an address of its own (a fresh netns's lo is down and holds
+    /// only loopback addresses).
+    pub fn loopback_up_with(&self, ip: std::net::IpAddr) -> Result<()> {
+        let lo = zdivert_common::LOOPBACK_IFINDEX;
+        self.rt
+            .block_on(
+                self.handle
+                    .link()
+                    .change(LinkUnspec::new_with_index(lo).up().build())
+                    .execute(),
+            )
+            .map_err(nl_err("setting lo up"))?;
+        let prefix = if ip.is_ipv6() { 128 } else { 32 };
+        self.ensure_address(lo, ip, prefix, false, "lo")
+    }
+
     /// Whether this kernel can create a geneve device (`CONFIG_GENEVE`), found by creating
     /// and deleting one.
     pub fn geneve_supported(&self) -> bool {

@@ -68,10 +68,7 @@ pub fn program(ebpf: &mut Ebpf, kind: Lookup) -> Result<&mut SkLookup> {
 pub fn load(ebpf: &mut Ebpf, kind: Lookup) -> Result<()> {
     program(ebpf, kind)?
         .load()
-        .map_err(|source| Error::Program {
-            program: kind.program(),
-            source,
-        })
+        .map_err(|e| super::rejected(kind.program(), e))
 }
 
 /// Attaches this process's program to the netns at `netns` and pins the link over any earlier

@@ -105,18 +105,77 @@ pub struct EbpfDataplane {
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
-/// Loads the named TC programs of `ebpf` into the kernel.
-pub(crate) fn load_classifiers(ebpf: &mut Ebpf, programs: &[&'static str]) -> Result<()> {
-    for &program in programs {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(program)
-            .ok_or(Error::ProgramMissing { program })?
-            .try_into()
-            .map_err(|source| Error::Program { program, source })?;
-        prog.load()
-            .map_err(|source| Error::Program { program, source })?;
+/// The programs one ztunnel mode loads into the kernel: a node-level agent never loads the
+/// in-pod programs and the reverse, so a program one kernel refuses stops only the mode that
+/// needs it (`docs/design.md`, "Kernels").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgramSet {
+    /// ztunnel in its own netns: the programs on the pods' and ztunnel's veths.
+    NodeLevel,
+    /// ztunnel in each pod's netns: the programs on the pods' eth0 and lo.
+    InPod,
+}
+
+impl ProgramSet {
+    pub fn classifiers(self) -> &'static [&'static str] {
+        use zdivert_common::program::*;
+        match self {
+            ProgramSet::NodeLevel => &[OUTBOUND, INBOUND, ZTUNNEL_RETURN, ZTUNNEL_TPROXY, HOLD],
+            ProgramSet::InPod => &[POD_EGRESS, POD_INGRESS],
+        }
     }
-    Ok(())
+
+    pub fn lookup(self) -> lookup::Lookup {
+        match self {
+            ProgramSet::NodeLevel => lookup::Lookup::Ztunnel,
+            ProgramSet::InPod => lookup::Lookup::Pod,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ProgramSet::NodeLevel => "node-level",
+            ProgramSet::InPod => "in-pod",
+        }
+    }
+
+    /// Loads every program of the set into the kernel, each on its own: the first one the
+    /// kernel refuses is named, with the verifier's last lines.
+    pub fn load(self, ebpf: &mut Ebpf) -> Result<()> {
+        for &program in self.classifiers() {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(program)
+                .ok_or(Error::ProgramMissing { program })?
+                .try_into()
+                .map_err(|source| Error::Program { program, source })?;
+            prog.load().map_err(|e| rejected(program, e))?;
+        }
+        lookup::load(ebpf, self.lookup())
+    }
+}
+
+/// How many of the verifier's last lines an error carries: enough to see the instruction it
+/// stopped at and its reason, not the whole walk.
+const VERIFIER_TAIL_LINES: usize = 12;
+
+/// A load error as the operator needs it: which program, and the verifier's reason.
+pub(crate) fn rejected(program: &'static str, e: aya::programs::ProgramError) -> Error {
+    match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+            let tail = lines[lines.len().saturating_sub(VERIFIER_TAIL_LINES)..].join("\n");
+            Error::Rejected {
+                program,
+                errno: io_error,
+                verifier: tail,
+            }
+        }
+        source => Error::Program { program, source },
+    }
 }
 
 pub(crate) fn ensure_bpffs(bpffs: &Path) -> Result<()> {
@@ -161,8 +220,7 @@ impl EbpfDataplane {
         let dirs = PinDirs::new(bpffs, node);
         mkdirs(&dirs)?;
         let mut ebpf = loader(&dirs.maps).load(OBJECT)?;
-        load_classifiers(&mut ebpf, &Hook::PROGRAMS)?;
-        lookup::load(&mut ebpf, lookup::Lookup::Ztunnel)?;
+        ProgramSet::NodeLevel.load(&mut ebpf)?;
         let config = if dns_capture {
             zdivert_common::CONFIG_DNS_CAPTURE
         } else {

@@ -1,61 +1,78 @@
-//! `--mode auto`: whether the eBPF dataplane can run here, found by doing what it does on a
-//! scratch interface: load every program (the verifier accepts `bpf_sk_assign` and the socket
-//! lookups only where the kernel has them) and attach one, the way the agent will (TCX or tc
-//! clsact), to a scratch veth. Leaves nothing behind.
-use std::path::Path;
-
-use aya::programs::{
-    LinkOrder, ProgramError, SchedClassifier, TcAttachType,
-    tc::{self, NlOptions, TcAttachOptions},
+//! `--mode auto` and `zdivert probe`: whether one mode's eBPF redirection can run here, found
+//! by doing what it does, never by reading a version number:
+//! - load each of the mode's programs (the verifier refuses a helper, or a shape of code, that
+//!   its kernel does not know), and attach one the way the agent will (TCX or tc clsact) to a
+//!   scratch veth;
+//! - in-pod mode also needs `bpf_sk_assign` to accept a listener bound with SO_REUSEPORT, as
+//!   in-pod ztunnel binds its own (`INPOD_PORT_REUSE`, default true): kernels before 6.5 refuse
+//!   that assignment. A SYN is sent through `zd_pod_ingress` in a scratch netns to such a
+//!   listener, and must be accepted there.
+//!
+//! Leaves nothing behind: the scratch pins, veth and netns go with the probe.
+use std::{
+    io::Read as _,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    path::Path,
+    time::Duration,
 };
 
-use super::{
-    OBJECT,
-    attach::{AttachMode, Hook},
-    ensure_bpffs,
+use aya::{
+    Ebpf,
+    programs::{
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        tc::{self, NlOptions, TcAttachOptions},
+    },
 };
+use socket2::{Domain, Protocol, Socket, Type};
+use zdivert_common::{MARK_INPOD_CONN, PORT_OUTBOUND, program};
+
+use super::{OBJECT, ProgramSet, attach::AttachMode, ensure_bpffs};
 use crate::nl::Netlink;
 
-/// Ok, or the capability this kernel or node lacks for the eBPF dataplane. An agent built
-/// without its eBPF object is a broken build, not a kernel without BPF: the caller refuses to
-/// run before it gets here (`super::object`).
-pub fn probe(bpffs: &Path, attach: AttachMode) -> Result<(), String> {
+/// Ok, or what this kernel or node lacks for `set`'s eBPF redirection. An agent built without
+/// its eBPF object is a broken build, not a kernel without BPF: the caller refuses to run
+/// before it gets here (`super::object`).
+pub fn probe(bpffs: &Path, attach: AttachMode, set: ProgramSet) -> Result<(), String> {
     ensure_bpffs(bpffs).map_err(|e| e.chain().to_string())?;
     let scratch = bpffs
         .join(zdivert_common::PIN_BASE)
         .join(format!("probe-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
-    let result = load_and_attach(&scratch, attach);
+    let result = try_set(&scratch, attach, set);
     let _ = std::fs::remove_dir_all(&scratch);
     let _ = std::fs::remove_dir(bpffs.join(zdivert_common::PIN_BASE));
     result
 }
 
-fn load_and_attach(pins: &Path, attach: AttachMode) -> Result<(), String> {
+fn try_set(pins: &Path, attach: AttachMode, set: ProgramSet) -> Result<(), String> {
     let mut ebpf = super::loader(pins)
         .load(OBJECT)
         .map_err(|e| format!("loading the object: {e}"))?;
-    for program in Hook::PROGRAMS {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(program)
-            .ok_or_else(|| format!("{program} missing from the object"))?
-            .try_into()
-            .map_err(|e| format!("{program}: {e}"))?;
-        prog.load()
-            .map_err(|e| format!("the verifier rejects {program}: {e}"))?;
+    set.load(&mut ebpf).map_err(|e| e.chain().to_string())?;
+    let first = set.classifiers()[0];
+    attach_to_scratch_veth(&mut ebpf, first, attach)?;
+    if set == ProgramSet::InPod {
+        assign_to_reuseport_listener(&mut ebpf)?;
     }
-    super::lookup::program(&mut ebpf, super::lookup::Lookup::Ztunnel)
-        .map_err(|e| e.to_string())?
-        .load()
-        .map_err(|e| format!("sk_lookup programs cannot load (Linux 5.9+): {e}"))?;
+    Ok(())
+}
+
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut SchedClassifier {
+    ebpf.program_mut(name)
+        .expect("loaded by ProgramSet::load")
+        .try_into()
+        .expect("checked by ProgramSet::load")
+}
+
+fn attach_to_scratch_veth(
+    ebpf: &mut Ebpf,
+    program: &str,
+    attach: AttachMode,
+) -> Result<(), String> {
     let nl = Netlink::new().map_err(|e| e.to_string())?;
     let name = format!("zdprobe{}", std::process::id() % 100_000);
     nl.add_scratch_veth(&name).map_err(|e| e.to_string())?;
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(Hook::PodOutbound.program())
-        .expect("loaded above")
-        .try_into()
-        .expect("checked above");
+    let prog = classifier(ebpf, program);
     let attached = match attach {
         AttachMode::Tcx => prog
             .attach_with_options(
@@ -77,4 +94,79 @@ fn load_and_attach(pins: &Path, attach: AttachMode) -> Result<(), String> {
     });
     let _ = nl.delete_link(&name);
     attached
+}
+
+/// The address the probe's connection is sent to: not the scratch netns's loopback (which
+/// `zd_pod_ingress` leaves alone), so the SYN is captured as a pod's outbound SYN would be.
+const PROBE_DESTINATION: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const PROBE_PORT: u16 = 9;
+
+/// In a netns of its own: a listener on :15001 bound as in-pod ztunnel binds it (SO_REUSEPORT,
+/// IP_TRANSPARENT), `zd_pod_ingress` on lo, and a connection marked as `zd_pod_egress` marks
+/// what it turns back. The listener accepts it only if the kernel let the program assign the
+/// SYN to a reuseport socket.
+fn assign_to_reuseport_listener(ebpf: &mut Ebpf) -> Result<(), String> {
+    let prog = classifier(ebpf, program::POD_INGRESS);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: a new netns for this scoped thread alone; it ends with the thread.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(format!(
+                    "a scratch netns for the in-pod probe: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            in_scratch_netns(prog)
+        })
+        .join()
+        .unwrap_or_else(|_| Err("the in-pod probe's thread panicked".into()))
+    })
+}
+
+fn in_scratch_netns(prog: &mut SchedClassifier) -> Result<(), String> {
+    let nl = Netlink::new().map_err(|e| e.to_string())?;
+    nl.loopback_up_with(PROBE_DESTINATION.into())
+        .map_err(|e| e.chain().to_string())?;
+    let listener = reuseport_listener().map_err(|e| format!("a SO_REUSEPORT listener: {e}"))?;
+    tc::qdisc_add_clsact("lo").map_err(|e| format!("tc clsact on lo: {e}"))?;
+    let options = TcAttachOptions::Netlink(NlOptions::default());
+    let id = prog
+        .attach_with_options("lo", TcAttachType::Ingress, options)
+        .map_err(|e| format!("attaching {} to lo: {e}", program::POD_INGRESS))?;
+    let connected = connect_marked();
+    let _ = prog.detach(id);
+    connected.map_err(|e| {
+        format!(
+            "bpf_sk_assign does not take a SO_REUSEPORT listener, as in-pod ztunnel binds its \
+             own (Linux 6.5+): a SYN assigned to one was not accepted ({e})"
+        )
+    })?;
+    listener
+        .set_nonblocking(true)
+        .and_then(|()| listener.accept())
+        .map(|_| ())
+        .map_err(|e| format!("the probe's connection reached no listener of the probe: {e}"))
+}
+
+fn reuseport_listener() -> std::io::Result<Socket> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_port(true)?;
+    s.set_ip_transparent(true)?;
+    s.bind(&SocketAddr::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT_OUTBOUND)).into())?;
+    s.listen(8)?;
+    Ok(s)
+}
+
+/// Connects to `PROBE_DESTINATION:PROBE_PORT` with the mark of a turned-back segment; where
+/// nothing assigns the SYN, nothing listens there and the connection is refused or times out.
+fn connect_marked() -> std::io::Result<()> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_mark(MARK_INPOD_CONN)?;
+    let to = SocketAddr::from(SocketAddrV4::new(PROBE_DESTINATION, PROBE_PORT));
+    s.connect_timeout(&to.into(), Duration::from_millis(1500))?;
+    // Accepted: the peer is the probe's listener, which says nothing and closes with us.
+    let mut stream: TcpStream = s.into();
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(1)));
+    let _ = stream.read(&mut [0u8; 1]);
+    Ok(())
 }

@@ -15,12 +15,12 @@ use std::{
 };
 
 use aya::Ebpf;
-use zdivert_common::{CONFIG_DNS_CAPTURE, POD_COUNTERS, program};
+use zdivert_common::{CONFIG_DNS_CAPTURE, POD_COUNTERS};
 
 use crate::{
     dataplane::{
         ebpf::{
-            PinDirs,
+            PinDirs, ProgramSet,
             attach::{self, AttachMode, Attachment, Hook},
             lookup::{self, Lookup},
             maps,
@@ -73,11 +73,7 @@ impl PodPrograms {
         let dirs = PinDirs::new(bpffs, node);
         crate::dataplane::ebpf::mkdirs(&dirs)?;
         let mut ebpf = crate::dataplane::ebpf::loader(&dirs.maps).load(object)?;
-        crate::dataplane::ebpf::load_classifiers(
-            &mut ebpf,
-            &[program::POD_EGRESS, program::POD_INGRESS],
-        )?;
-        lookup::load(&mut ebpf, Lookup::Pod)?;
+        ProgramSet::InPod.load(&mut ebpf)?;
         maps::write_config(&mut ebpf, if dns_capture { CONFIG_DNS_CAPTURE } else { 0 })?;
         let packets = PacketCounters::new(maps::take(&mut ebpf, maps::POD_STATS)?, POD_COUNTERS);
         Ok(PodPrograms {

@@ -66,18 +66,6 @@ impl Hook {
         Hook::InPodLoopback,
     ];
 
-    /// Every TC program of the object, once (the hold hooks share one, the in-pod ingress
-    /// hooks another).
-    pub const PROGRAMS: [&'static str; 7] = [
-        program::OUTBOUND,
-        program::INBOUND,
-        program::ZTUNNEL_RETURN,
-        program::ZTUNNEL_TPROXY,
-        program::HOLD,
-        program::POD_EGRESS,
-        program::POD_INGRESS,
-    ];
-
     pub fn program(self) -> &'static str {
         match self {
             Hook::PodOutbound => program::OUTBOUND,
