@@ -87,14 +87,46 @@ pub mod program {
 }
 
 /// An IP address as a map key: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`) so that one map
-/// serves both families without a format change.
-#[repr(C)]
+/// serves both families without a format change. Aligned to 4 so that the programs copy and
+/// compare it as four words: as sixteen bytes, a copy is sixteen loads and stores, and the
+/// spilled bytes filled the 512-byte stack.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IpKey {
     pub addr: [u8; 16],
 }
 
+/// `::ffff:0:0/96`'s third word, as the bytes lie in memory.
+const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
 impl IpKey {
+    /// The address as four words in memory order (network byte order within each).
+    #[inline(always)]
+    pub const fn words(&self) -> [u32; 4] {
+        // SAFETY: same size, every bit pattern valid for both.
+        unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(self.addr) }
+    }
+
+    /// An IPv4 address given as it lies in the header (network byte order), IPv4-mapped.
+    #[inline(always)]
+    pub const fn from_v4_word(addr: u32) -> Self {
+        Self::from_words([0, 0, V4_MAPPED_WORD, addr])
+    }
+
+    #[inline(always)]
+    pub const fn from_words(w: [u32; 4]) -> Self {
+        IpKey {
+            // SAFETY: same size, every bit pattern valid for both.
+            addr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(w) },
+        }
+    }
+
+    /// The IPv4 address's word (network byte order), for an IPv4-mapped key.
+    #[inline(always)]
+    pub const fn v4_word(&self) -> u32 {
+        self.words()[3]
+    }
+
     pub const fn from_v4(octets: [u8; 4]) -> Self {
         let [a, b, c, d] = octets;
         IpKey {
@@ -339,6 +371,7 @@ pub const POD_COUNTER_SLOTS: u32 = 16;
 
 const _: () = {
     assert!(core::mem::size_of::<IpKey>() == 16);
+    assert!(core::mem::align_of::<IpKey>() == 4);
     assert!(core::mem::size_of::<PodEntry>() == 16);
     assert!(core::mem::size_of::<ZtunnelEntry>() == 36);
     assert!(core::mem::size_of::<DrainingZtunnel>() == 40);

@@ -13,7 +13,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use zdivert_common::{DnsFlowKey, PORT_DNS, PORT_DNS_PROXY};
+use zdivert_common::{DnsFlowKey, IpKey, PORT_DNS, PORT_DNS_PROXY};
 
 use crate::{
     maps::DNS_FLOWS,
@@ -86,7 +86,7 @@ pub fn is_dns_any(ctx: &TcContext, ip: &Ip) -> bool {
 #[inline(always)]
 pub fn to_proxy(ctx: &TcContext, ip: &Ip, proxy: [u8; 4]) -> Option<()> {
     let (sport, dport) = ports(ctx, ip)?;
-    let (pod, server) = (v4(&ip.src.addr), v4(&ip.dst.addr));
+    let (pod, server) = (v4(&ip.src), v4(&ip.dst));
     let key = DnsFlowKey {
         pod,
         port_be: sport,
@@ -106,7 +106,7 @@ pub fn to_proxy(ctx: &TcContext, ip: &Ip, proxy: [u8; 4]) -> Option<()> {
 /// asked. `None` if it is no such answer.
 #[inline(always)]
 pub fn answer_from_server(ctx: &TcContext, ip: &Ip, proxy: [u8; 4]) -> Option<()> {
-    if ip.v6 || ip.fragment || v4(&ip.src.addr) != proxy {
+    if ip.v6 || ip.fragment || v4(&ip.src) != proxy {
         return None;
     }
     let (sport, dport) = ports(ctx, ip)?;
@@ -114,7 +114,7 @@ pub fn answer_from_server(ctx: &TcContext, ip: &Ip, proxy: [u8; 4]) -> Option<()
         return None;
     }
     let key = DnsFlowKey {
-        pod: v4(&ip.dst.addr),
+        pod: v4(&ip.dst),
         port_be: dport,
         proto: ip.proto,
         _reserved: 0,
@@ -130,6 +130,6 @@ pub fn answer_from_server(ctx: &TcContext, ip: &Ip, proxy: [u8; 4]) -> Option<()
 }
 
 #[inline(always)]
-fn v4(a: &[u8; 16]) -> [u8; 4] {
-    [a[12], a[13], a[14], a[15]]
+fn v4(a: &IpKey) -> [u8; 4] {
+    a.v4_word().to_ne_bytes()
 }

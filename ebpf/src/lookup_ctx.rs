@@ -63,15 +63,10 @@ pub fn wanted(ctx: &SkLookupContext) -> Wanted {
 
 #[inline(always)]
 fn addr4(be: u32) -> IpKey {
-    IpKey::from_v4(be.to_ne_bytes())
+    IpKey::from_v4_word(be)
 }
 
 #[inline(always)]
 fn addr6(words: &[u32; 4]) -> IpKey {
-    let [a, b, c, d] = *words;
-    let ([a0, a1, a2, a3], [b0, b1, b2, b3]) = (a.to_ne_bytes(), b.to_ne_bytes());
-    let ([c0, c1, c2, c3], [d0, d1, d2, d3]) = (c.to_ne_bytes(), d.to_ne_bytes());
-    IpKey::from_v6([
-        a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3,
-    ])
+    IpKey::from_words(*words)
 }

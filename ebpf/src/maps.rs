@@ -117,9 +117,8 @@ pub fn draining() -> Option<DrainingZtunnel> {
 #[inline(always)]
 pub fn is_ztunnel_ip(z: &ZtunnelEntry, ip: &IpKey, v6: bool) -> bool {
     if v6 {
-        z.flags & ZTUNNEL_F_V6 != 0 && z.ipv6 == ip.addr
+        z.flags & ZTUNNEL_F_V6 != 0 && IpKey::from_v6(z.ipv6).words() == ip.words()
     } else {
-        let a = &ip.addr;
-        z.flags & ZTUNNEL_F_V4 != 0 && z.ipv4 == [a[12], a[13], a[14], a[15]]
+        z.flags & ZTUNNEL_F_V4 != 0 && u32::from_ne_bytes(z.ipv4) == ip.v4_word()
     }
 }

@@ -102,7 +102,7 @@ fn dns_query(ctx: &TcContext, ip: &Ip, z: &ZtunnelEntry) -> i32 {
 fn is_neighbour_discovery(ip: &Ip) -> bool {
     let a = &ip.src.addr;
     let link_local = a[0] == 0xfe && a[1] & 0xc0 == 0x80;
-    let unspecified = a.iter().all(|b| *b == 0);
+    let unspecified = ip.src.words() == [0; 4];
     ip.v6 && ip.proto == IPPROTO_ICMPV6 && (link_local || unspecified)
 }
 

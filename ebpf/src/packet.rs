@@ -87,8 +87,8 @@ fn parse_v4(ctx: &TcContext) -> Frame {
     let fragment = frag & 0x3fff != 0;
     Frame::Ip(Ip {
         v6: false,
-        src: IpKey::from_v4([hdr[12], hdr[13], hdr[14], hdr[15]]),
-        dst: IpKey::from_v4([hdr[16], hdr[17], hdr[18], hdr[19]]),
+        src: IpKey::from_v4_word(u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]])),
+        dst: IpKey::from_v4_word(u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]])),
         proto: hdr[9],
         l4_off: ETH_HLEN + ihl,
         fragment,
@@ -101,8 +101,8 @@ fn parse_v6(ctx: &TcContext) -> Frame {
         return Frame::Malformed;
     };
     let (Ok(src), Ok(dst)) = (
-        ctx.load::<[u8; 16]>(ETH_HLEN + 8),
-        ctx.load::<[u8; 16]>(ETH_HLEN + 24),
+        ctx.load::<IpKey>(ETH_HLEN + 8),
+        ctx.load::<IpKey>(ETH_HLEN + 24),
     ) else {
         return Frame::Malformed;
     };
@@ -152,8 +152,8 @@ fn parse_v6(ctx: &TcContext) -> Frame {
     }
     Frame::Ip(Ip {
         v6: true,
-        src: IpKey::from_v6(src),
-        dst: IpKey::from_v6(dst),
+        src,
+        dst,
         proto: next,
         l4_off: off,
         fragment,
@@ -183,8 +183,8 @@ pub fn icmp_error_quote(ctx: &TcContext, ip: &Ip) -> Option<Quoted> {
         }
         return Some(Quoted {
             proto: h[9],
-            src: IpKey::from_v4([h[12], h[13], h[14], h[15]]),
-            dst: IpKey::from_v4([h[16], h[17], h[18], h[19]]),
+            src: IpKey::from_v4_word(u32::from_ne_bytes([h[12], h[13], h[14], h[15]])),
+            dst: IpKey::from_v4_word(u32::from_ne_bytes([h[16], h[17], h[18], h[19]])),
         });
     }
     if ip.v6 && ip.proto == IPPROTO_ICMPV6 && matches!(icmp_type, 1..=4) {
@@ -241,10 +241,10 @@ pub fn mark(ctx: &TcContext) -> u32 {
 /// Whether `ip` is a loopback address of its family (127/8, ::1).
 #[inline(always)]
 pub fn is_loopback(ip: &IpKey, v6: bool) -> bool {
-    let a = &ip.addr;
+    let w = ip.words();
     if v6 {
-        a[..15].iter().all(|b| *b == 0) && a[15] == 1
+        w == IpKey::from_v6(LOOPBACK_V6).words()
     } else {
-        a[12] == 127
+        ip.addr[12] == 127
     }
 }

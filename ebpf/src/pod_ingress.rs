@@ -232,11 +232,10 @@ unsafe fn assign(ctx: &TcContext, sk: *mut bpf_sock, counter: u32) -> i32 {
 
 #[inline(always)]
 fn is_probe(ip: &Ip) -> bool {
-    let a = &ip.src.addr;
     if ip.v6 {
-        *a == PROBE_SOURCE_V6
+        ip.src.words() == IpKey::from_v6(PROBE_SOURCE_V6).words()
     } else {
-        [a[12], a[13], a[14], a[15]] == PROBE_SOURCE_V4
+        ip.src.v4_word() == u32::from_ne_bytes(PROBE_SOURCE_V4)
     }
 }
 

@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use zdivert_common::ZtunnelEntry;
+use zdivert_common::{IpKey, ZtunnelEntry};
 
 use crate::{
     maps::draining,
@@ -37,17 +37,16 @@ impl Tuple {
     pub fn new(ip: &Ip, seg: &Tcp) -> Self {
         // SAFETY: bpf_sock_tuple is a C union of integer arrays; all-zero is valid.
         let mut raw: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-        let (s, d) = (&ip.src.addr, &ip.dst.addr);
         if ip.v6 {
             let t = unsafe { &mut raw.__bindgen_anon_1.ipv6 };
-            t.saddr = words(s);
-            t.daddr = words(d);
+            t.saddr = ip.src.words();
+            t.daddr = ip.dst.words();
             t.sport = seg.sport_be;
             t.dport = seg.dport_be;
         } else {
             let t = unsafe { &mut raw.__bindgen_anon_1.ipv4 };
-            t.saddr = u32::from_ne_bytes([s[12], s[13], s[14], s[15]]);
-            t.daddr = u32::from_ne_bytes([d[12], d[13], d[14], d[15]]);
+            t.saddr = ip.src.v4_word();
+            t.daddr = ip.dst.v4_word();
             t.sport = seg.sport_be;
             t.dport = seg.dport_be;
         }
@@ -67,7 +66,7 @@ impl Tuple {
     #[inline(always)]
     pub fn set_loopback_dst(&mut self, v6: bool) {
         if v6 {
-            self.raw.__bindgen_anon_1.ipv6.daddr = words(&LOOPBACK_V6);
+            self.raw.__bindgen_anon_1.ipv6.daddr = IpKey::from_v6(LOOPBACK_V6).words();
         } else {
             self.raw.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes(LOOPBACK_V4);
         }
@@ -96,16 +95,6 @@ impl Tuple {
             }
         }
     }
-}
-
-#[inline(always)]
-fn words(a: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-    ]
 }
 
 const TCP_TIME_WAIT: u32 = 6;

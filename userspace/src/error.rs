@@ -7,6 +7,15 @@ use std::{fmt, io, net::IpAddr, path::PathBuf};
 /// and pin errors), kept whole.
 pub type Cause = Box<dyn std::error::Error + Send + Sync>;
 
+/// How many of the verifier's last lines an error shows: enough to see the instruction it
+/// stopped at and its reason, not the whole walk.
+const VERIFIER_TAIL_LINES: usize = 12;
+
+fn verifier_tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(VERIFIER_TAIL_LINES)..].join("\n")
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("node description {path}: cannot read it")]
@@ -95,12 +104,14 @@ pub enum Error {
 
     /// The kernel refused to load a program: its verifier's last lines say why.
     #[error(
-        "the kernel refuses eBPF program {program} ({errno}); the verifier's last lines:\n{verifier}"
+        "the kernel refuses eBPF program {program} ({errno}); the verifier's last lines:\n{}",
+        verifier_tail(log)
     )]
     Rejected {
         program: &'static str,
         errno: io::Error,
-        verifier: String,
+        /// The verifier's whole log (`zdivert probe --verifier-logs DIR` writes it out).
+        log: String,
     },
 
     #[error("eBPF program {program}")]

@@ -113,6 +113,9 @@ enum Command {
         /// How programs would be attached (default: TCX where the kernel has it, else tc clsact).
         #[arg(long, value_enum)]
         attach: Option<AttachMode>,
+        /// Write the whole verifier log of each refused program to DIR/<program>.log.
+        #[arg(long, value_name = "DIR")]
+        verifier_logs: Option<PathBuf>,
     },
 }
 
@@ -301,12 +304,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Probe { attach } => {
+        Command::Probe {
+            attach,
+            verifier_logs,
+        } => {
             use zdivert::dataplane::ebpf::{self, ProgramSet};
             choose::check_object(choose::Mode::Ebpf, ebpf::object())?;
             let attach = attach.unwrap_or_else(AttachMode::for_kernel);
             for set in [ProgramSet::NodeLevel, ProgramSet::InPod] {
-                match ebpf::probe(&cli.bpffs, attach, set) {
+                match ebpf::probe_logging(&cli.bpffs, attach, set, verifier_logs.as_deref()) {
                     Ok(()) => println!("{} eBPF: usable (attached through {attach})", set.name()),
                     Err(why) => println!("{} eBPF: not usable: {why}", set.name()),
                 }

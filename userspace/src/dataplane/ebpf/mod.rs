@@ -12,7 +12,7 @@ mod ztunnels;
 
 pub use cleanup::{Cleaned, cleanup};
 pub use migrate::Migrated;
-pub use probe::probe;
+pub use probe::{probe, probe_logging};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -154,26 +154,17 @@ impl ProgramSet {
     }
 }
 
-/// How many of the verifier's last lines an error carries: enough to see the instruction it
-/// stopped at and its reason, not the whole walk.
-const VERIFIER_TAIL_LINES: usize = 12;
-
 /// A load error as the operator needs it: which program, and the verifier's reason.
 pub(crate) fn rejected(program: &'static str, e: aya::programs::ProgramError) -> Error {
     match e {
         aya::programs::ProgramError::LoadError {
             io_error,
             verifier_log,
-        } => {
-            let log = verifier_log.to_string();
-            let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
-            let tail = lines[lines.len().saturating_sub(VERIFIER_TAIL_LINES)..].join("\n");
-            Error::Rejected {
-                program,
-                errno: io_error,
-                verifier: tail,
-            }
-        }
+        } => Error::Rejected {
+            program,
+            errno: io_error,
+            log: verifier_log.to_string(),
+        },
         source => Error::Program { program, source },
     }
 }

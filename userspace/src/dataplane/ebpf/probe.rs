@@ -33,22 +33,47 @@ use crate::nl::Netlink;
 /// its eBPF object is a broken build, not a kernel without BPF: the caller refuses to run
 /// before it gets here (`super::object`).
 pub fn probe(bpffs: &Path, attach: AttachMode, set: ProgramSet) -> Result<(), String> {
+    probe_logging(bpffs, attach, set, None)
+}
+
+/// As `probe`; the whole verifier log of a refused program is written to
+/// `<log_dir>/<program>.log`.
+pub fn probe_logging(
+    bpffs: &Path,
+    attach: AttachMode,
+    set: ProgramSet,
+    log_dir: Option<&Path>,
+) -> Result<(), String> {
     ensure_bpffs(bpffs).map_err(|e| e.chain().to_string())?;
     let scratch = bpffs
         .join(zdivert_common::PIN_BASE)
         .join(format!("probe-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
-    let result = try_set(&scratch, attach, set);
+    let result = try_set(&scratch, attach, set, log_dir);
     let _ = std::fs::remove_dir_all(&scratch);
     let _ = std::fs::remove_dir(bpffs.join(zdivert_common::PIN_BASE));
     result
 }
 
-fn try_set(pins: &Path, attach: AttachMode, set: ProgramSet) -> Result<(), String> {
+fn try_set(
+    pins: &Path,
+    attach: AttachMode,
+    set: ProgramSet,
+    log_dir: Option<&Path>,
+) -> Result<(), String> {
     let mut ebpf = super::loader(pins)
         .load(OBJECT)
         .map_err(|e| format!("loading the object: {e}"))?;
-    set.load(&mut ebpf).map_err(|e| e.chain().to_string())?;
+    if let Err(e) = set.load(&mut ebpf) {
+        if let (crate::error::Error::Rejected { program, log, .. }, Some(dir)) = (&e, log_dir) {
+            let path = dir.join(format!("{program}.log"));
+            if let Err(io) = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, log))
+            {
+                log::warn!("{}: {io}", path.display());
+            }
+        }
+        return Err(e.chain().to_string());
+    }
     let first = set.classifiers()[0];
     attach_to_scratch_veth(&mut ebpf, first, attach)?;
     if set == ProgramSet::InPod {
@@ -127,30 +152,47 @@ fn in_scratch_netns(prog: &mut SchedClassifier) -> Result<(), String> {
     let nl = Netlink::new().map_err(|e| e.to_string())?;
     nl.loopback_up_with(PROBE_DESTINATION.into())
         .map_err(|e| e.chain().to_string())?;
-    let listener = reuseport_listener().map_err(|e| format!("a SO_REUSEPORT listener: {e}"))?;
     tc::qdisc_add_clsact("lo").map_err(|e| format!("tc clsact on lo: {e}"))?;
     let options = TcAttachOptions::Netlink(NlOptions::default());
     let id = prog
         .attach_with_options("lo", TcAttachType::Ingress, options)
         .map_err(|e| format!("attaching {} to lo: {e}", program::POD_INGRESS))?;
-    let connected = connect_marked();
-    let _ = prog.detach(id);
-    connected.map_err(|e| {
-        format!(
+    // First a listener without SO_REUSEPORT: if that one is not reached either, the program
+    // itself does not work here, whatever the reason, and the probe says so.
+    let result = accepts(false)
+        .map_err(|e| {
+            format!(
+                "{} assigned a SYN to a listener, and the listener did not accept it ({e})",
+                program::POD_INGRESS
+            )
+        })
+        .and_then(|()| {
+            accepts(true).map_err(|e| format!(
             "bpf_sk_assign does not take a SO_REUSEPORT listener, as in-pod ztunnel binds its \
-             own (Linux 6.5+): a SYN assigned to one was not accepted ({e})"
-        )
-    })?;
+             own (Linux 6.5+): a SYN assigned to one was not accepted ({e}), while one without \
+             SO_REUSEPORT accepted it"
+        ))
+        });
+    let _ = prog.detach(id);
+    result
+}
+
+/// Whether a SYN `zd_pod_ingress` assigns to a listener on :15001 bound as in-pod ztunnel
+/// binds it (IP_TRANSPARENT, and SO_REUSEPORT if `reuse_port`) is accepted there.
+fn accepts(reuse_port: bool) -> Result<(), String> {
+    let listener =
+        listener(reuse_port).map_err(|e| format!("a listener on :{PORT_OUTBOUND}: {e}"))?;
+    connect_marked().map_err(|e| e.to_string())?;
     listener
         .set_nonblocking(true)
         .and_then(|()| listener.accept())
         .map(|_| ())
-        .map_err(|e| format!("the probe's connection reached no listener of the probe: {e}"))
+        .map_err(|e| format!("the probe's connection reached another listener: {e}"))
 }
 
-fn reuseport_listener() -> std::io::Result<Socket> {
+fn listener(reuse_port: bool) -> std::io::Result<Socket> {
     let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    s.set_reuse_port(true)?;
+    s.set_reuse_port(reuse_port)?;
     s.set_ip_transparent(true)?;
     s.bind(&SocketAddr::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT_OUTBOUND)).into())?;
     s.listen(8)?;
