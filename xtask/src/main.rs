@@ -1,6 +1,7 @@
 //! The developer workflow. Every command sets up what it needs first (idempotent, quick when
 //! already done), so on a fresh machine `cargo xtask test` and `cargo xtask demo` just work.
 mod setup;
+mod vmtest;
 
 use std::{path::PathBuf, process::Command};
 
@@ -31,6 +32,19 @@ enum Cmd {
     Test {
         /// Only integration tests whose name contains this.
         filter: Option<String>,
+    },
+    /// Run the privileged suites on Debian's 5.10, 6.1 and 6.12 kernels, booted under QEMU
+    /// with virtme-ng (images fetched and unpacked under target/vmtest, never installed).
+    Vmtest {
+        /// 5.10, 6.1, 6.12, or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Only the core subset CI runs (node-level eBPF through ztunnel, odd packets,
+        /// program verdicts, geneve).
+        #[arg(long)]
+        core: bool,
+        /// Only tests whose name contains one of these (libtest filters).
+        filters: Vec<String>,
     },
     /// Measure what each redirection path costs (release build); writes bench/results.{json,md}.
     Bench {
@@ -155,6 +169,47 @@ fn main() -> Result<()> {
             }
             c.env("ZDIVERT_BIN", root().join("target/debug/zdivert"));
             run(&mut c)
+        }
+        Cmd::Vmtest {
+            kernel,
+            core,
+            mut filters,
+        } => {
+            let kernels = vmtest::kernels(&kernel)?;
+            setup::all()?;
+            vmtest::tools()?;
+            build_ebpf()?;
+            build_agent(false)?;
+            setup::remove_leftovers()?;
+            if core {
+                filters.extend(vmtest::CORE.iter().map(|f| f.to_string()));
+            }
+            let binaries = vmtest::test_binaries()?;
+            let plan = vmtest::Plan {
+                binaries: &binaries,
+                filters: &filters,
+                zdivert: root().join("target/debug/zdivert"),
+            };
+            let mut failed = Vec::new();
+            let mut summary = Vec::new();
+            for k in kernels {
+                let o = vmtest::run_on(k, &plan)?;
+                summary.push(format!(
+                    "{}: {} in {:.0} s (log: {})",
+                    k.name,
+                    if o.passed { "passed" } else { "FAILED" },
+                    o.elapsed.as_secs_f64(),
+                    o.log.display()
+                ));
+                if !o.passed {
+                    failed.push(k.name);
+                }
+            }
+            eprintln!("vmtest:\n  {}", summary.join("\n  "));
+            if !failed.is_empty() {
+                bail!("vmtest failed on {}", failed.join(", "));
+            }
+            Ok(())
         }
         Cmd::Bench { quick, rounds } => {
             setup::all()?;

@@ -1,0 +1,371 @@
+//! `cargo xtask vmtest`: the privileged suites on the kernels users run, Debian's own images
+//! booted under QEMU with virtme-ng (the guest sees this machine's filesystem, so the binaries
+//! built here run there as they are). Set-up is idempotent:
+//! - virtme-ng (pip), qemu-system-x86, kmod and busybox (Debian);
+//! - each kernel image fetched with `apt-get download` from its Debian suite (added to apt's
+//!   sources, pinned so that nothing is ever installed from it), unpacked with `dpkg -x` under
+//!   `target/vmtest/`, never installed; its modules linked at `/lib/modules/<version>`, where
+//!   the guest and virtme-ng's initramfs look for them.
+//!
+//! Nested KVM fails on these machines ("failed to set MSR 0x10a"), so QEMU emulates (TCG):
+//! about 30 s to boot, and every test runs several times slower than on the host.
+//!
+//! Which suites run is decided by what the booted kernel can do, as the agent decides it:
+//! `zdivert probe` runs first in the guest, and the tests of a redirection it calls unusable
+//! there (TCX attachment, in-pod eBPF) are skipped by name and listed as such, never counted.
+use std::{
+    io::{Read as _, Seek as _, Write as _},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{root, run};
+
+pub struct Kernel {
+    /// How `--kernel` names it.
+    pub name: &'static str,
+    package: &'static str,
+    /// The Debian suite that has the package.
+    suite: &'static str,
+    /// `uname -r` of the image.
+    release: &'static str,
+}
+
+pub const KERNELS: [Kernel; 3] = [
+    Kernel {
+        name: "5.10",
+        package: "linux-image-5.10.0-30-amd64-unsigned",
+        suite: "bullseye",
+        release: "5.10.0-30-amd64",
+    },
+    Kernel {
+        name: "6.1",
+        package: "linux-image-6.1.0-47-amd64-unsigned",
+        suite: "bookworm",
+        release: "6.1.0-47-amd64",
+    },
+    Kernel {
+        name: "6.12",
+        package: "linux-image-6.12.95+deb12-amd64-unsigned",
+        suite: "bookworm-backports",
+        release: "6.12.95+deb12-amd64",
+    },
+];
+
+pub fn kernels(which: &str) -> Result<Vec<&'static Kernel>> {
+    if which == "all" {
+        return Ok(KERNELS.iter().collect());
+    }
+    KERNELS
+        .iter()
+        .find(|k| k.name == which)
+        .map(|k| vec![k])
+        .with_context(|| format!("--kernel 5.10|6.1|6.12|all, not {which}"))
+}
+
+fn have(bin: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn apt_install(packages: &[&str], target_release: Option<&str>) -> Result<()> {
+    let mut c = Command::new("apt-get");
+    c.args(["install", "-y", "-qq", "--no-install-recommends"])
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    if let Some(t) = target_release {
+        c.args(["-t", t]);
+    }
+    run(c.args(packages))
+}
+
+const SOURCES: &str = "/etc/apt/sources.list.d/zdivert-vmtest.sources";
+const PIN: &str = "/etc/apt/preferences.d/zdivert-vmtest";
+
+/// The suites the kernel images come from, in apt's sources, pinned at priority 1: apt
+/// downloads from them on request and never installs or upgrades from them by itself.
+fn apt_sources() -> Result<()> {
+    if Path::new(SOURCES).exists() && Path::new(PIN).exists() {
+        return Ok(());
+    }
+    eprintln!(
+        "vmtest: adding bullseye and bookworm-backports to apt's sources (pinned: download only)"
+    );
+    std::fs::write(
+        PIN,
+        "# zdivert vmtest: kernel images are downloaded from these suites, nothing is installed.\n\
+         Package: *\nPin: release n=bullseye\nPin-Priority: 1\n\n\
+         Package: *\nPin: release n=bookworm-backports\nPin-Priority: 1\n",
+    )?;
+    std::fs::write(
+        SOURCES,
+        "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bullseye bookworm-backports\n\
+         Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+    )?;
+    run(Command::new("apt-get").args(["update", "-qq"]))
+}
+
+/// virtme-ng, QEMU and what they need; each only if missing.
+pub fn tools() -> Result<()> {
+    apt_sources()?;
+    let missing: Vec<&str> = [("depmod", "kmod"), ("busybox", "busybox-static")]
+        .into_iter()
+        .filter(|(bin, _)| !have(bin))
+        .map(|(_, pkg)| pkg)
+        .collect();
+    if !missing.is_empty() {
+        apt_install(&missing, None)?;
+    }
+    if !have("qemu-system-x86_64") {
+        // The image may carry qemu-utils from bookworm-backports, which breaks bookworm's
+        // qemu-system: then take qemu-system from there too.
+        if apt_install(&["qemu-system-x86"], None).is_err() {
+            apt_install(&["qemu-system-x86"], Some("bookworm-backports"))?;
+        }
+    }
+    if !have("vng") {
+        eprintln!("vmtest: installing virtme-ng");
+        run(Command::new("python3").args(["-m", "pip", "install", "-q", "virtme-ng"]))?;
+    }
+    Ok(())
+}
+
+fn dir() -> PathBuf {
+    root().join("target/vmtest")
+}
+
+/// The unpacked image of `k` (downloaded once), its modules where the guest finds them.
+pub fn image(k: &Kernel) -> Result<PathBuf> {
+    let tree = dir().join(k.release);
+    let vmlinuz = tree.join(format!("boot/vmlinuz-{}", k.release));
+    if !vmlinuz.exists() {
+        let debs = dir().join("debs");
+        std::fs::create_dir_all(&debs)?;
+        eprintln!("vmtest: downloading {} from {}", k.package, k.suite);
+        // Not through `run`, which runs everything from the workspace root.
+        let status = Command::new("apt-get")
+            .args(["download", "-q", &format!("{}/{}", k.package, k.suite)])
+            .current_dir(&debs)
+            .status()
+            .context("apt-get download")?;
+        if !status.success() {
+            bail!("apt-get download {} failed ({status})", k.package);
+        }
+        let deb = std::fs::read_dir(&debs)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{}_", k.package)))
+            })
+            .with_context(|| {
+                format!(
+                    "apt-get download left no {} in {}",
+                    k.package,
+                    debs.display()
+                )
+            })?;
+        let partial = dir().join(format!("{}.partial", k.release));
+        let _ = std::fs::remove_dir_all(&partial);
+        run(Command::new("dpkg").arg("-x").arg(&deb).arg(&partial))?;
+        std::fs::rename(&partial, &tree)?;
+        std::fs::remove_file(&deb)?;
+    }
+    let modules = tree.join("lib/modules").join(k.release);
+    let link = Path::new("/lib/modules").join(k.release);
+    if std::fs::read_link(&link).ok().as_deref() != Some(modules.as_path()) {
+        std::fs::create_dir_all("/lib/modules")?;
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&modules, &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    if !modules.join("modules.dep").exists() {
+        run(Command::new("depmod").arg(k.release))?;
+    }
+    Ok(vmlinuz)
+}
+
+/// The integration test executables cargo built (`cargo test --no-run`).
+pub fn test_binaries() -> Result<Vec<PathBuf>> {
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "test",
+            "--no-run",
+            "-p",
+            "zdivert-tests",
+            "--message-format=json",
+        ])
+        .current_dir(root())
+        .output()
+        .context("cargo test --no-run")?;
+    if !out.status.success() {
+        bail!(
+            "cargo test --no-run failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut bins = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // One JSON object a line; the artifacts of test targets carry `"executable"`.
+        // Integration test targets only: bins built in test mode (the bench, the demo) are not.
+        if !line.contains("\"reason\":\"compiler-artifact\"")
+            || !line.contains("\"kind\":[\"test\"]")
+        {
+            continue;
+        }
+        if let Some(exe) = json_string(line, "executable") {
+            bins.push(PathBuf::from(exe));
+        }
+    }
+    bins.sort();
+    Ok(bins)
+}
+
+/// The string value of `"key":"…"` in one line of cargo's JSON (paths here hold no quotes).
+fn json_string<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let len = line[start..].find('"')?;
+    Some(&line[start..start + len])
+}
+
+/// The core subset `.ci/run` runs on 6.1: the node-level programs through the real ztunnel
+/// 1.22.8, attached as kernels without TCX attach them, and the verdicts of each program under
+/// BPF_PROG_TEST_RUN. Not in it yet, because they fail on 6.1 (README, "Kernels"): the
+/// odd-packet suite (an IPv6 SYN behind extension headers lands nowhere instead of in
+/// ztunnel) and the fallback with geneve (not ready within the test's wait).
+pub const CORE: &[&str] = &[
+    "programs_give_the_right_verdicts",
+    "ebpf_clsact::same_node_ambient_to_ambient_is_hbone_through_ztunnel",
+    "ebpf_clsact::cross_node_ambient_to_ambient_is_hbone_between_ztunnels",
+    "ebpf_clsact::deny_policy_holds_on_every_way_in",
+    "ebpf_clsact::connection_churn_with_normal_closes_never_waits_for_a_retransmission",
+    "ebpf_clsact::dns_capture_answers_from_ztunnel_and_only_when_enabled",
+];
+
+/// What one guest run is asked to do.
+pub struct Plan<'a> {
+    pub binaries: &'a [PathBuf],
+    /// libtest arguments: filters and `--skip`s.
+    pub filters: &'a [String],
+    pub zdivert: PathBuf,
+}
+
+/// The suites' outcome on one kernel.
+pub struct Outcome {
+    pub passed: bool,
+    pub elapsed: Duration,
+    pub log: PathBuf,
+}
+
+/// The guest's script: bpffs, the probe (whose verdict decides the skips), then each test
+/// binary serially, as `cargo xtask test` runs them; its output streams to `log`.
+fn script(plan: &Plan, out: &Path) -> String {
+    let bins: Vec<String> = plan
+        .binaries
+        .iter()
+        .map(|b| format!("'{}'", b.display()))
+        .collect();
+    let filters: Vec<String> = plan.filters.iter().map(|f| format!("'{f}'")).collect();
+    format!(
+        r#"#!/bin/sh
+exec >> '{log}' 2>&1
+echo "== kernel $(uname -r)"
+mount -t bpf bpf /sys/fs/bpf
+export ZDIVERT_BIN='{zdivert}' RUST_BACKTRACE=1
+'{zdivert}' probe | tee '{out}/probe.txt'
+'{zdivert}' probe --attach tcx | grep -q '^node-level eBPF: usable' && echo tcx > '{out}/tcx'
+skip=""
+[ -e '{out}/tcx' ] || skip="$skip --skip tcx"
+grep -q '^in-pod eBPF: usable' '{out}/probe.txt' || skip="$skip --skip inpod_ebpf"
+# The one ignored test wants geneve, which this machine's kernel lacks and Debian's have.
+modprobe geneve && skip="$skip --include-ignored"
+echo "== libtest options from the probe's verdict:${{skip:- none}}"
+echo "$skip" > '{out}/skipped'
+cd '{tests}'
+rc=0
+for t in {bins}; do
+  echo "== $(basename "$t")"
+  "$t" --test-threads=1 {filters} $skip || rc=1
+done
+echo $rc > '{out}/rc'
+"#,
+        log = out.join("log").display(),
+        out = out.display(),
+        zdivert = plan.zdivert.display(),
+        tests = root().join("tests").display(),
+        bins = bins.join(" "),
+        filters = filters.join(" "),
+    )
+}
+
+/// Boots `k` and runs `plan` in it, streaming the guest's output.
+pub fn run_on(k: &Kernel, plan: &Plan) -> Result<Outcome> {
+    let vmlinuz = image(k)?;
+    let out = dir().join("out").join(k.name);
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out)?;
+    let log = out.join("log");
+    std::fs::write(&log, "")?;
+    let script_path = out.join("run.sh");
+    std::fs::write(&script_path, script(plan, &out))?;
+    eprintln!(
+        "vmtest: booting {} ({}) under QEMU without KVM (nested KVM fails here: TCG, slow)",
+        k.name, k.release
+    );
+    let started = Instant::now();
+    let mut vm = Command::new("vng")
+        .arg("-r")
+        .arg(&vmlinuz)
+        .args([
+            "--user",
+            "root",
+            "--disable-kvm",
+            "--memory",
+            "4G",
+            "--cpus",
+            "2",
+        ])
+        .arg("--rwdir")
+        .arg(&out)
+        .args(["--", "sh"])
+        .arg(&script_path)
+        .current_dir(root())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(out.join("vng.stderr"))?)
+        .spawn()
+        .context("starting vng (virtme-ng)")?;
+    let mut reader = std::fs::File::open(&log)?;
+    let mut shown = 0u64;
+    let mut buf = Vec::new();
+    let status = loop {
+        let done = vm.try_wait()?;
+        reader.seek(std::io::SeekFrom::Start(shown))?;
+        buf.clear();
+        reader.read_to_end(&mut buf)?;
+        shown += buf.len() as u64;
+        std::io::stdout().write_all(&buf)?;
+        if let Some(status) = done {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let rc = std::fs::read_to_string(out.join("rc")).unwrap_or_default();
+    if rc.trim().is_empty() {
+        bail!(
+            "the {} guest ended ({status}) before its tests did; vng's output: {}",
+            k.name,
+            out.join("vng.stderr").display()
+        );
+    }
+    Ok(Outcome {
+        passed: rc.trim() == "0",
+        elapsed: started.elapsed(),
+        log,
+    })
+}
