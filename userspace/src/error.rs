@@ -99,6 +99,9 @@ pub enum Error {
     )]
     NoEbpfObject,
 
+    #[error("{mode} eBPF redirection cannot run on this kernel: {why}")]
+    EbpfUnusable { mode: &'static str, why: String },
+
     #[error("eBPF program {program} is missing from the object")]
     ProgramMissing { program: &'static str },
 

@@ -275,6 +275,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { output } => {
             for node in status::nodes(&cli.bpffs, &cli.state_dir, cli.node) {
                 let zds = zdivert::zds::read_status(&cli.state_dir, &node);
+                let in_pod = zdivert::dataplane::inpod::read_choice(&cli.state_dir, &node);
                 // In-pod with istio-cni's rules, the node has no dataplane state of its own.
                 let st = match status::read(&cli.bpffs, &cli.state_dir, &node) {
                     Ok(st) => Some(st),
@@ -290,9 +291,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         if let Some(z) = &zds {
                             v["zds"] = z.clone();
                         }
+                        if let Some(c) = &in_pod {
+                            v["inpod_redirection"] = c.as_str().into();
+                        }
                         println!("{v}");
                     }
                     Output::Text => {
+                        if let Some(c) = &in_pod {
+                            println!("node {node}: in-pod redirection: {c}");
+                        }
                         if let Some(st) = &st {
                             print!("{}", st.render());
                         }

@@ -100,17 +100,31 @@ pub fn in_pod_redirection(mode: Mode, o: &Options) -> Result<super::inpod::Redir
         ..
     } = *o;
     check_object(mode, ebpf::object())?;
-    let use_ebpf = match mode {
-        Mode::Ebpf => true,
-        Mode::Iptables => false,
+    let (use_ebpf, choice) = match mode {
+        // The programs may load where the assignment they live by is refused (a kernel before
+        // 6.5 and ztunnel's SO_REUSEPORT listeners): every captured segment would be dropped.
+        Mode::Ebpf => match ebpf::probe(bpffs, attach, ebpf::ProgramSet::InPod) {
+            Ok(()) => (true, "eBPF programs in each pod (--mode ebpf)".to_string()),
+            Err(why) => {
+                return Err(Error::EbpfUnusable {
+                    mode: "in-pod",
+                    why,
+                });
+            }
+        },
+        Mode::Iptables => (false, "istio-cni's rules (--mode iptables)".to_string()),
         Mode::Auto => match ebpf::probe(bpffs, attach, ebpf::ProgramSet::InPod) {
-            Ok(()) => true,
+            Ok(()) => (
+                true,
+                "eBPF programs in each pod (--mode auto: the kernel runs them)".to_string(),
+            ),
             Err(why) => {
                 log::warn!("mode auto: in-pod iptables rules, because {why}");
-                false
+                (false, format!("istio-cni's rules (--mode auto, and {why})"))
             }
         },
     };
+    super::inpod::record_choice(state_dir, node, &choice)?;
     if !use_ebpf {
         return Ok(Redirection::Iptables(PodRules::new(
             state_dir,

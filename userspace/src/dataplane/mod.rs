@@ -112,9 +112,14 @@ pub fn cleanup(
         c.ztunnel_netns.len(),
         c.pod_netns.len()
     )];
-    let zds = crate::zds::status_file(state_dir, node);
-    if zds.exists() {
-        std::fs::remove_file(&zds).map_err(|source| Error::StateFile { path: zds, source })?;
+    for file in [
+        crate::zds::status_file(state_dir, node),
+        inpod::choice_file(state_dir, node),
+    ] {
+        if file.exists() {
+            std::fs::remove_file(&file)
+                .map_err(|source| Error::StateFile { path: file, source })?;
+        }
     }
     let pods = inpod::rules::cleanup(state_dir, node)?;
     if !pods.is_empty() {

@@ -183,3 +183,20 @@ impl Dataplane for InPod {
         }
     }
 }
+
+/// Which redirection an in-pod agent runs and why, for `zdivert status`:
+/// `<state dir>/<node>.inpod-redirection`, written when the agent chooses it.
+pub fn choice_file(state_dir: &Path, node: &str) -> std::path::PathBuf {
+    state_dir.join(format!("{node}.inpod-redirection"))
+}
+
+pub fn record_choice(state_dir: &Path, node: &str, choice: &str) -> Result<()> {
+    let path = choice_file(state_dir, node);
+    std::fs::create_dir_all(state_dir)
+        .and_then(|()| std::fs::write(&path, choice))
+        .map_err(|source| crate::error::Error::StateFile { path, source })
+}
+
+pub fn read_choice(state_dir: &Path, node: &str) -> Option<String> {
+    std::fs::read_to_string(choice_file(state_dir, node)).ok()
+}
