@@ -239,6 +239,7 @@ fn json_string<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 /// odd-packet suite (an IPv6 SYN behind extension headers lands nowhere instead of in
 /// ztunnel) and the fallback with geneve (not ready within the test's wait).
 pub const CORE: &[&str] = &[
+    "probe_finds_node_level_ebpf_usable",
     "programs_give_the_right_verdicts",
     "ebpf_clsact::same_node_ambient_to_ambient_is_hbone_through_ztunnel",
     "ebpf_clsact::cross_node_ambient_to_ambient_is_hbone_between_ztunnels",
