@@ -301,11 +301,21 @@ pub const NODE_IPS_MAX_ENTRIES: u32 = 256;
 /// under a netlink clsact filter also means "continue".
 pub const TCX_NEXT: i32 = -1;
 
+/// A packet counter: the per-CPU array it lives in, and its slot there. The programs take
+/// counters as constants, so which array is resolved where each is counted, at build time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A slot of `STATS` (node-level programs).
+    Node(u32),
+    /// A slot of `POD_STATS` (in-pod programs).
+    InPod(u32),
+}
+
 macro_rules! counters {
-    ($(#[$doc:meta])* $module:ident, $all:ident; $($name:ident = $idx:literal, $path:literal, $what:literal;)*) => {
+    ($(#[$doc:meta])* $module:ident, $all:ident, $kind:ident; $($name:ident = $idx:literal, $path:literal, $what:literal;)*) => {
         $(#[$doc])*
         pub mod $module {
-            $(pub const $name: u32 = $idx;)*
+            $(pub const $name: super::Counter = super::Counter::$kind($idx);)*
         }
         /// `(index, path, outcome)` of every counter, for `zdivert status` and `/metrics`.
         pub const $all: &[(u32, &str, &str)] = &[$(($idx, $path, $what)),*];
@@ -314,7 +324,7 @@ macro_rules! counters {
 
 counters! {
     /// Indexes into the per-CPU `STATS` array: one counter per packet path and outcome.
-    counter, COUNTERS;
+    counter, COUNTERS, Node;
     OUT_REDIRECTED = 0, "outbound", "redirected";
     OUT_PASSED = 1, "outbound", "passed";
     OUT_DROP_NO_ZTUNNEL = 2, "outbound", "dropped_no_ztunnel";
@@ -349,7 +359,7 @@ pub const COUNTER_SLOTS: u32 = 32;
 
 counters! {
     /// Indexes into the per-CPU `POD_STATS` array (in-pod mode).
-    pod_counter, POD_COUNTERS;
+    pod_counter, POD_COUNTERS, InPod;
     EGRESS_TURNED_BACK = 0, "pod_egress", "turned_back";
     EGRESS_PASSED = 1, "pod_egress", "passed";
     EGRESS_DNS = 2, "pod_egress", "dns_to_ztunnel";

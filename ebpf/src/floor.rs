@@ -4,15 +4,8 @@
 #![no_std]
 #![no_main]
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+// The panic handler and the license.
+use zdivert_ebpf as _;
 
 #[aya_ebpf::macros::classifier]
 pub fn zd_floor(_ctx: aya_ebpf::programs::TcContext) -> i32 {

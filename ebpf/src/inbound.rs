@@ -3,21 +3,20 @@
 //!
 //! ztunnel's own deliveries to the pod never come through here: the return program hands them to
 //! the pod with `bpf_redirect_peer`, so no "skip" mark is needed or honoured on this path.
-use aya_ebpf::{
-    bindings::TC_ACT_SHOT, helpers::bpf_redirect, macros::classifier, programs::TcContext,
-};
-use zdivert_common::{TCX_NEXT, counter::*};
+use aya_ebpf::{helpers::bpf_redirect, macros::classifier, programs::TcContext};
+use zdivert_common::counter::*;
 
 use crate::{
     maps::{count, draining, is_node_ip, is_ztunnel_ip, ztunnel},
     packet::{Frame, IPPROTO_TCP, Ip, Quoted, icmp_error_quote, parse, set_dst_mac, tcp},
     socket::draining_owner,
+    verdict::{drop, pass},
 };
 
 #[classifier]
 pub fn zd_inbound(ctx: TcContext) -> i32 {
     let ip = match parse(&ctx) {
-        Frame::NotIp => return pass(),
+        Frame::NotIp => return pass(IN_PASSED),
         Frame::Malformed => return drop(IN_DROP_MALFORMED),
         Frame::Ip(ip) => ip,
     };
@@ -29,7 +28,7 @@ pub fn zd_inbound(ctx: TcContext) -> i32 {
     // the exemption is for what the node sends, not for its source address (as
     // istio/istio#46936 narrowed it).
     if ip.proto != IPPROTO_TCP || from_the_node(&ctx) {
-        return pass();
+        return pass(IN_PASSED);
     }
     if ip.fragment {
         return drop(IN_DROP_MALFORMED);
@@ -49,7 +48,7 @@ pub fn zd_inbound(ctx: TcContext) -> i32 {
             };
             let from_old = draining().is_some_and(|d| is_ztunnel_ip(&d.ztunnel, &ip.src, ip.v6));
             if is_ztunnel_ip(&z, &ip.src, ip.v6) || from_old {
-                return pass();
+                return pass(IN_PASSED);
             }
             z
         }
@@ -73,13 +72,13 @@ pub fn zd_inbound(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn icmp_error(ctx: &TcContext, ip: &Ip, quoted: &Quoted) -> i32 {
     if quoted.proto != IPPROTO_TCP || quoted.src != ip.dst || is_node_ip(&quoted.dst) {
-        return pass();
+        return pass(IN_PASSED);
     }
     let Some(z) = ztunnel() else {
-        return pass();
+        return pass(IN_PASSED);
     };
     if is_ztunnel_ip(&z, &ip.src, ip.v6) || !set_dst_mac(ctx, &z.mac) {
-        return pass();
+        return pass(IN_PASSED);
     }
     count(IN_REDIRECTED);
     // SAFETY: plain helper call; returns TC_ACT_REDIRECT, or TC_ACT_SHOT on a bad ifindex.
@@ -92,16 +91,4 @@ fn icmp_error(ctx: &TcContext, ip: &Ip, quoted: &Quoted) -> i32 {
 fn from_the_node(ctx: &TcContext) -> bool {
     // SAFETY: reading a scalar field of the context.
     unsafe { (*ctx.skb.skb).ingress_ifindex == 0 }
-}
-
-#[inline(always)]
-fn pass() -> i32 {
-    count(IN_PASSED);
-    TCX_NEXT
-}
-
-#[inline(always)]
-fn drop(counter: u32) -> i32 {
-    count(counter);
-    TC_ACT_SHOT as i32
 }

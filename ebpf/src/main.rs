@@ -12,6 +12,7 @@ mod lookup_ctx;
 mod maps;
 mod packet;
 mod socket;
+mod verdict;
 
 mod hold;
 mod inbound;
@@ -20,21 +21,7 @@ mod ztunnel_lookup;
 mod ztunnel_return;
 mod ztunnel_tproxy;
 
-mod pod_egress;
-mod pod_ingress;
-mod pod_lookup;
+mod inpod;
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // Unreachable by construction (no indexing or unwrap on packet data); the verifier would
-    // reject a program that could get here with an unbounded loop anyway.
-    loop {}
-}
-
-/// The kernel's spelling of this crate's license (`MIT OR GPL-2.0-only`, see its Cargo.toml):
-/// the verifier offers GPL-only helpers only to programs that declare a GPL-compatible
-/// license, and the kernel has no spelling for the workspace's Apache-2.0.
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+// The panic handler and the license.
+use zdivert_ebpf as _;

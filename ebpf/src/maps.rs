@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use zdivert_common::{
-    CONFIG_DNS_CAPTURE, COUNTER_SLOTS, DNS_FLOWS_MAX_ENTRIES, DnsFlowKey, DnsFlowKey6,
+    CONFIG_DNS_CAPTURE, COUNTER_SLOTS, Counter, DNS_FLOWS_MAX_ENTRIES, DnsFlowKey, DnsFlowKey6,
     DrainingZtunnel, IpKey, LISTENER_SLOTS, NODE_IPS_MAX_ENTRIES, POD_COUNTER_SLOTS,
     PODS_MAX_ENTRIES, PodEntry, SynKey, TIME_WAIT_SYNS_MAX_ENTRIES, ZTUNNEL_F_PRESENT,
     ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZtunnelEntry,
@@ -67,17 +67,15 @@ pub fn dns_capture() -> bool {
     CONFIG.get(0).is_some_and(|c| c & CONFIG_DNS_CAPTURE != 0)
 }
 
+/// Adds one to `counter`'s slot. Counters are constants where they are counted, so the match
+/// is resolved at build time.
 #[inline(always)]
-pub fn count(index: u32) {
-    if let Some(slot) = STATS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
-        unsafe { *slot += 1 }
-    }
-}
-
-#[inline(always)]
-pub fn count_pod(index: u32) {
-    if let Some(slot) = POD_STATS.get_ptr_mut(index) {
+pub fn count(counter: Counter) {
+    let slot = match counter {
+        Counter::Node(index) => STATS.get_ptr_mut(index),
+        Counter::InPod(index) => POD_STATS.get_ptr_mut(index),
+    };
+    if let Some(slot) = slot {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *slot += 1 }
     }

@@ -3,16 +3,15 @@
 //! Every TCP segment the pod sends to anything but the node itself or ztunnel goes straight into
 //! ztunnel's netns with `bpf_redirect_peer`: it never reaches the node's stack, so kube-proxy
 //! cannot DNAT it (ztunnel sees the Service VIP) and the node's conntrack never sees it.
-use aya_ebpf::{
-    bindings::TC_ACT_SHOT, helpers::bpf_redirect_peer, macros::classifier, programs::TcContext,
-};
-use zdivert_common::{MARK_OUTBOUND, TCX_NEXT, ZTUNNEL_F_V4, ZtunnelEntry, counter::*};
+use aya_ebpf::{helpers::bpf_redirect_peer, macros::classifier, programs::TcContext};
+use zdivert_common::{MARK_OUTBOUND, ZTUNNEL_F_V4, ZtunnelEntry, counter::*};
 
 use crate::{
     dns,
     maps::{count, dns_capture, is_node_ip, is_ztunnel_ip, pod, ztunnel},
     packet::{Frame, IPPROTO_TCP, Ip, ifindex, mark, parse, set_dst_mac, tcp},
     socket::{draining_owner, owned_here},
+    verdict::{drop, pass},
 };
 
 const IPPROTO_ICMPV6: u8 = 58;
@@ -20,7 +19,7 @@ const IPPROTO_ICMPV6: u8 = 58;
 #[classifier]
 pub fn zd_outbound(ctx: TcContext) -> i32 {
     let ip = match parse(&ctx) {
-        Frame::NotIp => return pass(),
+        Frame::NotIp => return pass(OUT_PASSED),
         Frame::Malformed => return drop(OUT_DROP_MALFORMED),
         Frame::Ip(ip) => ip,
     };
@@ -29,7 +28,7 @@ pub fn zd_outbound(ctx: TcContext) -> i32 {
     // be proxied as another pod, or reach non-ambient pods around ztunnel).
     match pod(&ip.src) {
         Some(p) if p.host_ifindex == ifindex(&ctx) => {}
-        _ if is_neighbour_discovery(&ip) => return pass(),
+        _ if is_neighbour_discovery(&ip) => return pass(OUT_PASSED),
         _ => return drop(OUT_DROP_FORGED),
     }
     // DNS is no authorization matter: without a ztunnel it goes where the pod sent it.
@@ -40,7 +39,7 @@ pub fn zd_outbound(ctx: TcContext) -> i32 {
         return dns_query(&ctx, &ip, &z);
     }
     if ip.proto != IPPROTO_TCP {
-        return pass();
+        return pass(OUT_PASSED);
     }
     // Fragments carry no (trustworthy) ports; pods do not fragment TCP (DF, PMTU), so a TCP
     // fragment is either broken or an evasion attempt.
@@ -55,7 +54,7 @@ pub fn zd_outbound(ctx: TcContext) -> i32 {
     // not hold is one ztunnel made in a NodePort client's name (masqueraded to the node's
     // address): it goes back to ztunnel.
     if is_node_ip(&ip.dst) && (seg.is_syn() || owned_here(&ctx, &ip, &seg)) {
-        return pass();
+        return pass(OUT_PASSED);
     }
     // A connection the replaced ztunnel still holds stays with it (rolling update).
     let z = match draining_owner(&ctx, &ip, &seg) {
@@ -69,7 +68,7 @@ pub fn zd_outbound(ctx: TcContext) -> i32 {
         },
     };
     if is_ztunnel_ip(&z, &ip.dst, ip.v6) {
-        return pass();
+        return pass(OUT_PASSED);
     }
     if !set_dst_mac(&ctx, &z.mac) {
         return drop(OUT_DROP_MALFORMED);
@@ -104,16 +103,4 @@ fn is_neighbour_discovery(ip: &Ip) -> bool {
     let link_local = a[0] == 0xfe && a[1] & 0xc0 == 0x80;
     let unspecified = ip.src.words() == [0; 4];
     ip.v6 && ip.proto == IPPROTO_ICMPV6 && (link_local || unspecified)
-}
-
-#[inline(always)]
-fn pass() -> i32 {
-    count(OUT_PASSED);
-    TCX_NEXT
-}
-
-#[inline(always)]
-fn drop(counter: u32) -> i32 {
-    count(counter);
-    TC_ACT_SHOT as i32
 }

@@ -3,7 +3,10 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{BPF_F_CURRENT_NETNS, bpf_sock, bpf_sock_tuple},
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_TCP_CLOSE, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, bpf_sock,
+        bpf_sock_tuple,
+    },
     helpers::{bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::TcContext,
 };
@@ -97,10 +100,6 @@ impl Tuple {
     }
 }
 
-const TCP_TIME_WAIT: u32 = 6;
-const TCP_CLOSE: u32 = 7;
-const TCP_LISTEN: u32 = 10;
-
 /// Whether a connection of the netns numbered `netns_id` (a replaced ztunnel's) owns this
 /// segment, seen from the receiving end. Listeners and closing sockets do not count: a new
 /// connection's segment matches a listener, or a TIME_WAIT socket of an old one that used the
@@ -115,7 +114,7 @@ pub fn connected_in(ctx: &TcContext, ip: &Ip, seg: &Tcp, netns_id: u32) -> bool 
     // SAFETY: a socket reference from the lookup helper: its state is readable; released once.
     let state = unsafe { (*sk).state };
     unsafe { bpf_sk_release(sk as *mut c_void) };
-    !matches!(state, TCP_LISTEN | TCP_TIME_WAIT | TCP_CLOSE)
+    !matches!(state, BPF_TCP_LISTEN | BPF_TCP_TIME_WAIT | BPF_TCP_CLOSE)
 }
 
 /// The replaced ztunnel, if it holds this segment's connection. SYNs always belong to the
@@ -156,7 +155,7 @@ pub fn connected_here(ctx: &TcContext, ip: &Ip, seg: &Tcp) -> bool {
     // SAFETY: a socket reference from the lookup helper: its state is readable; released once.
     let state = unsafe { (*sk).state };
     unsafe { bpf_sk_release(sk as *mut c_void) };
-    !matches!(state, TCP_LISTEN | TCP_CLOSE)
+    !matches!(state, BPF_TCP_LISTEN | BPF_TCP_CLOSE)
 }
 
 /// Assigns `sk` to the packet (it will skip the kernel's socket lookup) and releases the
@@ -182,4 +181,113 @@ pub fn listener(ctx: &TcContext, tuple: &mut Tuple, port: u16, v6: bool) -> *mut
     }
     tuple.set_loopback_dst(v6);
     tuple.lookup(ctx, Lookup::FullSocket)
+}
+
+/// Which socket of ztunnel's took a captured segment.
+#[derive(Clone, Copy)]
+pub enum Assigned {
+    /// Its connection's (request sockets in SYN_RECV included).
+    Established,
+    /// ztunnel's listener for the segment's direction.
+    Listener,
+    /// A SYN given to the TIME_WAIT socket that holds its 4-tuple, the listener recorded for
+    /// the sk_lookup program that answers the kernel's lookup when it retires that socket.
+    TimeWait,
+    /// As `TimeWait`, but the TIME_WAIT socket went while we looked: the listener took it.
+    ListenerAfterTimeWait,
+}
+
+/// Why a captured segment was not assigned (it must then be dropped: nothing gets around
+/// ztunnel).
+#[derive(Clone, Copy)]
+pub enum NotAssigned {
+    /// ztunnel has no listener for it (not yet, or not any more).
+    NoListener,
+    /// A SYN met a TIME_WAIT socket and its listener could not be recorded: the client
+    /// retransmits.
+    Unrecorded,
+    /// The kernel refused the assignment.
+    Refused,
+}
+
+/// The socket-assignment steps of both tproxy programs (ztunnel's netns, and in-pod): the
+/// segment's connection's socket if there is one; a SYN that meets a TIME_WAIT socket goes to
+/// it once `record` kept the listener for the sk_lookup program; anything else to ztunnel's
+/// listener on `port`. A listener on the segment's own port is never its connection's.
+#[inline(always)]
+pub fn to_ztunnel(
+    ctx: &TcContext,
+    ip: &Ip,
+    seg: &Tcp,
+    port: u16,
+    record: impl FnOnce(*mut bpf_sock) -> bool,
+) -> Result<Assigned, NotAssigned> {
+    let mut tuple = Tuple::new(ip, seg);
+    let sk = tuple.lookup(ctx, Lookup::AnyState);
+    if !sk.is_null() {
+        // SAFETY: a socket reference from the lookup helper: its state is readable; it is
+        // assigned or released once on every path.
+        let state = unsafe { (*sk).state };
+        if state == BPF_TCP_TIME_WAIT && seg.is_syn() {
+            return unsafe { syn_to_time_wait(ctx, sk, &mut tuple, port, ip.v6, record) };
+        }
+        if state != BPF_TCP_LISTEN {
+            return unsafe { assign_or(ctx, sk, Assigned::Established) };
+        }
+        unsafe { bpf_sk_release(sk as *mut c_void) };
+    }
+    let l = listener(ctx, &mut tuple, port, ip.v6);
+    if l.is_null() {
+        return Err(NotAssigned::NoListener);
+    }
+    // SAFETY: a live reference from the lookup helper.
+    unsafe { assign_or(ctx, l, Assigned::Listener) }
+}
+
+/// # Safety
+/// `tw` must be a TIME_WAIT socket reference from a lookup helper, not yet released.
+#[inline(always)]
+unsafe fn syn_to_time_wait(
+    ctx: &TcContext,
+    tw: *mut bpf_sock,
+    tuple: &mut Tuple,
+    port: u16,
+    v6: bool,
+    record: impl FnOnce(*mut bpf_sock) -> bool,
+) -> Result<Assigned, NotAssigned> {
+    let l = listener(ctx, tuple, port, v6);
+    // SAFETY: references from the lookup helpers, each released or assigned once below.
+    unsafe {
+        if l.is_null() {
+            bpf_sk_release(tw as *mut c_void);
+            return Err(NotAssigned::NoListener);
+        }
+        if !record(l) {
+            bpf_sk_release(l as *mut c_void);
+            bpf_sk_release(tw as *mut c_void);
+            return Err(NotAssigned::Unrecorded);
+        }
+        if assign(ctx, tw) {
+            bpf_sk_release(l as *mut c_void);
+            return Ok(Assigned::TimeWait);
+        }
+        // The TIME_WAIT socket is on its way out (its last reference went while we looked):
+        // the listener takes the SYN, as it would a moment later.
+        assign_or(ctx, l, Assigned::ListenerAfterTimeWait)
+    }
+}
+
+/// # Safety
+/// As `assign`.
+#[inline(always)]
+unsafe fn assign_or(
+    ctx: &TcContext,
+    sk: *mut bpf_sock,
+    assigned: Assigned,
+) -> Result<Assigned, NotAssigned> {
+    if unsafe { assign(ctx, sk) } {
+        Ok(assigned)
+    } else {
+        Err(NotAssigned::Refused)
+    }
 }

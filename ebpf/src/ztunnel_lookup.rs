@@ -1,7 +1,7 @@
 //! ztunnel listener lookup: an sk_lookup program attached to ztunnel's netns.
 //!
 //! The kernel asks for a listener on its own only when a SYN retires a TIME_WAIT socket (see
-//! `ztunnel_tproxy::syn_to_time_wait`): every other captured segment already carries the socket
+//! `socket::to_ztunnel`): every other captured segment already carries the socket
 //! the tproxy program assigned. The lookup is for the original destination, where nothing
 //! listens; the answer is ztunnel's listener for the connection, chosen as the tproxy program
 //! chooses it. Lookups for ztunnel's own addresses are left to the kernel.

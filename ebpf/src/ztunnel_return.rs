@@ -10,27 +10,26 @@
 //! to answer; the pod has nothing on :15008. So a segment to an ambient pod's :15008, and the
 //! answer of ztunnel's :15008 socket to it (source port 15008), go back into ztunnel's netns,
 //! where the tproxy program hands each to its socket or to the :15008 listener.
-use aya_ebpf::{
-    bindings::TC_ACT_SHOT, helpers::bpf_redirect_peer, macros::classifier, programs::TcContext,
-};
-use zdivert_common::{PORT_INBOUND_HBONE, PodEntry, TCX_NEXT, ZTUNNEL_F_V4, counter::*};
+use aya_ebpf::{helpers::bpf_redirect_peer, macros::classifier, programs::TcContext};
+use zdivert_common::{Counter, PORT_INBOUND_HBONE, PodEntry, ZTUNNEL_F_V4, counter::*};
 
 use crate::{
     dns,
     maps::{count, dns_capture, draining, pod, ztunnel},
     packet::{Frame, IPPROTO_TCP, ifindex, parse, set_dst_mac, set_src_mac, tcp},
+    verdict::{drop, pass},
 };
 
 #[classifier]
 pub fn zd_zt_return(ctx: TcContext) -> i32 {
     let Frame::Ip(ip) = parse(&ctx) else {
-        return pass();
+        return pass(RET_PASSED);
     };
     if ip.proto != IPPROTO_TCP && ip.proto != dns::IPPROTO_UDP {
-        return pass();
+        return pass(RET_PASSED);
     }
     let Some(p) = pod(&ip.dst) else {
-        return pass();
+        return pass(RET_PASSED);
     };
     if dns_capture()
         && let Some(z) = ztunnel()
@@ -40,10 +39,10 @@ pub fn zd_zt_return(ctx: TcContext) -> i32 {
         return deliver(&ctx, &p, RET_DNS);
     }
     if ip.proto != IPPROTO_TCP || ip.fragment {
-        return pass();
+        return pass(RET_PASSED);
     }
     let Some(seg) = tcp(&ctx, &ip) else {
-        return pass();
+        return pass(RET_PASSED);
     };
     if seg.dport() == PORT_INBOUND_HBONE || seg.sport() == PORT_INBOUND_HBONE {
         return back_to_ztunnel(&ctx);
@@ -54,9 +53,9 @@ pub fn zd_zt_return(ctx: TcContext) -> i32 {
 /// Into the pod, which sees the frame as coming from its gateway, as routed traffic would; the
 /// peer redirect marks it for the host, whatever its destination MAC.
 #[inline(always)]
-fn deliver(ctx: &TcContext, p: &PodEntry, counter: u32) -> i32 {
+fn deliver(ctx: &TcContext, p: &PodEntry, counter: Counter) -> i32 {
     if !set_src_mac(ctx, &p.host_mac) {
-        return pass();
+        return pass(RET_PASSED);
     }
     count(counter);
     // SAFETY: plain helper call; returns TC_ACT_REDIRECT, or TC_ACT_SHOT if the pod is gone.
@@ -73,22 +72,14 @@ fn back_to_ztunnel(ctx: &TcContext) -> i32 {
         _ => match ztunnel() {
             Some(z) => (z, RET_HBONE_LOOPED),
             None => {
-                count(RET_DROP_NO_ZTUNNEL);
-                return TC_ACT_SHOT as i32;
+                return drop(RET_DROP_NO_ZTUNNEL);
             }
         },
     };
     if !set_dst_mac(ctx, &z.mac) {
-        count(RET_DROP_NO_ZTUNNEL);
-        return TC_ACT_SHOT as i32;
+        return drop(RET_DROP_NO_ZTUNNEL);
     }
     count(counter);
     // SAFETY: plain helper call; the peer of ztunnel's host veth is its eth0.
     unsafe { bpf_redirect_peer(z.host_ifindex, 0) as i32 }
-}
-
-#[inline(always)]
-fn pass() -> i32 {
-    count(RET_PASSED);
-    TCX_NEXT
 }

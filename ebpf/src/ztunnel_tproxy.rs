@@ -9,26 +9,27 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT, bpf_sock},
-    helpers::{bpf_map_update_elem, bpf_sk_release},
+    bindings::{BPF_ANY, bpf_sock},
+    helpers::bpf_map_update_elem,
     macros::classifier,
     programs::TcContext,
 };
 use zdivert_common::{
     MARK_MASK, MARK_OUTBOUND, MARK_TPROXY, PORT_INBOUND_HBONE, PORT_INBOUND_PLAIN, PORT_OUTBOUND,
-    TCX_NEXT, counter::*, listener_slot,
+    counter::*, listener_slot,
 };
 
 use crate::{
-    maps::{LISTENERS, count, is_ztunnel_ip, ztunnel},
+    maps::{LISTENERS, is_ztunnel_ip, ztunnel},
     packet::{Frame, IPPROTO_TCP, Ip, Tcp, icmp_error_quote, mark, parse, tcp},
-    socket::{self, Lookup, Tuple, listener},
+    socket::{self, Assigned, NotAssigned},
+    verdict::{assigned, drop, pass},
 };
 
 #[classifier]
 pub fn zd_zt_tproxy(ctx: TcContext) -> i32 {
     let Frame::Ip(ip) = parse(&ctx) else {
-        return pass();
+        return pass(TP_PASSED);
     };
     if ip.proto != IPPROTO_TCP {
         return icmp_error(&ctx, &ip);
@@ -37,7 +38,7 @@ pub fn zd_zt_tproxy(ctx: TcContext) -> i32 {
     // ordinary local traffic; only captured segments carry someone else's address.
     match ztunnel() {
         Some(z) if !is_ztunnel_ip(&z, &ip.dst, ip.v6) => {}
-        _ => return pass(),
+        _ => return pass(TP_PASSED),
     }
     if ip.fragment {
         return drop(TP_DROP_MALFORMED);
@@ -46,58 +47,28 @@ pub fn zd_zt_tproxy(ctx: TcContext) -> i32 {
         return drop(TP_DROP_MALFORMED);
     };
 
-    let mut tuple = Tuple::new(&ip, &seg);
-    // SAFETY: helper contract: tuple points to a live stack buffer of the given length; every
-    // socket returned is released on every path below.
-    unsafe {
-        let sk = tuple.lookup(&ctx, Lookup::AnyState);
-        if !sk.is_null() {
-            let state = (*sk).state;
-            if state == BPF_TCP_TIME_WAIT && seg.is_syn() {
-                return syn_to_time_wait(&ctx, sk, &mut tuple, &ip, &seg);
-            }
-            // A listener on the original port is not this connection's socket.
-            if state != BPF_TCP_LISTEN {
-                return assign(&ctx, sk, TP_ESTABLISHED);
-            }
-            bpf_sk_release(sk as *mut c_void);
-        }
-        let listener = listener(&ctx, &mut tuple, listener_port(&ctx, &seg), ip.v6);
-        if listener.is_null() {
-            // ztunnel is not listening: nothing may pass around it.
+    let port = listener_port(&ctx, &seg);
+    // A SYN that meets a TIME_WAIT socket (ztunnel closed first, and the client reuses its
+    // port) goes to that socket: given to the listener, it would be dropped, its request
+    // unhashable beside the TIME_WAIT socket, and the client would wait for a retransmission.
+    // The kernel retires the socket when the SYN is acceptable and asks for a listener, which
+    // `ztunnel_lookup.rs` answers with the one recorded here.
+    let record = |l: *mut bpf_sock| {
+        // SAFETY: `l` is a live listener reference.
+        unsafe { record_listener(l, listener_slot(ip.v6, port)) };
+        true
+    };
+    let counter = match socket::to_ztunnel(&ctx, &ip, &seg, port, record) {
+        Ok(Assigned::Established) => TP_ESTABLISHED,
+        Ok(Assigned::Listener | Assigned::ListenerAfterTimeWait) => TP_LISTENER,
+        Ok(Assigned::TimeWait) => TP_TIME_WAIT_REUSED,
+        // ztunnel is not listening: nothing may pass around it.
+        Err(NotAssigned::NoListener | NotAssigned::Unrecorded | NotAssigned::Refused) => {
             return drop(TP_DROP_NO_LISTENER);
         }
-        assign(&ctx, listener, TP_LISTENER)
-    }
-}
-
-/// A SYN whose 4-tuple a TIME_WAIT socket still holds (ztunnel closed first, and the client
-/// reuses its port). Given to the listener, it would be dropped: its request cannot be hashed
-/// beside the TIME_WAIT socket, and the client would wait for a retransmission. Given to the
-/// TIME_WAIT socket, the kernel retires it when the SYN is acceptable and asks for a listener,
-/// a lookup the sk_lookup program answers with the listener recorded here.
-///
-/// # Safety
-/// `tw` must be a TIME_WAIT socket reference from a lookup helper, not yet released.
-#[inline(always)]
-unsafe fn syn_to_time_wait(
-    ctx: &TcContext,
-    tw: *mut bpf_sock,
-    tuple: &mut Tuple,
-    ip: &Ip,
-    seg: &Tcp,
-) -> i32 {
-    let port = listener_port(ctx, seg);
-    let listener = listener(ctx, tuple, port, ip.v6);
-    if listener.is_null() {
-        unsafe { bpf_sk_release(tw as *mut c_void) };
-        return drop(TP_DROP_NO_LISTENER);
-    }
-    unsafe {
-        record_listener(listener, listener_slot(ip.v6, port));
-        bpf_sk_release(listener as *mut c_void);
-        assign(ctx, tw, TP_TIME_WAIT_REUSED)
-    }
+    };
+    ctx.skb.set_mark((mark(&ctx) & !MARK_MASK) | MARK_TPROXY);
+    assigned(counter)
 }
 
 /// ztunnel's listener for a captured connection: :15001 for outbound (the outbound program
@@ -140,39 +111,13 @@ unsafe fn record_listener(listener: *mut bpf_sock, slot: u32) {
 #[inline(always)]
 fn icmp_error(ctx: &TcContext, ip: &Ip) -> i32 {
     let Some(quoted) = icmp_error_quote(ctx, ip) else {
-        return pass();
+        return pass(TP_PASSED);
     };
     match ztunnel() {
         Some(z) if quoted.proto == IPPROTO_TCP && !is_ztunnel_ip(&z, &ip.dst, ip.v6) => {
             ctx.skb.set_mark((mark(ctx) & !MARK_MASK) | MARK_TPROXY);
-            pass()
+            pass(TP_PASSED)
         }
-        _ => pass(),
+        _ => pass(TP_PASSED),
     }
-}
-
-/// Assigns `sk` to the packet and releases the lookup's reference.
-///
-/// # Safety
-/// `sk` must be a non-null socket returned by a lookup helper and not yet released.
-#[inline(always)]
-unsafe fn assign(ctx: &TcContext, sk: *mut bpf_sock, counter: u32) -> i32 {
-    if !unsafe { socket::assign(ctx, sk) } {
-        return drop(TP_DROP_NO_LISTENER);
-    }
-    ctx.skb.set_mark((mark(ctx) & !MARK_MASK) | MARK_TPROXY);
-    count(counter);
-    TC_ACT_OK as i32
-}
-
-#[inline(always)]
-fn pass() -> i32 {
-    count(TP_PASSED);
-    TCX_NEXT
-}
-
-#[inline(always)]
-fn drop(counter: u32) -> i32 {
-    count(counter);
-    TC_ACT_SHOT as i32
 }

@@ -7,7 +7,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use zdivert::{
-    dataplane::iptables::{Backend, inpod as rules},
+    dataplane::{inpod::istio_cni as rules, iptables::Backend},
     zds::Server,
 };
 use zdivert_tests::{

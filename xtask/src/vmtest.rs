@@ -277,7 +277,7 @@ fn script(plan: &Plan, out: &Path) -> String {
 exec >> '{log}' 2>&1
 echo "== kernel $(uname -r)"
 mount -t bpf bpf /sys/fs/bpf
-export ZDIVERT_BIN='{zdivert}' RUST_BACKTRACE=1
+export ZDIVERT_BIN='{zdivert}' RUST_BACKTRACE=1 ZDIVERT_TEST_LOG='{test_log}'
 '{zdivert}' probe | tee '{out}/probe.txt'
 '{zdivert}' probe --attach tcx | grep -q '^node-level eBPF: usable' && echo tcx > '{out}/tcx'
 skip=""
@@ -300,6 +300,8 @@ echo $rc > '{out}/rc'
         log = out.join("log").display(),
         out = out.display(),
         zdivert = plan.zdivert.display(),
+        // The agents' log level in the tests (tests/src/agent.rs), as on the host.
+        test_log = std::env::var("ZDIVERT_TEST_LOG").unwrap_or_else(|_| "warn".into()),
         tests = root().join("tests").display(),
         bins = bins.join(" "),
         filters = filters.join(" "),

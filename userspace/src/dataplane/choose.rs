@@ -71,7 +71,7 @@ pub fn build(mode: Mode, o: &Options) -> Result<Box<dyn Dataplane>> {
         );
         Ok(Box::new(dp))
     } else {
-        let c = ebpf::cleanup(o.bpffs, o.node)?;
+        let c = super::cleanup_ebpf(o.bpffs, o.node)?;
         if c.links + c.maps > 0 {
             log::info!("removed the eBPF programs and maps an earlier agent left");
         }

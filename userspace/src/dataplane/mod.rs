@@ -99,12 +99,24 @@ impl std::fmt::Display for ZtunnelState {
 }
 
 /// `zdivert cleanup` for one node, both modes: what was removed, one line each.
+/// The eBPF dataplanes' pins and links (`ebpf::cleanup`), then what in-pod mode set up beside
+/// its programs in each pod netns they were detached from.
+pub(crate) fn cleanup_ebpf(bpffs: &std::path::Path, node: &str) -> Result<ebpf::Cleaned, Error> {
+    let c = ebpf::cleanup(bpffs, node)?;
+    for ns in &c.pod_netns {
+        if let Err(e) = inpod::programs::unroute(ns) {
+            log::warn!("pod netns {}: {}", ns.display(), e.chain());
+        }
+    }
+    Ok(c)
+}
+
 pub fn cleanup(
     bpffs: &std::path::Path,
     state_dir: &std::path::Path,
     node: &str,
 ) -> Result<Vec<String>, Error> {
-    let c = ebpf::cleanup(bpffs, node)?;
+    let c = cleanup_ebpf(bpffs, node)?;
     let mut done = vec![format!(
         "removed {} links, {} maps, tproxy routing in {} ztunnel netns and {} pod netns",
         c.links,

@@ -103,11 +103,33 @@ pub fn run(repeat: u32, rounds: usize, samples: &mut Samples) -> Result<()> {
             ("zd_zt_return", syn(remote, rv1), 0),
             ("zd_zt_tproxy", syn(pp, rv1), MARK_OUTBOUND),
         ];
-        for (prog, _, _) in &cases[1..] {
+        // In-pod programs look up no pod map: measured once. A listener on :15006 as in-pod
+        // ztunnel binds it, so the ingress program takes its whole path (lookups, assignment).
+        let in_pod: [(&str, Vec<u8>); 2] = [
+            ("zd_pod_egress", syn(pp, rv1)),
+            ("zd_pod_ingress", syn(remote, pp)),
+        ];
+        let _listener = std::net::TcpListener::bind("0.0.0.0:15006")?;
+        for prog in cases[1..]
+            .iter()
+            .map(|c| c.0)
+            .chain(in_pod.iter().map(|c| c.0))
+        {
             let p: &mut SchedClassifier = ebpf.program_mut(prog).unwrap().try_into()?;
             p.load()?;
         }
         let mut out = vec![];
+        for _ in 0..rounds {
+            for (prog, frame) in &in_pod {
+                let p: &SchedClassifier = ebpf.program(prog).unwrap().try_into()?;
+                let o = testrun::run(p, frame, a, testrun::Arrived::OnTheDevice, 0, repeat)?;
+                out.push((
+                    format!("in-pod/{prog}"),
+                    "ns_per_packet",
+                    o.ns_per_run as f64,
+                ));
+            }
+        }
         let mut filled = 0u32;
         for pods in [10u32, 1_000, 10_000, PODS_MAX_ENTRIES] {
             {

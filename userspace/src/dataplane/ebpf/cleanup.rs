@@ -15,7 +15,8 @@ pub struct Cleaned {
     pub links: usize,
     pub maps: usize,
     pub ztunnel_netns: Vec<PathBuf>,
-    /// In-pod mode: pod netns whose routing was taken out.
+    /// In-pod mode: the pod netns whose programs were detached; their routing and sysctls are
+    /// the in-pod dataplane's to take out (`dataplane::cleanup`).
     pub pod_netns: Vec<PathBuf>,
 }
 
@@ -53,10 +54,7 @@ fn cleanup_layout(bpffs: &Path, dirs: &PinDirs, cleaned: &mut Cleaned) -> Result
         if pinned.hook == Hook::InPodIngress
             && let Some(ns) = netns::find_by_inode(pinned.netns_inode)
         {
-            match crate::dataplane::inpod::programs::unroute(&ns) {
-                Ok(()) => cleaned.pod_netns.push(ns),
-                Err(e) => log::warn!("pod netns {}: {}", ns.display(), e.chain()),
-            }
+            cleaned.pod_netns.push(ns);
         }
     }
     for kind in lookup::Lookup::ALL {

@@ -1,9 +1,11 @@
 //! In-pod mode (`--ztunnel-mode inpod`): ztunnel opens its listeners inside each ambient pod's
 //! netns, which this dataplane hands it over ZDS, and the pod's traffic is redirected there:
 //! with eBPF programs in the pod's netns (`programs`), or with istio-cni's rules
-//! (`iptables::inpod`). The redirection goes in before the `add`, so a pod is never handed over
+//! (`istio_cni.rs`). The redirection goes in before the `add`, so a pod is never handed over
 //! unredirected; until ztunnel listens, its redirected TCP is refused (fail closed).
+pub mod istio_cni;
 pub mod programs;
+mod routing;
 pub mod rules;
 
 use std::{

@@ -17,16 +17,14 @@ use std::{
 use aya::Ebpf;
 use zdivert_common::{CONFIG_DNS_CAPTURE, POD_COUNTERS};
 
+use super::routing::{route_replies, unroute_replies};
 use crate::{
-    dataplane::{
-        ebpf::{
-            PinDirs, ProgramSet,
-            attach::{self, AttachMode, Attachment, Hook},
-            lookup::{self, Lookup},
-            maps,
-            metrics::PacketCounters,
-        },
-        iptables::inpod::{route_replies, unroute_replies},
+    dataplane::ebpf::{
+        PinDirs, ProgramSet,
+        attach::{self, AttachMode, Attachment, Hook},
+        lookup::{self, Lookup},
+        maps,
+        metrics::PacketCounters,
     },
     error::{Error, Result},
     netns,

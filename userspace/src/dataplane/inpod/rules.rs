@@ -1,11 +1,12 @@
-//! In-pod redirection with istio-cni's rules (`iptables::inpod`), and a record of the pods that
+//! In-pod redirection with istio-cni's rules (`istio_cni.rs`), and a record of the pods that
 //! hold them: `<state dir>/<node>.inpod/<netns inode>`, one empty file each, written before the
 //! rules go in and removed after they are out, so that `zdivert cleanup` finds every pod netns
 //! an agent touched without the agent.
 use std::path::{Path, PathBuf};
 
+use super::istio_cni as inpod;
 use crate::{
-    dataplane::iptables::{self, Backend, inpod},
+    dataplane::iptables::{self, Backend},
     error::{Error, Result},
     netns,
 };

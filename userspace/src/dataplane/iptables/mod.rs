@@ -6,14 +6,13 @@ pub mod layout;
 
 mod apply;
 mod hold;
-pub mod inpod;
 pub mod inspect;
 mod ipset;
 mod nftables;
 mod remove;
 mod saved;
 pub mod status;
-mod tables;
+pub(crate) mod tables;
 
 use std::{collections::BTreeSet, net::IpAddr, path::Path};
 

@@ -106,7 +106,7 @@ pub fn save_counted(backend: Backend, v6: bool, table: &str) -> Result<String> {
     run(&backend.command(v6, "save"), &["-c", "-t", table], None)
 }
 
-pub(super) fn restore(backend: Backend, v6: bool, input: &str) -> Result<()> {
+pub(crate) fn restore(backend: Backend, v6: bool, input: &str) -> Result<()> {
     run(
         &backend.command(v6, "restore"),
         &["--noflush", "-w"],

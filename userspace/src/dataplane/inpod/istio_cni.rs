@@ -7,22 +7,20 @@ use std::path::Path;
 
 use zdivert_common::{
     MARK_INPOD_CONN, MARK_INPOD_ZTUNNEL, MARK_MASK, PORT_DNS, PORT_DNS_PROXY, PORT_INBOUND_HBONE,
-    PORT_INBOUND_PLAIN, PORT_OUTBOUND, ZTUNNEL_TPROXY_TABLE,
+    PORT_INBOUND_PLAIN, PORT_OUTBOUND,
 };
 
-use super::tables::{self, Backend};
+use super::routing::{route_replies, unroute_replies};
 use crate::{
+    dataplane::iptables::tables::{self, Backend},
     error::Result,
     netns,
-    nl::{Netlink, PolicyRule, RuleTarget},
+    nl::Netlink,
 };
 
 /// The address the node SNATs kubelet probes to (istio-cni's `--ambient-snat`), per family.
 pub const PROBE_SOURCE_V4: &str = "169.254.7.127";
 pub const PROBE_SOURCE_V6: &str = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff";
-
-/// istio-cni's priority for the rule that routes marked replies to the local table.
-pub const RULE_PRIORITY: u32 = 32764;
 
 const JUMPS: [(&str, &str, &str); 4] = [
     ("mangle", "PREROUTING", "ISTIO_PRERT"),
@@ -107,29 +105,6 @@ pub fn remove(pod_netns: &Path, backend: Backend) -> Result<()> {
         }
         Ok(())
     })?
-}
-
-/// In the pod's netns (the caller is there): packets marked 0x111 are delivered locally,
-/// whatever their destination. Both redirections need it: replies of ztunnel's original-source
-/// connections, and (eBPF) the segments turned back to ztunnel.
-pub fn route_replies(nl: &Netlink, v6: bool) -> Result<()> {
-    nl.ensure_local_default(ZTUNNEL_TPROXY_TABLE, v6)?;
-    nl.ensure_rule(reply_rule(), v6)
-}
-
-/// Undoes `route_replies`; what is already gone is skipped.
-pub fn unroute_replies(nl: &Netlink, v6: bool) -> Result<()> {
-    nl.remove_rule(reply_rule(), v6)?;
-    nl.remove_local_default(ZTUNNEL_TPROXY_TABLE, v6)
-}
-
-fn reply_rule() -> PolicyRule {
-    PolicyRule::fwmark(
-        RULE_PRIORITY,
-        MARK_INPOD_CONN,
-        MARK_MASK,
-        RuleTarget::Table(ZTUNNEL_TPROXY_TABLE),
-    )
 }
 
 /// The lines of one table in an `iptables-save` of all tables.

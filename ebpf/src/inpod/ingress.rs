@@ -1,10 +1,10 @@
 //! In-pod capture, the half that hands segments to ztunnel: TC ingress of an ambient pod's eth0
-//! (what arrives from the wire) and of its `lo` (what `pod_egress` turned back).
+//! (what arrives from the wire) and of its `lo` (what `egress.rs` turned back).
 //!
 //! Captured segments are assigned to a socket of ztunnel's in the pod with `bpf_sk_assign`: their
 //! connection's socket if there is one, else ztunnel's listener, :15001 for what the pod sends,
 //! :15006 for what it is sent. (Turned-back segments without SYN are left to the stack's own
-//! lookup: `pod_egress` turned them back because their socket is here.) This is istio-cni's
+//! lookup: `egress.rs` turned them back because their socket is here.) This is istio-cni's
 //! contract without netfilter:
 //! - ztunnel's own packets (mark 0x539) and loopback traffic are not captured;
 //! - inbound TCP is captured except to :15008 (ztunnel's own listener takes it) and from the
@@ -13,14 +13,14 @@
 //!   to `local default dev lo`: their destination is not this netns's own.
 //!
 //! A SYN that meets one of ztunnel's TIME_WAIT sockets goes to that socket, which the kernel
-//! retires and replaces by asking for a listener; `pod_lookup` answers that lookup with the
+//! retires and replaces by asking for a listener; `lookup.rs` answers that lookup with the
 //! listener recorded here (`TIME_WAIT_SYNS`). Without the answer the kernel would find the
 //! pod's own listener on the original port: a way around ztunnel.
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT, bpf_sock},
-    helpers::{bpf_map_update_elem, bpf_sk_release},
+    bindings::{BPF_ANY, bpf_sock},
+    helpers::bpf_map_update_elem,
     macros::classifier,
     programs::TcContext,
 };
@@ -32,9 +32,10 @@ use zdivert_common::{
 
 use crate::{
     dns, dns6,
-    maps::{TIME_WAIT_SYNS, count_pod, dns_capture},
+    maps::{TIME_WAIT_SYNS, count, dns_capture},
     packet::{Frame, IPPROTO_TCP, Ip, LOOPBACK_V4, Tcp, ifindex, is_loopback, mark, parse, tcp},
-    socket::{self, Lookup, Tuple, listener},
+    socket::{self, Assigned, NotAssigned},
+    verdict::{assigned, drop, pass},
 };
 
 #[classifier]
@@ -46,7 +47,7 @@ pub fn zd_pod_ingress(ctx: TcContext) -> i32 {
     }
 }
 
-/// `lo`: the pod's own traffic, ztunnel's included. Only what `pod_egress` turned back (0x111)
+/// `lo`: the pod's own traffic, ztunnel's included. Only what `egress.rs` turned back (0x111)
 /// and, with DNS capture, ztunnel's DNS answers (0x539) are looked at.
 #[inline(always)]
 fn turned_back(ctx: &TcContext) -> i32 {
@@ -64,13 +65,13 @@ fn turned_back(ctx: &TcContext) -> i32 {
             dns::answer_from_server(ctx, &ip, LOOPBACK_V4)
         };
         if answered.is_some() {
-            count_pod(INGRESS_DNS);
+            count(INGRESS_DNS);
         }
         return TCX_NEXT;
     }
     // A DNS query readdressed to the proxy on loopback: the stack delivers it as it is.
     if ip.proto != IPPROTO_TCP || is_loopback(&ip.dst, ip.v6) {
-        return pass();
+        return pass(INGRESS_PASSED);
     }
     let Some(seg) = tcp(ctx, &ip).filter(|_| !ip.fragment) else {
         return drop(INGRESS_DROP_MALFORMED);
@@ -79,7 +80,7 @@ fn turned_back(ctx: &TcContext) -> i32 {
     // stack's own lookup finds it (0x111 routes it to the local table), a second one here
     // would only cost.
     if !seg.is_syn() {
-        return pass();
+        return pass(INGRESS_PASSED);
     }
     to_ztunnel(ctx, &ip, &seg, PORT_OUTBOUND)
 }
@@ -88,12 +89,12 @@ fn turned_back(ctx: &TcContext) -> i32 {
 #[inline(always)]
 fn from_the_wire(ctx: &TcContext) -> i32 {
     let ip = match parse(ctx) {
-        Frame::NotIp => return pass(),
+        Frame::NotIp => return pass(INGRESS_PASSED),
         Frame::Malformed => return drop(INGRESS_DROP_MALFORMED),
         Frame::Ip(ip) => ip,
     };
     if ip.proto != IPPROTO_TCP {
-        return pass();
+        return pass(INGRESS_PASSED);
     }
     if ip.fragment {
         return drop(INGRESS_DROP_MALFORMED);
@@ -102,89 +103,43 @@ fn from_the_wire(ctx: &TcContext) -> i32 {
         return drop(INGRESS_DROP_MALFORMED);
     };
     if seg.dport() == PORT_INBOUND_HBONE || is_probe(&ip) {
-        return pass();
+        return pass(INGRESS_PASSED);
     }
     to_ztunnel(ctx, &ip, &seg, PORT_INBOUND_PLAIN)
 }
 
-/// Assigns the segment to its connection's socket, or to ztunnel's listener on `port`.
+/// Assigns the segment to its connection's socket, or to ztunnel's listener on `port`. A SYN
+/// that meets one of ztunnel's TIME_WAIT sockets goes to that socket once its listener is in
+/// `TIME_WAIT_SYNS` for `lookup.rs`; if it cannot be recorded, the SYN is dropped: the client
+/// retransmits, and nothing reaches the pod's own listener.
 #[inline(always)]
 fn to_ztunnel(ctx: &TcContext, ip: &Ip, seg: &Tcp, port: u16) -> i32 {
-    let mut tuple = Tuple::new(ip, seg);
-    // SAFETY: helper contract: the tuple lives on the stack; every socket returned is released
-    // on every path below.
-    unsafe {
-        let sk = tuple.lookup(ctx, Lookup::AnyState);
-        if !sk.is_null() {
-            let state = (*sk).state;
-            if state == BPF_TCP_TIME_WAIT && seg.is_syn() {
-                return syn_to_time_wait(ctx, sk, &mut tuple, ip, seg, port);
-            }
-            // A listener on the original port is the pod's, not this connection's.
-            if state != BPF_TCP_LISTEN {
-                return assign(ctx, sk, INGRESS_ESTABLISHED);
-            }
-            bpf_sk_release(sk as *mut c_void);
-        }
-        let l = listener(ctx, &mut tuple, port, ip.v6);
-        if l.is_null() {
-            // ztunnel is not listening in this pod (yet, or any more): nothing gets around it.
-            return drop(INGRESS_DROP_NO_LISTENER);
-        }
-        assign(ctx, l, INGRESS_LISTENER)
-    }
-}
-
-/// A SYN whose 4-tuple a TIME_WAIT socket of ztunnel's still holds (see the module's doc). If
-/// the listener cannot be recorded, the SYN is dropped: the client retransmits, and nothing
-/// reaches the pod's own listener.
-///
-/// # Safety
-/// `tw` must be a TIME_WAIT socket reference from a lookup helper, not yet released.
-#[inline(always)]
-unsafe fn syn_to_time_wait(
-    ctx: &TcContext,
-    tw: *mut bpf_sock,
-    tuple: &mut Tuple,
-    ip: &Ip,
-    seg: &Tcp,
-    port: u16,
-) -> i32 {
-    let l = listener(ctx, tuple, port, ip.v6);
-    if l.is_null() {
-        unsafe { bpf_sk_release(tw as *mut c_void) };
-        return drop(INGRESS_DROP_NO_LISTENER);
-    }
-    let key = SynKey {
-        remote: ip.src,
-        local: ip.dst,
-        remote_port_be: seg.sport_be,
-        local_port_be: seg.dport_be,
+    let record = |l: *mut bpf_sock| {
+        let key = SynKey {
+            remote: ip.src,
+            local: ip.dst,
+            remote_port_be: seg.sport_be,
+            local_port_be: seg.dport_be,
+        };
+        // The pod's own address: the source of what it sends, the destination of what it is
+        // sent.
+        let pod = if port == PORT_OUTBOUND {
+            ip.src
+        } else {
+            ip.dst
+        };
+        // SAFETY: `l` is a live listener reference for both calls.
+        unsafe { record(&anchor(pod, port), l) && record(&key, l) }
     };
-    // The pod's own address: the source of what it sends, the destination of what it is sent.
-    let pod = if port == PORT_OUTBOUND {
-        ip.src
-    } else {
-        ip.dst
-    };
-    // SAFETY: the listener reference is live for both calls and released once below.
-    let recorded = unsafe { record(&anchor(pod, port), l) && record(&key, l) };
-    // SAFETY: references from the lookup helpers, released once on every path.
-    unsafe {
-        if !recorded {
-            bpf_sk_release(l as *mut c_void);
-            bpf_sk_release(tw as *mut c_void);
-            return drop(INGRESS_DROP_UNRECORDED);
-        }
-        if socket::assign(ctx, tw) {
-            bpf_sk_release(l as *mut c_void);
-            count_pod(INGRESS_TIME_WAIT);
-            return TC_ACT_OK as i32;
-        }
-        // The TIME_WAIT socket is on its way out (its last reference went while we looked):
-        // the listener takes the SYN, as it would a moment later.
-        count_pod(INGRESS_TIME_WAIT_GONE);
-        assign(ctx, l, INGRESS_LISTENER)
+    match socket::to_ztunnel(ctx, ip, seg, port, record) {
+        Ok(Assigned::Established) => assigned(INGRESS_ESTABLISHED),
+        Ok(Assigned::Listener) => assigned(INGRESS_LISTENER),
+        Ok(Assigned::TimeWait) => assigned(INGRESS_TIME_WAIT),
+        Ok(Assigned::ListenerAfterTimeWait) => assigned(INGRESS_TIME_WAIT_GONE),
+        // ztunnel is not listening in this pod (yet, or any more): nothing gets around it.
+        Err(NotAssigned::NoListener) => drop(INGRESS_DROP_NO_LISTENER),
+        Err(NotAssigned::Unrecorded) => drop(INGRESS_DROP_UNRECORDED),
+        Err(NotAssigned::Refused) => drop(INGRESS_DROP_ASSIGN_REFUSED),
     }
 }
 
@@ -219,17 +174,6 @@ unsafe fn record(key: &SynKey, listener: *mut bpf_sock) -> bool {
     }
 }
 
-/// # Safety
-/// `sk` must be a non-null socket returned by a lookup helper and not yet released.
-#[inline(always)]
-unsafe fn assign(ctx: &TcContext, sk: *mut bpf_sock, counter: u32) -> i32 {
-    if !unsafe { socket::assign(ctx, sk) } {
-        return drop(INGRESS_DROP_ASSIGN_REFUSED);
-    }
-    count_pod(counter);
-    TC_ACT_OK as i32
-}
-
 #[inline(always)]
 fn is_probe(ip: &Ip) -> bool {
     if ip.v6 {
@@ -237,16 +181,4 @@ fn is_probe(ip: &Ip) -> bool {
     } else {
         ip.src.v4_word() == u32::from_ne_bytes(PROBE_SOURCE_V4)
     }
-}
-
-#[inline(always)]
-fn pass() -> i32 {
-    count_pod(INGRESS_PASSED);
-    TCX_NEXT
-}
-
-#[inline(always)]
-fn drop(counter: u32) -> i32 {
-    count_pod(counter);
-    TC_ACT_SHOT as i32
 }

@@ -2,7 +2,7 @@
 //!
 //! In-pod ztunnel listens in the pod's own netns, so a captured segment never leaves it: the
 //! pod's TCP is turned back into its own stack through `lo`'s ingress (`bpf_redirect` with
-//! `BPF_F_INGRESS`), where `pod_ingress` assigns it to ztunnel's socket. Turned back:
+//! `BPF_F_INGRESS`), where `ingress.rs` assigns it to ztunnel's socket. Turned back:
 //! - a new connection (SYN): it is ztunnel's, on :15001;
 //! - any segment of a connection whose other end is a socket of this netns: ztunnel's accepted
 //!   outbound connections, and ztunnel's original-source connections to the pod (their replies
@@ -11,20 +11,18 @@
 //! Left alone: ztunnel's own packets (mark 0x539), replies on connections the pod accepted
 //! uncaptured (kubelet probes), and everything but TCP and DNS.
 use aya_ebpf::{
-    bindings::{BPF_F_INGRESS, TC_ACT_SHOT},
-    helpers::bpf_redirect,
-    macros::classifier,
-    programs::TcContext,
+    bindings::BPF_F_INGRESS, helpers::bpf_redirect, macros::classifier, programs::TcContext,
 };
 use zdivert_common::{
-    LOOPBACK_IFINDEX, MARK_INPOD_CONN, MARK_INPOD_ZTUNNEL, MARK_MASK, TCX_NEXT, pod_counter::*,
+    LOOPBACK_IFINDEX, MARK_INPOD_CONN, MARK_INPOD_ZTUNNEL, MARK_MASK, pod_counter::*,
 };
 
 use crate::{
     dns, dns6,
-    maps::{count_pod, dns_capture},
+    maps::{count, dns_capture},
     packet::{Frame, IPPROTO_TCP, Ip, LOOPBACK_V4, mark, parse, set_dst_mac, tcp},
     socket::connected_here,
+    verdict::{drop, pass},
 };
 
 /// `lo`'s address: a frame turned back through it must be addressed to it, or the stack takes it
@@ -34,18 +32,18 @@ const LOOPBACK_MAC: [u8; 6] = [0; 6];
 #[classifier]
 pub fn zd_pod_egress(ctx: TcContext) -> i32 {
     if mark(&ctx) & MARK_MASK == MARK_INPOD_ZTUNNEL {
-        return pass();
+        return pass(EGRESS_PASSED);
     }
     // A frame this netns's own stack built: what is not IP, or not readable as IP, is nothing
     // capture decides about.
     let Frame::Ip(ip) = parse(&ctx) else {
-        return pass();
+        return pass(EGRESS_PASSED);
     };
     if dns_capture() && dns::is_dns_any(&ctx, &ip) {
         return dns_query(&ctx, &ip);
     }
     if ip.proto != IPPROTO_TCP {
-        return pass();
+        return pass(EGRESS_PASSED);
     }
     // The stack does not fragment TCP (DF, PMTU): a fragment is broken or crafted.
     if ip.fragment {
@@ -55,9 +53,9 @@ pub fn zd_pod_egress(ctx: TcContext) -> i32 {
         return drop(EGRESS_DROP_MALFORMED);
     };
     if !seg.is_syn() && !connected_here(&ctx, &ip, &seg) {
-        return pass();
+        return pass(EGRESS_PASSED);
     }
-    count_pod(EGRESS_TURNED_BACK);
+    count(EGRESS_TURNED_BACK);
     turn_back(&ctx)
 }
 
@@ -73,7 +71,7 @@ fn dns_query(ctx: &TcContext, ip: &Ip) -> i32 {
     if readdressed.is_none() {
         return drop(EGRESS_DROP_MALFORMED);
     }
-    count_pod(EGRESS_DNS);
+    count(EGRESS_DNS);
     turn_back(ctx)
 }
 
@@ -87,16 +85,4 @@ fn turn_back(ctx: &TcContext) -> i32 {
     ctx.skb.set_mark((mark(ctx) & !MARK_MASK) | MARK_INPOD_CONN);
     // SAFETY: plain helper call; returns TC_ACT_REDIRECT, or TC_ACT_SHOT if lo is gone.
     unsafe { bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS as u64) as i32 }
-}
-
-#[inline(always)]
-fn pass() -> i32 {
-    count_pod(EGRESS_PASSED);
-    TCX_NEXT
-}
-
-#[inline(always)]
-fn drop(counter: u32) -> i32 {
-    count_pod(counter);
-    TC_ACT_SHOT as i32
 }
