@@ -73,7 +73,9 @@ pub fn ipset_members(node: &Node) -> Vec<String> {
 /// Waits until the fallback captures `pods` pods on `node` and, if `with_ztunnel`, ztunnel's
 /// TPROXY rules are in place.
 pub fn wait_layout(node: &Node, pods: usize, with_ztunnel: bool) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // A poll: a long deadline costs nothing when the layout comes. Under QEMU's emulation
+    // (`cargo xtask vmtest`) ztunnel's start and the layout's restores took over 20 s once.
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = String::new();
     while Instant::now() < deadline {
         let members = ipset_members(node).len();

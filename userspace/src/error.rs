@@ -273,4 +273,32 @@ mod tests {
         assert_eq!(line.matches("bpffs").count(), 1, "{line}");
         assert_eq!(e.errno(), Some(libc::EPERM));
     }
+
+    /// What an operator reads when a kernel refuses a program: which one, the errno, and the
+    /// verifier's reason at the end of its log, not the whole walk.
+    #[test]
+    fn a_refused_program_is_named_with_the_verifiers_last_lines() {
+        let walk: Vec<String> = (0..200).map(|i| format!("{i}: (bf) r6 = r1")).collect();
+        let log = format!(
+            "{}\n623: (79) r2 = *(u64 *)(r10 -144)\ninvalid read from stack off -144+0 size 8\n\n",
+            walk.join("\n")
+        );
+        let e = Error::Rejected {
+            program: "zd_zt_return",
+            errno: io::Error::from_raw_os_error(libc::EACCES),
+            log,
+        };
+        let text = e.to_string();
+        assert!(text.contains("eBPF program zd_zt_return"), "{text}");
+        assert!(text.contains("Permission denied"), "{text}");
+        assert!(
+            text.ends_with("invalid read from stack off -144+0 size 8"),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 1 + VERIFIER_TAIL_LINES, "{text}");
+        assert!(
+            !text.contains("\n0: (bf)"),
+            "the walk's start is left out:\n{text}"
+        );
+    }
 }

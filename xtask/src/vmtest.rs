@@ -233,11 +233,10 @@ fn json_string<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     Some(&line[start..start + len])
 }
 
-/// The core subset `.ci/run` runs on 6.1: the node-level programs through the real ztunnel
-/// 1.22.8, attached as kernels without TCX attach them, and the verdicts of each program under
-/// BPF_PROG_TEST_RUN. Not in it yet, because they fail on 6.1 (README, "Kernels"): the
-/// odd-packet suite (an IPv6 SYN behind extension headers lands nowhere instead of in
-/// ztunnel) and the fallback with geneve (not ready within the test's wait).
+/// The core subset `.ci/run` runs on 6.1: `zdivert probe`'s verdicts, the node-level programs
+/// through the real ztunnel 1.22.8 attached as kernels without TCX attach them, the odd
+/// packets, the verdicts of each program under BPF_PROG_TEST_RUN, and the fallback with
+/// geneve (which this machine's kernel lacks).
 pub const CORE: &[&str] = &[
     "probe_finds_node_level_ebpf_usable",
     "programs_give_the_right_verdicts",
@@ -246,6 +245,8 @@ pub const CORE: &[&str] = &[
     "ebpf_clsact::deny_policy_holds_on_every_way_in",
     "ebpf_clsact::connection_churn_with_normal_closes_never_waits_for_a_retransmission",
     "ebpf_clsact::dns_capture_answers_from_ztunnel_and_only_when_enabled",
+    "ebpf_mode_delivers_odd_packets_to_ztunnel_or_nowhere",
+    "geneve_tunnels_where_the_kernel_has_geneve",
 ];
 
 /// What one guest run is asked to do.
