@@ -132,7 +132,16 @@ pub fn tcx_programs(ns: &Netns) -> anyhow::Result<String> {
                 ("ingress", TcAttachType::Ingress),
                 ("egress", TcAttachType::Egress),
             ] {
-                let (_, progs) = SchedClassifier::query_tcx(&name, ty)?;
+                let progs = match SchedClassifier::query_tcx(&name, ty) {
+                    Ok((_, progs)) => progs,
+                    // A kernel before 6.6 knows no TCX attach type (EINVAL): nothing can be
+                    // attached through it there.
+                    Err(e) if errno(&e) == Some(libc::EINVAL) => {
+                        out += &format!("{name} {dir}: no TCX in this kernel\n");
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 let progs: Vec<String> = progs
                     .iter()
                     .map(|p| p.name_as_str().unwrap_or("?").to_string())
@@ -142,6 +151,18 @@ pub fn tcx_programs(ns: &Netns) -> anyhow::Result<String> {
         }
         Ok(out)
     })
+}
+
+/// The errno at the bottom of an error's chain, if it is an OS error.
+fn errno(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.raw_os_error();
+        }
+        cur = err.source();
+    }
+    None
 }
 
 pub fn pins(node: &str) -> Vec<String> {
