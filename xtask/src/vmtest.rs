@@ -127,11 +127,29 @@ pub fn tools() -> Result<()> {
             apt_install(&["qemu-system-x86"], Some("bookworm-backports"))?;
         }
     }
-    if !have("vng") {
+    if vng().is_none() {
         eprintln!("vmtest: installing virtme-ng");
         run(Command::new("python3").args(["-m", "pip", "install", "-q", "virtme-ng"]))?;
     }
-    Ok(())
+    vng()
+        .map(|_| ())
+        .context("virtme-ng installed, but no `vng` on PATH or beside python3")
+}
+
+/// virtme-ng's `vng`: on PATH, else where python3 puts the scripts of what pip installs.
+fn vng() -> Option<PathBuf> {
+    if have("vng") {
+        return Some(PathBuf::from("vng"));
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
+        .output()
+        .ok()?;
+    let path = Path::new(String::from_utf8_lossy(&out.stdout).trim()).join("vng");
+    path.exists().then_some(path)
 }
 
 fn dir() -> PathBuf {
@@ -324,7 +342,7 @@ pub fn run_on(k: &Kernel, plan: &Plan) -> Result<Outcome> {
         k.name, k.release
     );
     let started = Instant::now();
-    let mut vm = Command::new("vng")
+    let mut vm = Command::new(vng().context("no vng (cargo xtask vmtest installs it)")?)
         .arg("-r")
         .arg(&vmlinuz)
         .args([
