@@ -17,7 +17,7 @@ use zdivert_common::{DnsFlowKey, IpKey, PORT_DNS, PORT_DNS_PROXY};
 
 use crate::{
     maps::DNS_FLOWS,
-    packet::{ETH_HLEN, IPPROTO_TCP, Ip},
+    packet::{ETH_HLEN, IPPROTO_TCP, Ip, read},
 };
 
 pub const IPPROTO_UDP: u8 = 17;
@@ -38,7 +38,7 @@ pub fn l4_csum(ip: &Ip) -> (usize, u64) {
 /// The ports of a TCP or UDP header, network byte order.
 #[inline(always)]
 pub fn ports(ctx: &TcContext, ip: &Ip) -> Option<(u16, u16)> {
-    let p: [u8; 4] = ctx.load(ip.l4_off).ok()?;
+    let p: [u8; 4] = read(ctx, ip.l4_off)?;
     Some((
         u16::from_ne_bytes([p[0], p[1]]),
         u16::from_ne_bytes([p[2], p[3]]),
