@@ -7,19 +7,22 @@ pub mod maps;
 pub mod metrics;
 mod migrate;
 mod probe;
+mod programs;
 pub mod status;
 mod ztunnels;
 
 pub use cleanup::{Cleaned, cleanup};
 pub use migrate::Migrated;
 pub use probe::{probe, probe_logging};
+pub use programs::ProgramSet;
+pub(crate) use programs::rejected;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
 };
 
-use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
+use aya::{Ebpf, EbpfLoader};
 use zdivert_common::{
     MARK_MASK, MARK_TPROXY, PIN_BASE, PIN_VERSION, ZTUNNEL_TPROXY_RULE_PRIORITY,
     ZTUNNEL_TPROXY_TABLE,
@@ -104,70 +107,6 @@ pub struct EbpfDataplane {
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-
-/// The programs one ztunnel mode loads into the kernel: a node-level agent never loads the
-/// in-pod programs and the reverse, so a program one kernel refuses stops only the mode that
-/// needs it (`docs/design.md`, "Kernels").
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProgramSet {
-    /// ztunnel in its own netns: the programs on the pods' and ztunnel's veths.
-    NodeLevel,
-    /// ztunnel in each pod's netns: the programs on the pods' eth0 and lo.
-    InPod,
-}
-
-impl ProgramSet {
-    pub fn classifiers(self) -> &'static [&'static str] {
-        use zdivert_common::program::*;
-        match self {
-            ProgramSet::NodeLevel => &[OUTBOUND, INBOUND, ZTUNNEL_RETURN, ZTUNNEL_TPROXY, HOLD],
-            ProgramSet::InPod => &[POD_EGRESS, POD_INGRESS],
-        }
-    }
-
-    pub fn lookup(self) -> lookup::Lookup {
-        match self {
-            ProgramSet::NodeLevel => lookup::Lookup::Ztunnel,
-            ProgramSet::InPod => lookup::Lookup::Pod,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            ProgramSet::NodeLevel => "node-level",
-            ProgramSet::InPod => "in-pod",
-        }
-    }
-
-    /// Loads every program of the set into the kernel, each on its own: the first one the
-    /// kernel refuses is named, with the verifier's last lines.
-    pub fn load(self, ebpf: &mut Ebpf) -> Result<()> {
-        for &program in self.classifiers() {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(program)
-                .ok_or(Error::ProgramMissing { program })?
-                .try_into()
-                .map_err(|source| Error::Program { program, source })?;
-            prog.load().map_err(|e| rejected(program, e))?;
-        }
-        lookup::load(ebpf, self.lookup())
-    }
-}
-
-/// A load error as the operator needs it: which program, and the verifier's reason.
-pub(crate) fn rejected(program: &'static str, e: aya::programs::ProgramError) -> Error {
-    match e {
-        aya::programs::ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        } => Error::Rejected {
-            program,
-            errno: io_error,
-            log: verifier_log.to_string(),
-        },
-        source => Error::Program { program, source },
-    }
-}
 
 pub(crate) fn ensure_bpffs(bpffs: &Path) -> Result<()> {
     let c =
