@@ -39,6 +39,33 @@ fn probe_finds_node_level_ebpf_usable_and_says_why_in_pod_is_not() -> anyhow::Re
     Ok(())
 }
 
+/// A probe killed halfway (an agent SIGKILLed while `--mode auto` or in-pod `--mode ebpf`
+/// probes, as the in-pod suites do) leaves its scratch pins and veth, named by its pid: the next
+/// probe removes those of a pid that no longer runs.
+#[test]
+fn probe_removes_what_a_killed_probe_left() -> anyhow::Result<()> {
+    let ns = Netns::new(&unique_prefix("probek"))?;
+    // Above pid_max (2^22): no process has it.
+    let dead = 9_999_999;
+    let base = std::path::Path::new(zdivert_common::BPFFS).join(zdivert_common::PIN_BASE);
+    let stale = base.join(format!("probe-{dead}"));
+    std::fs::create_dir_all(&stale)?;
+    ns.ip(&format!(
+        "link add zdprobe{dead} type veth peer name zdprobe{dead}p"
+    ))?;
+    ns.cmd(zdivert_bin().to_str().expect("utf-8 path"), &["probe"])?;
+    let links = ns.ip("-o link show")?;
+    let left = stale.exists();
+    let _ = std::fs::remove_dir(&stale);
+    let _ = std::fs::remove_dir(&base);
+    assert!(!left, "the dead probe's pins are removed");
+    assert!(
+        !links.contains("zdprobe"),
+        "the dead probe's veth is removed:\n{links}"
+    );
+    Ok(())
+}
+
 /// The probe's scratch pins (`<bpffs>/zdivert/probe-<pid>`).
 fn probe_pins() -> Vec<String> {
     let base = std::path::Path::new(zdivert_common::BPFFS).join(zdivert_common::PIN_BASE);

@@ -102,6 +102,7 @@ impl std::fmt::Display for ZtunnelState {
 /// The eBPF dataplanes' pins and links (`ebpf::cleanup`), then what in-pod mode set up beside
 /// its programs in each pod netns they were detached from.
 pub(crate) fn cleanup_ebpf(bpffs: &std::path::Path, node: &str) -> Result<ebpf::Cleaned, Error> {
+    ebpf::sweep_stale(bpffs);
     let c = ebpf::cleanup(bpffs, node)?;
     for ns in &c.pod_netns {
         if let Err(e) = inpod::programs::unroute(ns) {

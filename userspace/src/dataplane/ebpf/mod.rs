@@ -13,7 +13,7 @@ mod ztunnels;
 
 pub use cleanup::{Cleaned, cleanup};
 pub use migrate::Migrated;
-pub use probe::{probe, probe_logging};
+pub use probe::{probe, probe_logging, sweep_stale};
 pub use programs::ProgramSet;
 pub(crate) use programs::rejected;
 

@@ -45,14 +45,45 @@ pub fn probe_logging(
     log_dir: Option<&Path>,
 ) -> Result<(), String> {
     ensure_bpffs(bpffs).map_err(|e| e.chain().to_string())?;
+    sweep_stale(bpffs);
     let scratch = bpffs
         .join(zdivert_common::PIN_BASE)
-        .join(format!("probe-{}", std::process::id()));
+        .join(format!("{SCRATCH_PREFIX}{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
     let result = try_set(&scratch, attach, set, log_dir);
     let _ = std::fs::remove_dir_all(&scratch);
     let _ = std::fs::remove_dir(bpffs.join(zdivert_common::PIN_BASE));
     result
+}
+
+/// A probe's scratch pins and veth are named by its pid.
+const SCRATCH_PREFIX: &str = "probe-";
+const SCRATCH_VETH: &str = "zdprobe";
+
+fn alive(pid: &str) -> bool {
+    Path::new("/proc").join(pid).exists()
+}
+
+/// Removes what a probe killed halfway (SIGKILL, OOM) left: its scratch pins, and its scratch
+/// veth in this netns. Each is named by the probe's pid; a live probe's are left alone.
+pub fn sweep_stale(bpffs: &Path) {
+    let base = bpffs.join(zdivert_common::PIN_BASE);
+    for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name
+            .strip_prefix(SCRATCH_PREFIX)
+            .is_some_and(|pid| !alive(pid))
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    let Ok(nl) = Netlink::new() else { return };
+    for link in nl.links().unwrap_or_default() {
+        let pid = link.name.strip_prefix(SCRATCH_VETH);
+        if pid.is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()) && !alive(p)) {
+            let _ = nl.delete_link(&link.name);
+        }
+    }
 }
 
 fn try_set(
@@ -95,7 +126,8 @@ fn attach_to_scratch_veth(
     attach: AttachMode,
 ) -> Result<(), String> {
     let nl = Netlink::new().map_err(|e| e.to_string())?;
-    let name = format!("zdprobe{}", std::process::id() % 100_000);
+    // 7 + at most 7 digits (pid_max is 2^22), and the peer's "p": within IFNAMSIZ.
+    let name = format!("{SCRATCH_VETH}{}", std::process::id());
     nl.add_scratch_veth(&name).map_err(|e| e.to_string())?;
     let prog = classifier(ebpf, program);
     let attached = match attach {
