@@ -204,6 +204,14 @@ pub enum Error {
     )]
     PodNetnsNotFound { pod: String },
 
+    #[error(
+        "pod {pod}: its netns {netns} is gone or no longer holds its address; its last redirection stays, and no other netns is taken for it"
+    )]
+    PodNetnsLost { pod: String, netns: PathBuf },
+
+    #[error("pod {pod}: ztunnel did not acknowledge it: {why}")]
+    NotAcked { pod: String, why: String },
+
     #[error("netns {netns}: no interface holds the pod's addresses {ips:?}")]
     PodInterfaceNotFound { netns: PathBuf, ips: Vec<IpAddr> },
 

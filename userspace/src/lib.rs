@@ -4,6 +4,7 @@
 //! pod source ──► NodeState ──► Dataplane::apply (ebpf | iptables) ──► kernel
 //! ```
 pub mod agent;
+pub mod cni;
 pub mod dataplane;
 pub mod error;
 pub mod facts;

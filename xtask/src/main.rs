@@ -184,11 +184,11 @@ fn main() -> Result<()> {
             if core {
                 filters.extend(vmtest::CORE.iter().map(|f| f.to_string()));
             }
-            let binaries = vmtest::test_binaries()?;
+            let (binaries, zdivert) = vmtest::snapshot(&vmtest::test_binaries()?)?;
             let plan = vmtest::Plan {
                 binaries: &binaries,
                 filters: &filters,
-                zdivert: root().join("target/debug/zdivert"),
+                zdivert,
             };
             let mut failed = Vec::new();
             let mut summary = Vec::new();

@@ -149,6 +149,17 @@ async fn handle(mut conn: TcpStream, shared: Arc<Shared>) {
         ("GET", ["api", "v1", "namespaces"]) => {
             list_or_watch(conn, &shared, Kind::Namespace, &request).await
         }
+        ("GET", ["api", "v1", "namespaces", ns, "pods", name]) => {
+            get_one(conn, &shared, (Kind::Pod, ns.to_string(), name.to_string())).await
+        }
+        ("GET", ["api", "v1", "namespaces", name]) => {
+            get_one(
+                conn,
+                &shared,
+                (Kind::Namespace, String::new(), name.to_string()),
+            )
+            .await
+        }
         ("PATCH", ["api", "v1", "namespaces", ns, "pods", name]) => {
             let key = (Kind::Pod, ns.to_string(), name.to_string());
             match serde_json::from_slice::<Value>(&body) {
@@ -163,6 +174,18 @@ async fn handle(mut conn: TcpStream, shared: Arc<Shared>) {
             }
         }
         _ => respond(&mut conn, 404, &status(404, "NotFound", &path)).await,
+    }
+}
+
+/// One object by name, as `kubectl get` reads it.
+async fn get_one(mut conn: TcpStream, shared: &Shared, key: super::Key) {
+    let found = shared.cluster().objects.get(&key).cloned();
+    match found {
+        Some(obj) => respond(&mut conn, 200, &obj).await,
+        None => {
+            let msg = format!("{} \"{}\" not found", key.0.name(), key.2);
+            respond(&mut conn, 404, &status(404, "NotFound", &msg)).await
+        }
     }
 }
 

@@ -18,6 +18,7 @@ use crate::{
     state::{NodeState, PodId},
 };
 
+pub mod cni;
 pub mod file;
 pub mod health;
 pub mod links;
@@ -29,6 +30,8 @@ pub enum Input {
     State(NodeState),
     /// Veths that just appeared on the node: held at once, classified by the next applies.
     NewLinks(Vec<Link>),
+    /// The CNI plugin's request for one pod, answered once done (`cni::Pending`).
+    Cni(cni::Request),
 }
 
 impl From<NodeState> for Input {
@@ -74,6 +77,11 @@ impl Reconciler {
         // A burst that never quiets down is still applied this long after it started.
         let mut first_change: Option<Instant> = None;
         let mut checked = Instant::now();
+        // Pods the CNI plugin added, with the netns the runtime gave, until their DEL.
+        let mut cni = cni::Overlay::default();
+        // CNI requests that came before the source's first complete state: applying without
+        // it would tell ztunnel that every other pod is gone.
+        let mut waiting: Vec<cni::Request> = Vec::new();
         while !stop.load(Ordering::Relaxed) {
             let wait = due.map_or(TICK, |d| {
                 d.saturating_duration_since(Instant::now()).min(TICK)
@@ -104,6 +112,13 @@ impl Reconciler {
                     due = Some(due.map_or(soon, |d| d.min(soon)));
                     continue;
                 }
+                Ok(Input::Cni(request)) => {
+                    match &desired {
+                        Some(state) => self.serve_cni(dp, state, &mut held, &mut cni, request),
+                        None => waiting.push(request),
+                    }
+                    continue;
+                }
                 Ok(Input::State(state)) => {
                     if desired.as_ref() != Some(&state) {
                         log::info!(
@@ -119,6 +134,10 @@ impl Reconciler {
                         due = Some((now + self.debounce).min(first + self.debounce * 10));
                     }
                     desired = Some(state);
+                    for request in waiting.drain(..) {
+                        let state = desired.as_ref().expect("just set");
+                        self.serve_cni(dp, state, &mut held, &mut cni, request);
+                    }
                     continue;
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -126,6 +145,7 @@ impl Reconciler {
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             self.health.beat();
+            waiting.retain(|r| !r.expired());
             if checked.elapsed() >= ZTUNNEL_CHECK {
                 checked = Instant::now();
                 if self.ztunnel_stopped_listening() {
@@ -137,22 +157,74 @@ impl Reconciler {
                 continue;
             }
             first_change = None;
-            let with_holds = NodeState {
-                held_links: held.clone(),
-                ..state.clone()
-            };
-            let (mut ok, still_held) = self.apply(dp, &with_holds);
-            if let Some(still_held) = still_held {
-                for gone in held.difference(&still_held) {
-                    log::info!("veth {gone}: released from the hold");
-                }
-                held = still_held;
-                self.health.set_held(held.len());
-                // A held veth is looked at again soon: its pod's address may come any time.
-                ok &= held.is_empty();
-            }
-            due = Some(Instant::now() + if ok { self.resync } else { RETRY });
+            let applied = self.apply_with(dp, state, &mut held, &mut cni);
+            due = Some(Instant::now() + if applied.ok { self.resync } else { RETRY });
         }
+    }
+
+    /// Applies the source's `state` with the CNI plugin's pods and the held veths; keeps the
+    /// veths still held.
+    fn apply_with(
+        &self,
+        dp: &mut dyn Dataplane,
+        state: &NodeState,
+        held: &mut BTreeSet<u32>,
+        cni: &mut cni::Overlay,
+    ) -> Applied {
+        let mut merged = cni.merge(state);
+        merged.held_links = held.clone();
+        let mut applied = self.apply(dp, &merged);
+        if let Some(still_held) = applied.held.take() {
+            for gone in held.difference(&still_held) {
+                log::info!("veth {gone}: released from the hold");
+            }
+            *held = still_held;
+            self.health.set_held(held.len());
+            // A held veth is looked at again soon: its pod's address may come any time.
+            applied.ok &= held.is_empty();
+        }
+        applied
+    }
+
+    /// One CNI request, answered before returning: an ADD is applied at once (no debounce)
+    /// and answered once the pod is captured and confirmed (in-pod: acked by ztunnel).
+    fn serve_cni(
+        &self,
+        dp: &mut dyn Dataplane,
+        state: &NodeState,
+        held: &mut BTreeSet<u32>,
+        cni: &mut cni::Overlay,
+        request: cni::Request,
+    ) {
+        let pod = request.pod.clone();
+        let outcome = match &request.command {
+            cni::Command::Add(spec) => {
+                cni.add(pod.clone(), spec.clone());
+                let applied = self.apply_with(dp, state, held, cni);
+                match applied.outcome_of(&pod) {
+                    Ok(()) => dp
+                        .confirm(&pod, request.deadline)
+                        .map_err(|e| e.chain().to_string()),
+                    Err(e) => Err(e),
+                }
+            }
+            cni::Command::Del => {
+                cni.remove(&pod);
+                // The source may still list it (its API object goes after its sandbox).
+                if !state.pods.contains_key(&pod) {
+                    self.apply_with(dp, state, held, cni);
+                }
+                Ok(())
+            }
+            cni::Command::Check => match cni.contains(&pod) || state.pods.contains_key(&pod) {
+                true => self.apply_with(dp, state, held, cni).outcome_of(&pod),
+                false => Err("not a pod this agent captures".into()),
+            },
+        };
+        if let Err(why) = &outcome {
+            log::warn!("cni {} {pod}: {why}", request.command.name());
+        }
+        request.answer(outcome);
     }
 
     /// Whether the ztunnel the last apply found ready has lost a listener since.
@@ -166,9 +238,8 @@ impl Reconciler {
             .unwrap_or(true)
     }
 
-    /// Applies `state` and logs the outcome: false if anything needs a retry; the veths still
-    /// held if the apply got that far.
-    fn apply(&self, dp: &mut dyn Dataplane, state: &NodeState) -> (bool, Option<BTreeSet<u32>>) {
+    /// Applies `state` and logs the outcome.
+    fn apply(&self, dp: &mut dyn Dataplane, state: &NodeState) -> Applied {
         match dp.apply(state) {
             Ok(report) => {
                 for (pod, e) in &report.failed {
@@ -196,13 +267,67 @@ impl Reconciler {
                 // A ztunnel that is not listening yet is looked at again soon, not at the resync.
                 let ok = report.failed.is_empty()
                     && !matches!(report.ztunnel, ZtunnelState::NotListening { .. });
-                (ok, Some(report.held.iter().copied().collect()))
+                Applied {
+                    ok,
+                    held: Some(report.held.iter().copied().collect()),
+                    captured: report.captured.into_iter().collect(),
+                    failed: report
+                        .failed
+                        .into_iter()
+                        .map(|(pod, e)| (pod, e.chain().to_string()))
+                        .collect(),
+                }
             }
             Err(e) => {
                 log::error!("{} dataplane: {}", dp.name(), e.chain());
                 self.health.failed();
-                (false, None)
+                Applied {
+                    ok: false,
+                    held: None,
+                    captured: BTreeSet::new(),
+                    failed: vec![],
+                }
+                .node_wide(e.chain().to_string())
             }
         }
+    }
+}
+
+/// What one apply achieved.
+struct Applied {
+    /// Nothing needs a retry.
+    ok: bool,
+    /// The veths still held, if the apply got that far.
+    held: Option<BTreeSet<u32>>,
+    captured: BTreeSet<PodId>,
+    failed: Vec<(PodId, String)>,
+}
+
+impl Applied {
+    /// The apply failed as a whole: every pod with that reason.
+    fn node_wide(mut self, why: String) -> Self {
+        self.failed.push((
+            PodId {
+                namespace: String::new(),
+                name: String::new(),
+            },
+            why,
+        ));
+        self
+    }
+
+    /// Whether `pod` is captured, or why not.
+    fn outcome_of(&self, pod: &PodId) -> Result<(), String> {
+        if self.captured.contains(pod) {
+            return Ok(());
+        }
+        Err(self
+            .failed
+            .iter()
+            .find(|(p, _)| p == pod || p.name.is_empty())
+            .map_or_else(
+                || "not captured by the last apply".into(),
+                |(_, why)| why.clone(),
+            ))
     }
 }

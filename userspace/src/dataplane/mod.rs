@@ -164,6 +164,15 @@ pub trait Dataplane {
     fn hold(&mut self, links: &[crate::nl::Link]) -> Result<(), Error>;
     /// The veths held in the kernel, an earlier agent's holds included (adopted at start).
     fn held(&self) -> Result<Vec<u32>, Error>;
+    /// After an `apply` that captured `pod`: waits, until `deadline`, for whatever else must
+    /// hold before the pod's traffic may flow (in-pod: ztunnel's ack of the pod over ZDS).
+    fn confirm(
+        &mut self,
+        _pod: &crate::state::PodId,
+        _deadline: std::time::Instant,
+    ) -> Result<(), Error> {
+        Ok(())
+    }
     /// Registers the dataplane's own metrics (called once, before serving).
     fn register_metrics(&self, _registry: &mut prometheus_client::registry::Registry) {}
 }

@@ -93,6 +93,8 @@ impl Shared {
 pub struct Server {
     shared: Arc<Mutex<Shared>>,
     synced: Arc<Condvar>,
+    /// Notified whenever a peer's state changes (an ack, a refusal, a peer gone).
+    recorded: Arc<Condvar>,
     path: PathBuf,
     metrics: Metrics,
 }
@@ -107,6 +109,7 @@ impl Server {
         let server = Server {
             shared: Arc::default(),
             synced: Arc::default(),
+            recorded: Arc::default(),
             path: path.into(),
             metrics: Metrics::default(),
         };
@@ -145,6 +148,10 @@ impl Server {
         for (uid, w) in &desired {
             if shared.workloads.get(uid) != Some(w) {
                 changes.push(Change::Add(w.clone()));
+                // What a peer acked was the workload as it was (another netns): no longer.
+                for state in shared.states.values_mut() {
+                    state.acked.retain(|u| u != uid);
+                }
             }
         }
         shared.workloads = desired;
@@ -154,6 +161,39 @@ impl Server {
         shared
             .peers
             .retain(|(_, tx)| changes.iter().all(|c| tx.send(c.clone()).is_ok()));
+    }
+
+    /// Waits until a connected ztunnel has acked `uid` as it is now, or `deadline`: the error
+    /// says what was seen instead (no ztunnel connected, or its refusal).
+    pub fn wait_acked(&self, uid: &str, deadline: Instant) -> Result<(), String> {
+        let mut shared = self.shared.lock().expect("zds state");
+        loop {
+            if shared
+                .states
+                .values()
+                .any(|s| s.acked.iter().any(|u| u == uid))
+            {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let refusals: Vec<&String> = shared
+                    .states
+                    .values()
+                    .filter_map(|s| s.refused.get(uid))
+                    .collect();
+                return Err(match (shared.states.len(), refusals.first()) {
+                    (0, _) => "no ztunnel is connected over ZDS".into(),
+                    (_, Some(error)) => format!("ztunnel refused it: {error}"),
+                    (n, None) => format!("no ack from the {n} connected ztunnel(s) in time"),
+                });
+            }
+            shared = self
+                .recorded
+                .wait_timeout(shared, deadline - now)
+                .expect("zds state")
+                .0;
+        }
     }
 
     /// The connected ztunnels and what each acked or refused.
@@ -330,6 +370,7 @@ impl Server {
             update(state);
         }
         shared.publish();
+        self.recorded.notify_all();
     }
 
     fn refused(&self, id: u64, uid: &str, error: &str) {

@@ -109,7 +109,10 @@ pub fn run(repeat: u32, rounds: usize, samples: &mut Samples) -> Result<()> {
             ("zd_pod_egress", syn(pp, rv1)),
             ("zd_pod_ingress", syn(remote, pp)),
         ];
-        let _listener = std::net::TcpListener::bind("0.0.0.0:15006")?;
+        let _listeners = [
+            std::net::TcpListener::bind("0.0.0.0:15001")?,
+            std::net::TcpListener::bind("0.0.0.0:15006")?,
+        ];
         for prog in cases[1..]
             .iter()
             .map(|c| c.0)

@@ -12,13 +12,14 @@ use std::{
     collections::BTreeMap,
     net::IpAddr,
     path::{Path, PathBuf},
+    time::Instant,
 };
 
 use super::{Dataplane, Report, ZtunnelState};
 use crate::{
     error::{Error, Result},
     netns,
-    state::{NodeState, PodId},
+    state::{NodeState, PodId, PodSpec},
     zds::{InPodWorkload, Server, WorkloadInfo},
 };
 
@@ -47,8 +48,8 @@ impl Redirection {
 pub struct InPod {
     server: Server,
     redirection: Redirection,
-    /// Pods whose netns holds our redirection, and where.
-    redirected: BTreeMap<PodId, PathBuf>,
+    /// Pods whose netns holds our redirection, as ztunnel was given them.
+    redirected: BTreeMap<PodId, InPodWorkload>,
 }
 
 impl InPod {
@@ -64,6 +65,33 @@ impl InPod {
             redirection,
             redirected: BTreeMap::new(),
         })
+    }
+
+    /// Where `spec`'s pod is: the netns its source names (the CNI plugin's, from the runtime);
+    /// for a pod redirected before, the netns it had, as long as it holds the pod's address (a
+    /// netns that went or lost the address is never replaced by another that holds it: that
+    /// could be a new pod given the address, or one that took it); else, for pods that
+    /// predate the plugin, the one netns that holds its address.
+    fn netns_of(&self, id: &PodId, spec: &PodSpec) -> Result<PathBuf> {
+        if let Some(ns) = &spec.netns {
+            return Ok(ns.clone());
+        }
+        let first = spec.ips.first().copied();
+        if let Some(last) = self.redirected.get(id).filter(|w| w.uid == spec.uid) {
+            return match first {
+                Some(ip) if netns::has_address(&last.netns, ip) => Ok(last.netns.clone()),
+                _ => Err(Error::PodNetnsLost {
+                    pod: id.to_string(),
+                    netns: last.netns.clone(),
+                }),
+            };
+        }
+        spec.ips
+            .iter()
+            .find_map(|ip| netns::holding(*ip))
+            .ok_or_else(|| Error::PodNetnsNotFound {
+                pod: id.to_string(),
+            })
     }
 
     fn ztunnel_state(&self, state: &NodeState) -> ZtunnelState {
@@ -83,7 +111,7 @@ impl InPod {
             };
         }
         // ztunnel listens in every pod it serves; the first one stands for all.
-        let Some(netns) = self.redirected.values().next() else {
+        let Some(netns) = self.redirected.values().next().map(|w| &w.netns) else {
             return ZtunnelState::Connected { peers };
         };
         match crate::ztunnel::listening(netns).map(|p| crate::ztunnel::missing(&p)) {
@@ -110,28 +138,20 @@ impl Dataplane for InPod {
 
     fn apply(&mut self, state: &NodeState) -> Result<Report> {
         let mut report = Report::default();
-        let mut workloads = BTreeMap::new();
         let mut redirected = BTreeMap::new();
         for (id, spec) in &state.pods {
-            // The source's netns, else the one this pod had last time while it still holds the
-            // pod's address, else a scan of every process's (the Kubernetes source knows none).
-            let found = spec
-                .netns
-                .clone()
-                .or_else(|| {
-                    let last = self.redirected.get(id)?;
-                    let ip = spec.ips.first()?;
-                    netns::has_address(last, *ip).then(|| last.clone())
-                })
-                .or_else(|| spec.ips.iter().find_map(|ip| netns::holding(*ip)));
-            let Some(ns) = found else {
-                report.failed.push((
-                    id.clone(),
-                    Error::PodNetnsNotFound {
-                        pod: id.to_string(),
-                    },
-                ));
-                continue;
+            let ns = match self.netns_of(id, spec) {
+                Ok(ns) => ns,
+                Err(e) => {
+                    // Fail closed: a pod whose netns cannot be told now keeps the redirection
+                    // and the ztunnel it had. Releasing it would let whoever made its address
+                    // ambiguous strip its capture.
+                    if let Some(last) = self.redirected.get(id) {
+                        redirected.insert(id.clone(), last.clone());
+                    }
+                    report.failed.push((id.clone(), e));
+                    continue;
+                }
             };
             if let Err(e) = self.redirection.redirect(&ns, &spec.ips) {
                 report.failed.push((id.clone(), e));
@@ -144,17 +164,21 @@ impl Dataplane for InPod {
                     namespace: id.namespace.clone(),
                     service_account: spec.service_account.clone(),
                 },
-                netns: ns.clone(),
+                netns: ns,
             };
-            workloads.insert(spec.uid.clone(), workload);
-            redirected.insert(id.clone(), ns);
+            redirected.insert(id.clone(), workload);
             report.captured.push(id.clone());
         }
-        self.server.set(workloads);
-        for (id, ns) in &self.redirected {
+        self.server.set(
+            redirected
+                .values()
+                .map(|w| (w.uid.clone(), w.clone()))
+                .collect(),
+        );
+        for (id, w) in &self.redirected {
             if !redirected.contains_key(id)
-                && ns.exists()
-                && let Err(e) = self.redirection.release(ns)
+                && w.netns.exists()
+                && let Err(e) = self.redirection.release(&w.netns)
             {
                 log::warn!("{id} left the mesh: {}", e.chain());
             }
@@ -167,6 +191,23 @@ impl Dataplane for InPod {
         }
         report.ztunnel = self.ztunnel_state(state);
         Ok(report)
+    }
+
+    fn confirm(&mut self, pod: &PodId, deadline: Instant) -> Result<()> {
+        let uid = self
+            .redirected
+            .get(pod)
+            .map(|w| w.uid.clone())
+            .ok_or_else(|| Error::NotAcked {
+                pod: pod.to_string(),
+                why: "not redirected".into(),
+            })?;
+        self.server
+            .wait_acked(&uid, deadline)
+            .map_err(|why| Error::NotAcked {
+                pod: pod.to_string(),
+                why,
+            })
     }
 
     /// The start window is not covered in in-pod mode yet: new veths are not held.

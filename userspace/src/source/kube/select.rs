@@ -134,17 +134,12 @@ fn is_ztunnel(cfg: &SelectConfig, pod: &Pod) -> bool {
 }
 
 /// Whether `pod` is an ambient pod; the namespace decides unless the pod says otherwise.
-fn ambient(pod: &Pod, namespaces: &HashMap<&str, &Namespace>) -> Result<(), Skip> {
+fn ambient(pod: &Pod, namespace: Option<&Namespace>) -> Result<(), Skip> {
     let pod_mode = label(&pod.metadata, DATAPLANE_MODE);
     if pod_mode == Some("none") || annotation(pod, REDIRECTION) == Some("disabled") {
         return Err(Skip::OptedOut);
     }
-    let ns_mode = pod
-        .metadata
-        .namespace
-        .as_deref()
-        .and_then(|n| namespaces.get(n))
-        .and_then(|ns| label(&ns.metadata, DATAPLANE_MODE));
+    let ns_mode = namespace.and_then(|ns| label(&ns.metadata, DATAPLANE_MODE));
     match pod_mode.or(ns_mode) {
         Some("ambient") => Ok(()),
         _ => Err(Skip::NotAmbient),
@@ -156,6 +151,22 @@ fn capturable(
     pod: &Pod,
     namespaces: &HashMap<&str, &Namespace>,
 ) -> Result<Vec<IpAddr>, Skip> {
+    let namespace = pod
+        .metadata
+        .namespace
+        .as_deref()
+        .and_then(|n| namespaces.get(n).copied());
+    member(cfg, pod, namespace)?;
+    pod_ips(pod)
+}
+
+/// Whether `pod` (in `namespace`) belongs in the mesh, whatever its addresses: what the CNI
+/// plugin's ADD asks before the pod has any. The service account on success.
+pub fn member(
+    cfg: &SelectConfig,
+    pod: &Pod,
+    namespace: Option<&Namespace>,
+) -> Result<String, Skip> {
     let spec = pod.spec.as_ref();
     if spec.and_then(|s| s.node_name.as_deref()) != Some(cfg.node.as_str()) {
         return Err(Skip::OtherNode);
@@ -172,8 +183,10 @@ fn capturable(
     if let Some(p @ ("Succeeded" | "Failed")) = phase(pod) {
         return Err(Skip::Finished(p.into()));
     }
-    ambient(pod, namespaces)?;
-    pod_ips(pod)
+    ambient(pod, namespace)?;
+    Ok(spec
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_default())
 }
 
 /// This node's ztunnel: the newest Ready `app=ztunnel` pod in its namespace with an address.
