@@ -99,6 +99,13 @@ pub fn zds_socket(node: &str) -> PathBuf {
         .join(format!("{node}.zds.sock"))
 }
 
+/// Where the agent of `node` serves the CNI plugin.
+pub fn cni_socket(node: &str) -> PathBuf {
+    std::env::temp_dir()
+        .join("zdivert-tests")
+        .join(format!("{node}.cni.sock"))
+}
+
 pub struct Agent {
     pub node: String,
     node_ns: PathBuf,
@@ -177,6 +184,7 @@ impl Agent {
         if self.mode.is_in_pod() {
             cmd.arg("--zds-socket").arg(zds_socket(&self.node));
         }
+        cmd.arg("--cni-socket").arg(cni_socket(&self.node));
         match &self.kubeconfig {
             Some(k) => cmd.env("KUBECONFIG", k),
             None => cmd.arg("--pods-file").arg(&self.pods_file),

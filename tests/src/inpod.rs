@@ -98,9 +98,14 @@ pub fn redirection_in(pod: &Pod) -> Result<Vec<String>> {
                 .filter(|l| l.contains("0x111"))
                 .map(String::from),
         );
+        // A netns that never had the table (never redirected) says so instead of listing none.
         let routes = pod
             .ns
-            .cmd("ip", &[family, "route", "show", "table", "100"])?;
+            .cmd("ip", &[family, "route", "show", "table", "100"])
+            .or_else(|e| match e.to_string().contains("FIB table does not exist") {
+                true => Ok(String::new()),
+                false => Err(e),
+            })?;
         held.extend(routes.lines().map(|l| format!("table 100: {l}")));
     }
     held.extend(programs_in(pod)?);

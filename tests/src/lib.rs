@@ -3,6 +3,7 @@
 //! simulated node (`agent`).
 pub mod agent;
 pub mod apps;
+pub mod cni;
 pub mod dns;
 pub mod fakeapi;
 pub mod fallback;

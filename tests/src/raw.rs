@@ -94,6 +94,17 @@ impl Sniffer {
         });
     }
 
+    /// IPv4 packets from `src` to port `dport`.
+    pub fn from_addr(&self, src: Ipv4Addr, dport: u16) -> Vec<Seen> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.src == Some(src) && s.dport == dport)
+            .copied()
+            .collect()
+    }
+
     /// Packets from source port `sport` (each probe uses its own).
     pub fn with_sport(&self, sport: u16) -> Vec<Seen> {
         let _ = &self.sockets;

@@ -92,6 +92,7 @@ impl Fixture {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.states.recv_timeout(left) {
                 Ok(Input::NewLinks(l)) => bail!("a source sent links: {l:?}"),
+                Ok(Input::Cni(r)) => bail!("a source sent a CNI request: {r:?}"),
                 Ok(Input::State(s)) => {
                     let done = names(&s) == set(pods);
                     seen.push(s);
@@ -115,6 +116,7 @@ impl Fixture {
         match self.states.recv_timeout(quiet) {
             Ok(Input::State(s)) => bail!("a state was sent: pods {:?}", names(&s)),
             Ok(Input::NewLinks(l)) => bail!("a source sent links: {l:?}"),
+            Ok(Input::Cni(r)) => bail!("a source sent a CNI request: {r:?}"),
             Err(RecvTimeoutError::Timeout) => Ok(()),
             Err(e) => bail!("source stopped: {e}"),
         }

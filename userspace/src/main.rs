@@ -96,6 +96,40 @@ enum Command {
         /// The ZDS socket in-pod ztunnel connects to (its `INPOD_UDS`).
         #[arg(long, default_value = zdivert::zds::DEFAULT_SOCKET)]
         zds_socket: PathBuf,
+        /// The socket the CNI plugin (`zdivert-cni`) asks (`off`: none).
+        #[arg(long, default_value = zdivert::cni::DEFAULT_SOCKET)]
+        cni_socket: String,
+        /// How long an ADD may take before the plugin is told it failed (the runtime retries).
+        #[arg(long, default_value_t = 10)]
+        cni_timeout_secs: u64,
+    },
+    /// Install the CNI plugin as istio-cni's install-cni does: copy `zdivert-cni` into the CNI
+    /// bin directory and chain it into the primary configuration; then keep it chained (the
+    /// primary CNI may rewrite its file) until stopped. `--uninstall` takes it out instead.
+    InstallCni {
+        /// The plugin binary to copy (default: `zdivert-cni` beside this binary).
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        /// The agent's socket, as the plugin will reach it.
+        #[arg(long, default_value = zdivert::cni::DEFAULT_SOCKET)]
+        agent_socket: PathBuf,
+        /// Namespaces whose pods the plugin never holds up.
+        #[arg(long, value_delimiter = ',', default_value = "kube-system")]
+        exclude_namespaces: Vec<String>,
+        /// A kubeconfig for the plugin, to tell ambient pods while the agent is down.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Chain once and exit, instead of keeping it chained.
+        #[arg(long)]
+        once: bool,
+        /// Take the plugin out of the configuration (the binary stays: a runtime may be
+        /// running it).
+        #[arg(long)]
+        uninstall: bool,
     },
     /// Show the pinned maps, attachments and packet counters.
     /// Show what is in the kernel for the node, in its mode: eBPF (maps, attachments,
@@ -171,6 +205,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_hold_new_veths,
             ztunnel_mode,
             zds_socket,
+            cni_socket,
+            cni_timeout_secs,
         } => {
             let node = match (&pods_file, cli.node) {
                 (Some(path), node) => {
@@ -241,6 +277,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 on_applied: None,
                 last_ztunnel: Default::default(),
             };
+            if cni_socket != "off" {
+                let classify: Arc<dyn zdivert::cni::server::Classify> = match &pods_file {
+                    Some(path) => Arc::new(zdivert::cni::server::FromFile(path.clone())),
+                    None => Arc::new(zdivert::cni::server::FromApi {
+                        client: rt.block_on(kube::Client::try_default()).map_err(|e| {
+                            anyhow::anyhow!("no Kubernetes client for the CNI socket: {e}")
+                        })?,
+                        config: SelectConfig::new(&node, &ztunnel_namespace),
+                        runtime: rt.handle().clone(),
+                    }),
+                };
+                zdivert::cni::server::serve(
+                    std::path::Path::new(&cni_socket),
+                    classify,
+                    states.clone(),
+                    Duration::from_secs(cni_timeout_secs),
+                )
+                .map_err(|e| anyhow::anyhow!("--cni-socket {cni_socket}: {e}"))?;
+            }
             match pods_file {
                 Some(path) => {
                     let health = health.clone();
@@ -270,6 +325,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rt.shutdown_background();
             // Deliberately no cleanup: the kernel state keeps redirecting while no agent runs.
             log::info!("stopping; redirection stays in place");
+            Ok(())
+        }
+        Command::InstallCni {
+            plugin,
+            bin_dir,
+            conf_dir,
+            agent_socket,
+            exclude_namespaces,
+            kubeconfig,
+            once,
+            uninstall,
+        } => {
+            use zdivert::cni::{conflist, install};
+            if uninstall {
+                for file in conflist::remove(&conf_dir)? {
+                    println!("{}: zdivert-cni taken out", file.display());
+                }
+                return Ok(());
+            }
+            let plugin = match plugin {
+                Some(p) => p,
+                None => std::env::current_exe()?.with_file_name(conflist::PLUGIN_TYPE),
+            };
+            let entry = conflist::entry(&agent_socket, &exclude_namespaces, kubeconfig.as_deref());
+            install::copy_plugin(&plugin, &bin_dir)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            rt.block_on(stop_on_signal())?;
+            install::keep_chained(&conf_dir, &entry, once, &STOP)?;
             Ok(())
         }
         Command::Status { output } => {

@@ -140,6 +140,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("ping", "iputils-ping"),
     ("kubectl", "kubectl"),
+    // The CNI reference plugins (ptp, bridge, host-local) the CNI plugin's tests chain behind.
+    ("/usr/lib/cni/ptp", "containernetworking-plugins"),
+    ("hping3", "hping3"),
 ];
 
 fn packages() -> Result<()> {

@@ -15,6 +15,7 @@
 //! The plugin keeps no state of its own: the agent's socket is the only thing it talks to,
 //! besides the API server when the agent cannot be reached.
 pub mod conflist;
+pub mod install;
 pub mod plugin;
 pub mod server;
 

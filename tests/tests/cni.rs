@@ -1,0 +1,218 @@
+//! The pod start window closed by `zdivert-cni`, chained after Debian's reference plugins (ptp
+//! with host-local IPAM) and driven as a runtime drives a conflist, with the real ztunnel:
+//! in-pod ztunnel with each redirection, and node-level ztunnel with eBPF.
+//! - ADD returns only once the pod is captured: option-less SYNs (hping3) sent from the instant
+//!   it returns reach nothing around ztunnel, and a DENY holds on the pod's first connection;
+//! - a pod that steals the new pod's address (NET_ADMIN) strips nothing;
+//! - with the agent down, ADD fails for an ambient pod, nothing of the redirection is left
+//!   half-applied, a pod outside the mesh starts, and the retried ADD succeeds once the agent
+//!   is back.
+mod common;
+
+use std::{net::Ipv4Addr, process::Command, time::Duration};
+
+use common::{Lab, Mode};
+use serde_json::json;
+use zdivert_tests::{
+    TempDir,
+    agent::cni_socket,
+    apps::{TcpServer, request, request_timeout, sa},
+    cni::{Runtime, Sandbox, address},
+    eventually,
+    fakeapi::FakeApi,
+    inpod::redirection_in,
+    raw::Sniffer,
+    topology::Node,
+    ztunnel::{LaterPod, MeshConfig, Policy, service_account, workload_uid},
+};
+
+macro_rules! in_each_mode {
+    ($($test:ident),* $(,)?) => {
+        mod inpod_ebpf {
+            $(#[test]
+            fn $test() -> anyhow::Result<()> {
+                super::$test(super::Mode::InPodEbpf)
+            })*
+        }
+        mod inpod_iptables {
+            $(#[test]
+            fn $test() -> anyhow::Result<()> {
+                super::$test(super::Mode::InPodIptables)
+            })*
+        }
+        mod node_clsact {
+            $(#[test]
+            fn $test() -> anyhow::Result<()> {
+                super::$test(super::Mode::EbpfClsact)
+            })*
+        }
+    };
+}
+
+in_each_mode!(add_returns_once_the_pod_is_captured, with_the_agent_down_add_fails_closed);
+
+const NEWCOMER: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 60);
+const OUTSIDER: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 61);
+
+/// The mesh: reviews-v1:9080 denied to everyone, and the pods the runtime starts later.
+fn lab(mode: Mode) -> anyhow::Result<Lab> {
+    Lab::real(mode, |topo| {
+        let w2 = topo.worker2();
+        let later = |name: &str, ip, ambient| LaterPod {
+            node: w2.name.clone(),
+            name: name.into(),
+            namespace: if ambient { "default" } else { "legacy" }.into(),
+            ip,
+            ambient,
+        };
+        MeshConfig {
+            policies: vec![Policy::deny_port(w2.pod("reviews-v1"), 9080)],
+            later: vec![
+                later("ratings-v9", NEWCOMER, true),
+                later("batch-job", OUTSIDER, false),
+            ],
+            ..Default::default()
+        }
+    })
+}
+
+/// The node description with `pod` among the ambient pods, as the API lists a pod the kubelet
+/// is starting: no netns (the source never knows one), its address once IPAM gave it.
+fn listing(node: &Node, pod: &Sandbox) -> String {
+    let p = &pod.pod;
+    let entry = format!(
+        "  - {{ name: {}, namespace: {}, ips: [{}], uid: \"{}\", serviceAccount: {} }}\n",
+        p.name,
+        p.namespace,
+        p.ip,
+        pod.uid,
+        service_account(p)
+    );
+    node.pods_file(true).replacen("pods:\n", &format!("pods:\n{entry}"), 1)
+}
+
+/// Sends `count` option-less SYNs from `from` to `dst`, one every 2 ms, as hping3 does.
+fn syn_flood(from: &Sandbox, dst: Ipv4Addr, port: u16, count: u32) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &from.pod.ns.name, "hping3", "-q", "-S"])
+        .args(["-p", &port.to_string(), "-c", &count.to_string(), "-i", "u2000"])
+        .arg(dst.to_string())
+        .output()?;
+    // hping3 exits 1 when nothing answered, which is what capture looks like here.
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    anyhow::ensure!(said.contains(&format!("{count} packets transmitted")), "hping3: {said}");
+    Ok(())
+}
+
+fn add_returns_once_the_pod_is_captured(mode: Mode) -> anyhow::Result<()> {
+    let lab = lab(mode)?;
+    let (w2, agent, zt) = (lab.w2(), lab.agent2(), lab.zt2());
+    let (rv1, sleep) = (w2.pod("reviews-v1"), w2.pod("sleep"));
+    let dir = TempDir::new("zdivert-cni")?;
+    let runtime = Runtime::ptp(w2, &dir.0.join("ipam"), &cni_socket(&w2.name), None);
+    let uid = |name: &str| format!("cluster1//v1/Pod/default/{name}");
+    let mut pod = runtime.sandbox(w2, "default", "ratings-v9", &uid("ratings-v9"), NEWCOMER)?;
+    assert_eq!(pod.uid, workload_uid(&pod.pod));
+    agent.describe(&listing(w2, &pod))?;
+    let denied = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let _legacy = TcpServer::start(&sleep.ns, "sleep", 9090)?;
+    let sniffer = Sniffer::start("sleep", &sleep.ns)?;
+
+    let result = runtime.add(&mut pod)?;
+    assert_eq!(address(&result), Some(NEWCOMER), "ptp's result, untouched: {result}");
+    // From the instant ADD returned: SYNs to a pod outside the mesh, then a first connection
+    // to a denied server.
+    syn_flood(&pod, sleep.ip, 9090, 300)?;
+    let first = request_timeout(&pod.pod.ns, sa(rv1.ip, 9080), Duration::from_secs(3));
+    assert!(first.is_err(), "DENY did not hold on the first connection: {first:?}");
+    zt.wait_access(1, |a| {
+        a.denied() && a.dst().is_some_and(|d| d.ip() == std::net::IpAddr::from(rv1.ip))
+    })?;
+    assert!(denied.seen().is_empty(), "reached around ztunnel: {:?}", denied.seen());
+    let around = sniffer.from_addr(NEWCOMER, 9090);
+    assert!(around.is_empty(), "{} SYNs reached sleep around ztunnel: {around:?}", around.len());
+    // Its connections go through ztunnel, and CHECK finds it as ADD left it.
+    assert_eq!(request(&pod.pod.ns, sa(sleep.ip, 9090))?.server, "sleep");
+    zt.wait_access(1, |a| a.src_ip() == Some(std::net::IpAddr::from(NEWCOMER)) && !a.denied())?;
+    runtime.check(&pod)?;
+
+    // A NET_ADMIN pod takes the new pod's address; the agent applies again: the pod keeps
+    // its capture (its netns came from the runtime, no address scan is made for it).
+    sleep.ns.ip(&format!("addr add {NEWCOMER}/32 dev eth0"))?;
+    let reconciles = agent.metric("zdivert_reconciles_total")? as u64;
+    agent.describe(&listing(w2, &pod).replacen(
+        "outside:\n",
+        "outside:\n  - { name: filler, namespace: legacy, ips: [10.244.2.99] }\n",
+        1,
+    ))?;
+    agent.wait_reconciles(reconciles + 1)?;
+    let again = request_timeout(&pod.pod.ns, sa(rv1.ip, 9080), Duration::from_secs(3));
+    assert!(again.is_err(), "DENY did not hold after the theft: {again:?}");
+    assert!(denied.seen().is_empty(), "reached around ztunnel: {:?}", denied.seen());
+    if mode.is_in_pod() {
+        assert!(!redirection_in(&pod.pod)?.is_empty(), "the theft released the pod");
+    }
+    sleep.ns.ip(&format!("addr del {NEWCOMER}/32 dev eth0"))?;
+
+    // DEL releases it; a second DEL (the runtime retries) succeeds as well.
+    runtime.del(&pod)?;
+    runtime.del(&pod)?;
+    Ok(())
+}
+
+fn with_the_agent_down_add_fails_closed(mode: Mode) -> anyhow::Result<()> {
+    let mut lab = lab(mode)?;
+    let w2 = lab.topo.worker2();
+    // The plugin asks the API server which pods are ambient while the agent is down.
+    let api = FakeApi::start()?;
+    let addr = api.listen_in(&w2.ns.path())?;
+    let dir = TempDir::new("zdivert-cni")?;
+    let kubeconfig = FakeApi::write_kubeconfig(&dir.0, "plugin", addr)?;
+    for (ns, ambient) in [("default", true), ("legacy", false)] {
+        let labels = if ambient { json!({"istio.io/dataplane-mode": "ambient"}) } else { json!({}) };
+        api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}))?;
+    }
+    let runtime = Runtime::ptp(w2, &dir.0.join("ipam"), &cni_socket(&w2.name), Some(&kubeconfig));
+    let mut pod = runtime.sandbox(w2, "default", "ratings-v9", "cluster1//v1/Pod/default/ratings-v9", NEWCOMER)?;
+    let mut outsider = runtime.sandbox(w2, "legacy", "batch-job", "u-batch", OUTSIDER)?;
+    for s in [&pod, &outsider] {
+        api.apply(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": s.pod.name, "namespace": s.pod.namespace, "uid": s.uid},
+            "spec": {"nodeName": w2.name, "containers": [{"name": "app", "image": "app"}]},
+        }))?;
+    }
+    lab.agents[0].describe(&listing(w2, &pod))?;
+    lab.agents[0].kill();
+
+    let refused = runtime.add(&mut pod).expect_err("ADD of an ambient pod with the agent down");
+    assert_eq!((refused.plugin.as_str(), refused.code), ("zdivert-cni", 11), "{refused}");
+    assert!(redirection_in(&pod.pod)?.is_empty(), "half-applied: {:?}", redirection_in(&pod.pod)?);
+    runtime.add(&mut outsider).map_err(anyhow::Error::from)?;
+    // The runtime tears the failed sandbox down and tries again once the agent is back.
+    runtime.del(&pod)?;
+    lab.agents[0].restart()?;
+    let mut last = None;
+    let retried = eventually("the agent serves the plugin again", Duration::from_secs(30), || {
+        last = runtime.add(&mut pod).err();
+        if last.is_some() {
+            // As the runtime does before it tries a sandbox again.
+            runtime.del(&pod)?;
+        }
+        Ok(last.is_none())
+    });
+    retried.map_err(|e| anyhow::anyhow!("{e}: the last ADD: {last:?}"))?;
+    let (rv1, zt) = (w2.pod("reviews-v1"), &lab.ztunnels[0]);
+    let denied = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let first = request_timeout(&pod.pod.ns, sa(rv1.ip, 9080), Duration::from_secs(3));
+    assert!(first.is_err(), "DENY did not hold: {first:?}");
+    assert!(denied.seen().is_empty(), "reached around ztunnel: {:?}", denied.seen());
+    zt.wait_access(1, |a| a.denied())?;
+    runtime.del(&pod)?;
+    runtime.del(&outsider)?;
+    Ok(())
+}
