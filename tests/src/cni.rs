@@ -103,6 +103,12 @@ impl Runtime {
         }
     }
 
+    /// How long `zdivert-cni` waits for the agent's answer.
+    pub fn set_timeout(&mut self, secs: u64) {
+        let last = self.conflist["plugins"].as_array().map_or(0, |p| p.len()) - 1;
+        self.conflist["plugins"][last]["timeout_secs"] = json!(secs);
+    }
+
     /// A new pod's sandbox: its netns, made as a runtime makes it; host-local gives it `ip`.
     pub fn sandbox(&self, node: &Node, namespace: &str, name: &str, uid: &str, ip: Ipv4Addr) -> Result<Sandbox> {
         Ok(Sandbox {

@@ -49,7 +49,27 @@ macro_rules! in_each_mode {
     };
 }
 
-in_each_mode!(add_returns_once_the_pod_is_captured, with_the_agent_down_add_fails_closed);
+in_each_mode!(
+    add_returns_once_the_pod_is_captured,
+    with_the_agent_down_add_fails_closed,
+    after_a_reboot_no_pod_talks_around_ztunnel,
+);
+
+mod inpod_ebpf_only {
+    #[test]
+    fn a_new_pod_given_a_deleted_pods_address_never_gets_its_identity() -> anyhow::Result<()> {
+        super::a_new_pod_given_a_deleted_pods_address_never_gets_its_identity(super::Mode::InPodEbpf)
+    }
+}
+
+mod inpod_iptables_only {
+    #[test]
+    fn a_new_pod_given_a_deleted_pods_address_never_gets_its_identity() -> anyhow::Result<()> {
+        super::a_new_pod_given_a_deleted_pods_address_never_gets_its_identity(
+            super::Mode::InPodIptables,
+        )
+    }
+}
 
 const NEWCOMER: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 60);
 const OUTSIDER: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 61);
@@ -134,7 +154,12 @@ fn add_returns_once_the_pod_is_captured(mode: Mode) -> anyhow::Result<()> {
     })?;
     assert!(denied.seen().is_empty(), "reached around ztunnel: {:?}", denied.seen());
     let around = sniffer.from_addr(NEWCOMER, 9090);
-    assert!(around.is_empty(), "{} SYNs reached sleep around ztunnel: {around:?}", around.len());
+    assert!(
+        around.is_empty(),
+        "{} segments reached sleep around ztunnel, the first: {:?}",
+        around.len(),
+        around.first()
+    );
     // Its connections go through ztunnel, and CHECK finds it as ADD left it.
     assert_eq!(request(&pod.pod.ns, sa(sleep.ip, 9090))?.server, "sleep");
     zt.wait_access(1, |a| a.src_ip() == Some(std::net::IpAddr::from(NEWCOMER)) && !a.denied())?;
@@ -214,5 +239,129 @@ fn with_the_agent_down_add_fails_closed(mode: Mode) -> anyhow::Result<()> {
     zt.wait_access(1, |a| a.denied())?;
     runtime.del(&pod)?;
     runtime.del(&outsider)?;
+    Ok(())
+}
+
+/// A flood from `pod` to sleep:9090 reaches nothing around ztunnel, and its first connection
+/// to the denied reviews-v1 is denied by ztunnel.
+fn assert_captured(lab: &Lab, pod: &Sandbox) -> anyhow::Result<()> {
+    let w2 = lab.w2();
+    let (rv1, sleep) = (w2.pod("reviews-v1"), w2.pod("sleep"));
+    let sniffer = Sniffer::start("sleep", &sleep.ns)?;
+    let _legacy = TcpServer::start(&sleep.ns, "sleep", 9090)?;
+    let denied = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    syn_flood(pod, sleep.ip, 9090, 200)?;
+    let first = request_timeout(&pod.pod.ns, sa(rv1.ip, 9080), Duration::from_secs(3));
+    assert!(first.is_err(), "DENY did not hold: {first:?}");
+    assert!(denied.seen().is_empty(), "reached around ztunnel: {:?}", denied.seen());
+    let around = sniffer.from_addr(pod.pod.ip, 9090);
+    assert!(
+        around.is_empty(),
+        "{} segments reached sleep around ztunnel, the first: {:?}",
+        around.len(),
+        around.first()
+    );
+    Ok(())
+}
+
+/// A node reboots: its kernel state, ztunnel and the agent are gone, and the runtime starts
+/// every pod again (new sandboxes) while the agent and ztunnel start. ADD fails until the pod
+/// can be captured; once it succeeds, nothing the pod sends gets around ztunnel.
+fn after_a_reboot_no_pod_talks_around_ztunnel(mode: Mode) -> anyhow::Result<()> {
+    let mut lab = lab(mode)?;
+    let w2 = lab.topo.worker2();
+    let dir = TempDir::new("zdivert-cni")?;
+    let mut runtime = Runtime::ptp(w2, &dir.0.join("ipam"), &cni_socket(&w2.name), None);
+    runtime.set_timeout(3);
+    let uid = "cluster1//v1/Pod/default/ratings-v9";
+    let mut pod = runtime.sandbox(w2, "default", "ratings-v9", uid, NEWCOMER)?;
+    lab.agents[0].describe(&listing(w2, &pod))?;
+    runtime.add(&mut pod)?;
+
+    // The reboot: nothing of zdivert's is left in the kernel, every sandbox is gone.
+    lab.ztunnels[0].kill();
+    lab.agents[0].cleanup()?;
+    runtime.del(&pod)?;
+    drop(pod);
+    let mut pod = runtime.sandbox(w2, "default", "ratings-v9", uid, NEWCOMER)?;
+    let retry = |pod: &mut Sandbox| -> anyhow::Result<Option<zdivert_tests::cni::CniError>> {
+        let failed = runtime.add(pod).err();
+        if failed.is_some() {
+            runtime.del(pod)?;
+        }
+        Ok(failed)
+    };
+    // The runtime starts the pod before the agent runs: ADD fails.
+    let before_agent = retry(&mut pod)?;
+    assert!(before_agent.is_some(), "ADD succeeded with no agent");
+    lab.agents[0].restart()?;
+    if mode.is_in_pod() {
+        // The agent runs, ztunnel does not yet: nobody acknowledges the pod.
+        let mut last = None;
+        let no_ztunnel = eventually("the agent answers", Duration::from_secs(20), || {
+            last = retry(&mut pod)?;
+            Ok(last.as_ref().is_some_and(|e| e.code == 100))
+        });
+        no_ztunnel.map_err(|e| anyhow::anyhow!("{e}: the last ADD: {last:?}"))?;
+    }
+    lab.ztunnels[0].restart()?;
+    let mut last = None;
+    eventually("ADD succeeds", Duration::from_secs(30), || {
+        last = retry(&mut pod)?;
+        Ok(last.is_none())
+    })
+    .map_err(|e| anyhow::anyhow!("{e}: the last ADD: {last:?}"))?;
+    assert_captured(&lab, &pod)?;
+    runtime.del(&pod)?;
+    Ok(())
+}
+
+/// A pod is deleted; before its API object goes, IPAM gives its address to a new pod outside
+/// the mesh, and the agent restarts. The old pod's object still lists the address,
+/// but the netns holding it is the new pod's, as the runtime said: ztunnel is never handed it
+/// under the old pod's name, and the new pod talks directly.
+fn a_new_pod_given_a_deleted_pods_address_never_gets_its_identity(
+    mode: Mode,
+) -> anyhow::Result<()> {
+    let mut lab = lab(mode)?;
+    let w2 = lab.topo.worker2();
+    let dir = TempDir::new("zdivert-cni")?;
+    let runtime = Runtime::ptp(w2, &dir.0.join("ipam"), &cni_socket(&w2.name), None);
+    let mut old = runtime.sandbox(w2, "default", "ratings-v9", "cluster1//v1/Pod/default/ratings-v9", NEWCOMER)?;
+    let listed = listing(w2, &old);
+    lab.agents[0].describe(&listed)?;
+    runtime.add(&mut old)?;
+    runtime.del(&old)?;
+    drop(old);
+    let mut new = runtime.sandbox(w2, "legacy", "batch-job", "u-batch", NEWCOMER)?;
+    runtime.add(&mut new)?;
+    // What the runtime said is kept across a restart: the restarted agent is told nothing.
+    lab.agents[0].restart()?;
+    // A change of the description makes the agent apply again, the old pod still listed.
+    let reconciles = |a: &zdivert_tests::agent::Agent| a.metric("zdivert_reconciles_total");
+    eventually("the agent applies", Duration::from_secs(20), || Ok(reconciles(&lab.agents[0]).is_ok()))?;
+    let before = reconciles(&lab.agents[0])? as u64;
+    lab.agents[0].describe(&listed.replacen(
+        "outside:\n",
+        "outside:\n  - { name: filler, namespace: legacy, ips: [10.244.2.99] }\n",
+        1,
+    ))?;
+    lab.agents[0].wait_reconciles(before + 1)?;
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !zdivert_tests::inpod::ztunnel_listens_in(&new.pod)?,
+        "ztunnel was handed the new pod's netns"
+    );
+    assert!(redirection_in(&new.pod)?.is_empty(), "{:?}", redirection_in(&new.pod)?);
+    let sleep = w2.pod("sleep");
+    let _legacy = TcpServer::start(&sleep.ns, "sleep", 9090)?;
+    assert_eq!(request(&new.pod.ns, sa(sleep.ip, 9090))?.server, "sleep");
+    let by_ztunnel = lab.ztunnels[0]
+        .access_log()
+        .iter()
+        .filter(|a| a.src_ip() == Some(std::net::IpAddr::from(NEWCOMER)) || a.dst_workload() == "ratings-v9")
+        .count();
+    assert_eq!(by_ztunnel, 0, "{}", lab.ztunnels[0].access_summary());
+    runtime.del(&new)?;
     Ok(())
 }

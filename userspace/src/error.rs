@@ -209,6 +209,11 @@ pub enum Error {
     )]
     PodNetnsLost { pod: String, netns: PathBuf },
 
+    #[error(
+        "pod {pod}: the netns that holds its address is {owner}'s, as the runtime gave it: not taken"
+    )]
+    PodNetnsClaimed { pod: String, owner: String },
+
     #[error("pod {pod}: ztunnel did not acknowledge it: {why}")]
     NotAcked { pod: String, why: String },
 

@@ -276,6 +276,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 health: health.clone(),
                 on_applied: None,
                 last_ztunnel: Default::default(),
+                cni_pods_file: (cni_socket != "off")
+                    .then(|| agent::cni::Overlay::file_for(&cli.state_dir, &node)),
             };
             if cni_socket != "off" {
                 let classify: Arc<dyn zdivert::cni::server::Classify> = match &pods_file {

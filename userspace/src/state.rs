@@ -7,7 +7,7 @@ use std::{
     path::PathBuf,
 };
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct PodId {
     pub namespace: String,
     pub name: String,
@@ -20,7 +20,7 @@ impl fmt::Display for PodId {
 }
 
 /// An ambient pod on this node whose traffic must go through ztunnel.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PodSpec {
     /// Every address of the pod (`status.podIPs`), IPv4 and IPv6.
     pub ips: Vec<IpAddr>,
@@ -55,4 +55,8 @@ pub struct NodeState {
     /// until a pod of `pods` or `outside` is found behind them. Filled by the reconciler from
     /// the link watch, never by a source.
     pub held_links: BTreeSet<u32>,
+    /// Every pod's netns as the runtime gave it through the CNI plugin, in the mesh or not: a
+    /// netns found by address for another pod is never one of these (the reconciler fills it
+    /// from the plugin's requests, never a source).
+    pub sandboxes: BTreeMap<PodId, PathBuf>,
 }

@@ -59,6 +59,8 @@ pub struct Reconciler {
     pub on_applied: Option<Box<dyn Fn(BTreeSet<PodId>) + Send>>,
     /// What the last apply found of ztunnel, to log changes only.
     pub last_ztunnel: std::sync::Mutex<ZtunnelState>,
+    /// Where the CNI plugin's pods are kept across restarts (`None`: in memory only).
+    pub cni_pods_file: Option<std::path::PathBuf>,
 }
 
 impl Reconciler {
@@ -78,7 +80,10 @@ impl Reconciler {
         let mut first_change: Option<Instant> = None;
         let mut checked = Instant::now();
         // Pods the CNI plugin added, with the netns the runtime gave, until their DEL.
-        let mut cni = cni::Overlay::default();
+        let mut cni = self
+            .cni_pods_file
+            .clone()
+            .map_or_else(cni::Overlay::default, cni::Overlay::load);
         // CNI requests that came before the source's first complete state: applying without
         // it would tell ztunnel that every other pod is gone.
         let mut waiting: Vec<cni::Request> = Vec::new();
@@ -200,6 +205,9 @@ impl Reconciler {
         let outcome = match &request.command {
             cni::Command::Add(spec) => {
                 cni.add(pod.clone(), spec.clone());
+                if let Some(netns) = &spec.netns {
+                    dp.recheck(netns);
+                }
                 let applied = self.apply_with(dp, state, held, cni);
                 match applied.outcome_of(&pod) {
                     Ok(()) => dp
@@ -207,6 +215,10 @@ impl Reconciler {
                         .map_err(|e| e.chain().to_string()),
                     Err(e) => Err(e),
                 }
+            }
+            cni::Command::Outside(netns) => {
+                cni.add_outside(pod.clone(), netns.clone());
+                Ok(())
             }
             cni::Command::Del => {
                 cni.remove(&pod);

@@ -40,6 +40,9 @@ pub struct AgentRequest {
     /// The addresses the primary plugin gave the pod (`prevResult.ips`).
     #[serde(default)]
     pub ips: Vec<IpAddr>,
+    /// How long the plugin waits for the answer: the agent answers within it.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
 }
 
 /// The agent's answer.

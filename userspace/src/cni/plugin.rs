@@ -176,15 +176,25 @@ pub fn prev_ips(prev: &Value) -> Result<Vec<IpAddr>, CniError> {
 
 /// How the plugin reaches the agent (a trait so that the decision logic is tested without one).
 pub trait Agent {
-    /// `Err` only when the agent cannot be reached at all (no socket, refused, no answer).
+    /// The agent's answer line. `Unreachable` when nothing listens on the socket; any other
+    /// error (no answer in time, the connection cut) means an agent is there.
     fn ask(
         &self,
         socket: &std::path::Path,
         request: &AgentRequest,
         timeout: Duration,
-    ) -> Result<String, std::io::Error>;
+    ) -> Result<String, Asked>;
     /// Whether the pod is ambient, asked of the API server (`None`: cannot tell).
     fn ambient_per_api(&self, kubeconfig: &std::path::Path, pod: &PodArgs) -> Result<bool, String>;
+}
+
+/// Why the agent gave no answer.
+#[derive(Debug)]
+pub enum Asked {
+    /// Nothing listens on its socket (no agent running).
+    Unreachable(std::io::Error),
+    /// It took the request and did not answer in time, or cut the connection.
+    NoAnswer(std::io::Error),
 }
 
 /// The unix socket, and kube-rs for the API server.
@@ -196,15 +206,18 @@ impl Agent for Node {
         socket: &std::path::Path,
         request: &AgentRequest,
         timeout: Duration,
-    ) -> Result<String, std::io::Error> {
-        let mut conn = UnixStream::connect(socket)?;
-        conn.set_read_timeout(Some(timeout))?;
-        let mut line = serde_json::to_vec(request)?;
-        line.push(b'\n');
-        conn.write_all(&line)?;
-        let mut answer = String::new();
-        BufReader::new(std::io::Read::take(&conn, 64 * 1024)).read_line(&mut answer)?;
-        Ok(answer)
+    ) -> Result<String, Asked> {
+        let conn = UnixStream::connect(socket).map_err(Asked::Unreachable)?;
+        let exchange = || -> std::io::Result<String> {
+            conn.set_read_timeout(Some(timeout))?;
+            let mut line = serde_json::to_vec(request)?;
+            line.push(b'\n');
+            (&conn).write_all(&line)?;
+            let mut answer = String::new();
+            BufReader::new(std::io::Read::take(&conn, 64 * 1024)).read_line(&mut answer)?;
+            Ok(answer)
+        };
+        exchange().map_err(Asked::NoAnswer)
     }
 
     fn ambient_per_api(&self, kubeconfig: &std::path::Path, pod: &PodArgs) -> Result<bool, String> {
@@ -307,6 +320,7 @@ fn request(
         name: pod.name.clone(),
         uid: pod.uid.clone(),
         ips,
+        timeout_ms: None,
     })
 }
 
@@ -396,14 +410,25 @@ fn ask(
     req: &AgentRequest,
 ) -> Result<Option<AgentReply>, CniError> {
     let timeout = Duration::from_secs(config.timeout_secs.max(1));
-    let answer = match agent.ask(&config.agent_socket, req, timeout) {
+    let req = AgentRequest {
+        timeout_ms: Some(timeout.as_millis() as u64),
+        ..req.clone()
+    };
+    let answer = match agent.ask(&config.agent_socket, &req, timeout) {
         Ok(answer) => answer,
-        Err(e) => {
-            eprintln!(
-                "zdivert-cni: agent at {}: {e}",
-                config.agent_socket.display()
-            );
+        Err(Asked::Unreachable(e)) => {
+            eprintln!("zdivert-cni: agent at {}: {e}", config.agent_socket.display());
             return Ok(None);
+        }
+        Err(Asked::NoAnswer(e)) => {
+            return Err(CniError::new(
+                code::TRY_AGAIN_LATER,
+                format!(
+                    "the agent at {} gave no answer within {timeout:?}",
+                    config.agent_socket.display()
+                ),
+                e.to_string(),
+            ));
         }
     };
     serde_json::from_str(&answer).map(Some).map_err(|e| {

@@ -28,11 +28,11 @@ impl FakeAgent {
 }
 
 impl Agent for FakeAgent {
-    fn ask(&self, _: &Path, request: &AgentRequest, _: Duration) -> Result<String, std::io::Error> {
+    fn ask(&self, _: &Path, request: &AgentRequest, _: Duration) -> Result<String, Asked> {
         self.asked.borrow_mut().push(request.clone());
-        self.answer
-            .clone()
-            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+        self.answer.clone().ok_or_else(|| {
+            Asked::Unreachable(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+        })
     }
 
     fn ambient_per_api(&self, _: &Path, _: &PodArgs) -> Result<bool, String> {

@@ -123,6 +123,9 @@ pub fn serve(
     Ok(())
 }
 
+/// What the agent keeps of the plugin's wait to send its answer.
+const ANSWER_MARGIN: Duration = Duration::from_millis(300);
+
 /// The longest request taken: a request is a few hundred bytes.
 const MAX_REQUEST: u64 = 64 * 1024;
 
@@ -156,6 +159,11 @@ fn decide(
         namespace: request.namespace.clone(),
         name: request.name.clone(),
     };
+    // Answered before the plugin gives up, with a moment to spare for the answer to travel.
+    let timeout = request
+        .timeout_ms
+        .map(|ms| Duration::from_millis(ms).saturating_sub(ANSWER_MARGIN))
+        .map_or(timeout, |t| t.min(timeout));
     let command = match request.command.as_str() {
         // DEL releases whatever the pod had, whether or not it is ambient now.
         "DEL" => cni::Command::Del,
@@ -165,7 +173,20 @@ fn decide(
                     error: format!("deciding whether {pod} is ambient: {error}"),
                 };
             }
-            Ok(Membership::Outside(why)) => return AgentReply::Outside { why },
+            Ok(Membership::Outside(why)) => {
+                if request.command == "ADD" && !request.netns.is_empty() {
+                    // Whose netns it is, so that no other pod is given it by its address. No
+                    // answer is awaited: there is nothing to apply.
+                    let (reply, _) = mpsc::channel();
+                    let _ = inputs.send(Input::Cni(cni::Request {
+                        pod: pod.clone(),
+                        command: cni::Command::Outside(PathBuf::from(&request.netns)),
+                        deadline: Instant::now() + timeout,
+                        reply,
+                    }));
+                }
+                return AgentReply::Outside { why };
+            }
             Ok(Membership::Ambient { .. }) if request.command == "CHECK" => cni::Command::Check,
             Ok(Membership::Ambient {
                 uid,

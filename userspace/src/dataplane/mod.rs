@@ -128,6 +128,7 @@ pub fn cleanup(
     for file in [
         crate::zds::status_file(state_dir, node),
         inpod::choice_file(state_dir, node),
+        crate::agent::cni::Overlay::file_for(state_dir, node),
     ] {
         if file.exists() {
             std::fs::remove_file(&file)
@@ -164,6 +165,9 @@ pub trait Dataplane {
     fn hold(&mut self, links: &[crate::nl::Link]) -> Result<(), Error>;
     /// The veths held in the kernel, an earlier agent's holds included (adopted at start).
     fn held(&self) -> Result<Vec<u32>, Error>;
+    /// The next `apply` checks the pod in the netns at `netns` in full, whatever was checked
+    /// lately: the runtime has just (re)made its interfaces (a CNI ADD).
+    fn recheck(&mut self, _netns: &std::path::Path) {}
     /// After an `apply` that captured `pod`: waits, until `deadline`, for whatever else must
     /// hold before the pod's traffic may flow (in-pod: ztunnel's ack of the pod over ZDS).
     fn confirm(

@@ -173,7 +173,7 @@ pub fn parse(text: &str) -> Result<NodeState, Invalid> {
         ztunnel,
         pods,
         outside,
-        held_links: Default::default(),
+        ..NodeState::default()
     })
 }
 

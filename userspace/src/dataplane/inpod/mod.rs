@@ -71,8 +71,15 @@ impl InPod {
     /// for a pod redirected before, the netns it had, as long as it holds the pod's address (a
     /// netns that went or lost the address is never replaced by another that holds it: that
     /// could be a new pod given the address, or one that took it); else, for pods that
-    /// predate the plugin, the one netns that holds its address.
-    fn netns_of(&self, id: &PodId, spec: &PodSpec) -> Result<PathBuf> {
+    /// predate the plugin, the one netns that holds its address, unless the runtime gave that
+    /// netns to another pod (`claimed`: a new pod given the address of one whose API object
+    /// is still there).
+    fn netns_of(
+        &self,
+        id: &PodId,
+        spec: &PodSpec,
+        claimed: &BTreeMap<u64, &PodId>,
+    ) -> Result<PathBuf> {
         if let Some(ns) = &spec.netns {
             return Ok(ns.clone());
         }
@@ -86,12 +93,20 @@ impl InPod {
                 }),
             };
         }
-        spec.ips
+        let found = spec
+            .ips
             .iter()
             .find_map(|ip| netns::holding(*ip))
             .ok_or_else(|| Error::PodNetnsNotFound {
                 pod: id.to_string(),
-            })
+            })?;
+        match netns::inode(&found).ok().and_then(|i| claimed.get(&i)) {
+            Some(owner) if *owner != id => Err(Error::PodNetnsClaimed {
+                pod: id.to_string(),
+                owner: owner.to_string(),
+            }),
+            _ => Ok(found),
+        }
     }
 
     fn ztunnel_state(&self, state: &NodeState) -> ZtunnelState {
@@ -139,8 +154,14 @@ impl Dataplane for InPod {
     fn apply(&mut self, state: &NodeState) -> Result<Report> {
         let mut report = Report::default();
         let mut redirected = BTreeMap::new();
+        // The netns the runtime gave pods (through the CNI plugin): never another pod's.
+        let claimed: BTreeMap<u64, &PodId> = state
+            .sandboxes
+            .iter()
+            .filter_map(|(id, ns)| Some((netns::inode(ns).ok()?, id)))
+            .collect();
         for (id, spec) in &state.pods {
-            let ns = match self.netns_of(id, spec) {
+            let ns = match self.netns_of(id, spec, &claimed) {
                 Ok(ns) => ns,
                 Err(e) => {
                     // Fail closed: a pod whose netns cannot be told now keeps the redirection
@@ -191,6 +212,12 @@ impl Dataplane for InPod {
         }
         report.ztunnel = self.ztunnel_state(state);
         Ok(report)
+    }
+
+    fn recheck(&mut self, ns: &Path) {
+        if let (Redirection::Ebpf(p), Ok(inode)) = (&mut self.redirection, netns::inode(ns)) {
+            p.recheck(inode);
+        }
     }
 
     fn confirm(&mut self, pod: &PodId, deadline: Instant) -> Result<()> {

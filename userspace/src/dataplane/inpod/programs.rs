@@ -168,6 +168,11 @@ impl PodPrograms {
         }
     }
 
+    /// The next `redirect` of the netns `inode` checks everything again.
+    pub fn recheck(&mut self, inode: u64) {
+        self.checked.remove(&inode);
+    }
+
     /// Takes the redirection out of the pod netns at `ns` (the pod left the mesh).
     pub fn release(&mut self, ns: &Path) -> Result<()> {
         let inode = netns::inode(ns)?;
