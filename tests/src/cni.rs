@@ -37,7 +37,11 @@ pub struct CniError {
 
 impl std::fmt::Display for CniError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} failed: code {}: {} ({})", self.plugin, self.code, self.msg, self.details)
+        write!(
+            f,
+            "{} failed: code {}: {} ({})",
+            self.plugin, self.code, self.msg, self.details
+        )
     }
 }
 
@@ -61,7 +65,12 @@ pub struct Runtime {
 
 impl Runtime {
     /// ptp with host-local IPAM, then `zdivert-cni` asking the agent on `agent_socket`.
-    pub fn ptp(node: &Node, ipam_dir: &Path, agent_socket: &Path, kubeconfig: Option<&Path>) -> Runtime {
+    pub fn ptp(
+        node: &Node,
+        ipam_dir: &Path,
+        agent_socket: &Path,
+        kubeconfig: Option<&Path>,
+    ) -> Runtime {
         let gateway = node.gateway;
         let [a, b, c, _] = gateway.octets();
         let mut zdivert = json!({
@@ -110,7 +119,14 @@ impl Runtime {
     }
 
     /// A new pod's sandbox: its netns, made as a runtime makes it; host-local gives it `ip`.
-    pub fn sandbox(&self, node: &Node, namespace: &str, name: &str, uid: &str, ip: Ipv4Addr) -> Result<Sandbox> {
+    pub fn sandbox(
+        &self,
+        node: &Node,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        ip: Ipv4Addr,
+    ) -> Result<Sandbox> {
         Ok(Sandbox {
             pod: Pod {
                 name: name.into(),
@@ -138,7 +154,13 @@ impl Runtime {
     }
 
     /// Runs one plugin with `command`; its stdout on success.
-    pub fn exec(&self, plugin: &Value, command: &str, pod: &Sandbox, prev: Option<&Value>) -> Result<Value, CniError> {
+    pub fn exec(
+        &self,
+        plugin: &Value,
+        command: &str,
+        pod: &Sandbox,
+        prev: Option<&Value>,
+    ) -> Result<Value, CniError> {
         let kind = plugin["type"].as_str().unwrap_or_default().to_string();
         let mut config = plugin.clone();
         config["cniVersion"] = self.conflist["cniVersion"].clone();
@@ -188,7 +210,13 @@ impl Runtime {
         let stdout: Value = match out.stdout.is_empty() {
             true => Value::Null,
             false => serde_json::from_slice(&out.stdout).map_err(|e| {
-                failed(0, format!("{kind} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+                failed(
+                    0,
+                    format!(
+                        "{kind} printed no JSON ({e}): {}",
+                        String::from_utf8_lossy(&out.stdout)
+                    ),
+                )
             })?,
         };
         if out.status.success() {
@@ -208,12 +236,24 @@ impl Runtime {
 
     /// ADD through the whole list; the pod keeps the final result.
     pub fn add(&self, pod: &mut Sandbox) -> Result<Value, CniError> {
+        self.add_timed(pod).map(|(result, _)| result)
+    }
+
+    /// As `add`, with how long each plugin took.
+    pub fn add_timed(
+        &self,
+        pod: &mut Sandbox,
+    ) -> Result<(Value, Vec<(String, std::time::Duration)>), CniError> {
         let mut prev: Option<Value> = None;
+        let mut took = Vec::new();
         for plugin in self.plugins(pod) {
+            let started = std::time::Instant::now();
             prev = Some(self.exec(&plugin, "ADD", pod, prev.as_ref())?);
+            let kind = plugin["type"].as_str().unwrap_or_default().to_string();
+            took.push((kind, started.elapsed()));
         }
         pod.result = prev.clone();
-        Ok(prev.unwrap_or(Value::Null))
+        Ok((prev.unwrap_or(Value::Null), took))
     }
 
     /// DEL through the list in reverse, as the runtime tears a sandbox down.
@@ -261,7 +301,11 @@ impl Runtime {
 
     /// The list's `zdivert-cni` entry, with `prevResult`, as `raw_zdivert`'s stdin.
     pub fn zdivert_stdin(&self, prev: &Value) -> Result<Value> {
-        let Some(plugin) = self.conflist["plugins"].as_array().and_then(|p| p.last()).cloned() else {
+        let Some(plugin) = self.conflist["plugins"]
+            .as_array()
+            .and_then(|p| p.last())
+            .cloned()
+        else {
             bail!("an empty list");
         };
         let mut config = plugin;
@@ -275,7 +319,11 @@ impl Runtime {
 fn rand_id() -> u64 {
     use std::hash::{BuildHasher as _, Hasher as _};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
     h.finish()
 }
 

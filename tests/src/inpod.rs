@@ -102,10 +102,12 @@ pub fn redirection_in(pod: &Pod) -> Result<Vec<String>> {
         let routes = pod
             .ns
             .cmd("ip", &[family, "route", "show", "table", "100"])
-            .or_else(|e| match e.to_string().contains("FIB table does not exist") {
-                true => Ok(String::new()),
-                false => Err(e),
-            })?;
+            .or_else(
+                |e| match e.to_string().contains("FIB table does not exist") {
+                    true => Ok(String::new()),
+                    false => Err(e),
+                },
+            )?;
         held.extend(routes.lines().map(|l| format!("table 100: {l}")));
     }
     held.extend(programs_in(pod)?);

@@ -58,7 +58,9 @@ in_each_mode!(
 mod inpod_ebpf_only {
     #[test]
     fn a_new_pod_given_a_deleted_pods_address_never_gets_its_identity() -> anyhow::Result<()> {
-        super::a_new_pod_given_a_deleted_pods_address_never_gets_its_identity(super::Mode::InPodEbpf)
+        super::a_new_pod_given_a_deleted_pods_address_never_gets_its_identity(
+            super::Mode::InPodEbpf,
+        )
     }
 }
 
@@ -108,14 +110,22 @@ fn listing(node: &Node, pod: &Sandbox) -> String {
         pod.uid,
         service_account(p)
     );
-    node.pods_file(true).replacen("pods:\n", &format!("pods:\n{entry}"), 1)
+    node.pods_file(true)
+        .replacen("pods:\n", &format!("pods:\n{entry}"), 1)
 }
 
 /// Sends `count` option-less SYNs from `from` to `dst`, one every 2 ms, as hping3 does.
 fn syn_flood(from: &Sandbox, dst: Ipv4Addr, port: u16, count: u32) -> anyhow::Result<()> {
     let out = Command::new("ip")
         .args(["netns", "exec", &from.pod.ns.name, "hping3", "-q", "-S"])
-        .args(["-p", &port.to_string(), "-c", &count.to_string(), "-i", "u2000"])
+        .args([
+            "-p",
+            &port.to_string(),
+            "-c",
+            &count.to_string(),
+            "-i",
+            "u2000",
+        ])
         .arg(dst.to_string())
         .output()?;
     // hping3 exits 1 when nothing answered, which is what capture looks like here.
@@ -124,7 +134,10 @@ fn syn_flood(from: &Sandbox, dst: Ipv4Addr, port: u16, count: u32) -> anyhow::Re
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    anyhow::ensure!(said.contains(&format!("{count} packets transmitted")), "hping3: {said}");
+    anyhow::ensure!(
+        said.contains(&format!("{count} packets transmitted")),
+        "hping3: {said}"
+    );
     Ok(())
 }
 
@@ -143,16 +156,29 @@ fn add_returns_once_the_pod_is_captured(mode: Mode) -> anyhow::Result<()> {
     let sniffer = Sniffer::start("sleep", &sleep.ns)?;
 
     let result = runtime.add(&mut pod)?;
-    assert_eq!(address(&result), Some(NEWCOMER), "ptp's result, untouched: {result}");
+    assert_eq!(
+        address(&result),
+        Some(NEWCOMER),
+        "ptp's result, untouched: {result}"
+    );
     // From the instant ADD returned: SYNs to a pod outside the mesh, then a first connection
     // to a denied server.
     syn_flood(&pod, sleep.ip, 9090, 300)?;
     let first = request_timeout(&pod.pod.ns, sa(rv1.ip, 9080), Duration::from_secs(3));
-    assert!(first.is_err(), "DENY did not hold on the first connection: {first:?}");
+    assert!(
+        first.is_err(),
+        "DENY did not hold on the first connection: {first:?}"
+    );
     zt.wait_access(1, |a| {
-        a.denied() && a.dst().is_some_and(|d| d.ip() == std::net::IpAddr::from(rv1.ip))
+        a.denied()
+            && a.dst()
+                .is_some_and(|d| d.ip() == std::net::IpAddr::from(rv1.ip))
     })?;
-    assert!(denied.seen().is_empty(), "reached around ztunnel: {:?}", denied.seen());
+    assert!(
+        denied.seen().is_empty(),
+        "reached around ztunnel: {:?}",
+        denied.seen()
+    );
     let around = sniffer.from_addr(NEWCOMER, 9090);
     assert!(
         around.is_empty(),
@@ -162,7 +188,9 @@ fn add_returns_once_the_pod_is_captured(mode: Mode) -> anyhow::Result<()> {
     );
     // Its connections go through ztunnel, and CHECK finds it as ADD left it.
     assert_eq!(request(&pod.pod.ns, sa(sleep.ip, 9090))?.server, "sleep");
-    zt.wait_access(1, |a| a.src_ip() == Some(std::net::IpAddr::from(NEWCOMER)) && !a.denied())?;
+    zt.wait_access(1, |a| {
+        a.src_ip() == Some(std::net::IpAddr::from(NEWCOMER)) && !a.denied()
+    })?;
     runtime.check(&pod)?;
 
     // A NET_ADMIN pod takes the new pod's address; the agent applies again: the pod keeps
@@ -176,10 +204,20 @@ fn add_returns_once_the_pod_is_captured(mode: Mode) -> anyhow::Result<()> {
     ))?;
     agent.wait_reconciles(reconciles + 1)?;
     let again = request_timeout(&pod.pod.ns, sa(rv1.ip, 9080), Duration::from_secs(3));
-    assert!(again.is_err(), "DENY did not hold after the theft: {again:?}");
-    assert!(denied.seen().is_empty(), "reached around ztunnel: {:?}", denied.seen());
+    assert!(
+        again.is_err(),
+        "DENY did not hold after the theft: {again:?}"
+    );
+    assert!(
+        denied.seen().is_empty(),
+        "reached around ztunnel: {:?}",
+        denied.seen()
+    );
     if mode.is_in_pod() {
-        assert!(!redirection_in(&pod.pod)?.is_empty(), "the theft released the pod");
+        assert!(
+            !redirection_in(&pod.pod)?.is_empty(),
+            "the theft released the pod"
+        );
     }
     sleep.ns.ip(&format!("addr del {NEWCOMER}/32 dev eth0"))?;
 
@@ -198,11 +236,26 @@ fn with_the_agent_down_add_fails_closed(mode: Mode) -> anyhow::Result<()> {
     let dir = TempDir::new("zdivert-cni")?;
     let kubeconfig = FakeApi::write_kubeconfig(&dir.0, "plugin", addr)?;
     for (ns, ambient) in [("default", true), ("legacy", false)] {
-        let labels = if ambient { json!({"istio.io/dataplane-mode": "ambient"}) } else { json!({}) };
+        let labels = if ambient {
+            json!({"istio.io/dataplane-mode": "ambient"})
+        } else {
+            json!({})
+        };
         api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}))?;
     }
-    let runtime = Runtime::ptp(w2, &dir.0.join("ipam"), &cni_socket(&w2.name), Some(&kubeconfig));
-    let mut pod = runtime.sandbox(w2, "default", "ratings-v9", "cluster1//v1/Pod/default/ratings-v9", NEWCOMER)?;
+    let runtime = Runtime::ptp(
+        w2,
+        &dir.0.join("ipam"),
+        &cni_socket(&w2.name),
+        Some(&kubeconfig),
+    );
+    let mut pod = runtime.sandbox(
+        w2,
+        "default",
+        "ratings-v9",
+        "cluster1//v1/Pod/default/ratings-v9",
+        NEWCOMER,
+    )?;
     let mut outsider = runtime.sandbox(w2, "legacy", "batch-job", "u-batch", OUTSIDER)?;
     for s in [&pod, &outsider] {
         api.apply(json!({
@@ -214,28 +267,46 @@ fn with_the_agent_down_add_fails_closed(mode: Mode) -> anyhow::Result<()> {
     lab.agents[0].describe(&listing(w2, &pod))?;
     lab.agents[0].kill();
 
-    let refused = runtime.add(&mut pod).expect_err("ADD of an ambient pod with the agent down");
-    assert_eq!((refused.plugin.as_str(), refused.code), ("zdivert-cni", 11), "{refused}");
-    assert!(redirection_in(&pod.pod)?.is_empty(), "half-applied: {:?}", redirection_in(&pod.pod)?);
+    let refused = runtime
+        .add(&mut pod)
+        .expect_err("ADD of an ambient pod with the agent down");
+    assert_eq!(
+        (refused.plugin.as_str(), refused.code),
+        ("zdivert-cni", 11),
+        "{refused}"
+    );
+    assert!(
+        redirection_in(&pod.pod)?.is_empty(),
+        "half-applied: {:?}",
+        redirection_in(&pod.pod)?
+    );
     runtime.add(&mut outsider).map_err(anyhow::Error::from)?;
     // The runtime tears the failed sandbox down and tries again once the agent is back.
     runtime.del(&pod)?;
     lab.agents[0].restart()?;
     let mut last = None;
-    let retried = eventually("the agent serves the plugin again", Duration::from_secs(30), || {
-        last = runtime.add(&mut pod).err();
-        if last.is_some() {
-            // As the runtime does before it tries a sandbox again.
-            runtime.del(&pod)?;
-        }
-        Ok(last.is_none())
-    });
+    let retried = eventually(
+        "the agent serves the plugin again",
+        Duration::from_secs(30),
+        || {
+            last = runtime.add(&mut pod).err();
+            if last.is_some() {
+                // As the runtime does before it tries a sandbox again.
+                runtime.del(&pod)?;
+            }
+            Ok(last.is_none())
+        },
+    );
     retried.map_err(|e| anyhow::anyhow!("{e}: the last ADD: {last:?}"))?;
     let (rv1, zt) = (w2.pod("reviews-v1"), &lab.ztunnels[0]);
     let denied = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
     let first = request_timeout(&pod.pod.ns, sa(rv1.ip, 9080), Duration::from_secs(3));
     assert!(first.is_err(), "DENY did not hold: {first:?}");
-    assert!(denied.seen().is_empty(), "reached around ztunnel: {:?}", denied.seen());
+    assert!(
+        denied.seen().is_empty(),
+        "reached around ztunnel: {:?}",
+        denied.seen()
+    );
     zt.wait_access(1, |a| a.denied())?;
     runtime.del(&pod)?;
     runtime.del(&outsider)?;
@@ -253,7 +324,11 @@ fn assert_captured(lab: &Lab, pod: &Sandbox) -> anyhow::Result<()> {
     syn_flood(pod, sleep.ip, 9090, 200)?;
     let first = request_timeout(&pod.pod.ns, sa(rv1.ip, 9080), Duration::from_secs(3));
     assert!(first.is_err(), "DENY did not hold: {first:?}");
-    assert!(denied.seen().is_empty(), "reached around ztunnel: {:?}", denied.seen());
+    assert!(
+        denied.seen().is_empty(),
+        "reached around ztunnel: {:?}",
+        denied.seen()
+    );
     let around = sniffer.from_addr(pod.pod.ip, 9090);
     assert!(
         around.is_empty(),
@@ -327,7 +402,13 @@ fn a_new_pod_given_a_deleted_pods_address_never_gets_its_identity(
     let w2 = lab.topo.worker2();
     let dir = TempDir::new("zdivert-cni")?;
     let runtime = Runtime::ptp(w2, &dir.0.join("ipam"), &cni_socket(&w2.name), None);
-    let mut old = runtime.sandbox(w2, "default", "ratings-v9", "cluster1//v1/Pod/default/ratings-v9", NEWCOMER)?;
+    let mut old = runtime.sandbox(
+        w2,
+        "default",
+        "ratings-v9",
+        "cluster1//v1/Pod/default/ratings-v9",
+        NEWCOMER,
+    )?;
     let listed = listing(w2, &old);
     lab.agents[0].describe(&listed)?;
     runtime.add(&mut old)?;
@@ -339,7 +420,9 @@ fn a_new_pod_given_a_deleted_pods_address_never_gets_its_identity(
     lab.agents[0].restart()?;
     // A change of the description makes the agent apply again, the old pod still listed.
     let reconciles = |a: &zdivert_tests::agent::Agent| a.metric("zdivert_reconciles_total");
-    eventually("the agent applies", Duration::from_secs(20), || Ok(reconciles(&lab.agents[0]).is_ok()))?;
+    eventually("the agent applies", Duration::from_secs(20), || {
+        Ok(reconciles(&lab.agents[0]).is_ok())
+    })?;
     let before = reconciles(&lab.agents[0])? as u64;
     lab.agents[0].describe(&listed.replacen(
         "outside:\n",
@@ -352,16 +435,88 @@ fn a_new_pod_given_a_deleted_pods_address_never_gets_its_identity(
         !zdivert_tests::inpod::ztunnel_listens_in(&new.pod)?,
         "ztunnel was handed the new pod's netns"
     );
-    assert!(redirection_in(&new.pod)?.is_empty(), "{:?}", redirection_in(&new.pod)?);
+    assert!(
+        redirection_in(&new.pod)?.is_empty(),
+        "{:?}",
+        redirection_in(&new.pod)?
+    );
     let sleep = w2.pod("sleep");
     let _legacy = TcpServer::start(&sleep.ns, "sleep", 9090)?;
     assert_eq!(request(&new.pod.ns, sa(sleep.ip, 9090))?.server, "sleep");
     let by_ztunnel = lab.ztunnels[0]
         .access_log()
         .iter()
-        .filter(|a| a.src_ip() == Some(std::net::IpAddr::from(NEWCOMER)) || a.dst_workload() == "ratings-v9")
+        .filter(|a| {
+            a.src_ip() == Some(std::net::IpAddr::from(NEWCOMER)) || a.dst_workload() == "ratings-v9"
+        })
         .count();
     assert_eq!(by_ztunnel, 0, "{}", lab.ztunnels[0].access_summary());
     runtime.del(&new)?;
+    Ok(())
+}
+
+/// `zdivert install-cni`, as the DaemonSet's container runs it: the plugin copied into the bin
+/// directory, the primary's single `.conf` turned into a list that ends with the plugin, the
+/// entry put back when the primary rewrites its file, and `--uninstall` leaving the primary's
+/// list as it was.
+#[test]
+fn install_cni_chains_the_plugin_and_keeps_it_chained() -> anyhow::Result<()> {
+    let dir = TempDir::new("zdivert-install-cni")?;
+    let (bin, conf) = (dir.0.join("bin"), dir.0.join("net.d"));
+    std::fs::create_dir_all(&conf)?;
+    let primary = json!({"cniVersion": "0.4.0", "name": "kindnet", "type": "ptp",
+                         "ipam": {"type": "host-local", "subnet": "10.244.0.0/24"}});
+    std::fs::write(conf.join("10-kindnet.conf"), primary.to_string())?;
+    let zdivert = zdivert_tests::agent::zdivert_bin();
+    let mut child = Command::new(&zdivert)
+        .args(["install-cni", "--plugin"])
+        .arg(zdivert_tests::cni::plugin_bin())
+        .arg("--bin-dir")
+        .arg(&bin)
+        .arg("--conf-dir")
+        .arg(&conf)
+        .stdin(std::process::Stdio::null())
+        .spawn()?;
+    let list = conf.join("10-kindnet.conflist");
+    let plugins = |path: &std::path::Path| -> anyhow::Result<Vec<String>> {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
+        Ok(v["plugins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| p["type"].as_str().unwrap_or_default().to_string())
+            .collect())
+    };
+    let chained = eventually("chained", Duration::from_secs(10), || {
+        Ok(list.exists() && plugins(&list)? == ["ptp", "zdivert-cni"])
+    });
+    let installed = bin.join("zdivert-cni");
+    let rewritten = chained.and_then(|()| {
+        anyhow::ensure!(!conf.join("10-kindnet.conf").exists(), "the .conf stayed");
+        anyhow::ensure!(installed.exists(), "no plugin in the bin directory");
+        // The primary CNI's agent restarts and writes its list again.
+        std::fs::write(
+            &list,
+            json!({"cniVersion": "0.4.0", "name": "kindnet",
+                                     "plugins": [primary.clone()]})
+            .to_string(),
+        )?;
+        eventually("chained again", Duration::from_secs(10), || {
+            Ok(plugins(&list)? == ["ptp", "zdivert-cni"])
+        })
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    rewritten?;
+    let out = Command::new(&zdivert)
+        .args(["install-cni", "--uninstall", "--conf-dir"])
+        .arg(&conf)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(plugins(&list)?, ["ptp"]);
     Ok(())
 }

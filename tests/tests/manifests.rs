@@ -434,3 +434,89 @@ fn the_in_pod_overlay_shares_the_zds_socket_directory() -> Result<()> {
     assert_eq!(spec.host_pid, Some(true));
     Ok(())
 }
+
+/// What follows `flag` in `args`.
+fn after(args: &[String], flag: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+/// The host path behind `path` in `c`, through its volume mounts and the pod's hostPath volumes.
+fn host_path(ds: &DaemonSet, c: &Container, path: &str) -> Option<String> {
+    let spec = ds.spec.template.spec.as_ref()?;
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| path.starts_with(&format!("{}/", m.mount_path)))?;
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)?;
+    let host = &volume.host_path.as_ref()?.path;
+    Some(format!("{host}{}", &path[mount.mount_path.len()..]))
+}
+
+/// The CNI plugin, installed as istio-cni's install-cni installs it, in both ztunnel modes:
+/// the binary and the chained entry go into the host's CNI directories, the plugin reaches the
+/// agent's socket and the kubeconfig written for it at the paths the agent and install-cni use
+/// on the host, and the image ships the plugin.
+#[test]
+fn the_cni_plugin_is_installed_where_the_runtime_and_the_agent_meet_it() -> Result<()> {
+    for overlay in ["base", "inpod"] {
+        let text = kustomize(&deploy().join(overlay))?;
+        let ds: DaemonSet = serde_yaml::Deserializer::from_str(&text)
+            .map(Value::deserialize)
+            .filter_map(Result::ok)
+            .find(|v| v["kind"] == "DaemonSet")
+            .map(serde_json::from_value)
+            .context("no DaemonSet rendered")??;
+        let spec = ds.spec.template.spec.as_ref().context("pod spec")?;
+        let install = spec
+            .containers
+            .iter()
+            .find(|c| c.name == "install-cni")
+            .context("an install-cni container")?;
+        let args = install.command.clone().unwrap_or_default();
+        assert_eq!(
+            args.get(1).map(String::as_str),
+            Some("install-cni"),
+            "{args:?}"
+        );
+        for (flag, host) in [
+            ("--bin-dir", "/opt/cni/bin"),
+            ("--conf-dir", "/etc/cni/net.d"),
+        ] {
+            let dir = after(&args, flag).with_context(|| format!("{overlay}: {flag}"))?;
+            assert_eq!(
+                host_path(&ds, install, &format!("{dir}/x")).as_deref(),
+                Some(format!("{host}/x").as_str()),
+                "{overlay}: {flag} {dir} is the host's {host}"
+            );
+        }
+        // The plugin runs on the host: the paths in its entry are the host's.
+        let socket = after(&args, "--agent-socket").context("--agent-socket")?;
+        let agent_args = agent(&ds).args.clone().unwrap_or_default();
+        let served = after(&agent_args, "--cni-socket").context("the agent's --cni-socket")?;
+        assert_eq!(
+            host_path(&ds, agent(&ds), &served).as_deref(),
+            Some(socket.as_str()),
+            "{overlay}: the agent serves the plugin where it asks"
+        );
+        let kubeconfig = after(&args, "--kubeconfig").context("--kubeconfig")?;
+        let written = after(&args, "--write-kubeconfig").context("--write-kubeconfig")?;
+        assert_eq!(
+            host_path(&ds, install, &written).as_deref(),
+            Some(kubeconfig.as_str())
+        );
+    }
+    let image = std::fs::read_to_string(deploy().join("Containerfile"))?;
+    assert!(
+        image.contains("/zdivert-cni") && image.contains("target/release/zdivert-cni"),
+        "the image ships zdivert-cni beside the agent"
+    );
+    Ok(())
+}

@@ -214,6 +214,9 @@ pub enum Error {
     )]
     PodNetnsClaimed { pod: String, owner: String },
 
+    #[error("pod {pod}: {holders} network namespaces hold its address: none is taken")]
+    PodAddressAmbiguous { pod: String, holders: usize },
+
     #[error("pod {pod}: ztunnel did not acknowledge it: {why}")]
     NotAcked { pod: String, why: String },
 

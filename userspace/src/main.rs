@@ -120,9 +120,14 @@ enum Command {
         /// Namespaces whose pods the plugin never holds up.
         #[arg(long, value_delimiter = ',', default_value = "kube-system")]
         exclude_namespaces: Vec<String>,
-        /// A kubeconfig for the plugin, to tell ambient pods while the agent is down.
+        /// A kubeconfig for the plugin, to tell ambient pods while the agent is down (its
+        /// path on the node, as the plugin reads it).
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
+        /// Write that kubeconfig here (the same file, as this container mounts it), from this
+        /// pod's service account, and keep it current as the token rotates.
+        #[arg(long)]
+        write_kubeconfig: Option<PathBuf>,
         /// Chain once and exit, instead of keeping it chained.
         #[arg(long)]
         once: bool,
@@ -336,6 +341,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             agent_socket,
             exclude_namespaces,
             kubeconfig,
+            write_kubeconfig,
             once,
             uninstall,
         } => {
@@ -357,7 +363,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(stop_on_signal())?;
-            install::keep_chained(&conf_dir, &entry, once, &STOP)?;
+            let written = write_kubeconfig.map(|path| install::PluginKubeconfig {
+                path,
+                account: install::SERVICE_ACCOUNT.into(),
+            });
+            install::keep_chained(&conf_dir, &entry, written.as_ref(), once, &STOP)?;
             Ok(())
         }
         Command::Status { output } => {

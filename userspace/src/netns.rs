@@ -123,6 +123,32 @@ pub fn holding(ip: std::net::IpAddr) -> Option<PathBuf> {
     }
 }
 
+/// Every namespace that holds each of `ips`, in one pass over the node's namespaces (one
+/// address dump each): what the in-pod dataplane looks up for all the pods of an apply that
+/// it must find by address, instead of one pass per pod.
+pub fn holders_of(
+    ips: &std::collections::BTreeSet<std::net::IpAddr>,
+) -> std::collections::BTreeMap<std::net::IpAddr, Vec<PathBuf>> {
+    let mut found: std::collections::BTreeMap<std::net::IpAddr, Vec<PathBuf>> = Default::default();
+    if ips.is_empty() {
+        return found;
+    }
+    for (path, _) in process_namespaces() {
+        let held = run_in(&path, || {
+            crate::nl::Netlink::new()
+                .and_then(|nl| nl.addresses())
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+        for (_, ip) in held {
+            if ips.contains(&ip) {
+                found.entry(ip).or_default().push(path.clone());
+            }
+        }
+    }
+    found
+}
+
 /// A path to the network namespace with this inode, if any process or `/run/netns` name still
 /// holds it: how `cleanup` finds ztunnel's netns from a pin name alone.
 pub fn find_by_inode(ino: u64) -> Option<PathBuf> {

@@ -76,7 +76,10 @@ impl Overlay {
     pub fn load(file: PathBuf) -> Overlay {
         let saved: Vec<Saved> = match std::fs::read(&file) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                log::warn!("cni: {}: {e}; starting without the plugin's pods", file.display());
+                log::warn!(
+                    "cni: {}: {e}; starting without the plugin's pods",
+                    file.display()
+                );
                 Vec::new()
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -256,11 +259,20 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("zdivert-overlay-{}", std::process::id()));
         let file = dir.join("node.cni-pods.json");
         let mut overlay = Overlay::load(file.clone());
-        overlay.add(pod("alive"), spec("u1", "10.0.0.1", Some("/proc/self/ns/net")));
-        overlay.add(pod("gone"), spec("u2", "10.0.0.2", Some("/proc/self/ns/no-such")));
+        overlay.add(
+            pod("alive"),
+            spec("u1", "10.0.0.1", Some("/proc/self/ns/net")),
+        );
+        overlay.add(
+            pod("gone"),
+            spec("u2", "10.0.0.2", Some("/proc/self/ns/no-such")),
+        );
         let reloaded = Overlay::load(file.clone());
         assert!(reloaded.contains(&pod("alive")));
-        assert!(!reloaded.contains(&pod("gone")), "its sandbox went while no agent ran");
+        assert!(
+            !reloaded.contains(&pod("gone")),
+            "its sandbox went while no agent ran"
+        );
         overlay.remove(&pod("alive"));
         assert!(!Overlay::load(file).contains(&pod("alive")));
         std::fs::remove_dir_all(dir).unwrap();
@@ -279,6 +291,9 @@ mod tests {
         assert!(!merged.pods.contains_key(&pod("relabelled")));
         assert!(!overlay.contains(&pod("relabelled")));
         // Its netns is still its own: no other pod is given it by address.
-        assert_eq!(merged.sandboxes[&pod("relabelled")], PathBuf::from("/run/netns/c"));
+        assert_eq!(
+            merged.sandboxes[&pod("relabelled")],
+            PathBuf::from("/run/netns/c")
+        );
     }
 }

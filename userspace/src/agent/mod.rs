@@ -208,13 +208,18 @@ impl Reconciler {
                 if let Some(netns) = &spec.netns {
                     dp.recheck(netns);
                 }
+                let started = Instant::now();
                 let applied = self.apply_with(dp, state, held, cni);
-                match applied.outcome_of(&pod) {
-                    Ok(()) => dp
-                        .confirm(&pod, request.deadline)
-                        .map_err(|e| e.chain().to_string()),
-                    Err(e) => Err(e),
-                }
+                let applied_in = started.elapsed();
+                let outcome = applied.outcome_of(&pod).and_then(|()| {
+                    dp.confirm(&pod, request.deadline)
+                        .map_err(|e| e.chain().to_string())
+                });
+                log::debug!(
+                    "cni ADD {pod}: applied in {applied_in:?}, confirmed {:?} later",
+                    started.elapsed() - applied_in
+                );
+                outcome
             }
             cni::Command::Outside(netns) => {
                 cni.add_outside(pod.clone(), netns.clone());

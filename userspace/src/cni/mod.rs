@@ -24,7 +24,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 /// Where the agent listens for the plugin, unless the plugin's configuration says otherwise.
-pub const DEFAULT_SOCKET: &str = "/var/run/zdivert/cni.sock";
+pub const DEFAULT_SOCKET: &str = "/run/zdivert/cni.sock";
 
 /// The plugin's question to the agent: one JSON line, one answer line.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

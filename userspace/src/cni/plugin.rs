@@ -417,7 +417,10 @@ fn ask(
     let answer = match agent.ask(&config.agent_socket, &req, timeout) {
         Ok(answer) => answer,
         Err(Asked::Unreachable(e)) => {
-            eprintln!("zdivert-cni: agent at {}: {e}", config.agent_socket.display());
+            eprintln!(
+                "zdivert-cni: agent at {}: {e}",
+                config.agent_socket.display()
+            );
             return Ok(None);
         }
         Err(Asked::NoAnswer(e)) => {

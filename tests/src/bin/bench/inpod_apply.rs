@@ -37,7 +37,7 @@ pub fn run(pods: usize, samples: &mut Samples) -> Result<()> {
     let result = (|| -> Result<()> {
         let mut programs = PodPrograms::load(bpffs, &node, AttachMode::Netlink, false)?;
         let mut tcx = PodPrograms::load(bpffs, &format!("{node}-tcx"), AttachMode::Tcx, false)?;
-        let rules = PodRules::new(&state.0, &node, false)?;
+        let mut rules = PodRules::new(&state.0, &node, false)?;
         for i in 0..pods {
             let ip = Ipv4Addr::new(10, 251, (i / 250) as u8, (i % 250) as u8 + 1);
             let order = if i % 2 == 0 {

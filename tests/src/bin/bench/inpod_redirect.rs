@@ -33,7 +33,7 @@ pub fn run(sizes: &Sizes, samples: &mut Samples) -> Result<()> {
     let state = TempDir::new("zdivert-bench-redirect")?;
     let result = (|| -> Result<()> {
         let mut programs = PodPrograms::load(bpffs, &node, AttachMode::Netlink, false)?;
-        let rules = PodRules::new(&state.0, &node, false)?;
+        let mut rules = PodRules::new(&state.0, &node, false)?;
         for round in 0..sizes.rounds {
             let order = if round % 2 == 0 {
                 ["d-inpod-ebpf", "e-inpod-iptables"]

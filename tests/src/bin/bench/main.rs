@@ -1,8 +1,9 @@
 //! `cargo xtask bench`: what each redirection path costs, side by side in one run. Prints the
 //! tables and writes `bench/results.json` and `bench/results.md`.
 //!
-//! Usage: bench [--quick] [--rounds N] [--only datapath|inpod|redirect|upgrade|perpacket|control]
+//! Usage: bench [--quick] [--rounds N] [--only datapath|inpod|redirect|upgrade|cni|perpacket|control]
 //! [--out DIR]
+mod cni;
 mod control;
 mod datapath;
 mod inpod_apply;
@@ -46,7 +47,7 @@ fn args() -> Result<Args> {
             "--only" => {
                 a.only = Some(
                     it.next()
-                        .context("--only datapath|inpod|redirect|upgrade|perpacket|control")?,
+                        .context("--only datapath|inpod|redirect|upgrade|cni|perpacket|control")?,
                 )
             }
             "--out" => a.out = it.next().context("--out DIR")?.into(),
@@ -100,6 +101,11 @@ fn main() -> Result<()> {
     if part("upgrade") {
         eprintln!("bench: ztunnel replacement ({} rounds)", sizes.rounds);
         upgrade::run(sizes.rounds, &mut samples)?;
+    }
+    if part("cni") {
+        let (singles, burst) = if a.quick { (3, 8) } else { (30, 100) };
+        eprintln!("bench: CNI ADD ({singles} pods one at a time, a burst of {burst})");
+        cni::run(singles, burst, &mut samples)?;
     }
     let repeat = if a.quick { 10_000 } else { 1_000_000 };
     if part("perpacket") {

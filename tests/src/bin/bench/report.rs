@@ -122,6 +122,13 @@ impl Report {
                 value: m("d-inpod-ebpf") / m("e-inpod-iptables"),
             });
         }
+        for metric in ["add_p50", "add_p99", "zdivert_cni_p50", "burst_per_pod"] {
+            let m = |v: &str| median(&figures, &format!("cni/{v}"), metric);
+            ratios.push(Ratio {
+                name: format!("CNI {metric} inpod-ebpf/inpod-iptables"),
+                value: m("inpod-ebpf") / m("inpod-iptables"),
+            });
+        }
         let one_pod = median(&figures, "in-pod/ebpf", "apply_one_pod")
             / median(&figures, "in-pod/iptables", "apply_one_pod");
         targets.push(Target {
@@ -260,7 +267,7 @@ impl Report {
         for r in &self.ratios {
             let _ = writeln!(s, "| {} | {:.3} |", r.name, r.value);
         }
-        for section in ["datapath", "upgrade", "per_packet", "control"] {
+        for section in ["datapath", "upgrade", "cni", "per_packet", "control"] {
             let _ = writeln!(
                 s,
                 "\n| {section} case | metric | median | spread | unit |\n|---|---|---|---|---|"

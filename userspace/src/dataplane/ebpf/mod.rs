@@ -244,7 +244,20 @@ impl Dataplane for EbpfDataplane {
 
     fn hold(&mut self, links: &[crate::nl::Link]) -> Result<()> {
         mkdirs(&self.dirs)?;
-        let holds = self.holds(links);
+        // A veth captured before the link watch told of it (the CNI plugin's ADD can come
+        // first) is not held: a hold would take its filter over, and its release then leave
+        // the veth with no program at all.
+        let captured: BTreeSet<u32> = attach::all_pinned(&self.dirs)?
+            .into_iter()
+            .filter(|(_, _, p)| !p.hook.is_hold() && p.netns_inode == self.node_netns_inode)
+            .map(|(_, _, p)| p.ifindex)
+            .collect();
+        let new: Vec<crate::nl::Link> = links
+            .iter()
+            .filter(|l| !captured.contains(&l.index))
+            .cloned()
+            .collect();
+        let holds = self.holds(&new);
         let ensured = attach::ensure(
             &mut self.ebpf,
             &self.dirs,

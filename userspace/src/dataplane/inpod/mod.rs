@@ -23,6 +23,11 @@ use crate::{
     zds::{InPodWorkload, Server, WorkloadInfo},
 };
 
+/// How long a pod's redirection, once checked in full, is taken as it was left: an apply costs
+/// nothing per pod already set up (a CNI ADD applies the whole node), and what was taken away
+/// behind the agent's back is put back within this.
+pub(crate) const RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How a pod's traffic reaches the ztunnel listening in its netns.
 pub enum Redirection {
     Ebpf(Box<programs::PodPrograms>),
@@ -79,6 +84,7 @@ impl InPod {
         id: &PodId,
         spec: &PodSpec,
         claimed: &BTreeMap<u64, &PodId>,
+        holders: &BTreeMap<IpAddr, Vec<PathBuf>>,
     ) -> Result<PathBuf> {
         if let Some(ns) = &spec.netns {
             return Ok(ns.clone());
@@ -93,13 +99,22 @@ impl InPod {
                 }),
             };
         }
-        let found = spec
-            .ips
-            .iter()
-            .find_map(|ip| netns::holding(*ip))
-            .ok_or_else(|| Error::PodNetnsNotFound {
-                pod: id.to_string(),
-            })?;
+        // An address two namespaces hold (a pod being replaced, or one pretending) is
+        // nobody's: taking either could hand ztunnel the wrong pod.
+        let found = match first.and_then(|ip| holders.get(&ip)).map(Vec::as_slice) {
+            Some([one]) => one.clone(),
+            Some(many) if many.len() > 1 => {
+                return Err(Error::PodAddressAmbiguous {
+                    pod: id.to_string(),
+                    holders: many.len(),
+                });
+            }
+            _ => {
+                return Err(Error::PodNetnsNotFound {
+                    pod: id.to_string(),
+                });
+            }
+        };
         match netns::inode(&found).ok().and_then(|i| claimed.get(&i)) {
             Some(owner) if *owner != id => Err(Error::PodNetnsClaimed {
                 pod: id.to_string(),
@@ -160,8 +175,16 @@ impl Dataplane for InPod {
             .iter()
             .filter_map(|(id, ns)| Some((netns::inode(ns).ok()?, id)))
             .collect();
+        // Pods found by address (they predate the plugin), all in one pass over the node.
+        let wanted: std::collections::BTreeSet<IpAddr> = state
+            .pods
+            .iter()
+            .filter(|(id, spec)| spec.netns.is_none() && !self.redirected.contains_key(*id))
+            .flat_map(|(_, spec)| spec.ips.first().copied())
+            .collect();
+        let holders = netns::holders_of(&wanted);
         for (id, spec) in &state.pods {
-            let ns = match self.netns_of(id, spec, &claimed) {
+            let ns = match self.netns_of(id, spec, &claimed, &holders) {
                 Ok(ns) => ns,
                 Err(e) => {
                     // Fail closed: a pod whose netns cannot be told now keeps the redirection
@@ -205,18 +228,31 @@ impl Dataplane for InPod {
             }
         }
         self.redirected = redirected;
-        if let Redirection::Ebpf(p) = &mut self.redirection
-            && let Err(e) = p.remove_stale()
-        {
-            log::warn!("removing the programs of pods gone: {}", e.chain());
+        match &mut self.redirection {
+            Redirection::Ebpf(p) => {
+                if let Err(e) = p.remove_stale() {
+                    log::warn!("removing the programs of pods gone: {}", e.chain());
+                }
+            }
+            // A netns inode is reused once its netns is gone: a new pod's must not pass for
+            // one checked lately.
+            Redirection::Iptables(r) => r.forget_others(
+                &self
+                    .redirected
+                    .values()
+                    .filter_map(|w| netns::inode(&w.netns).ok())
+                    .collect(),
+            ),
         }
         report.ztunnel = self.ztunnel_state(state);
         Ok(report)
     }
 
     fn recheck(&mut self, ns: &Path) {
-        if let (Redirection::Ebpf(p), Ok(inode)) = (&mut self.redirection, netns::inode(ns)) {
-            p.recheck(inode);
+        let Ok(inode) = netns::inode(ns) else { return };
+        match &mut self.redirection {
+            Redirection::Ebpf(p) => p.recheck(inode),
+            Redirection::Iptables(r) => r.recheck(inode),
         }
     }
 

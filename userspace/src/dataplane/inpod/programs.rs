@@ -11,13 +11,16 @@ use std::{
     net::IpAddr,
     path::Path,
     sync::Mutex,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use aya::Ebpf;
 use zdivert_common::{CONFIG_DNS_CAPTURE, POD_COUNTERS};
 
-use super::routing::{route_replies, unroute_replies};
+use super::{
+    RECHECK,
+    routing::{route_replies, unroute_replies},
+};
 use crate::{
     dataplane::ebpf::{
         PinDirs, ProgramSet,
@@ -33,8 +36,6 @@ use crate::{
 
 /// What the turned-back segments need from lo: a source that is the pod's own address
 /// (`accept_local`), and for DNS a destination on loopback (`route_localnet`).
-/// How long a pod's redirection, once checked in full, is taken as it was left.
-const RECHECK: Duration = Duration::from_secs(30);
 
 const LO_SYSCTLS: [&str; 2] = [
     "/proc/sys/net/ipv4/conf/lo/accept_local",

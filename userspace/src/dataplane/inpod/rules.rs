@@ -2,9 +2,13 @@
 //! hold them: `<state dir>/<node>.inpod/<netns inode>`, one empty file each, written before the
 //! rules go in and removed after they are out, so that `zdivert cleanup` finds every pod netns
 //! an agent touched without the agent.
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
-use super::istio_cni as inpod;
+use super::{RECHECK, istio_cni as inpod};
 use crate::{
     dataplane::iptables::{self, Backend},
     error::{Error, Result},
@@ -15,6 +19,8 @@ pub struct PodRules {
     backend: Backend,
     dns_capture: bool,
     records: PathBuf,
+    /// When each pod netns (by inode) was last checked in full.
+    checked: BTreeMap<u64, Instant>,
 }
 
 pub fn records_dir(state_dir: &Path, node: &str) -> PathBuf {
@@ -34,23 +40,48 @@ impl PodRules {
             backend,
             dns_capture,
             records,
+            checked: BTreeMap::new(),
         })
     }
 
-    pub fn redirect(&self, ns: &Path) -> Result<()> {
-        let record = self.records.join(netns::inode(ns)?.to_string());
+    /// Puts istio-cni's rules into the pod netns at `ns`, idempotently. A pod checked within
+    /// `RECHECK` is not entered again (reading back the rules costs an iptables-save per family).
+    pub fn redirect(&mut self, ns: &Path) -> Result<()> {
+        let inode = netns::inode(ns)?;
+        if self
+            .checked
+            .get(&inode)
+            .is_some_and(|t| t.elapsed() < RECHECK)
+        {
+            return Ok(());
+        }
+        let record = self.records.join(inode.to_string());
         if !record.exists() {
             std::fs::write(&record, b"").map_err(|source| Error::StateFile {
                 path: record.clone(),
                 source,
             })?;
         }
-        inpod::apply(ns, self.backend, self.dns_capture)
+        inpod::apply(ns, self.backend, self.dns_capture)?;
+        self.checked.insert(inode, Instant::now());
+        Ok(())
     }
 
-    pub fn release(&self, ns: &Path) -> Result<()> {
+    /// The next `redirect` of the netns `inode` checks everything again.
+    pub fn recheck(&mut self, inode: u64) {
+        self.checked.remove(&inode);
+    }
+
+    /// Forgets the checks of every netns but `inodes` (the pods redirected now).
+    pub fn forget_others(&mut self, inodes: &std::collections::BTreeSet<u64>) {
+        self.checked.retain(|i, _| inodes.contains(i));
+    }
+
+    pub fn release(&mut self, ns: &Path) -> Result<()> {
+        let inode = netns::inode(ns)?;
+        self.checked.remove(&inode);
         inpod::remove(ns, self.backend)?;
-        forget(&self.records.join(netns::inode(ns)?.to_string()))
+        forget(&self.records.join(inode.to_string()))
     }
 }
 
