@@ -32,6 +32,7 @@ fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> Result<RawFd> {
 /// Loads the two-instruction program that returns 0: `TCX_PASS`, or `TC_ACT_OK` for a
 /// direct-action tc filter; either ends the hook's chain.
 fn load_pass() -> Result<OwnedFd> {
+    zdivert::dataplane::ebpf::lift_memlock_limit();
     let license = c"GPL";
     let name = c"foreign_cni";
     let mut load = [0u8; 128];

@@ -84,11 +84,33 @@ impl PinDirs {
 /// A loader that creates each map of the object pinned in `maps_dir`, or reuses the map pinned
 /// there: BTF maps carry no pinning of their own, so every one is named here.
 pub fn loader(maps_dir: &Path) -> EbpfLoader<'static> {
+    lift_memlock_limit();
     let mut loader = EbpfLoader::new();
     for name in zdivert_common::map::ALL {
         loader.map_pin_path(name, maps_dir.join(name));
     }
     loader
+}
+
+/// Before 5.11 the kernel charges BPF maps and programs to the user's locked memory, checked
+/// against the loading process's RLIMIT_MEMLOCK (often 64 KiB or 8 MiB): with every root
+/// process's maps counted together, a load fails with EPERM. Later kernels account to the
+/// memory cgroup and ignore the limit. Lifted once per process, as libbpf does.
+pub fn lift_memlock_limit() {
+    static LIFTED: std::sync::Once = std::sync::Once::new();
+    LIFTED.call_once(|| {
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: setrlimit with a valid struct; it changes only this process's limit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+            log::warn!(
+                "RLIMIT_MEMLOCK stays as it is ({}): kernels before 5.11 may refuse BPF maps",
+                std::io::Error::last_os_error()
+            );
+        }
+    });
 }
 
 pub struct EbpfDataplane {
