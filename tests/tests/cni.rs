@@ -520,3 +520,124 @@ fn install_cni_chains_the_plugin_and_keeps_it_chained() -> anyhow::Result<()> {
     assert_eq!(plugins(&list)?, ["ptp"]);
     Ok(())
 }
+
+/// Bad input to the real plugin binary, each answered with a CNI error that names it, and
+/// nothing applied in the pod's netns: malformed stdin, an unknown CNI version, a missing
+/// netns, an agent that answers garbage, and one that takes the request and never answers.
+#[test]
+fn bad_input_gets_a_cni_error_naming_it_and_changes_nothing() -> anyhow::Result<()> {
+    use std::{io::Read as _, io::Write as _, os::unix::net::UnixListener};
+    let dir = TempDir::new("zdivert-cni-bad")?;
+    // A pod netns as the primary plugin leaves it: eth0 with the pod's address.
+    let ns = zdivert_tests::ns::Netns::new(&zdivert_tests::ns::unique_prefix("cnibad"))?;
+    ns.ip("link add eth0 type veth peer name peer0")?;
+    ns.ip(&format!("addr add {NEWCOMER}/24 dev eth0"))?;
+    ns.ip("link set eth0 up")?;
+    let pod = Sandbox {
+        pod: zdivert_tests::topology::Pod {
+            name: "web-0".into(),
+            namespace: "default".into(),
+            ip: NEWCOMER,
+            ip6: zdivert_tests::topology::v6_of(NEWCOMER),
+            ambient: true,
+            host_veth: String::new(),
+            ns,
+        },
+        uid: "u-1".into(),
+        container_id: "c0ffee".into(),
+        result: None,
+    };
+    // Agents that misbehave, each on its own socket.
+    let garbage = dir.0.join("garbage.sock");
+    let silent = dir.0.join("silent.sock");
+    for (path, answer) in [
+        (&garbage, Some("HTTP/1.1 400 Bad Request\r\n")),
+        (&silent, None),
+    ] {
+        let listener = UnixListener::bind(path)?;
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let mut conn = conn;
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                match answer {
+                    Some(a) => {
+                        let _ = conn.write_all(a.as_bytes());
+                    }
+                    // Holds the connection open, answering nothing.
+                    None => std::thread::sleep(Duration::from_secs(5)),
+                }
+            }
+        });
+    }
+    let prev = json!({"cniVersion": "1.0.0", "ips": [{"address": format!("{NEWCOMER}/24")}]});
+    let conf = |socket: &std::path::Path, version: &str| {
+        json!({"cniVersion": version, "name": "lab", "type": "zdivert-cni",
+               "agent_socket": socket, "timeout_secs": 1, "prevResult": prev.clone()})
+        .to_string()
+    };
+    let run = |stdin: String, netns: Option<&str>| -> anyhow::Result<(bool, serde_json::Value)> {
+        let mut cmd = Command::new(zdivert_tests::cni::plugin_bin());
+        cmd.env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", &pod.container_id)
+            .env(
+                "CNI_NETNS",
+                netns.map_or(pod.pod.ns.path(), std::path::PathBuf::from),
+            )
+            .env("CNI_IFNAME", "eth0")
+            .env(
+                "CNI_ARGS",
+                "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;K8S_POD_UID=u-1",
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn()?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(stdin.as_bytes())?;
+        let out = child.wait_with_output()?;
+        Ok((out.status.success(), serde_json::from_slice(&out.stdout)?))
+    };
+    let cases = [
+        (
+            "malformed stdin",
+            "{\"cniVersion\": ".to_string(),
+            None,
+            6,
+            "not a network configuration",
+        ),
+        ("unknown version", conf(&garbage, "9.9.9"), None, 1, "9.9.9"),
+        (
+            "missing netns",
+            conf(&garbage, "1.0.0"),
+            Some("/run/netns/no-such-pod"),
+            4,
+            "no-such-pod",
+        ),
+        (
+            "garbage answer",
+            conf(&garbage, "1.0.0"),
+            None,
+            100,
+            "garbage",
+        ),
+        ("no answer", conf(&silent, "1.0.0"), None, 11, "no answer"),
+    ];
+    for (what, stdin, netns, code, names) in cases {
+        let (ok, out) = run(stdin, netns)?;
+        assert!(!ok, "{what}: succeeded: {out}");
+        assert_eq!(out["code"], code, "{what}: {out}");
+        assert!(
+            out["msg"].as_str().is_some_and(|m| m.contains(names)),
+            "{what}: {out}"
+        );
+        assert!(
+            redirection_in(&pod.pod)?.is_empty(),
+            "{what}: the netns was changed"
+        );
+    }
+    Ok(())
+}

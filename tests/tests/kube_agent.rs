@@ -317,3 +317,99 @@ fn in_pod_mode_takes_its_pods_from_the_namespace_label() -> Result<()> {
     drop(agent);
     Ok(())
 }
+
+/// A pod the kubelet is starting, as the API has it before the runtime made its sandbox: no
+/// address yet, its uid and service account set. The plugin's ADD reaches the agent before the
+/// watch brings any address: the agent reads the pod and its namespace from the API server,
+/// finds it ambient by the namespace label, redirects it in the runtime's netns and has in-pod
+/// ztunnel ack it before ADD returns. The pod's first connection is then ztunnel's, with the
+/// identity the API gave it.
+#[test]
+fn a_new_pod_is_judged_through_the_api_and_captured_before_add_returns() -> Result<()> {
+    use zdivert_tests::{
+        TempDir,
+        agent::cni_socket,
+        cni::Runtime,
+        ztunnel::{LaterPod, Policy},
+    };
+    let topo = Topology::article()?;
+    let w2 = topo.worker2();
+    let newcomer_ip = std::net::Ipv4Addr::new(10, 244, 2, 60);
+    let api = FakeApi::start()?;
+    for obj in node_objects(w2) {
+        api.apply(obj)?;
+    }
+    api.apply(namespace("default", Some("ambient")))?;
+    let addr = api.listen_in(&w2.ns.path())?;
+    let dir = TempDir::new("zdivert-kube-cni")?;
+    let kubeconfig = FakeApi::write_kubeconfig(&dir.0, &w2.name, addr)?;
+    let ambient: Vec<_> = w2.pods.values().filter(|p| p.ambient).collect();
+    let _pauses = ambient
+        .iter()
+        .map(|p| Pause::start(&p.ns))
+        .collect::<Result<Vec<_>>>()?;
+    let agent = Agent::start_kube(w2, &kubeconfig, Mode::InPodEbpf, &[])?;
+    let rv1 = w2.pod("reviews-v1");
+    let mesh = MeshConfig {
+        policies: vec![Policy::deny_port(rv1, 9080)],
+        later: vec![LaterPod {
+            node: w2.name.clone(),
+            name: "ratings-v9".into(),
+            namespace: "default".into(),
+            ip: newcomer_ip,
+            ambient: true,
+        }],
+        ..Default::default()
+    };
+    let socket = zdivert_tests::agent::zds_socket(&w2.name);
+    let mut ztunnel = Ztunnel::start_in_pod(&topo, w2, &w2.ztunnel, &mesh, &socket)?;
+    ztunnel.wait_ready(WAIT)?;
+    zdivert_tests::inpod::wait_ztunnel_in(ambient.iter().copied())?;
+
+    let runtime = Runtime::ptp(w2, &dir.0.join("ipam"), &cni_socket(&w2.name), None);
+    let uid = "cluster1//v1/Pod/default/ratings-v9";
+    let mut pod = runtime.sandbox(w2, "default", "ratings-v9", uid, newcomer_ip)?;
+    let mut object =
+        zdivert_tests::fakeapi::objects::pod_on(&w2.name, "default", "ratings-v9", &[]);
+    object["metadata"]["uid"] = uid.into();
+    object["spec"]["serviceAccountName"] = "ratings".into();
+    object["status"] = serde_json::json!({ "phase": "Pending" });
+    api.apply(object)?;
+    let gets_before = api.requests().len();
+    runtime.add(&mut pod)?;
+    let asked: Vec<String> = api.requests()[gets_before..]
+        .iter()
+        .filter(|r| r.method == "GET" && !r.is_watch())
+        .map(|r| r.path.clone())
+        .collect();
+    assert!(
+        asked.contains(&"/api/v1/namespaces/default/pods/ratings-v9".to_string())
+            && asked.contains(&"/api/v1/namespaces/default".to_string()),
+        "the agent asked the API server: {asked:?}"
+    );
+    assert!(
+        zdivert_tests::inpod::ztunnel_listens_in(&pod.pod)?,
+        "acked before ADD returned"
+    );
+    let denied = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let first = request_timeout(&pod.pod.ns, sa(rv1.ip, 9080), Duration::from_secs(3));
+    assert!(
+        first.is_err(),
+        "DENY did not hold on the first connection: {first:?}"
+    );
+    assert!(
+        denied.seen().is_empty(),
+        "reached around ztunnel: {:?}",
+        denied.seen()
+    );
+    let refused = ztunnel.wait_access(1, |a| a.denied())?;
+    assert_eq!(
+        refused[0].src_workload(),
+        "ratings-v9",
+        "{}",
+        ztunnel.access_summary()
+    );
+    runtime.del(&pod)?;
+    drop(agent);
+    Ok(())
+}
