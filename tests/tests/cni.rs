@@ -641,3 +641,73 @@ fn bad_input_gets_a_cni_error_naming_it_and_changes_nothing() -> anyhow::Result<
     }
     Ok(())
 }
+
+/// install-cni stopped (SIGTERM) while its DaemonSet stays, as in a rolling update: the entry
+/// stays, so pods started until the new agent runs wait. Stopped once the DaemonSet is gone (an
+/// uninstall): the entry goes, so the node's pods start without zdivert.
+#[test]
+fn install_cni_takes_the_plugin_out_only_when_its_daemonset_is_gone() -> anyhow::Result<()> {
+    let dir = TempDir::new("zdivert-install-cni-stop")?;
+    let (bin, conf) = (dir.0.join("bin"), dir.0.join("net.d"));
+    std::fs::create_dir_all(&conf)?;
+    let list = conf.join("10-kindnet.conflist");
+    let primary = json!({"cniVersion": "0.4.0", "name": "kindnet",
+                         "plugins": [{"type": "ptp", "ipam": {"type": "host-local"}}]});
+    std::fs::write(&list, primary.to_string())?;
+    let api = FakeApi::start()?;
+    let addr = api.listen()?;
+    let kubeconfig = FakeApi::write_kubeconfig(&dir.0, "install-cni", addr)?;
+    api.apply(json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+                     "metadata": {"name": "zdivert", "namespace": "istio-system"}}))?;
+    let chained_types = || -> anyhow::Result<Vec<String>> {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&list)?)?;
+        Ok(v["plugins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| p["type"].as_str().unwrap_or_default().to_string())
+            .collect())
+    };
+    let run_and_stop = || -> anyhow::Result<()> {
+        // Its copy of the plugin tells when it runs (signals are handled by then).
+        let _ = std::fs::remove_dir_all(&bin);
+        let mut child = Command::new(zdivert_tests::agent::zdivert_bin())
+            .args([
+                "install-cni",
+                "--uninstall-with-daemonset",
+                "istio-system/zdivert",
+                "--plugin",
+            ])
+            .arg(zdivert_tests::cni::plugin_bin())
+            .arg("--bin-dir")
+            .arg(&bin)
+            .arg("--conf-dir")
+            .arg(&conf)
+            .env("KUBECONFIG", &kubeconfig)
+            .stdin(std::process::Stdio::null())
+            .spawn()?;
+        let chained = eventually("chained", Duration::from_secs(10), || {
+            Ok(bin.join("zdivert-cni").exists() && chained_types()? == ["ptp", "zdivert-cni"])
+        });
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait()?;
+        chained?;
+        anyhow::ensure!(status.success(), "install-cni exited with {status}");
+        Ok(())
+    };
+    run_and_stop()?;
+    assert_eq!(
+        chained_types()?,
+        ["ptp", "zdivert-cni"],
+        "an upgrade keeps the entry"
+    );
+    api.delete(
+        zdivert_tests::fakeapi::Kind::DaemonSet,
+        "istio-system",
+        "zdivert",
+    )?;
+    run_and_stop()?;
+    assert_eq!(chained_types()?, ["ptp"], "an uninstall takes it out");
+    Ok(())
+}

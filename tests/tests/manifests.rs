@@ -261,30 +261,29 @@ fn rbac_grants_what_the_source_uses_and_no_more() -> Result<()> {
         .context("name")?;
     assert_eq!(m.roles.len(), 1);
     let role = &m.roles[0];
-    let mut granted: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut granted: BTreeSet<(String, String, String)> = BTreeSet::new();
     for rule in role.rules.iter().flatten() {
-        assert_eq!(
-            rule.api_groups.as_deref(),
-            Some(&[String::new()][..]),
-            "core API group only"
-        );
-        for r in rule.resources.iter().flatten() {
-            for v in &rule.verbs {
-                granted.insert((r.clone(), v.clone()));
+        for g in rule.api_groups.iter().flatten() {
+            for r in rule.resources.iter().flatten() {
+                for v in &rule.verbs {
+                    granted.insert((g.clone(), r.clone(), v.clone()));
+                }
             }
         }
     }
-    let want: BTreeSet<(String, String)> = [
-        ("pods", "get"),
-        ("pods", "list"),
-        ("pods", "watch"),
-        ("pods", "patch"),
-        ("namespaces", "get"),
-        ("namespaces", "list"),
-        ("namespaces", "watch"),
+    let want: BTreeSet<(String, String, String)> = [
+        ("", "pods", "get"),
+        ("", "pods", "list"),
+        ("", "pods", "watch"),
+        ("", "pods", "patch"),
+        ("", "namespaces", "get"),
+        ("", "namespaces", "list"),
+        ("", "namespaces", "watch"),
+        // install-cni, when it stops: is zdivert being uninstalled?
+        ("apps", "daemonsets", "get"),
     ]
     .iter()
-    .map(|(r, v)| (r.to_string(), v.to_string()))
+    .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
     .collect();
     assert_eq!(granted, want);
 
@@ -506,6 +505,20 @@ fn the_cni_plugin_is_installed_where_the_runtime_and_the_agent_meet_it() -> Resu
             Some(socket.as_str()),
             "{overlay}: the agent serves the plugin where it asks"
         );
+        // Its own DaemonSet, to tell an uninstall from an upgrade when it stops.
+        let ds_name = ds.metadata.name.clone().context("DaemonSet name")?;
+        assert_eq!(
+            after(&args, "--uninstall-with-daemonset"),
+            Some(format!("$(POD_NAMESPACE)/{ds_name}"))
+        );
+        let pod_namespace = install
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "POD_NAMESPACE")
+            .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+            .map(|f| f.field_path.clone());
+        assert_eq!(pod_namespace.as_deref(), Some("metadata.namespace"));
         let kubeconfig = after(&args, "--kubeconfig").context("--kubeconfig")?;
         let written = after(&args, "--write-kubeconfig").context("--write-kubeconfig")?;
         assert_eq!(

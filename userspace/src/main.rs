@@ -135,6 +135,10 @@ enum Command {
         /// running it).
         #[arg(long)]
         uninstall: bool,
+        /// When stopped, take the plugin out if this DaemonSet (`namespace/name`) is gone or
+        /// being deleted: zdivert is being uninstalled, not upgraded.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        uninstall_with_daemonset: Option<String>,
     },
     /// Show the pinned maps, attachments and packet counters.
     /// Show what is in the kernel for the node, in its mode: eBPF (maps, attachments,
@@ -344,6 +348,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             write_kubeconfig,
             once,
             uninstall,
+            uninstall_with_daemonset,
         } => {
             use zdivert::cni::{conflist, install};
             if uninstall {
@@ -357,17 +362,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => std::env::current_exe()?.with_file_name(conflist::PLUGIN_TYPE),
             };
             let entry = conflist::entry(&agent_socket, &exclude_namespaces, kubeconfig.as_deref());
-            install::copy_plugin(&plugin, &bin_dir)?;
+            // From here on, SIGTERM ends the loop below instead of the process halfway.
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .enable_all()
                 .build()?;
             rt.block_on(stop_on_signal())?;
+            install::copy_plugin(&plugin, &bin_dir)?;
             let written = write_kubeconfig.map(|path| install::PluginKubeconfig {
                 path,
                 account: install::SERVICE_ACCOUNT.into(),
             });
             install::keep_chained(&conf_dir, &entry, written.as_ref(), once, &STOP)?;
+            let Some(ds) = uninstall_with_daemonset.filter(|_| !once) else {
+                return Ok(());
+            };
+            let (namespace, name) = ds.split_once('/').ok_or_else(|| {
+                anyhow::anyhow!("--uninstall-with-daemonset {ds}: not namespace/name")
+            })?;
+            let asked = rt.block_on(async {
+                let client = kube::Client::try_default()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                install::uninstalling(client, namespace, name).await
+            });
+            match asked {
+                Ok(true) => {
+                    for file in conflist::remove(&conf_dir)? {
+                        log::info!(
+                            "install-cni: {ds} is gone: zdivert-cni taken out of {}",
+                            file.display()
+                        );
+                    }
+                }
+                Ok(false) => {
+                    log::info!("install-cni: {ds} stays (an upgrade): zdivert-cni stays chained")
+                }
+                Err(e) => log::warn!(
+                    "install-cni: cannot tell whether {ds} is gone ({e}): zdivert-cni stays chained"
+                ),
+            }
             Ok(())
         }
         Command::Status { output } => {

@@ -152,6 +152,14 @@ async fn handle(mut conn: TcpStream, shared: Arc<Shared>) {
         ("GET", ["api", "v1", "namespaces", ns, "pods", name]) => {
             get_one(conn, &shared, (Kind::Pod, ns.to_string(), name.to_string())).await
         }
+        ("GET", ["apis", "apps", "v1", "namespaces", ns, "daemonsets", name]) => {
+            get_one(
+                conn,
+                &shared,
+                (Kind::DaemonSet, ns.to_string(), name.to_string()),
+            )
+            .await
+        }
         ("GET", ["api", "v1", "namespaces", name]) => {
             get_one(
                 conn,

@@ -26,6 +26,8 @@ pub mod objects;
 pub enum Kind {
     Pod,
     Namespace,
+    /// Only stored and read back by name (no list or watch).
+    DaemonSet,
 }
 
 impl Kind {
@@ -33,6 +35,7 @@ impl Kind {
         match obj["kind"].as_str() {
             Some("Pod") => Ok(Kind::Pod),
             Some("Namespace") => Ok(Kind::Namespace),
+            Some("DaemonSet") => Ok(Kind::DaemonSet),
             other => anyhow::bail!("the fake API server has no kind {other:?}"),
         }
     }
@@ -40,12 +43,14 @@ impl Kind {
         match self {
             Kind::Pod => "PodList",
             Kind::Namespace => "NamespaceList",
+            Kind::DaemonSet => "DaemonSetList",
         }
     }
     fn name(self) -> &'static str {
         match self {
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
+            Kind::DaemonSet => "DaemonSet",
         }
     }
 }

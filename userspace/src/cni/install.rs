@@ -99,6 +99,27 @@ impl PluginKubeconfig {
     }
 }
 
+/// Whether zdivert is being uninstalled, asked when install-cni stops: its DaemonSet is gone or
+/// being deleted, or its service account can no longer read it (deleted with the rest). A
+/// rolling update leaves the DaemonSet in place: the entry stays, and pods started meanwhile
+/// wait for the new agent. An API server that cannot be asked also keeps the entry.
+pub async fn uninstalling(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<bool, String> {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    match kube::Api::<DaemonSet>::namespaced(client, namespace)
+        .get_opt(name)
+        .await
+    {
+        Ok(None) => Ok(true),
+        Ok(Some(ds)) => Ok(ds.metadata.deletion_timestamp.is_some()),
+        Err(kube::Error::Api(e)) if e.code == 401 || e.code == 403 => Ok(true),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Chains `entry` into `conf_dir`'s primary configuration, and with `once` returns; else puts
 /// it back whenever it goes (the primary CNI rewrote its file) until `stop`. The plugin's
 /// kubeconfig, if any, is kept up to date with the service account's token. The entry is left
