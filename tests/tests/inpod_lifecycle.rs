@@ -36,6 +36,7 @@ with_each_redirection!(
     a_pod_deleted_while_ztunnel_is_down_is_not_served_when_it_is_back,
     a_peer_that_never_acks_holds_up_no_one,
     cleanup_takes_the_redirection_out_of_every_pod,
+    a_pod_that_removes_its_redirection_gets_it_back,
 );
 
 /// The node description without the pods named in `left` (gone from the API).
@@ -221,5 +222,73 @@ fn an_address_two_namespaces_hold_belongs_to_neither() -> anyhow::Result<()> {
         let found = zdivert::netns::holding(ip).map(|p| zdivert::netns::inode(&p));
         Ok(found.transpose()? == Some(want))
     })?;
+    Ok(())
+}
+
+/// A root process in an ambient pod with NET_ADMIN takes its redirection away: the clsact
+/// qdisc that holds the programs (eBPF), or istio-cni's chains (rules, both families). Capture
+/// is gone at once: its connection to a pod outside the mesh no longer goes through ztunnel.
+/// Within a resync (30 s) the agent finds it gone from the kernel, puts it back and counts it:
+/// the pod's connections go through ztunnel again, and a DENY holds.
+fn a_pod_that_removes_its_redirection_gets_it_back(mode: Mode) -> anyhow::Result<()> {
+    let lab = Lab::real(mode, |topo| MeshConfig {
+        policies: vec![zdivert_tests::ztunnel::Policy::deny_port(
+            topo.worker2().pod("reviews-v1"),
+            9080,
+        )],
+        ..Default::default()
+    })?;
+    let (w2, agent, zt) = (lab.w2(), lab.agent2(), lab.zt2());
+    let (pp, rv1, sleep) = (
+        w2.pod("productpage-v1"),
+        w2.pod("reviews-v1"),
+        w2.pod("sleep"),
+    );
+    let denied = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let _legacy = TcpServer::start(&sleep.ns, "sleep", 9090)?;
+    let outbound_to_sleep = |a: &zdivert_tests::ztunnel::Access| {
+        a.direction() == "outbound" && a.dst() == Some(sa(sleep.ip, 9090))
+    };
+    assert_eq!(request(&pp.ns, sa(sleep.ip, 9090))?.server, "sleep");
+    zt.wait_access(1, outbound_to_sleep)?;
+    match mode {
+        Mode::InPodEbpf => {
+            pp.ns
+                .cmd("tc", &["qdisc", "del", "dev", "eth0", "clsact"])?;
+        }
+        _ => {
+            for save in ["iptables", "ip6tables"] {
+                for table in ["nat", "mangle"] {
+                    pp.ns.cmd(save, &["-t", table, "-F"])?;
+                }
+            }
+        }
+    }
+    // The hole is real: the pod's connection leaves around ztunnel.
+    let logged = zt
+        .access_log()
+        .iter()
+        .filter(|a| outbound_to_sleep(a))
+        .count();
+    assert_eq!(request(&pp.ns, sa(sleep.ip, 9090))?.server, "sleep");
+    std::thread::sleep(Duration::from_millis(500));
+    let direct = zt
+        .access_log()
+        .iter()
+        .filter(|a| outbound_to_sleep(a))
+        .count();
+    assert_eq!(direct, logged, "the tampering did not take capture away");
+    eventually("the redirection put back", Duration::from_secs(40), || {
+        Ok(agent.metric("zdivert_redirections_repaired_total")? >= 1.0)
+    })?;
+    assert_eq!(request(&pp.ns, sa(sleep.ip, 9090))?.server, "sleep");
+    zt.wait_access(logged + 1, outbound_to_sleep)?;
+    let again = request_timeout(&pp.ns, sa(rv1.ip, 9080), Duration::from_secs(2));
+    assert!(again.is_err(), "DENY does not hold: {again:?}");
+    assert!(
+        denied.seen().is_empty(),
+        "reached around ztunnel: {:?}",
+        denied.seen()
+    );
     Ok(())
 }

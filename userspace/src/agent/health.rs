@@ -41,6 +41,7 @@ struct Metrics {
     reconcile_errors: Counter,
     pod_errors: Counter,
     programs_moved_to_head: Counter,
+    redirections_repaired: Counter,
     source_errors: Counter,
     last_sync_age_seconds: Gauge<f64, AtomicU64>,
     uptime_seconds: Gauge<f64, AtomicU64>,
@@ -92,6 +93,11 @@ impl Metrics {
             "programs_moved_to_head",
             "Programs found behind another program on their hook and moved back in front",
             self.programs_moved_to_head.clone(),
+        );
+        r.register(
+            "redirections_repaired",
+            "Redirections found partly gone from the kernel (a filter, qdisc, link or rule deleted) and put back",
+            self.redirections_repaired.clone(),
         );
         r.register(
             "source_errors",
@@ -159,6 +165,7 @@ impl Health {
         m.reconciles.inc();
         m.pod_errors.inc_by(report.failed.len() as u64);
         m.programs_moved_to_head.inc_by(report.moved_to_head as u64);
+        m.redirections_repaired.inc_by(report.repaired as u64);
         m.pods_captured.set(report.captured.len() as i64);
         m.ztunnel_ready.set(report.ztunnel.is_ready().into());
         m.ztunnel_draining.set(report.draining.is_some().into());

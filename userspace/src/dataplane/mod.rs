@@ -22,6 +22,9 @@ pub struct Report {
     pub ztunnel: ZtunnelState,
     /// Programs found behind another on their hook and moved back to the head.
     pub moved_to_head: usize,
+    /// Attachments or rules found gone from the kernel (deleted behind the agent's back) and
+    /// put back.
+    pub repaired: usize,
     /// Veths still held (by ifindex): no pod found behind them yet, or capture failed.
     pub held: Vec<u32>,
     /// A replaced ztunnel that keeps the connections it holds until it is gone.

@@ -53,7 +53,7 @@ pub fn run(pods: usize, samples: &mut Samples) -> Result<()> {
                     "ebpf" => programs.redirect(&path, &[ip.into()])?,
                     "ebpf-tcx" => tcx.redirect(&path, &[ip.into()])?,
                     _ => rules.redirect(&path)?,
-                }
+                };
                 let ms = t.elapsed().as_secs_f64() * 1e3;
                 samples.add(
                     "control",

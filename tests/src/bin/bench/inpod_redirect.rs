@@ -44,7 +44,7 @@ pub fn run(sizes: &Sizes, samples: &mut Samples) -> Result<()> {
                 match variant {
                     "d-inpod-ebpf" => programs.redirect(&ns, &[pp.ip.into(), pp.ip6.into()])?,
                     _ => rules.redirect(&ns)?,
-                }
+                };
                 let case = format!("redirect-only/{variant}");
                 let mut rr = load::request_response(&ns, dst, sizes.transactions)
                     .with_context(|| format!("{case}: request/response"))?;

@@ -104,12 +104,29 @@ pub fn lift_memlock_limit() {
             rlim_max: libc::RLIM_INFINITY,
         };
         // SAFETY: setrlimit with a valid struct; it changes only this process's limit.
-        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-            log::warn!(
-                "RLIMIT_MEMLOCK stays as it is ({}): kernels before 5.11 may refuse BPF maps",
-                std::io::Error::last_os_error()
-            );
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } == 0 {
+            return;
         }
+        // Without CAP_SYS_RESOURCE only the soft limit can rise, up to the hard one.
+        let refused = std::io::Error::last_os_error();
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit with valid structs, this process only.
+        let raised = unsafe {
+            libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) == 0 && {
+                limit.rlim_cur = limit.rlim_max;
+                libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) == 0
+            }
+        };
+        log::info!(
+            "RLIMIT_MEMLOCK: no infinity ({refused}); {}: kernels before 5.11 charge BPF maps to it",
+            match raised {
+                true => format!("raised to the hard limit, {} bytes", limit.rlim_max),
+                false => "left as it is".to_string(),
+            }
+        );
     });
 }
 
@@ -378,6 +395,16 @@ impl Dataplane for EbpfDataplane {
         )?;
         ensured.failures.extend(more.failures);
         ensured.moved_to_head.extend(more.moved_to_head);
+        ensured.repaired.extend(more.repaired);
+        for a in &ensured.repaired {
+            log::warn!(
+                "{} on {} ({}) was gone from the kernel: put back",
+                a.hook.program(),
+                a.ifname,
+                a.hook.direction()
+            );
+        }
+        report.repaired = ensured.repaired.len();
         for (a, ahead) in &ensured.moved_to_head {
             log::warn!(
                 "{} on {} ({}): {ahead} had been attached in front of it; moved back to the head",

@@ -77,19 +77,28 @@ pub fn restore_input(
 }
 
 /// Applies the redirection in the netns at `pod_netns`, both families. Applying again
-/// changes nothing.
-pub fn apply(pod_netns: &Path, backend: Backend, dns_capture: bool) -> Result<()> {
-    netns::run_in(pod_netns, || -> Result<()> {
+/// changes nothing. Returns how many of the rules' lines were not in the kernel before (all of
+/// them the first time; after that, what was flushed or deleted behind the agent's back).
+pub fn apply(pod_netns: &Path, backend: Backend, dns_capture: bool) -> Result<usize> {
+    netns::run_in(pod_netns, || -> Result<usize> {
         let nl = Netlink::new()?;
+        let mut missing = 0;
         for v6 in [false, true] {
             let saved = tables::save_all(backend, v6)?;
             let present = |table: &str, chain: &str, to: &str| {
                 table_lines(&saved, table).any(|l| l == format!("-A {chain} -j {to}"))
             };
-            tables::restore(backend, v6, &restore_input(v6, dns_capture, &present))?;
+            let input = restore_input(v6, dns_capture, &present);
+            let held: std::collections::BTreeSet<&str> =
+                saved.lines().filter(|l| l.starts_with("-A ")).collect();
+            missing += input
+                .lines()
+                .filter(|l| l.starts_with("-A ") && !held.contains(l))
+                .count();
+            tables::restore(backend, v6, &input)?;
             route_replies(&nl, v6)?;
         }
-        Ok(())
+        Ok(missing)
     })?
 }
 

@@ -24,9 +24,10 @@ use crate::{
 };
 
 /// How long a pod's redirection, once checked in full, is taken as it was left: an apply costs
-/// nothing per pod already set up (a CNI ADD applies the whole node), and what was taken away
-/// behind the agent's back is put back within this.
-pub(crate) const RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+/// nothing per pod already set up (a CNI ADD applies the whole node). Shorter than the resync
+/// (30 s by default), so that every periodic apply checks every pod in the kernel: what was
+/// taken away behind the agent's back is put back within a resync.
+pub(crate) const RECHECK: std::time::Duration = std::time::Duration::from_secs(25);
 
 /// How a pod's traffic reaches the ztunnel listening in its netns.
 pub enum Redirection {
@@ -35,7 +36,8 @@ pub enum Redirection {
 }
 
 impl Redirection {
-    fn redirect(&mut self, ns: &Path, ips: &[IpAddr]) -> Result<()> {
+    /// Returns how much of an earlier redirection was found gone and put back.
+    fn redirect(&mut self, ns: &Path, ips: &[IpAddr]) -> Result<usize> {
         match self {
             Redirection::Ebpf(p) => p.redirect(ns, ips),
             Redirection::Iptables(r) => r.redirect(ns),
@@ -197,9 +199,12 @@ impl Dataplane for InPod {
                     continue;
                 }
             };
-            if let Err(e) = self.redirection.redirect(&ns, &spec.ips) {
-                report.failed.push((id.clone(), e));
-                continue;
+            match self.redirection.redirect(&ns, &spec.ips) {
+                Ok(repaired) => report.repaired += repaired,
+                Err(e) => {
+                    report.failed.push((id.clone(), e));
+                    continue;
+                }
             }
             let workload = InPodWorkload {
                 uid: spec.uid.clone(),

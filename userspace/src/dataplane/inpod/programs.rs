@@ -93,7 +93,8 @@ impl PodPrograms {
     /// A pod checked within `RECHECK` is not entered again: an apply costs nothing per pod
     /// already set up, and what was taken away behind the agent's back is put back within
     /// `RECHECK`.
-    pub fn redirect(&mut self, ns: &Path, ips: &[IpAddr]) -> Result<()> {
+    /// Returns how many of its attachments were found gone from the kernel and put back.
+    pub fn redirect(&mut self, ns: &Path, ips: &[IpAddr]) -> Result<usize> {
         let inode = netns::inode(ns)?;
         if self.redirected.contains_key(&inode)
             && self
@@ -101,7 +102,7 @@ impl PodPrograms {
                 .get(&inode)
                 .is_some_and(|t| t.elapsed() < RECHECK)
         {
-            return Ok(());
+            return Ok(0);
         }
         if !self.lookups.contains(&inode) {
             lookup::attach(&mut self.ebpf, &self.dirs, Lookup::Pod, ns, inode)?;
@@ -152,6 +153,13 @@ impl PodPrograms {
             &wanted,
             &mut self.adopted,
         )?;
+        for a in &ensured.repaired {
+            log::warn!(
+                "{} in netns {} was gone from the kernel: put back",
+                a.hook.program(),
+                ns.display()
+            );
+        }
         for (a, ahead) in &ensured.moved_to_head {
             log::warn!(
                 "{} in netns {}: {ahead} had got in front of it; moved back to the head",
@@ -164,7 +172,7 @@ impl PodPrograms {
             Some((_, e)) => Err(e),
             None => {
                 self.checked.insert(inode, Instant::now());
-                Ok(())
+                Ok(ensured.repaired.len())
             }
         }
     }

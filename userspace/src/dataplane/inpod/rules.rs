@@ -46,25 +46,34 @@ impl PodRules {
 
     /// Puts istio-cni's rules into the pod netns at `ns`, idempotently. A pod checked within
     /// `RECHECK` is not entered again (reading back the rules costs an iptables-save per family).
-    pub fn redirect(&mut self, ns: &Path) -> Result<()> {
+    /// Returns 1 if a pod redirected before had lost rules (flushed or deleted), now put back.
+    pub fn redirect(&mut self, ns: &Path) -> Result<usize> {
         let inode = netns::inode(ns)?;
         if self
             .checked
             .get(&inode)
             .is_some_and(|t| t.elapsed() < RECHECK)
         {
-            return Ok(());
+            return Ok(0);
         }
         let record = self.records.join(inode.to_string());
-        if !record.exists() {
+        let before = record.exists();
+        if !before {
             std::fs::write(&record, b"").map_err(|source| Error::StateFile {
                 path: record.clone(),
                 source,
             })?;
         }
-        inpod::apply(ns, self.backend, self.dns_capture)?;
+        let missing = inpod::apply(ns, self.backend, self.dns_capture)?;
         self.checked.insert(inode, Instant::now());
-        Ok(())
+        if before && missing > 0 {
+            log::warn!(
+                "istio-cni's rules in netns {}: {missing} lines were gone: put back",
+                ns.display()
+            );
+            return Ok(1);
+        }
+        Ok(0)
     }
 
     /// The next `redirect` of the netns `inode` checks everything again.

@@ -15,7 +15,7 @@ use aya::programs::{
     tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
 };
 
-use super::{Attachment, Hook, PinnedAttachment, unpin};
+use super::{Attachment, Hook, Kept, PinnedAttachment, unpin};
 use crate::{
     error::{Error, Result},
     netns,
@@ -125,13 +125,18 @@ fn order(nl: &Netlink, ifindex: u32, hook: Hook) -> Result<Order> {
     })
 }
 
-/// Called in the attachment's netns: what runs in front of our filter, if anything; if
-/// something does, ours is moved to the front first.
-pub(super) fn keep_first(prog: &mut SchedClassifier, a: &Attachment) -> Result<Option<String>> {
+/// Called in the attachment's netns: keeps our filter first, as the kernel has it. A filter
+/// that is not there (its qdisc or itself deleted) is put back; one with something in front is
+/// moved to the front.
+pub(super) fn keep_first(prog: &mut SchedClassifier, a: &Attachment) -> Result<Kept> {
     let nl = Netlink::new()?;
     let order = order(&nl, a.ifindex, a.hook)?;
-    let (Some(old), Some(ahead)) = (order.ours, order.ahead) else {
-        return Ok(None);
+    let Some(old) = order.ours else {
+        attach_filter(prog, a)?;
+        return Ok(Kept::Repaired);
+    };
+    let Some(ahead) = order.ahead else {
+        return Ok(Kept::First);
     };
     let new = if old == HANDLES[0] {
         HANDLES[1]
@@ -142,7 +147,7 @@ pub(super) fn keep_first(prog: &mut SchedClassifier, a: &Attachment) -> Result<O
     std::mem::forget(prog.take_link(id).map_err(|e| a.error(e))?);
     let egress = a.hook.attach_type() == aya::programs::TcAttachType::Egress;
     nl.delete_tc_filter(a.ifindex, egress, PRIORITY, old)?;
-    Ok(Some(ahead))
+    Ok(Kept::Moved(ahead))
 }
 
 fn repin(prog: &mut SchedClassifier, dir: &Path, a: &Attachment) -> Result<()> {

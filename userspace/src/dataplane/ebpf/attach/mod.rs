@@ -263,6 +263,18 @@ pub struct Ensured {
     pub failures: Vec<(Attachment, Error)>,
     /// Attachments moved back to the head of their hook, with what had got in front.
     pub moved_to_head: Vec<(Attachment, String)>,
+    /// Attachments whose record was there but not the filter or link itself (someone deleted
+    /// the qdisc, the filter or the link): put back.
+    pub repaired: Vec<Attachment>,
+}
+
+/// What keeping an adopted attachment first found.
+pub(super) enum Kept {
+    First,
+    /// Moved back in front of this.
+    Moved(String),
+    /// It was not on its hook at all: attached again.
+    Repaired,
 }
 
 /// Makes every `desired` attachment exist through `mode`: adopts (program swap) or creates,
@@ -282,16 +294,10 @@ pub fn ensure(
     for a in desired {
         let name = a.pin_name();
         if adopted.contains(&name) && present.contains_key(&name) {
-            let keep_first = |ebpf: &mut Ebpf| -> Result<Option<String>> {
+            let keep_first = |ebpf: &mut Ebpf| -> Result<Kept> {
                 let prog = program(ebpf, a)?;
                 match mode {
-                    AttachMode::Tcx => {
-                        let ahead = tcx::ahead_of_ours(prog, a)?;
-                        if ahead.is_some() {
-                            tcx::move_to_head(prog, dirs, a)?;
-                        }
-                        Ok(ahead)
-                    }
+                    AttachMode::Tcx => tcx::keep_first(prog, dirs, a),
                     AttachMode::Netlink => clsact::keep_first(prog, a),
                 }
             };
@@ -300,8 +306,9 @@ pub fn ensure(
                 Some(ns) => netns::run_in(&ns, || keep_first(ebpf)).and_then(|r| r),
             };
             match result {
-                Ok(Some(ahead)) => out.moved_to_head.push((a.clone(), ahead)),
-                Ok(None) => {}
+                Ok(Kept::Moved(ahead)) => out.moved_to_head.push((a.clone(), ahead)),
+                Ok(Kept::Repaired) => out.repaired.push(a.clone()),
+                Ok(Kept::First) => {}
                 Err(e) => out.failures.push((a.clone(), e)),
             }
             continue;

@@ -9,7 +9,7 @@ use aya::programs::{
     tc::{SchedClassifierLink, TcAttachOptions},
 };
 
-use super::{super::PinDirs, Attachment, unpin};
+use super::{super::PinDirs, Attachment, Kept, unpin};
 use crate::error::{Cause, Result};
 
 pub(super) fn attach(prog: &mut SchedClassifier, dir: &Path, a: &Attachment) -> Result<()> {
@@ -56,20 +56,33 @@ fn attach_first(prog: &mut SchedClassifier, pin: &Path, a: &Attachment) -> Resul
     Ok(())
 }
 
-/// The name of the program that runs before ours on `a`'s hook, if one does.
-pub(super) fn ahead_of_ours(prog: &SchedClassifier, a: &Attachment) -> Result<Option<String>> {
+/// Keeps an adopted link first on its hook, as the kernel has it: put back if it is not on the
+/// hook at all (its interface was replaced, or it was detached), moved to the head if
+/// something runs before it.
+pub(super) fn keep_first(
+    prog: &mut SchedClassifier,
+    dirs: &PinDirs,
+    a: &Attachment,
+) -> Result<Kept> {
     // By tag, the hash of the code: a copy of our program (see `move_to_head`) is ours too.
     let ours = prog.info().map_err(|e| a.error(e))?.tag();
     let (_, chain) =
         SchedClassifier::query_tcx(&a.ifname, a.hook.attach_type()).map_err(|e| a.error(e))?;
-    Ok(match chain.first() {
-        Some(first) if first.tag() != ours => Some(
-            first
+    if !chain.iter().any(|p| p.tag() == ours) {
+        unpin(&dirs.links, &a.pin_name())?;
+        attach_first(prog, &dirs.links.join(a.pin_name()), a)?;
+        return Ok(Kept::Repaired);
+    }
+    match chain.first() {
+        Some(first) if first.tag() != ours => {
+            let ahead = first
                 .name_as_str()
-                .map_or_else(|| format!("program {}", first.id()), str::to_string),
-        ),
-        _ => None,
-    })
+                .map_or_else(|| format!("program {}", first.id()), str::to_string);
+            move_to_head(prog, dirs, a)?;
+            Ok(Kept::Moved(ahead))
+        }
+        _ => Ok(Kept::First),
+    }
 }
 
 /// Puts our program back at the head without a moment uncaptured. The kernel refuses a
