@@ -274,6 +274,7 @@ fn cleanup_after_sigkill_restores_everything_including_sysctls() -> anyhow::Resu
         .sysctl("net.ipv4.conf.eth0.rp_filter", "1")?;
     let before = (snapshot(&node.ns)?, snapshot(&node.ztunnel.ns)?);
     let tables_before = tables(&node.ns)?;
+    let ztunnel_tables_before = tables(&node.ztunnel.ns)?;
 
     let mut agent = Agent::start_mode(node, &node.pods_file(true), Mode::Iptables)?;
     fallback::wait_layout(node, 5, true)?;
@@ -288,6 +289,11 @@ fn cleanup_after_sigkill_restores_everything_including_sysctls() -> anyhow::Resu
     assert!(out.contains("removed the iptables layout"), "{out}");
     // The snapshot counts an empty table as absent; the tables the fallback made are gone.
     assert_eq!(tables(&node.ns)?, tables_before, "tables left behind");
+    assert_eq!(
+        tables(&node.ztunnel.ns)?,
+        ztunnel_tables_before,
+        "tables left behind in ztunnel's netns"
+    );
     assert_same(&before.0, &snapshot(&node.ns)?, "the node");
     assert_same(&before.1, &snapshot(&node.ztunnel.ns)?, "ztunnel's netns");
     Ok(())

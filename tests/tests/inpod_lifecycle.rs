@@ -185,6 +185,20 @@ fn cleanup_takes_the_redirection_out_of_every_pod(mode: Mode) -> anyhow::Result<
             "{mode:?}: {} still holds {left:?}\n{out}",
             p.name
         );
+        // Nor the tables the rules made the backend create (the pods had none).
+        for save in ["iptables-save", "ip6tables-save"] {
+            let tables: Vec<String> =
+                p.ns.cmd(save, &[])?
+                    .lines()
+                    .filter(|l| l.starts_with('*'))
+                    .map(String::from)
+                    .collect();
+            assert!(
+                tables.is_empty(),
+                "{mode:?}: {} keeps {save} tables {tables:?}",
+                p.name
+            );
+        }
     }
     // Nothing captures any more: productpage reaches reviews-v1 directly.
     lab.ztunnels[0].kill();

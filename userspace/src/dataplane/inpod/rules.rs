@@ -10,7 +10,7 @@ use std::{
 
 use super::{RECHECK, istio_cni as inpod};
 use crate::{
-    dataplane::iptables::{self, Backend},
+    dataplane::iptables::{self, Backend, nftables},
     error::{Error, Result},
     netns,
 };
@@ -59,10 +59,16 @@ impl PodRules {
         let record = self.records.join(inode.to_string());
         let before = record.exists();
         if !before {
-            std::fs::write(&record, b"").map_err(|source| Error::StateFile {
-                path: record.clone(),
-                source,
-            })?;
+            // The pod's tables before ours, so that taking the rules out also takes out the
+            // tables they made the backend create.
+            let backend = self.backend;
+            let tables = netns::run_in(ns, || nftables::tagged_existing(backend))??;
+            std::fs::write(&record, format!("{TABLES_BEFORE}\n{}\n", tables.join("\n"))).map_err(
+                |source| Error::StateFile {
+                    path: record.clone(),
+                    source,
+                },
+            )?;
         }
         let missing = inpod::apply(ns, self.backend, self.dns_capture)?;
         self.checked.insert(inode, Instant::now());
@@ -89,8 +95,9 @@ impl PodRules {
     pub fn release(&mut self, ns: &Path) -> Result<()> {
         let inode = netns::inode(ns)?;
         self.checked.remove(&inode);
-        inpod::remove(ns, self.backend)?;
-        forget(&self.records.join(inode.to_string()))
+        let record = self.records.join(inode.to_string());
+        take_out(ns, self.backend, &record)?;
+        forget(&record)
     }
 }
 
@@ -106,13 +113,39 @@ pub fn cleanup(state_dir: &Path, node: &str) -> Result<Vec<PathBuf>> {
     for e in entries.flatten() {
         let inode = e.file_name().to_string_lossy().parse::<u64>().ok();
         if let Some(ns) = inode.and_then(netns::find_by_inode) {
-            inpod::remove(&ns, backend)?;
+            take_out(&ns, backend, &e.path())?;
             cleaned.push(ns);
         }
         forget(&e.path())?;
     }
     let _ = std::fs::remove_dir(&dir);
     Ok(cleaned)
+}
+
+/// The first line of a pod's record, before the tables it had (records of older agents are
+/// empty: nothing known, no table removed).
+const TABLES_BEFORE: &str = "tables-before:";
+
+/// Takes the rules out of the pod netns at `ns`, then the tables they made the backend create
+/// (now empty), as its record says.
+fn take_out(ns: &Path, backend: Backend, record: &Path) -> Result<()> {
+    inpod::remove(ns, backend)?;
+    let text = std::fs::read_to_string(record).unwrap_or_default();
+    let mut lines = text.lines();
+    if lines.next() != Some(TABLES_BEFORE) {
+        return Ok(());
+    }
+    let before: Vec<&str> = lines.collect();
+    netns::run_in(ns, || -> Result<()> {
+        for v6 in [false, true] {
+            for table in ["mangle", "nat"] {
+                if !before.contains(&nftables::tag(v6, table).as_str()) {
+                    nftables::delete_if_empty(backend, v6, table)?;
+                }
+            }
+        }
+        Ok(())
+    })?
 }
 
 fn forget(record: &Path) -> Result<()> {

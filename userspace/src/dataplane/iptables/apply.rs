@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use super::{
     IptablesDataplane, NODE_TABLES, ZTUNNEL_TABLES, is_ztunnel_rule,
     layout::{self, Params, TunnelIndexes},
+    nftables,
     remove::remove_ztunnel_side,
     saved::{self, SavedNetns},
     tables,
@@ -45,20 +46,32 @@ impl IptablesDataplane {
         let want = zf.map(|z| SavedNetns {
             path: z.netns.clone(),
             inode: z.netns_inode,
+            tables_before: None,
         });
         if let Some(old) = self.saved.ztunnel_netns.clone()
-            && Some(&old) != want.as_ref()
+            && !want.as_ref().is_some_and(|w| w.same(&old))
         {
             remove_ztunnel_side(&self.file, &mut self.saved, self.backend, &old)?;
         }
-        let (Some(z), Some(ns)) = (&f.v4.ztunnel, want) else {
+        let (Some(z), Some(mut ns)) = (&f.v4.ztunnel, want) else {
             return Ok(());
         };
+        if let Some(known) = self.saved.ztunnel_netns.as_ref().filter(|o| o.same(&ns)) {
+            ns.tables_before = known.tables_before.clone();
+        }
         self.saved.ztunnel_netns = Some(ns.clone());
         self.file.store(&self.saved)?;
         let (file, saved, backend) = (&self.file, &mut self.saved, self.backend);
         netns::run_in(&ns.path, || -> Result<()> {
             let nl = Netlink::new()?;
+            // Its tables before our first rule there, so that cleanup removes only ours.
+            if ns.tables_before.is_none() {
+                let before = nftables::tagged_existing(backend)?;
+                if let Some(z) = saved.ztunnel_netns.as_mut() {
+                    z.tables_before = Some(before);
+                }
+                file.store(saved)?;
+            }
             let mut idx = [0; 2];
             for (i, t) in layout::tunnels(f.v4, z, false, f.tunnels_v6())
                 .iter()

@@ -8,7 +8,7 @@ mod apply;
 mod hold;
 pub mod inspect;
 mod ipset;
-mod nftables;
+pub(crate) mod nftables;
 mod remove;
 mod saved;
 pub mod status;

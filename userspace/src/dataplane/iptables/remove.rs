@@ -22,6 +22,12 @@ pub(super) fn remove_ztunnel_side(
             let nl = Netlink::new()?;
             for v6 in [false, true] {
                 tables::sync_builtin(backend, v6, "mangle", "PREROUTING", &[], is_ztunnel_rule)?;
+                // The table our rules made the backend create, now empty, unless it was there.
+                if let Some(before) = &ns.tables_before
+                    && !before.contains(&nftables::tag(v6, "mangle"))
+                {
+                    nftables::delete_if_empty(backend, v6, "mangle")?;
+                }
                 for r in layout::ztunnel_policy_rules() {
                     nl.remove_rule(r, v6)?;
                 }

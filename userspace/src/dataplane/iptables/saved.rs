@@ -44,6 +44,17 @@ pub struct AppliedRule {
 pub struct SavedNetns {
     pub path: PathBuf,
     pub inode: u64,
+    /// Its iptables tables before the fallback first wrote there (`ip:mangle`, …): cleanup
+    /// deletes the others once they are empty. `None`: not known yet, or an older state file.
+    #[serde(default)]
+    pub tables_before: Option<Vec<String>>,
+}
+
+impl SavedNetns {
+    /// The same namespace, whatever is known of its tables.
+    pub fn same(&self, other: &SavedNetns) -> bool {
+        (&self.path, self.inode) == (&other.path, other.inode)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
