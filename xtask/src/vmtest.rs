@@ -259,6 +259,8 @@ pub fn snapshot(test_binaries: &[PathBuf]) -> Result<(Vec<PathBuf>, PathBuf)> {
         .iter()
         .map(|b| copy(b))
         .collect::<Result<_>>()?;
+    // The CNI plugin goes beside the agent, where the tests look for it.
+    copy(&root().join("target/debug/zdivert-cni"))?;
     Ok((tests, copy(&root().join("target/debug/zdivert"))?))
 }
 
