@@ -239,6 +239,11 @@ impl Agent {
         Ok(serde_json::from_str(&out)?)
     }
 
+    /// `zdivert status` as an operator reads it.
+    pub fn status_text(&self) -> Result<String> {
+        zdivert_in(&self.node_ns, &["--node", &self.node, "status"])
+    }
+
     /// `zdivert cleanup` for this node, with the agent stopped.
     pub fn cleanup(&mut self) -> Result<String> {
         self.kill();

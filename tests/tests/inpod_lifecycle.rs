@@ -37,6 +37,7 @@ with_each_redirection!(
     a_peer_that_never_acks_holds_up_no_one,
     cleanup_takes_the_redirection_out_of_every_pod,
     a_pod_that_removes_its_redirection_gets_it_back,
+    status_leads_with_the_ztunnels_serving_the_pods,
 );
 
 /// The node description without the pods named in `left` (gone from the API).
@@ -305,4 +306,41 @@ fn a_pod_that_removes_its_redirection_gets_it_back(mode: Mode) -> anyhow::Result
         denied.seen()
     );
     Ok(())
+}
+
+/// `zdivert status` in in-pod mode says what is true there: which redirection and why, the
+/// ztunnels connected over ZDS and what they acked, then each pod's redirection; not the
+/// node-level view (no node-level ztunnel, no pod map), which in-pod mode does not use.
+fn status_leads_with_the_ztunnels_serving_the_pods(mode: Mode) -> anyhow::Result<()> {
+    let lab = Lab::real(mode, |_| MeshConfig::default())?;
+    let (w2, agent) = (lab.w2(), lab.agent2());
+    let pods = w2.pods.values().filter(|p| p.ambient).count();
+    let text = eventually_text(agent, pods)?;
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with(&format!("node {}: in-pod redirection: ", w2.name)),
+        "{text}"
+    );
+    assert_eq!(lines[1], "in-pod ztunnels connected over ZDS: 1", "{text}");
+    assert!(lines[2].ends_with(&format!("{pods} pods acked")), "{text}");
+    if mode == Mode::InPodEbpf {
+        assert!(
+            text.contains(&format!("pods redirected by eBPF programs ({pods} netns)")),
+            "{text}"
+        );
+    }
+    for node_level in ["ztunnel: none", "ambient pod addresses"] {
+        assert!(!text.contains(node_level), "{text}");
+    }
+    Ok(())
+}
+
+/// The status text once ztunnel has acked every pod.
+fn eventually_text(agent: &zdivert_tests::agent::Agent, pods: usize) -> anyhow::Result<String> {
+    let mut text = String::new();
+    eventually("every pod acked", Duration::from_secs(10), || {
+        text = agent.status_text()?;
+        Ok(text.contains(&format!(": {pods} pods acked")))
+    })?;
+    Ok(text)
 }

@@ -428,17 +428,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         }
                         println!("{v}");
                     }
-                    Output::Text => {
-                        if let Some(c) = &in_pod {
+                    // In-pod mode leads with what serves the pods: the ZDS peers, then each
+                    // pod's redirection; the node-level view is not the one in use.
+                    Output::Text => match &in_pod {
+                        Some(c) => {
                             println!("node {node}: in-pod redirection: {c}");
+                            if let Some(z) = &zds {
+                                print!("{}", zdivert::zds::render_status(z));
+                            }
+                            match &st {
+                                Some(status::Status::Ebpf(e)) => print!("{}", e.render_in_pod()),
+                                Some(other) => print!("{}", other.render()),
+                                None => {}
+                            }
                         }
-                        if let Some(st) = &st {
-                            print!("{}", st.render());
+                        None => {
+                            if let Some(st) = &st {
+                                print!("{}", st.render());
+                            }
+                            if let Some(z) = &zds {
+                                print!("{}", zdivert::zds::render_status(z));
+                            }
                         }
-                        if let Some(z) = &zds {
-                            print!("{}", zdivert::zds::render_status(z));
-                        }
-                    }
+                    },
                 }
             }
             Ok(())

@@ -14,7 +14,17 @@ pub struct Status {
     pub pods: Vec<PodStatus>,
     pub node_ips: Vec<IpAddr>,
     pub links: Vec<String>,
+    /// In-pod mode: each redirected pod netns (by inode), its path if a process or name still
+    /// holds it, and its attachments.
+    pub pod_netns: Vec<PodNetnsStatus>,
     pub counters: Vec<Counter>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PodNetnsStatus {
+    pub inode: u64,
+    pub path: Option<String>,
+    pub attachments: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -61,6 +71,29 @@ pub fn read(bpffs: &Path, node: &str) -> Result<Status> {
         ipv4: (z.flags & zdivert_common::ZTUNNEL_F_V4 != 0).then(|| IpAddr::from(z.ipv4)),
         ipv6: (z.flags & zdivert_common::ZTUNNEL_F_V6 != 0).then(|| IpAddr::from(z.ipv6)),
     });
+    let mut pod_netns: Vec<PodNetnsStatus> = Vec::new();
+    for (_, mode, p) in &pinned {
+        if !matches!(
+            p.hook,
+            attach::Hook::InPodEgress | attach::Hook::InPodIngress | attach::Hook::InPodLoopback
+        ) {
+            continue;
+        }
+        let what = format!(
+            "{} {} on ifindex {} via {mode}",
+            p.hook.program(),
+            p.hook.direction(),
+            p.ifindex
+        );
+        match pod_netns.iter_mut().find(|n| n.inode == p.netns_inode) {
+            Some(n) => n.attachments.push(what),
+            None => pod_netns.push(PodNetnsStatus {
+                inode: p.netns_inode,
+                path: crate::netns::find_by_inode(p.netns_inode).map(|n| n.display().to_string()),
+                attachments: vec![what],
+            }),
+        }
+    }
     Ok(Status {
         node: node.into(),
         pins: dirs.root.display().to_string(),
@@ -79,6 +112,7 @@ pub fn read(bpffs: &Path, node: &str) -> Result<Status> {
             .iter()
             .map(|(_, mode, p)| format!("{p} via {mode}"))
             .collect(),
+        pod_netns,
         counters: snap
             .counters
             .into_iter()
@@ -92,6 +126,31 @@ pub fn read(bpffs: &Path, node: &str) -> Result<Status> {
 }
 
 impl Status {
+    /// In-pod mode's view: the node-level maps and ztunnel entry are not used there, so only
+    /// each pod netns's redirection and the in-pod programs' counters.
+    pub fn render_in_pod(&self) -> String {
+        let mut s = format!(
+            "pods redirected by eBPF programs ({} netns):\n",
+            self.pod_netns.len()
+        );
+        for n in &self.pod_netns {
+            let _ = writeln!(
+                s,
+                "  netns {} ({}):",
+                n.inode,
+                n.path.as_deref().unwrap_or("gone")
+            );
+            for a in &n.attachments {
+                let _ = writeln!(s, "    {a}");
+            }
+        }
+        let _ = writeln!(s, "packets (in-pod programs):");
+        for c in self.counters.iter().filter(|c| c.path.starts_with("pod_")) {
+            let _ = writeln!(s, "  {:<15} {:<28} {}", c.path, c.outcome, c.packets);
+        }
+        s
+    }
+
     pub fn render(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(
