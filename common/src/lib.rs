@@ -375,6 +375,7 @@ counters! {
     INGRESS_TIME_WAIT_GONE = 12, "pod_ingress", "time_wait_gone";
     INGRESS_DROP_ASSIGN_REFUSED = 13, "pod_ingress", "dropped_assign_refused";
     INGRESS_DROP_UNRECORDED = 14, "pod_ingress", "dropped_time_wait_unrecorded";
+    INGRESS_DROP_NOT_ZTUNNELS = 15, "pod_ingress", "dropped_not_ztunnels";
 }
 
 pub const POD_COUNTER_SLOTS: u32 = 16;

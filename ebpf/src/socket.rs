@@ -7,11 +7,14 @@ use aya_ebpf::{
         BPF_F_CURRENT_NETNS, BPF_TCP_CLOSE, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, bpf_sock,
         bpf_sock_tuple,
     },
-    helpers::{bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{
+        bpf_get_listener_sock, bpf_sk_assign, bpf_sk_fullsock, bpf_sk_lookup_tcp, bpf_sk_release,
+        bpf_skc_lookup_tcp,
+    },
     programs::TcContext,
 };
 
-use zdivert_common::{IpKey, ZtunnelEntry};
+use zdivert_common::{IpKey, MARK_MASK, ZtunnelEntry};
 
 use crate::{
     maps::draining,
@@ -170,17 +173,84 @@ pub unsafe fn assign(ctx: &TcContext, sk: *mut bpf_sock) -> bool {
     ret == 0
 }
 
-/// The listener on `port` (wildcard, else loopback as the original TPROXY rules' `--on-ip
-/// 127.0.0.1` expected), with a reference the caller must release; null if there is none.
+/// Whose sockets redirected traffic may be given to.
+#[derive(Clone, Copy)]
+pub enum Owner {
+    /// Any socket: ztunnel's netns holds only ztunnel's (node level).
+    Any,
+    /// Only sockets carrying this mark (in-pod: ztunnel marks every socket it makes in a pod
+    /// 0x539, which a pod's own process cannot set without NET_ADMIN; accepted sockets inherit
+    /// their listener's).
+    Marked(u32),
+}
+
+impl Owner {
+    /// Whether `sk` is the owner's: a full socket by its own mark, a request socket (SYN_RECV)
+    /// by its listener's. TIME_WAIT sockets are nobody's to check, and inert: they deliver no
+    /// data, so they pass (a SYN that meets one is handled apart).
+    ///
+    /// # Safety
+    /// `sk` must be a live socket reference from a lookup helper.
+    #[inline(always)]
+    unsafe fn owns(self, sk: *mut bpf_sock) -> bool {
+        let Owner::Marked(mark) = self else {
+            return true;
+        };
+        // SAFETY: the helpers take any live socket pointer; what they return is readable and
+        // needs no release (it is `sk` itself or its listener, held under RCU).
+        unsafe {
+            if (*sk).state == BPF_TCP_TIME_WAIT {
+                return true;
+            }
+            let full = bpf_sk_fullsock(sk);
+            if !full.is_null() {
+                return (*full).mark & MARK_MASK == mark;
+            }
+            let listener = bpf_get_listener_sock(sk);
+            !listener.is_null() && (*listener).mark & MARK_MASK == mark
+        }
+    }
+}
+
+/// The owner's listener on `port`: on the segment's own destination address, else on loopback
+/// (as the original TPROXY rules' `--on-ip 127.0.0.1` expected); with a reference the caller
+/// must release. A listener that is not the owner's (a process in the pod bound the port on
+/// the pod's address) is passed over for the loopback lookup, which only a wildcard or
+/// loopback listener answers: ztunnel's.
 #[inline(always)]
-pub fn listener(ctx: &TcContext, tuple: &mut Tuple, port: u16, v6: bool) -> *mut bpf_sock {
+pub fn listener(
+    ctx: &TcContext,
+    tuple: &mut Tuple,
+    port: u16,
+    v6: bool,
+    owner: Owner,
+) -> Result<*mut bpf_sock, NotAssigned> {
     tuple.set_dport(port);
     let sk = tuple.lookup(ctx, Lookup::FullSocket);
+    let mut squatted = false;
     if !sk.is_null() {
-        return sk;
+        // SAFETY: a live reference from the lookup, kept or released here.
+        if unsafe { owner.owns(sk) } {
+            return Ok(sk);
+        }
+        unsafe { bpf_sk_release(sk as *mut c_void) };
+        squatted = true;
     }
     tuple.set_loopback_dst(v6);
-    tuple.lookup(ctx, Lookup::FullSocket)
+    let sk = tuple.lookup(ctx, Lookup::FullSocket);
+    if sk.is_null() {
+        return Err(if squatted {
+            NotAssigned::NotTheOwners
+        } else {
+            NotAssigned::NoListener
+        });
+    }
+    // SAFETY: as above.
+    if unsafe { owner.owns(sk) } {
+        return Ok(sk);
+    }
+    unsafe { bpf_sk_release(sk as *mut c_void) };
+    Err(NotAssigned::NotTheOwners)
 }
 
 /// Which socket of ztunnel's took a captured segment.
@@ -208,6 +278,9 @@ pub enum NotAssigned {
     Unrecorded,
     /// The kernel refused the assignment.
     Refused,
+    /// The segment's socket, or the listener, is not ztunnel's (a process in the pod holds
+    /// it): it would get traffic meant for ztunnel.
+    NotTheOwners,
 }
 
 /// The socket-assignment steps of both tproxy programs (ztunnel's netns, and in-pod): the
@@ -220,6 +293,7 @@ pub fn to_ztunnel(
     ip: &Ip,
     seg: &Tcp,
     port: u16,
+    owner: Owner,
     record: impl FnOnce(*mut bpf_sock) -> bool,
 ) -> Result<Assigned, NotAssigned> {
     let mut tuple = Tuple::new(ip, seg);
@@ -229,17 +303,20 @@ pub fn to_ztunnel(
         // assigned or released once on every path.
         let state = unsafe { (*sk).state };
         if state == BPF_TCP_TIME_WAIT && seg.is_syn() {
-            return unsafe { syn_to_time_wait(ctx, sk, &mut tuple, port, ip.v6, record) };
+            return unsafe { syn_to_time_wait(ctx, sk, &mut tuple, port, ip.v6, owner, record) };
         }
         if state != BPF_TCP_LISTEN {
+            // A connection of a process in the pod (a simultaneous open, a connection made
+            // while ztunnel was away) never gets what was captured for ztunnel.
+            if !unsafe { owner.owns(sk) } {
+                unsafe { bpf_sk_release(sk as *mut c_void) };
+                return Err(NotAssigned::NotTheOwners);
+            }
             return unsafe { assign_or(ctx, sk, Assigned::Established) };
         }
         unsafe { bpf_sk_release(sk as *mut c_void) };
     }
-    let l = listener(ctx, &mut tuple, port, ip.v6);
-    if l.is_null() {
-        return Err(NotAssigned::NoListener);
-    }
+    let l = listener(ctx, &mut tuple, port, ip.v6, owner)?;
     // SAFETY: a live reference from the lookup helper.
     unsafe { assign_or(ctx, l, Assigned::Listener) }
 }
@@ -253,15 +330,19 @@ unsafe fn syn_to_time_wait(
     tuple: &mut Tuple,
     port: u16,
     v6: bool,
+    owner: Owner,
     record: impl FnOnce(*mut bpf_sock) -> bool,
 ) -> Result<Assigned, NotAssigned> {
-    let l = listener(ctx, tuple, port, v6);
+    let l = match listener(ctx, tuple, port, v6, owner) {
+        Ok(l) => l,
+        Err(e) => {
+            // SAFETY: the TIME_WAIT reference, released once.
+            unsafe { bpf_sk_release(tw as *mut c_void) };
+            return Err(e);
+        }
+    };
     // SAFETY: references from the lookup helpers, each released or assigned once below.
     unsafe {
-        if l.is_null() {
-            bpf_sk_release(tw as *mut c_void);
-            return Err(NotAssigned::NoListener);
-        }
         if !record(l) {
             bpf_sk_release(l as *mut c_void);
             bpf_sk_release(tw as *mut c_void);

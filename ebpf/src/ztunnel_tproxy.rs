@@ -58,12 +58,18 @@ pub fn zd_zt_tproxy(ctx: TcContext) -> i32 {
         unsafe { record_listener(l, listener_slot(ip.v6, port)) };
         true
     };
-    let counter = match socket::to_ztunnel(&ctx, &ip, &seg, port, record) {
+    let counter = match socket::to_ztunnel(&ctx, &ip, &seg, port, socket::Owner::Any, record) {
         Ok(Assigned::Established) => TP_ESTABLISHED,
         Ok(Assigned::Listener | Assigned::ListenerAfterTimeWait) => TP_LISTENER,
         Ok(Assigned::TimeWait) => TP_TIME_WAIT_REUSED,
         // ztunnel is not listening: nothing may pass around it.
-        Err(NotAssigned::NoListener | NotAssigned::Unrecorded | NotAssigned::Refused) => {
+        // (Owner::Any: every socket of ztunnel's netns is ztunnel's, none is `NotTheOwners`.)
+        Err(
+            NotAssigned::NoListener
+            | NotAssigned::Unrecorded
+            | NotAssigned::Refused
+            | NotAssigned::NotTheOwners,
+        ) => {
             return drop(TP_DROP_NO_LISTENER);
         }
     };

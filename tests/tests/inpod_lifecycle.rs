@@ -344,3 +344,57 @@ fn eventually_text(agent: &zdivert_tests::agent::Agent, pods: usize) -> anyhow::
     })?;
     Ok(text)
 }
+
+/// A root process in an ambient pod (no added capability) binds ztunnel's ports, with
+/// SO_REUSEPORT as ztunnel does: on the pod's own address (more specific than ztunnel's
+/// wildcard listener, so the kernel's lookup prefers it), and on the wildcard (joining
+/// ztunnel's reuseport group, same uid). With the eBPF redirection, captured traffic goes only
+/// to sockets that carry ztunnel's mark: the squatter accepts nothing, and a DENY on the pod
+/// holds for plaintext and HBONE clients alike. (istio-cni's rules cannot tell whose socket
+/// TPROXY finds: README, "What cannot get around ztunnel".)
+#[test]
+fn a_process_that_binds_ztunnels_ports_in_its_pod_gets_nothing() -> anyhow::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let lab = Lab::real(Mode::InPodEbpf, |topo| MeshConfig {
+        policies: vec![zdivert_tests::ztunnel::Policy::deny_port(
+            topo.worker2().pod("reviews-v1"),
+            9080,
+        )],
+        ..Default::default()
+    })?;
+    let w2 = lab.w2();
+    let (pp, rv1, sleep) = (w2.pod("productpage-v1"), w2.pod("reviews-v1"), w2.pod("sleep"));
+    let denied = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    let rv1_ip = rv1.ip;
+    let squatters: Vec<Socket> = rv1.ns.exec(move || -> anyhow::Result<Vec<Socket>> {
+        let mut out = Vec::new();
+        for port in [15006u16, 15008] {
+            for addr in [std::net::IpAddr::from(rv1_ip), std::net::Ipv6Addr::UNSPECIFIED.into()] {
+                let s = Socket::new(Domain::for_address(std::net::SocketAddr::new(addr, port)), Type::STREAM, Some(Protocol::TCP))?;
+                s.set_reuse_port(true)?;
+                s.set_nonblocking(true)?;
+                if addr.is_ipv6() {
+                    s.set_only_v6(false)?;
+                }
+                s.bind(&std::net::SocketAddr::new(addr, port).into())?;
+                s.listen(64)?;
+                out.push(s);
+            }
+        }
+        Ok(out)
+    })?;
+    for (who, client) in [("plaintext, from outside the mesh", sleep), ("HBONE, from an ambient pod", pp)] {
+        for _ in 0..8 {
+            let r = request_timeout(&client.ns, sa(rv1.ip, 9080), Duration::from_secs(2));
+            assert!(r.is_err(), "{who}: DENY did not hold: {r:?}");
+        }
+    }
+    assert!(denied.seen().is_empty(), "reached around ztunnel: {:?}", denied.seen());
+    let accepted: Vec<String> = squatters
+        .iter()
+        .filter_map(|s| s.accept().ok())
+        .map(|(_, from)| format!("{:?}", from.as_socket()))
+        .collect();
+    assert!(accepted.is_empty(), "the squatter accepted {accepted:?}");
+    Ok(())
+}

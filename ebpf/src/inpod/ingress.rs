@@ -7,8 +7,11 @@
 //! lookup: `egress.rs` turned them back because their socket is here.) This is istio-cni's
 //! contract without netfilter:
 //! - ztunnel's own packets (mark 0x539) and loopback traffic are not captured;
-//! - inbound TCP is captured except to :15008 (ztunnel's own listener takes it) and from the
-//!   kubelet probe address;
+//! - inbound TCP is captured except from the kubelet probe address (HBONE to ztunnel's :15008,
+//!   the rest to :15006);
+//! - only ztunnel's sockets (mark 0x539, a full socket's own or a request socket's listener's)
+//!   are given what was captured: a listener a process in the pod bound on the pod's address,
+//!   or a connection of its own, gets nothing (dropped, counted `dropped_not_ztunnels`);
 //! - turned-back segments carry mark 0x111, which `ip rule fwmark 0x111/0xfff lookup 100` routes
 //!   to `local default dev lo`: their destination is not this netns's own.
 //!
@@ -102,10 +105,17 @@ fn from_the_wire(ctx: &TcContext) -> i32 {
     let Some(seg) = tcp(ctx, &ip) else {
         return drop(INGRESS_DROP_MALFORMED);
     };
-    if seg.dport() == PORT_INBOUND_HBONE || is_probe(&ip) {
+    if is_probe(&ip) {
         return pass(INGRESS_PASSED);
     }
-    to_ztunnel(ctx, &ip, &seg, PORT_INBOUND_PLAIN)
+    // HBONE goes to ztunnel's own :15008, the rest to :15006; either only to ztunnel's socket
+    // (a process in the pod may bind the pod's address on either port).
+    let port = if seg.dport() == PORT_INBOUND_HBONE {
+        PORT_INBOUND_HBONE
+    } else {
+        PORT_INBOUND_PLAIN
+    };
+    to_ztunnel(ctx, &ip, &seg, port)
 }
 
 /// Assigns the segment to its connection's socket, or to ztunnel's listener on `port`. A SYN
@@ -131,7 +141,8 @@ fn to_ztunnel(ctx: &TcContext, ip: &Ip, seg: &Tcp, port: u16) -> i32 {
         // SAFETY: `l` is a live listener reference for both calls.
         unsafe { record(&anchor(pod, port), l) && record(&key, l) }
     };
-    match socket::to_ztunnel(ctx, ip, seg, port, record) {
+    let ztunnels = socket::Owner::Marked(MARK_INPOD_ZTUNNEL);
+    match socket::to_ztunnel(ctx, ip, seg, port, ztunnels, record) {
         Ok(Assigned::Established) => assigned(INGRESS_ESTABLISHED),
         Ok(Assigned::Listener) => assigned(INGRESS_LISTENER),
         Ok(Assigned::TimeWait) => assigned(INGRESS_TIME_WAIT),
@@ -140,6 +151,7 @@ fn to_ztunnel(ctx: &TcContext, ip: &Ip, seg: &Tcp, port: u16) -> i32 {
         Err(NotAssigned::NoListener) => drop(INGRESS_DROP_NO_LISTENER),
         Err(NotAssigned::Unrecorded) => drop(INGRESS_DROP_UNRECORDED),
         Err(NotAssigned::Refused) => drop(INGRESS_DROP_ASSIGN_REFUSED),
+        Err(NotAssigned::NotTheOwners) => drop(INGRESS_DROP_NOT_ZTUNNELS),
     }
 }
 

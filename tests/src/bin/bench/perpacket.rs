@@ -109,10 +109,15 @@ pub fn run(repeat: u32, rounds: usize, samples: &mut Samples) -> Result<()> {
             ("zd_pod_egress", syn(pp, rv1)),
             ("zd_pod_ingress", syn(remote, pp)),
         ];
-        let _listeners = [
-            std::net::TcpListener::bind("0.0.0.0:15001")?,
-            std::net::TcpListener::bind("0.0.0.0:15006")?,
-        ];
+        // Marked as ztunnel marks its sockets: the in-pod program gives segments to no other.
+        let listen = |port: u16| -> Result<socket2::Socket> {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.set_mark(zdivert_common::MARK_INPOD_ZTUNNEL)?;
+            s.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+            s.listen(8)?;
+            Ok(s)
+        };
+        let _listeners = [listen(15001)?, listen(15006)?];
         for prog in cases[1..]
             .iter()
             .map(|c| c.0)

@@ -210,7 +210,8 @@ fn in_scratch_netns(prog: &mut SchedClassifier) -> Result<(), String> {
 }
 
 /// Whether a SYN `zd_pod_ingress` assigns to a listener on :15001 bound as in-pod ztunnel
-/// binds it (IP_TRANSPARENT, and SO_REUSEPORT if `reuse_port`) is accepted there.
+/// binds it (IP_TRANSPARENT, ztunnel's mark 0x539 that the program requires, and SO_REUSEPORT
+/// if `reuse_port`) is accepted there.
 fn accepts(reuse_port: bool) -> Result<(), String> {
     let listener =
         listener(reuse_port).map_err(|e| format!("a listener on :{PORT_OUTBOUND}: {e}"))?;
@@ -226,6 +227,7 @@ fn listener(reuse_port: bool) -> std::io::Result<Socket> {
     let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_port(reuse_port)?;
     s.set_ip_transparent(true)?;
+    s.set_mark(zdivert_common::MARK_INPOD_ZTUNNEL)?;
     s.bind(&SocketAddr::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT_OUTBOUND)).into())?;
     s.listen(8)?;
     Ok(s)
