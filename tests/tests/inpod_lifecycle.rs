@@ -363,14 +363,25 @@ fn a_process_that_binds_ztunnels_ports_in_its_pod_gets_nothing() -> anyhow::Resu
         ..Default::default()
     })?;
     let w2 = lab.w2();
-    let (pp, rv1, sleep) = (w2.pod("productpage-v1"), w2.pod("reviews-v1"), w2.pod("sleep"));
+    let (pp, rv1, sleep) = (
+        w2.pod("productpage-v1"),
+        w2.pod("reviews-v1"),
+        w2.pod("sleep"),
+    );
     let denied = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
     let rv1_ip = rv1.ip;
     let squatters: Vec<Socket> = rv1.ns.exec(move || -> anyhow::Result<Vec<Socket>> {
         let mut out = Vec::new();
         for port in [15006u16, 15008] {
-            for addr in [std::net::IpAddr::from(rv1_ip), std::net::Ipv6Addr::UNSPECIFIED.into()] {
-                let s = Socket::new(Domain::for_address(std::net::SocketAddr::new(addr, port)), Type::STREAM, Some(Protocol::TCP))?;
+            for addr in [
+                std::net::IpAddr::from(rv1_ip),
+                std::net::Ipv6Addr::UNSPECIFIED.into(),
+            ] {
+                let s = Socket::new(
+                    Domain::for_address(std::net::SocketAddr::new(addr, port)),
+                    Type::STREAM,
+                    Some(Protocol::TCP),
+                )?;
                 s.set_reuse_port(true)?;
                 s.set_nonblocking(true)?;
                 if addr.is_ipv6() {
@@ -383,13 +394,20 @@ fn a_process_that_binds_ztunnels_ports_in_its_pod_gets_nothing() -> anyhow::Resu
         }
         Ok(out)
     })?;
-    for (who, client) in [("plaintext, from outside the mesh", sleep), ("HBONE, from an ambient pod", pp)] {
+    for (who, client) in [
+        ("plaintext, from outside the mesh", sleep),
+        ("HBONE, from an ambient pod", pp),
+    ] {
         for _ in 0..8 {
             let r = request_timeout(&client.ns, sa(rv1.ip, 9080), Duration::from_secs(2));
             assert!(r.is_err(), "{who}: DENY did not hold: {r:?}");
         }
     }
-    assert!(denied.seen().is_empty(), "reached around ztunnel: {:?}", denied.seen());
+    assert!(
+        denied.seen().is_empty(),
+        "reached around ztunnel: {:?}",
+        denied.seen()
+    );
     let accepted: Vec<String> = squatters
         .iter()
         .filter_map(|s| s.accept().ok())
