@@ -10,7 +10,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use serde_json::{Value, json};
 
 use crate::{
@@ -269,50 +269,6 @@ impl Runtime {
             self.exec(&plugin, "CHECK", pod, pod.result.as_ref())?;
         }
         Ok(())
-    }
-
-    /// Runs only `zdivert-cni` (the last plugin) on `pod`, with `stdin` as its raw input.
-    pub fn raw_zdivert(&self, pod: &Sandbox, command: &str, stdin: &[u8]) -> Result<(bool, Value)> {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", self.node_ns.display()))
-            .arg(plugin_bin())
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", &pod.container_id)
-            .env("CNI_NETNS", pod.pod.ns.path())
-            .env("CNI_IFNAME", "eth0")
-            .env(
-                "CNI_ARGS",
-                format!(
-                    "K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={}",
-                    pod.pod.namespace, pod.pod.name, pod.uid
-                ),
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                let _ = c.stdin.take().expect("piped").write_all(stdin);
-                c.wait_with_output()
-            })
-            .context("running zdivert-cni")?;
-        let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        Ok((out.status.success(), v))
-    }
-
-    /// The list's `zdivert-cni` entry, with `prevResult`, as `raw_zdivert`'s stdin.
-    pub fn zdivert_stdin(&self, prev: &Value) -> Result<Value> {
-        let Some(plugin) = self.conflist["plugins"]
-            .as_array()
-            .and_then(|p| p.last())
-            .cloned()
-        else {
-            bail!("an empty list");
-        };
-        let mut config = plugin;
-        config["cniVersion"] = self.conflist["cniVersion"].clone();
-        config["name"] = self.conflist["name"].clone();
-        config["prevResult"] = prev.clone();
-        Ok(config)
     }
 }
 

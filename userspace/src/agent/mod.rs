@@ -293,6 +293,7 @@ impl Reconciler {
                         .into_iter()
                         .map(|(pod, e)| (pod, e.chain().to_string()))
                         .collect(),
+                    node_error: None,
                 }
             }
             Err(e) => {
@@ -303,8 +304,8 @@ impl Reconciler {
                     held: None,
                     captured: BTreeSet::new(),
                     failed: vec![],
+                    node_error: Some(e.chain().to_string()),
                 }
-                .node_wide(e.chain().to_string())
             }
         }
     }
@@ -318,33 +319,22 @@ struct Applied {
     held: Option<BTreeSet<u32>>,
     captured: BTreeSet<PodId>,
     failed: Vec<(PodId, String)>,
+    /// Why the apply failed as a whole, if it did.
+    node_error: Option<String>,
 }
 
 impl Applied {
-    /// The apply failed as a whole: every pod with that reason.
-    fn node_wide(mut self, why: String) -> Self {
-        self.failed.push((
-            PodId {
-                namespace: String::new(),
-                name: String::new(),
-            },
-            why,
-        ));
-        self
-    }
-
     /// Whether `pod` is captured, or why not.
     fn outcome_of(&self, pod: &PodId) -> Result<(), String> {
         if self.captured.contains(pod) {
             return Ok(());
         }
-        Err(self
-            .failed
-            .iter()
-            .find(|(p, _)| p == pod || p.name.is_empty())
-            .map_or_else(
-                || "not captured by the last apply".into(),
-                |(_, why)| why.clone(),
-            ))
+        if let Some(e) = &self.node_error {
+            return Err(e.clone());
+        }
+        Err(self.failed.iter().find(|(p, _)| p == pod).map_or_else(
+            || "not captured by the last apply".into(),
+            |(_, why)| why.clone(),
+        ))
     }
 }
