@@ -7,13 +7,15 @@
 //!                                                                   ◄── captured | outside | error
 //! ```
 //!
-//! - `plugin`: the plugin's side (CNI's environment and stdin, its answers on stdout);
+//! - `plugin`: the plugin's side (CNI's environment and stdin, its answers on stdout), and
+//!   `client`: how it reaches the agent, or the API server while the agent is down;
 //! - `server`: the agent's socket, which decides (the same selection as the source) and, for an
 //!   ambient pod, answers only once the pod is captured (in-pod: acked by ztunnel);
 //! - `conflist`: how the DaemonSet chains the plugin into the primary CNI's configuration.
 //!
 //! The plugin keeps no state of its own: the agent's socket is the only thing it talks to,
 //! besides the API server when the agent cannot be reached.
+pub mod client;
 pub mod conflist;
 pub mod install;
 pub mod plugin;
