@@ -143,7 +143,12 @@ pub fn programs_in(pod: &Pod) -> Result<Vec<String>> {
             ("eth0", TcAttachType::Egress),
             ("lo", TcAttachType::Ingress),
         ] {
-            let (_, programs) = SchedClassifier::query_tcx(dev, hook)?;
+            let programs = match SchedClassifier::query_tcx(dev, hook) {
+                Ok((_, programs)) => programs,
+                // A kernel before 6.6 knows no TCX (EINVAL): nothing is attached through it.
+                Err(e) if crate::snapshot::errno(&e) == Some(libc::EINVAL) => continue,
+                Err(e) => return Err(e.into()),
+            };
             for p in programs {
                 let name = p.name_as_str().unwrap_or("?").to_string();
                 out.push(format!("{dev} {hook:?}: {name}"));

@@ -154,7 +154,8 @@ pub fn tcx_programs(ns: &Netns) -> anyhow::Result<String> {
 }
 
 /// The errno at the bottom of an error's chain, if it is an OS error.
-fn errno(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+/// The OS error at the bottom of `e`'s chain, if any.
+pub fn errno(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
     let mut cur = Some(e);
     while let Some(err) = cur {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
