@@ -375,8 +375,11 @@ fn auto_mode_picks_ebpf_where_it_runs_and_says_why_it_falls_back() -> anyhow::Re
     let node = topo.worker2();
     let log = auto_choice(node, &[], &[])?;
     assert!(log.contains("mode auto: eBPF"), "{log}");
+    // By default, TCX where the kernel has it (6.6+), tc clsact before.
+    let default = zdivert::dataplane::ebpf::attach::AttachMode::for_kernel();
     assert!(
-        log.contains("ebpf dataplane for node") && log.contains("attached through tcx"),
+        log.contains("ebpf dataplane for node")
+            && log.contains(&format!("attached through {default}")),
         "{log}"
     );
     // The probe attaches the way the agent will.
