@@ -30,7 +30,7 @@ pub enum Input {
     State(NodeState),
     /// Veths that just appeared on the node: held at once, classified by the next applies.
     NewLinks(Vec<Link>),
-    /// The CNI plugin's request for one pod, answered once done (`cni::Pending`).
+    /// The CNI plugin's request for one pod, answered once done.
     Cni(cni::Request),
 }
 
