@@ -98,6 +98,12 @@ fn lab(mode: Mode) -> anyhow::Result<Lab> {
     })
 }
 
+/// The ambient pod the runtime starts, with the uid the mesh's XDS gives it.
+fn newcomer(runtime: &Runtime, w2: &Node) -> anyhow::Result<Sandbox> {
+    let uid = "cluster1//v1/Pod/default/ratings-v9";
+    runtime.sandbox(w2, "default", "ratings-v9", uid, NEWCOMER)
+}
+
 /// The node description with `pod` among the ambient pods, as the API lists a pod the kubelet
 /// is starting: no netns (the source never knows one), its address once IPAM gave it.
 fn listing(node: &Node, pod: &Sandbox) -> String {
@@ -147,8 +153,7 @@ fn add_returns_once_the_pod_is_captured(mode: Mode) -> anyhow::Result<()> {
     let (rv1, sleep) = (w2.pod("reviews-v1"), w2.pod("sleep"));
     let dir = TempDir::new("zdivert-cni")?;
     let runtime = Runtime::ptp(w2, &dir.0.join("ipam"), &cni_socket(&w2.name), None);
-    let uid = |name: &str| format!("cluster1//v1/Pod/default/{name}");
-    let mut pod = runtime.sandbox(w2, "default", "ratings-v9", &uid("ratings-v9"), NEWCOMER)?;
+    let mut pod = newcomer(&runtime, w2)?;
     assert_eq!(pod.uid, workload_uid(&pod.pod));
     agent.describe(&listing(w2, &pod))?;
     let denied = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
@@ -249,13 +254,7 @@ fn with_the_agent_down_add_fails_closed(mode: Mode) -> anyhow::Result<()> {
         &cni_socket(&w2.name),
         Some(&kubeconfig),
     );
-    let mut pod = runtime.sandbox(
-        w2,
-        "default",
-        "ratings-v9",
-        "cluster1//v1/Pod/default/ratings-v9",
-        NEWCOMER,
-    )?;
+    let mut pod = newcomer(&runtime, w2)?;
     let mut outsider = runtime.sandbox(w2, "legacy", "batch-job", "u-batch", OUTSIDER)?;
     for s in [&pod, &outsider] {
         api.apply(json!({
@@ -348,8 +347,7 @@ fn after_a_reboot_no_pod_talks_around_ztunnel(mode: Mode) -> anyhow::Result<()> 
     let dir = TempDir::new("zdivert-cni")?;
     let mut runtime = Runtime::ptp(w2, &dir.0.join("ipam"), &cni_socket(&w2.name), None);
     runtime.set_timeout(3);
-    let uid = "cluster1//v1/Pod/default/ratings-v9";
-    let mut pod = runtime.sandbox(w2, "default", "ratings-v9", uid, NEWCOMER)?;
+    let mut pod = newcomer(&runtime, w2)?;
     lab.agents[0].describe(&listing(w2, &pod))?;
     runtime.add(&mut pod)?;
 
@@ -358,7 +356,7 @@ fn after_a_reboot_no_pod_talks_around_ztunnel(mode: Mode) -> anyhow::Result<()> 
     lab.agents[0].cleanup()?;
     runtime.del(&pod)?;
     drop(pod);
-    let mut pod = runtime.sandbox(w2, "default", "ratings-v9", uid, NEWCOMER)?;
+    let mut pod = newcomer(&runtime, w2)?;
     let retry = |pod: &mut Sandbox| -> anyhow::Result<Option<zdivert_tests::cni::CniError>> {
         let failed = runtime.add(pod).err();
         if failed.is_some() {
@@ -402,13 +400,7 @@ fn a_new_pod_given_a_deleted_pods_address_never_gets_its_identity(
     let w2 = lab.topo.worker2();
     let dir = TempDir::new("zdivert-cni")?;
     let runtime = Runtime::ptp(w2, &dir.0.join("ipam"), &cni_socket(&w2.name), None);
-    let mut old = runtime.sandbox(
-        w2,
-        "default",
-        "ratings-v9",
-        "cluster1//v1/Pod/default/ratings-v9",
-        NEWCOMER,
-    )?;
+    let mut old = newcomer(&runtime, w2)?;
     let listed = listing(w2, &old);
     lab.agents[0].describe(&listed)?;
     runtime.add(&mut old)?;

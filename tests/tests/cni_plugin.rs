@@ -8,6 +8,17 @@ use zdivert_tests::{TempDir, cni::Sandbox, eventually, fakeapi::FakeApi, inpod::
 
 const NEWCOMER: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 60);
 
+/// The `type` of each plugin of the conflist at `path`, in order.
+fn plugin_types(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
+    Ok(v["plugins"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| p["type"].as_str().unwrap_or_default().to_string())
+        .collect())
+}
+
 /// `zdivert install-cni`, as the DaemonSet's container runs it: the plugin copied into the bin
 /// directory, the primary's single `.conf` turned into a list that ends with the plugin, the
 /// entry put back when the primary rewrites its file, and `--uninstall` leaving the primary's
@@ -31,15 +42,7 @@ fn install_cni_chains_the_plugin_and_keeps_it_chained() -> anyhow::Result<()> {
         .stdin(std::process::Stdio::null())
         .spawn()?;
     let list = conf.join("10-kindnet.conflist");
-    let plugins = |path: &std::path::Path| -> anyhow::Result<Vec<String>> {
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
-        Ok(v["plugins"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|p| p["type"].as_str().unwrap_or_default().to_string())
-            .collect())
-    };
+    let plugins = plugin_types;
     let chained = eventually("chained", Duration::from_secs(10), || {
         Ok(list.exists() && plugins(&list)? == ["ptp", "zdivert-cni"])
     });
@@ -212,15 +215,7 @@ fn install_cni_takes_the_plugin_out_only_when_its_daemonset_is_gone() -> anyhow:
     let kubeconfig = FakeApi::write_kubeconfig(&dir.0, "install-cni", addr)?;
     api.apply(json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
                      "metadata": {"name": "zdivert", "namespace": "istio-system"}}))?;
-    let chained_types = || -> anyhow::Result<Vec<String>> {
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&list)?)?;
-        Ok(v["plugins"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|p| p["type"].as_str().unwrap_or_default().to_string())
-            .collect())
-    };
+    let chained_types = || plugin_types(&list);
     let run_and_stop = || -> anyhow::Result<()> {
         // Its copy of the plugin tells when it runs (signals are handled by then).
         let _ = std::fs::remove_dir_all(&bin);
