@@ -297,16 +297,8 @@ fn with_the_agent_down_add_fails_closed(mode: Mode) -> anyhow::Result<()> {
         },
     );
     retried.map_err(|e| anyhow::anyhow!("{e}: the last ADD: {last:?}"))?;
-    let (rv1, zt) = (w2.pod("reviews-v1"), &lab.ztunnels[0]);
-    let denied = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
-    let first = request_timeout(&pod.pod.ns, sa(rv1.ip, 9080), Duration::from_secs(3));
-    assert!(first.is_err(), "DENY did not hold: {first:?}");
-    assert!(
-        denied.seen().is_empty(),
-        "reached around ztunnel: {:?}",
-        denied.seen()
-    );
-    zt.wait_access(1, |a| a.denied())?;
+    assert_captured(&lab, &pod)?;
+    lab.ztunnels[0].wait_access(1, |a| a.denied())?;
     runtime.del(&pod)?;
     runtime.del(&outsider)?;
     Ok(())

@@ -101,6 +101,11 @@ impl KubeLab {
     }
 }
 
+/// A process in each pod: how the agent finds a pod's netns when the API names none.
+fn processes_in(pods: &[&zdivert_tests::topology::Pod]) -> Result<Vec<Pause>> {
+    pods.iter().map(|p| Pause::start(&p.ns)).collect()
+}
+
 /// productpage → reviews-v1:9080: whether it went through ztunnel (its access log grew by the
 /// connection, as seen on the inbound side).
 fn through_ztunnel(lab: &KubeLab) -> Result<bool> {
@@ -274,10 +279,7 @@ fn in_pod_mode_takes_its_pods_from_the_namespace_label() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let kubeconfig = FakeApi::write_kubeconfig(&dir, &w2.name, addr)?;
     let ambient: Vec<_> = w2.pods.values().filter(|p| p.ambient).collect();
-    let _pauses = ambient
-        .iter()
-        .map(|p| Pause::start(&p.ns))
-        .collect::<Result<Vec<_>>>()?;
+    let _pauses = processes_in(&ambient)?;
     let agent = Agent::start_kube(w2, &kubeconfig, Mode::InPodEbpf, &[])?;
     let mut ztunnel = Ztunnel::start_in_pod(
         &topo,
@@ -344,10 +346,7 @@ fn a_new_pod_is_judged_through_the_api_and_captured_before_add_returns() -> Resu
     let dir = TempDir::new("zdivert-kube-cni")?;
     let kubeconfig = FakeApi::write_kubeconfig(&dir.0, &w2.name, addr)?;
     let ambient: Vec<_> = w2.pods.values().filter(|p| p.ambient).collect();
-    let _pauses = ambient
-        .iter()
-        .map(|p| Pause::start(&p.ns))
-        .collect::<Result<Vec<_>>>()?;
+    let _pauses = processes_in(&ambient)?;
     let agent = Agent::start_kube(w2, &kubeconfig, Mode::InPodEbpf, &[])?;
     let rv1 = w2.pod("reviews-v1");
     let mesh = MeshConfig {

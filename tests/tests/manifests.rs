@@ -384,17 +384,23 @@ fn kustomize_renders_the_namespace_and_image() -> Result<()> {
     Ok(())
 }
 
-/// The in-pod overlay: the agent in `--ztunnel-mode inpod --mode auto`, its ZDS socket inside
-/// the host directory ztunnel's DaemonSet mounts too.
-#[test]
-fn the_in_pod_overlay_shares_the_zds_socket_directory() -> Result<()> {
-    let text = kustomize(&deploy().join("inpod"))?;
-    let ds: DaemonSet = serde_yaml::Deserializer::from_str(&text)
+/// The DaemonSet kustomize renders from `deploy/<overlay>`.
+fn rendered_daemonset(overlay: &str) -> Result<DaemonSet> {
+    let text = kustomize(&deploy().join(overlay))?;
+    serde_yaml::Deserializer::from_str(&text)
         .map(Value::deserialize)
         .filter_map(Result::ok)
         .find(|v| v["kind"] == "DaemonSet")
         .map(serde_json::from_value)
-        .context("no DaemonSet rendered")??;
+        .context("no DaemonSet rendered")?
+        .map_err(Into::into)
+}
+
+/// The in-pod overlay: the agent in `--ztunnel-mode inpod --mode auto`, its ZDS socket inside
+/// the host directory ztunnel's DaemonSet mounts too.
+#[test]
+fn the_in_pod_overlay_shares_the_zds_socket_directory() -> Result<()> {
+    let ds = rendered_daemonset("inpod")?;
     let c = agent(&ds);
     let args = c.args.clone().unwrap_or_default();
     let after = |flag: &str| {
@@ -466,13 +472,7 @@ fn host_path(ds: &DaemonSet, c: &Container, path: &str) -> Option<String> {
 #[test]
 fn the_cni_plugin_is_installed_where_the_runtime_and_the_agent_meet_it() -> Result<()> {
     for overlay in ["base", "inpod"] {
-        let text = kustomize(&deploy().join(overlay))?;
-        let ds: DaemonSet = serde_yaml::Deserializer::from_str(&text)
-            .map(Value::deserialize)
-            .filter_map(Result::ok)
-            .find(|v| v["kind"] == "DaemonSet")
-            .map(serde_json::from_value)
-            .context("no DaemonSet rendered")??;
+        let ds = rendered_daemonset(overlay)?;
         let spec = ds.spec.template.spec.as_ref().context("pod spec")?;
         let install = spec
             .containers
