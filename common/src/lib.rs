@@ -84,6 +84,9 @@ pub mod program {
     /// In-pod mode, sk_lookup in the pod's netns: a SYN that retired one of ztunnel's TIME_WAIT
     /// sockets finds ztunnel's listener.
     pub const POD_LOOKUP: &str = "zd_pod_lookup";
+    /// In-pod mode, ingress of the pod's host veth (the node's netns): the pod's TCP that did
+    /// not pass `POD_EGRESS` (a packet socket past the qdisc) goes no further.
+    pub const POD_GUARD: &str = "zd_pod_guard";
 }
 
 /// An IP address as a map key: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`) so that one map
@@ -214,6 +217,12 @@ pub const MARK_MASK: u32 = 0xfff;
 /// connections it accepted carry connmark 0x111 so their replies find its socket.
 pub const MARK_INPOD_ZTUNNEL: u32 = 0x539;
 pub const MARK_INPOD_CONN: u32 = 0x111;
+
+/// In-pod mode: the `skb->tc_index` `zd_pod_egress` gives every packet it lets leave the pod,
+/// which `zd_pod_guard` on the host veth requires of the pod's TCP (and resets to 0). Only tc
+/// (CAP_NET_ADMIN) sets it, and it survives the veth's crossing into the node's netns, which
+/// clears the mark and the priority. A 16-bit field.
+pub const TC_INDEX_POD_EGRESS_SEEN: u32 = 0x0539;
 
 /// istio-cni's addresses for kubelet probes (the node SNATs them to these, `--ambient-snat`):
 /// in-pod redirection leaves TCP from them alone.
@@ -376,9 +385,11 @@ counters! {
     INGRESS_DROP_ASSIGN_REFUSED = 13, "pod_ingress", "dropped_assign_refused";
     INGRESS_DROP_UNRECORDED = 14, "pod_ingress", "dropped_time_wait_unrecorded";
     INGRESS_DROP_NOT_ZTUNNELS = 15, "pod_ingress", "dropped_not_ztunnels";
+    GUARD_PASSED = 16, "pod_guard", "passed";
+    GUARD_DROP_UNSEEN = 17, "pod_guard", "dropped_past_egress";
 }
 
-pub const POD_COUNTER_SLOTS: u32 = 16;
+pub const POD_COUNTER_SLOTS: u32 = 32;
 
 const _: () = {
     assert!(core::mem::size_of::<IpKey>() == 16);

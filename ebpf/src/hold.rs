@@ -7,7 +7,7 @@ use zdivert_common::counter::*;
 
 use crate::{
     packet::{Frame, IPPROTO_TCP, ifindex, parse, tcp},
-    socket::owned_here,
+    socket::connected_here,
     verdict::{drop, pass},
 };
 
@@ -27,12 +27,13 @@ pub fn zd_hold(ctx: TcContext) -> i32 {
     if came_in_on == 0 {
         return pass(HOLD_PASSED);
     }
-    // Ingress from the pod: only its side of a connection a node socket holds (a probe's answer).
+    // Ingress from the pod: only its side of a connection a node socket holds (a probe's
+    // answer); a node listener on the port is no such connection.
     if came_in_on == ifindex(&ctx)
         && !ip.fragment
         && let Some(seg) = tcp(&ctx, &ip)
         && !seg.is_syn()
-        && owned_here(&ctx, &ip, &seg)
+        && connected_here(&ctx, &ip, &seg)
     {
         return pass(HOLD_PASSED);
     }

@@ -4,7 +4,7 @@
 //! ztunnel's own deliveries to the pod never come through here: the return program hands them to
 //! the pod with `bpf_redirect_peer`, so no "skip" mark is needed or honoured on this path.
 use aya_ebpf::{helpers::bpf_redirect, macros::classifier, programs::TcContext};
-use zdivert_common::counter::*;
+use zdivert_common::{ZtunnelEntry, counter::*};
 
 use crate::{
     maps::{count, draining, is_node_ip, is_ztunnel_ip, ztunnel},
@@ -27,7 +27,7 @@ pub fn zd_inbound(ctx: TcContext) -> i32 {
     // forwards is, a NodePort client's connection masqueraded to the node's address included:
     // the exemption is for what the node sends, not for its source address (as
     // istio/istio#46936 narrowed it).
-    if ip.proto != IPPROTO_TCP || from_the_node(&ctx) {
+    if ip.proto != IPPROTO_TCP || from_the_node(&ctx, &ip) {
         return pass(IN_PASSED);
     }
     if ip.fragment {
@@ -46,8 +46,8 @@ pub fn zd_inbound(ctx: TcContext) -> i32 {
             let Some(z) = ztunnel() else {
                 return drop(IN_DROP_NO_ZTUNNEL);
             };
-            let from_old = draining().is_some_and(|d| is_ztunnel_ip(&d.ztunnel, &ip.src, ip.v6));
-            if is_ztunnel_ip(&z, &ip.src, ip.v6) || from_old {
+            let from_old = draining().is_some_and(|d| from_ztunnel(&ctx, &ip, &d.ztunnel));
+            if from_ztunnel(&ctx, &ip, &z) || from_old {
                 return pass(IN_PASSED);
             }
             z
@@ -85,10 +85,24 @@ fn icmp_error(ctx: &TcContext, ip: &Ip, quoted: &Quoted) -> i32 {
     unsafe { bpf_redirect(z.host_ifindex, 0) as i32 }
 }
 
-/// Whether the node's own stack sent the packet: it arrived on no device. What the node
-/// forwards (from another node, another pod, or a NodePort after DNAT) arrived on one.
+/// Whether the node's own stack sent the packet: it arrived on no device, from a node address.
+/// What the node forwards (from another node, another pod, or a NodePort after DNAT) arrived
+/// on one; a local process that binds a foreign source (IP_FREEBIND, IP_TRANSPARENT) speaks
+/// for no one but the node.
 #[inline(always)]
-fn from_the_node(ctx: &TcContext) -> bool {
+fn from_the_node(ctx: &TcContext, ip: &Ip) -> bool {
+    came_in_on(ctx) == 0 && is_node_ip(&ip.src)
+}
+
+/// Whether `z` sent the packet: its address, in through its veth. The address alone is no
+/// proof: another node's pod may forge it, and a replaced ztunnel's address may go to a pod.
+#[inline(always)]
+fn from_ztunnel(ctx: &TcContext, ip: &Ip, z: &ZtunnelEntry) -> bool {
+    came_in_on(ctx) == z.host_ifindex && is_ztunnel_ip(z, &ip.src, ip.v6)
+}
+
+#[inline(always)]
+fn came_in_on(ctx: &TcContext) -> u32 {
     // SAFETY: reading a scalar field of the context.
-    unsafe { (*ctx.skb.skb).ingress_ifindex == 0 }
+    unsafe { (*ctx.skb.skb).ingress_ifindex }
 }

@@ -10,7 +10,7 @@ use crate::{
     dns,
     maps::{count, dns_capture, is_node_ip, is_ztunnel_ip, pod, ztunnel},
     packet::{Frame, IPPROTO_TCP, Ip, ifindex, mark, parse, set_dst_mac, tcp},
-    socket::{draining_owner, owned_here},
+    socket::{connected_here, draining_owner},
     verdict::{drop, pass},
 };
 
@@ -52,8 +52,9 @@ pub fn zd_outbound(ctx: TcContext) -> i32 {
     // The pod's own connections to the node, and its answers on the node's connections (kubelet
     // probes), are not captured. An answer to the node's address on a connection the node does
     // not hold is one ztunnel made in a NodePort client's name (masqueraded to the node's
-    // address): it goes back to ztunnel.
-    if is_node_ip(&ip.dst) && (seg.is_syn() || owned_here(&ctx, &ip, &seg)) {
+    // address): it goes back to ztunnel. A node listener on the client's port (a client port
+    // 22 meets sshd) is no connection of the node's.
+    if is_node_ip(&ip.dst) && (seg.is_syn() || connected_here(&ctx, &ip, &seg)) {
         return pass(OUT_PASSED);
     }
     // A connection the replaced ztunnel still holds stays with it (rolling update).

@@ -9,6 +9,10 @@ use zdivert_common::IpKey;
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+/// The pre-standard QinQ tag.
+const ETH_P_QINQ: u16 = 0x9100;
 pub const IPPROTO_TCP: u8 = 6;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
@@ -83,6 +87,12 @@ pub fn parse(ctx: &TcContext) -> Frame {
     match u16::from_be(ethertype) {
         ETH_P_IP => parse_v4(ctx),
         ETH_P_IPV6 => parse_v6(ctx),
+        // A tag still in the frame's data: at egress, what the sender wrote; at ingress, the
+        // inner of two tags (the kernel took the outer one out of the data before TC). After TC
+        // the stack strips VLAN-0 (priority) tags and delivers what they carry as untagged, so a
+        // tagged frame is IP in disguise: no pod or node of ours tags its frames, and the
+        // programs do not walk tags, so it is malformed (dropped where capture decides).
+        ETH_P_8021Q | ETH_P_8021AD | ETH_P_QINQ => Frame::Malformed,
         _ => Frame::NotIp,
     }
 }
@@ -267,6 +277,20 @@ pub fn ifindex(ctx: &TcContext) -> u32 {
 pub fn mark(ctx: &TcContext) -> u32 {
     // SAFETY: as above.
     unsafe { (*ctx.skb.skb).mark }
+}
+
+#[inline(always)]
+pub fn tc_index(ctx: &TcContext) -> u32 {
+    // SAFETY: as above.
+    unsafe { (*ctx.skb.skb).tc_index }
+}
+
+/// `skb->tc_index`, which tc programs may write.
+#[inline(always)]
+pub fn set_tc_index(ctx: &TcContext, index: u32) {
+    // SAFETY: the context pointer is the kernel's __sk_buff, whose tc_index field tc programs
+    // may write.
+    unsafe { (*ctx.skb.skb).tc_index = index };
 }
 
 /// Whether `ip` is a loopback address of its family (127/8, ::1).

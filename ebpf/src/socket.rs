@@ -131,20 +131,6 @@ pub fn draining_owner(ctx: &TcContext, ip: &Ip, seg: &Tcp) -> Option<ZtunnelEntr
     connected_in(ctx, ip, seg, old.netns_id).then_some(old.ztunnel)
 }
 
-/// Whether a socket of the current netns (any state, listeners included) owns this segment's
-/// connection, seen from the receiving end: the tuple's source is the remote side.
-#[inline(always)]
-pub fn owned_here(ctx: &TcContext, ip: &Ip, seg: &Tcp) -> bool {
-    let mut tuple = Tuple::new(ip, seg);
-    let sk = tuple.lookup(ctx, Lookup::AnyState);
-    if sk.is_null() {
-        return false;
-    }
-    // SAFETY: a socket reference from the lookup helper, released once.
-    unsafe { bpf_sk_release(sk as *mut c_void) };
-    true
-}
-
 /// Whether a connection of the current netns owns this segment, seen from the receiving end:
 /// a listener that would take it (the tuple's destination port on a wildcard address) does not
 /// count, nor does a closed socket.

@@ -3,7 +3,7 @@
 use std::{net::IpAddr, time::Duration};
 
 use crate::{
-    packets::{SYN, V4, tcp, v6},
+    packets::{SYN, V4, eth, tcp, v6},
     raw::{self, Sniffer},
     topology::Pod,
 };
@@ -30,6 +30,67 @@ pub struct Probe {
     pub must_land: &'static [&'static str],
     /// IPv6 that must reach ztunnel, in every mode.
     pub v6_captured: bool,
+    /// Sent as a frame through a packet socket instead of a raw IP socket.
+    pub frame: Option<Frame>,
+}
+
+/// How a probe sent as a frame is framed.
+#[derive(Clone, Copy)]
+pub struct Frame {
+    /// The next hop's MAC address (the pod's gateway's).
+    pub to: [u8; 6],
+    /// VLAN-0 (802.1p priority) tags in front of the IP header: the kernel strips them on
+    /// receipt and delivers what they carry.
+    pub vlan0_tags: usize,
+    /// PACKET_QDISC_BYPASS: past the sender's TC egress hook.
+    pub qdisc_bypass: bool,
+}
+
+impl Frame {
+    /// `packet` behind an Ethernet header (and the tags) from the pod's eth0.
+    fn wrap(&self, from: &Pod, packet: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let v6 = packet.first().is_some_and(|b| b >> 4 == 6);
+        let mut inner = Vec::new();
+        for _ in 0..self.vlan0_tags {
+            inner.extend_from_slice(&[0, 0]); // PCP 0, DEI 0, VID 0
+            inner.extend_from_slice(&0x8100u16.to_be_bytes());
+        }
+        inner.extend_from_slice(packet);
+        let ethertype = if v6 { 0x86dd } else { 0x0800 };
+        // With tags, the Ethernet header's type is the first tag's and each tag names the next.
+        let (outer_type, body) = if self.vlan0_tags == 0 {
+            (ethertype, inner)
+        } else {
+            let last = self.vlan0_tags * 4 - 2;
+            inner[last..last + 2].copy_from_slice(&(ethertype as u16).to_be_bytes());
+            (0x8100, inner)
+        };
+        Ok(eth(self.to, from.mac()?, outer_type, &body))
+    }
+}
+
+impl Probe {
+    fn send(&self, from: &Pod, src: IpAddr, segment: &[u8]) -> anyhow::Result<()> {
+        let packet = match (src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let mut v4 = V4::new(s, d, IPPROTO_TCP);
+                v4.options = self.options.clone();
+                v4.frag = self.frag;
+                let mut packet = v4.packet(segment);
+                raw::ipv4_checksum(&mut packet);
+                packet
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => v6(s, d, &self.exts, IPPROTO_TCP, segment),
+            _ => anyhow::bail!("{}: mixed families", self.what),
+        };
+        match (self.frame, self.dst) {
+            (Some(f), _) => {
+                raw::send_frame(&from.ns, "eth0", f.wrap(from, &packet)?, f.qdisc_bypass)
+            }
+            (None, IpAddr::V4(d)) => raw::send(&from.ns, d, packet),
+            (None, IpAddr::V6(d)) => raw::send6(&from.ns, d, packet),
+        }
+    }
 }
 
 pub fn probe(what: &'static str, from: &'static str, dst: impl Into<IpAddr>, dport: u16) -> Probe {
@@ -40,6 +101,7 @@ pub fn probe(what: &'static str, from: &'static str, dst: impl Into<IpAddr>, dpo
         dst: dst.into(),
         exts: vec![],
         v6_captured: false,
+        frame: None,
         dport,
         flags: SYN,
         options: vec![],
@@ -69,18 +131,7 @@ pub fn deliver<'a>(
         let mut segment = tcp(sport, p.dport, p.flags);
         raw::tcp_checksum(src, p.dst, &mut segment);
         segment.truncate(p.tcp_len);
-        match (src, p.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                let mut v4 = V4::new(s, d, IPPROTO_TCP);
-                v4.options = p.options.clone();
-                v4.frag = p.frag;
-                raw::send(&from.ns, d, v4.packet(&segment))?;
-            }
-            (IpAddr::V6(s), IpAddr::V6(d)) => {
-                raw::send6(&from.ns, d, v6(s, d, &p.exts, IPPROTO_TCP, &segment))?;
-            }
-            _ => anyhow::bail!("{}: mixed families", p.what),
-        }
+        p.send(from, src, &segment)?;
         let must_land: &[&str] = if p.v6_captured {
             &["ztunnel"]
         } else {

@@ -11,6 +11,8 @@ use std::{
     time::Duration,
 };
 
+use std::os::fd::{AsRawFd, FromRawFd};
+
 use anyhow::Result;
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -34,6 +36,79 @@ pub fn send6(ns: &Netns, dst: Ipv6Addr, packet: Vec<u8>) -> Result<()> {
         s.send_to(&packet, &SocketAddr::from((dst, 0)).into())?;
         Ok(())
     })
+}
+
+/// Sends `frame` (a whole Ethernet frame) on `ifname` of `ns` through a packet socket, as a
+/// root process in a pod may (CAP_NET_RAW is a default capability). With `qdisc_bypass`
+/// (PACKET_QDISC_BYPASS) the frame goes straight to the driver, past the TC egress hook.
+pub fn send_frame(ns: &Netns, ifname: &str, frame: Vec<u8>, qdisc_bypass: bool) -> Result<()> {
+    let ifname = std::ffi::CString::new(ifname)?;
+    ns.exec(move || -> Result<()> {
+        // SAFETY: plain socket calls on a descriptor owned by `Socket` from here on.
+        let s = unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            anyhow::ensure!(
+                fd >= 0,
+                "packet socket: {}",
+                std::io::Error::last_os_error()
+            );
+            Socket::from_raw_fd(fd)
+        };
+        if qdisc_bypass {
+            let on: libc::c_int = 1;
+            // SAFETY: a c_int option of the size passed.
+            let r = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_PACKET,
+                    libc::PACKET_QDISC_BYPASS,
+                    &on as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as u32,
+                )
+            };
+            anyhow::ensure!(
+                r == 0,
+                "PACKET_QDISC_BYPASS: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
+        anyhow::ensure!(ifindex != 0, "no interface {ifname:?}");
+        // SAFETY: all-zero is a valid sockaddr_ll.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_ifindex = ifindex as i32;
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: the frame and the address live for the call.
+        let sent = unsafe {
+            libc::sendto(
+                s.as_raw_fd(),
+                frame.as_ptr() as *const libc::c_void,
+                frame.len(),
+                0,
+                &to as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        let err = std::io::Error::last_os_error();
+        // ENOBUFS: the egress hook dropped it (NET_XMIT_DROP), which the sniffers see as well.
+        if sent < 0 && err.raw_os_error() == Some(libc::ENOBUFS) {
+            return Ok(());
+        }
+        anyhow::ensure!(sent == frame.len() as isize, "sendto: {err}");
+        Ok(())
+    })
+}
+
+/// Fills in an IPv4 header's checksum (the kernel does for a raw IP socket, not for a frame).
+pub fn ipv4_checksum(packet: &mut [u8]) {
+    let ihl = (packet[0] & 0x0f) as usize * 4;
+    packet[10] = 0;
+    packet[11] = 0;
+    let c = fold(sum16(&packet[..ihl]));
+    packet[10..12].copy_from_slice(&c.to_be_bytes());
 }
 
 /// One delivered packet: its TCP ports and flags (and, for IPv4, addresses).

@@ -91,6 +91,37 @@ pub struct Pod {
     pub ns: Netns,
 }
 
+impl Pod {
+    /// Its eth0's MAC address.
+    pub fn mac(&self) -> Result<[u8; 6]> {
+        self.ns.exec(|| mac_of("eth0"))
+    }
+}
+
+/// The MAC address of `ifname` in the calling thread's netns (asked of a socket made there:
+/// sysfs shows the netns it was mounted in).
+fn mac_of(ifname: &str) -> Result<[u8; 6]> {
+    // SAFETY: an ifreq naming the interface, filled in by the ioctl; the socket is closed after.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (d, s) in req
+            .ifr_name
+            .iter_mut()
+            .zip(ifname.bytes().take(libc::IFNAMSIZ - 1))
+        {
+            *d = s as libc::c_char;
+        }
+        let r = libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        anyhow::ensure!(r == 0, "{ifname}: SIOCGIFHWADDR: {err}");
+        let data = req.ifr_ifru.ifru_hwaddr.sa_data;
+        Ok(std::array::from_fn(|i| data[i] as u8))
+    }
+}
+
 pub struct Node {
     /// Unique per run (pins live under this name): `<prefix>-<article name>`.
     pub name: String,
@@ -104,6 +135,12 @@ pub struct Node {
 }
 
 impl Node {
+    /// The MAC address `pod` sends its routed frames to: its host veth's (ptp).
+    pub fn gateway_mac(&self, pod: &Pod) -> Result<[u8; 6]> {
+        let veth = pod.host_veth.clone();
+        self.ns.exec(move || mac_of(&veth))
+    }
+
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods
             .get(name)

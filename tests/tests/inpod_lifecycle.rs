@@ -241,9 +241,11 @@ fn an_address_two_namespaces_hold_belongs_to_neither() -> anyhow::Result<()> {
 }
 
 /// A root process in an ambient pod with NET_ADMIN takes its redirection away: the clsact
-/// qdisc that holds the programs (eBPF), or istio-cni's chains (rules, both families). Capture
-/// is gone at once: its connection to a pod outside the mesh no longer goes through ztunnel.
-/// Within a resync (30 s) the agent finds it gone from the kernel, puts it back and counts it:
+/// qdisc that holds the programs (eBPF), or istio-cni's chains (rules, both families). With
+/// rules, capture is gone at once: its connection to a pod outside the mesh no longer goes
+/// through ztunnel. With eBPF, the guard on the pod's host veth, out of the pod's reach, drops
+/// the pod's TCP that did not cross the egress program: it fails closed. Within a resync
+/// (30 s) the agent finds the redirection gone from the kernel, puts it back and counts it:
 /// the pod's connections go through ztunnel again, and a DENY holds.
 fn a_pod_that_removes_its_redirection_gets_it_back(mode: Mode) -> anyhow::Result<()> {
     let lab = Lab::real(mode, |topo| MeshConfig {
@@ -279,20 +281,26 @@ fn a_pod_that_removes_its_redirection_gets_it_back(mode: Mode) -> anyhow::Result
             }
         }
     }
-    // The hole is real: the pod's connection leaves around ztunnel.
     let logged = zt
         .access_log()
         .iter()
         .filter(|a| outbound_to_sleep(a))
         .count();
-    assert_eq!(request(&pp.ns, sa(sleep.ip, 9090))?.server, "sleep");
-    std::thread::sleep(Duration::from_millis(500));
-    let direct = zt
-        .access_log()
-        .iter()
-        .filter(|a| outbound_to_sleep(a))
-        .count();
-    assert_eq!(direct, logged, "the tampering did not take capture away");
+    if mode == Mode::InPodEbpf {
+        let r = request_timeout(&pp.ns, sa(sleep.ip, 9090), Duration::from_secs(2));
+        assert!(r.is_err(), "past the removed programs: {r:?}");
+        assert!(agent.counter("pod_guard", "dropped_past_egress")? >= 1);
+    } else {
+        // The hole is real: the pod's connection leaves around ztunnel.
+        assert_eq!(request(&pp.ns, sa(sleep.ip, 9090))?.server, "sleep");
+        std::thread::sleep(Duration::from_millis(500));
+        let direct = zt
+            .access_log()
+            .iter()
+            .filter(|a| outbound_to_sleep(a))
+            .count();
+        assert_eq!(direct, logged, "the tampering did not take capture away");
+    }
     eventually("the redirection put back", Duration::from_secs(40), || {
         Ok(agent.metric("zdivert_redirections_repaired_total")? >= 1.0)
     })?;

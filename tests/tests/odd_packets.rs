@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use common::{Lab, Mode};
 use zdivert_tests::{
     apps::TcpServer,
-    odd::{Probe, RST, deliver, hop_by_hop, probe, routing},
+    odd::{Frame, Probe, RST, deliver, hop_by_hop, probe, routing},
     packets::ACK,
     raw::Sniffer,
     topology::Pod,
@@ -154,7 +154,45 @@ fn run(mode: Mode) -> anyhow::Result<()> {
             v6_captured: true,
             ..probe("inbound IPv6 without SYN", "sleep", rv1.ip6, 9080)
         },
+        Probe {
+            exts: vec![(60, hop_by_hop()); 9],
+            may_land: &["ztunnel"],
+            ..probe(
+                "nine IPv6 extension headers",
+                "productpage-v1",
+                sleep.ip6,
+                9080,
+            )
+        },
     ];
+    // Frames from a packet socket meet capture on the host veth whatever the pod does to its
+    // own egress path: tagged ones too (the stack would strip a VLAN-0 tag and route what it
+    // carries), in ztunnel or nowhere.
+    let framed =
+        |what, tags, qdisc_bypass, must: &'static [&'static str]| -> anyhow::Result<Probe> {
+            Ok(Probe {
+                frame: Some(Frame {
+                    to: w2.gateway_mac(pod("productpage-v1"))?,
+                    vlan0_tags: tags,
+                    qdisc_bypass,
+                }),
+                may_land: &["ztunnel"],
+                must_land: must,
+                ..probe(what, "productpage-v1", sleep.ip, 9080)
+            })
+        };
+    let mut probes = probes;
+    probes.extend([
+        framed("a frame from a packet socket", 0, false, &["ztunnel"])?,
+        framed("a frame with a VLAN-0 tag", 1, false, &[])?,
+        framed("a frame with two VLAN-0 tags", 2, false, &[])?,
+        framed(
+            "a frame past the qdisc (PACKET_QDISC_BYPASS)",
+            0,
+            true,
+            &["ztunnel"],
+        )?,
+    ]);
     let failures = deliver(mode, &probes, &sniffers, |name| pod(name))?;
     assert!(failures.is_empty(), "{mode:?}:\n{}", failures.join("\n"));
     if mode.is_ebpf() {

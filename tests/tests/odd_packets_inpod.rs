@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use common::{Lab, Mode};
 use zdivert_tests::{
     apps::TcpServer,
-    odd::{Probe, RST, deliver, hop_by_hop, probe, routing},
+    odd::{Frame, Probe, RST, deliver, hop_by_hop, probe, routing},
     packets::ACK,
     raw::Sniffer,
     topology::Pod,
@@ -137,11 +137,57 @@ fn run_in_pod(mode: Mode) -> anyhow::Result<()> {
             ..probe("inbound IPv6 without SYN", "sleep", rv1.ip6, 9080)
         },
     ];
+    let framed =
+        |what, tags, qdisc_bypass, landing: &'static [&'static str]| -> anyhow::Result<Probe> {
+            Ok(Probe {
+                frame: Some(Frame {
+                    to: w2.gateway_mac(pp)?,
+                    vlan0_tags: tags,
+                    qdisc_bypass,
+                }),
+                may_land: landing,
+                must_land: landing,
+                ..probe(what, "productpage-v1", sleep.ip, 9080)
+            })
+        };
+    // A packet socket's frames never meet the pod's netfilter hooks: istio-cni's rules cannot
+    // see them (README, "what cannot get around ztunnel"). The programs see every frame: a
+    // plain one is captured, a tagged one dropped, and one past the qdisc (and so past the
+    // egress hook) is dropped by the guard on the pod's host veth.
+    let (plain_frame, odd_frames): (&[&str], &[&str]) = match mode {
+        Mode::InPodIptables => (&["sleep"], &["sleep"]),
+        _ => (HERE, &[]),
+    };
+    let mut probes = probes;
+    probes.extend([
+        Probe {
+            exts: vec![(60, hop_by_hop()); 9],
+            may_land: HERE,
+            ..probe(
+                "nine IPv6 extension headers",
+                "productpage-v1",
+                sleep.ip6,
+                9080,
+            )
+        },
+        framed("a frame from a packet socket", 0, false, plain_frame)?,
+        framed("a frame with a VLAN-0 tag", 1, false, odd_frames)?,
+        framed("a frame with two VLAN-0 tags", 2, false, odd_frames)?,
+        framed(
+            "a frame past the qdisc (PACKET_QDISC_BYPASS)",
+            0,
+            true,
+            odd_frames,
+        )?,
+    ]);
     let failures = deliver(mode, &probes, &sniffers, |name| pod(name))?;
     assert!(failures.is_empty(), "{mode:?}:\n{}", failures.join("\n"));
     if mode == Mode::InPodEbpf {
-        // The two IPv4 fragments and the IPv6 one, dropped by the egress program.
-        assert!(lab.agent2().counter("pod_egress", "dropped_malformed")? >= 3);
+        // The two IPv4 fragments and the IPv6 one, the nine extension headers and the two
+        // tagged frames, dropped by the egress program.
+        assert!(lab.agent2().counter("pod_egress", "dropped_malformed")? >= 6);
+        // The frame past the qdisc, dropped by the guard on the host veth.
+        assert!(lab.agent2().counter("pod_guard", "dropped_past_egress")? >= 1);
     }
     Ok(())
 }

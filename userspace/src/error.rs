@@ -223,6 +223,9 @@ pub enum Error {
     #[error("netns {netns}: no interface holds the pod's addresses {ips:?}")]
     PodInterfaceNotFound { netns: PathBuf, ips: Vec<IpAddr> },
 
+    #[error("the pod's {interface} cannot be guarded on the node's side: {why}")]
+    PodNotGuarded { interface: String, why: String },
+
     #[error("ZDS socket {path}")]
     Zds {
         path: PathBuf,

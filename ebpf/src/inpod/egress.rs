@@ -14,13 +14,14 @@ use aya_ebpf::{
     bindings::BPF_F_INGRESS, helpers::bpf_redirect, macros::classifier, programs::TcContext,
 };
 use zdivert_common::{
-    LOOPBACK_IFINDEX, MARK_INPOD_CONN, MARK_INPOD_ZTUNNEL, MARK_MASK, pod_counter::*,
+    LOOPBACK_IFINDEX, MARK_INPOD_CONN, MARK_INPOD_ZTUNNEL, MARK_MASK, TC_INDEX_POD_EGRESS_SEEN,
+    pod_counter::*,
 };
 
 use crate::{
     dns, dns6,
     maps::{count, dns_capture},
-    packet::{Frame, IPPROTO_TCP, Ip, LOOPBACK_V4, mark, parse, set_dst_mac, tcp},
+    packet::{Frame, IPPROTO_TCP, Ip, LOOPBACK_V4, mark, parse, set_dst_mac, set_tc_index, tcp},
     socket::connected_here,
     verdict::{drop, pass},
 };
@@ -31,13 +32,18 @@ const LOOPBACK_MAC: [u8; 6] = [0; 6];
 
 #[classifier]
 pub fn zd_pod_egress(ctx: TcContext) -> i32 {
+    // Whatever leaves the pod crossed this hook: `guard.rs` on the host veth asks.
+    set_tc_index(&ctx, TC_INDEX_POD_EGRESS_SEEN);
     if mark(&ctx) & MARK_MASK == MARK_INPOD_ZTUNNEL {
         return pass(EGRESS_PASSED);
     }
-    // A frame this netns's own stack built: what is not IP, or not readable as IP, is nothing
-    // capture decides about.
-    let Frame::Ip(ip) = parse(&ctx) else {
-        return pass(EGRESS_PASSED);
+    // What is not IP (ARP, neighbour discovery) is nothing capture decides about. What says it
+    // is IP but cannot be read as such (a VLAN tag, more IPv6 extension headers than are
+    // walked) is a raw socket's craft that the next hop would deliver as IP: dropped.
+    let ip = match parse(&ctx) {
+        Frame::NotIp => return pass(EGRESS_PASSED),
+        Frame::Malformed => return drop(EGRESS_DROP_MALFORMED),
+        Frame::Ip(ip) => ip,
     };
     if dns_capture() && dns::is_dns_any(&ctx, &ip) {
         return dns_query(&ctx, &ip);

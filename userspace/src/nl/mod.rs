@@ -22,6 +22,8 @@ pub struct Link {
     /// For an interface whose peer is in another netns (a veth's): that netns, as this one
     /// numbers it.
     pub peer_netns_id: Option<i32>,
+    /// For a veth: its peer's index, in the peer's netns.
+    pub peer_index: Option<u32>,
 }
 
 /// The fallback's skip mark (0x200): see `route_get`.
@@ -249,11 +251,13 @@ pub(crate) fn to_link(m: &LinkMessage) -> Link {
         mac: [0; 6],
         is_veth: false,
         peer_netns_id: None,
+        peer_index: None,
     };
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => link.name = n.clone(),
             LinkAttribute::LinkNetNsId(id) => link.peer_netns_id = Some(*id),
+            LinkAttribute::Link(index) => link.peer_index = Some(*index),
             LinkAttribute::Address(a) if a.len() == 6 => link.mac.copy_from_slice(a),
             LinkAttribute::LinkInfo(infos) => {
                 link.is_veth = infos

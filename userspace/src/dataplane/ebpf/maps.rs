@@ -341,6 +341,7 @@ mod tests {
             mac: [2, 0, 0, 0, 0, 7],
             is_veth: true,
             peer_netns_id: None,
+            peer_index: None,
         };
         let mut facts = NodeFacts::default();
         facts.pods.insert(

@@ -11,7 +11,8 @@ use crate::error::{Error, Result};
 pub enum ProgramSet {
     /// ztunnel in its own netns: the programs on the pods' and ztunnel's veths.
     NodeLevel,
-    /// ztunnel in each pod's netns: the programs on the pods' eth0 and lo.
+    /// ztunnel in each pod's netns: the programs on the pods' eth0 and lo, and the guard on
+    /// their host veths.
     InPod,
 }
 
@@ -20,7 +21,7 @@ impl ProgramSet {
         use zdivert_common::program::*;
         match self {
             ProgramSet::NodeLevel => &[OUTBOUND, INBOUND, ZTUNNEL_RETURN, ZTUNNEL_TPROXY, HOLD],
-            ProgramSet::InPod => &[POD_EGRESS, POD_INGRESS],
+            ProgramSet::InPod => &[POD_EGRESS, POD_INGRESS, POD_GUARD],
         }
     }
 

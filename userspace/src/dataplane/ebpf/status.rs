@@ -94,6 +94,26 @@ pub fn read(bpffs: &Path, node: &str) -> Result<Status> {
             }),
         }
     }
+    // Each guard goes with the pod netns whose eth0 its host veth is the peer of.
+    for (_, mode, p) in pinned
+        .iter()
+        .filter(|(_, _, p)| p.hook == attach::Hook::InPodGuard)
+    {
+        let what = format!(
+            "{} {} on host ifindex {} via {mode}",
+            p.hook.program(),
+            p.hook.direction(),
+            p.ifindex
+        );
+        let owner = pod_netns.iter_mut().find(|n| {
+            n.path
+                .as_deref()
+                .is_some_and(|path| peers_of(Path::new(path)).contains(&p.ifindex))
+        });
+        if let Some(n) = owner {
+            n.attachments.push(what);
+        }
+    }
     Ok(Status {
         node: node.into(),
         pins: dirs.root.display().to_string(),
@@ -123,6 +143,21 @@ pub fn read(bpffs: &Path, node: &str) -> Result<Status> {
             })
             .collect(),
     })
+}
+
+/// The peers' indexes of the veths in the netns at `path`.
+fn peers_of(path: &Path) -> Vec<u32> {
+    crate::netns::run_in(path, || -> Result<Vec<u32>> {
+        Ok(crate::nl::Netlink::new()?
+            .links()?
+            .into_iter()
+            .filter(|l| l.is_veth)
+            .filter_map(|l| l.peer_index)
+            .collect())
+    })
+    .ok()
+    .and_then(|r| r.ok())
+    .unwrap_or_default()
 }
 
 impl Status {

@@ -133,6 +133,7 @@ impl PodPrograms {
             mac: [0; 6],
             is_veth: false,
             peer_netns_id: None,
+            peer_index: None,
         };
         let at = |hook, link: &crate::nl::Link| Attachment {
             hook,
@@ -141,11 +142,27 @@ impl PodPrograms {
             ifname: link.name.clone(),
             netns: Some(ns.into()),
         };
-        let wanted = vec![
+        let mut wanted = vec![
             at(Hook::InPodIngress, &eth0),
             at(Hook::InPodLoopback, &lo),
             at(Hook::InPodEgress, &eth0),
         ];
+        // Last: it drops the pod's TCP that did not cross the egress program.
+        match host_veth(&eth0) {
+            Ok(veth) => wanted.push(Attachment {
+                hook: Hook::InPodGuard,
+                netns_inode: netns::inode(Path::new("/proc/self/ns/net"))?,
+                ifindex: veth.index,
+                ifname: veth.name,
+                netns: None,
+            }),
+            Err(e) if !self.redirected.contains_key(&inode) => log::warn!(
+                "netns {}: {e}; a packet socket past the qdisc (PACKET_QDISC_BYPASS) can get \
+                 the pod's TCP around ztunnel",
+                ns.display()
+            ),
+            Err(_) => {}
+        }
         let ensured = attach::ensure(
             &mut self.ebpf,
             &self.dirs,
@@ -212,6 +229,25 @@ impl PodPrograms {
             registry.register_collector(Box::new(packets));
         }
     }
+}
+
+/// The node's side of the pod's eth0: the veth in this netns whose peer it is.
+fn host_veth(eth0: &crate::nl::Link) -> Result<crate::nl::Link> {
+    let unguarded = |why: &str| Error::PodNotGuarded {
+        interface: eth0.name.clone(),
+        why: why.into(),
+    };
+    let peer = eth0
+        .peer_index
+        .filter(|_| eth0.is_veth)
+        .ok_or_else(|| unguarded("not a veth"))?;
+    let veth = Netlink::new()?
+        .link_by_index(peer)
+        .map_err(|_| unguarded("its peer is not in the agent's netns"))?;
+    if !veth.is_veth || veth.peer_index != Some(eth0.index) {
+        return Err(unguarded("its peer is not in the agent's netns"));
+    }
+    Ok(veth)
 }
 
 /// Takes the routing and sysctls of the redirection out of the pod netns at `ns`, once its

@@ -51,10 +51,12 @@ pub enum Hook {
     InPodIngress,
     /// In-pod mode: ingress of an ambient pod's lo, where its egress turns segments back.
     InPodLoopback,
+    /// In-pod mode: ingress of an ambient pod's host veth, in the node's netns.
+    InPodGuard,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 9] = [
+    pub const ALL: [Hook; 10] = [
         Hook::PodOutbound,
         Hook::PodInbound,
         Hook::ZtunnelReturn,
@@ -64,6 +66,7 @@ impl Hook {
         Hook::InPodEgress,
         Hook::InPodIngress,
         Hook::InPodLoopback,
+        Hook::InPodGuard,
     ];
 
     pub fn program(self) -> &'static str {
@@ -75,6 +78,7 @@ impl Hook {
             Hook::HoldOutbound | Hook::HoldInbound => program::HOLD,
             Hook::InPodEgress => program::POD_EGRESS,
             Hook::InPodIngress | Hook::InPodLoopback => program::POD_INGRESS,
+            Hook::InPodGuard => program::POD_GUARD,
         }
     }
 
@@ -107,6 +111,7 @@ impl Hook {
             Hook::InPodEgress => "podeg",
             Hook::InPodIngress => "podin",
             Hook::InPodLoopback => "podlo",
+            Hook::InPodGuard => "podguard",
         }
     }
 
