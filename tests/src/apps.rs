@@ -111,8 +111,28 @@ impl Drop for TcpServer {
 
 /// A socket created in the pod's netns, connected to `dst`.
 pub fn connect(ns: &Netns, dst: SocketAddr, timeout: Duration) -> Result<TcpStream> {
-    let sock =
-        ns.exec(move || Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)))?;
+    connect_from(ns, 0, dst, timeout)
+}
+
+/// As `connect`, from source port `sport` (0: the kernel's choice).
+pub fn connect_from(
+    ns: &Netns,
+    sport: u16,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    let sock = ns.exec(move || -> Result<Socket> {
+        let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+        if sport != 0 {
+            let any: SocketAddr = match dst {
+                SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, sport).into(),
+                SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, sport).into(),
+            };
+            s.bind(&any.into())
+                .with_context(|| format!("binding source port {sport}"))?;
+        }
+        Ok(s)
+    })?;
     sock.connect_timeout(&dst.into(), timeout)
         .with_context(|| format!("connecting to {dst}"))?;
     let stream: TcpStream = sock.into();

@@ -1,10 +1,21 @@
 //! What only the eBPF dataplane does, through the real ztunnel: ICMP errors about ztunnel's
-//! connections. The scenarios every mode passes are in `paths.rs`.
+//! connections, the node's own connections told from ztunnel's and from forged ones, a foreign
+//! program in front. The scenarios every mode passes are in `paths.rs`.
 mod common;
 
-use common::{Lab, Mode, scenarios::from_to};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use common::{
+    Lab, Mode,
+    scenarios::{from_to, node_port_rule},
+};
 use zdivert_tests::{
-    apps::{TcpServer, request, sa},
+    apps::{TcpServer, connect_from, exchange, request, sa},
+    packets::{SYN, V4, tcp},
+    raw::{self, Sniffer},
     ztunnel::MeshConfig,
 };
 
@@ -43,7 +54,7 @@ fn icmp_errors_about_ztunnels_connections_reach_ztunnel_not_the_pod() -> anyhow:
         std::time::Duration::from_secs(3),
     )?;
     exchange(&conn)?;
-    let upstream_src = hbone_source(&w2.ztunnel.ns, sa(details.ip, 15008))?;
+    let upstream_src = local_addr_towards(&w2.ztunnel.ns, sa(details.ip, 15008))?;
     assert_eq!(upstream_src.ip(), std::net::IpAddr::from(pp.ip));
 
     // A router on the way says: fragmentation needed for that upstream connection.
@@ -89,8 +100,8 @@ fn icmp_errors_about_ztunnels_connections_reach_ztunnel_not_the_pod() -> anyhow:
     Ok(())
 }
 
-/// The local address of ztunnel's established connection to `dst`, from `ss` in its netns.
-fn hbone_source(
+/// The local address of an established connection to `dst` in `ns`, from `ss`.
+fn local_addr_towards(
     ns: &zdivert_tests::ns::Netns,
     dst: std::net::SocketAddr,
 ) -> anyhow::Result<std::net::SocketAddr> {
@@ -102,6 +113,91 @@ fn hbone_source(
             (peer.parse::<std::net::SocketAddr>().ok()? == dst).then(|| local.parse().ok())?
         })
         .ok_or_else(|| anyhow::anyhow!("no connection to {dst} in ztunnel's netns:\n{out}"))
+}
+
+/// A node listener on a port is no connection of the node's. ztunnel serves a NodePort client
+/// (masqueraded to the node's address) with a connection from that address and a port of its
+/// own netns's range; where the node listens on that port (pinned here to 40000 so that they
+/// meet), the pod's answers are still ztunnel's, and the client is served.
+#[test]
+fn a_node_listener_on_ztunnels_port_does_not_take_a_node_port_connection() -> anyhow::Result<()> {
+    let lab = Lab::real(Mode::Ebpf, |_| MeshConfig::default())?;
+    let (w2, rv2, curl) = (lab.w2(), lab.w2().pod("reviews-v2"), lab.w1().pod("curl"));
+    let _server = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
+    let port = 40000;
+    let _node_listener = TcpServer::start(&w2.ns, "node", port)?;
+    w2.ztunnel.ns.cmd(
+        "sysctl",
+        &[
+            "-qw",
+            &format!("net.ipv4.ip_local_port_range={port} {port}"),
+        ],
+    )?;
+    node_port_rule(w2, 30081, sa(rv2.ip, 9080))?;
+    let conn = connect_from(
+        &curl.ns,
+        0,
+        SocketAddr::new(w2.underlay_ip.into(), 30081),
+        Duration::from_secs(3),
+    )?;
+    let reply = exchange(&conn)?;
+    assert_eq!(reply.server, "reviews-v2");
+    let upstream = local_addr_towards(&w2.ztunnel.ns, sa(rv2.ip, 9080))?;
+    assert_eq!(
+        upstream.port(),
+        port,
+        "ztunnel's connection did not meet the listener"
+    );
+    // ztunnel logs a connection when it closes.
+    drop(conn);
+    lab.zt2()
+        .wait_access(1, |a| {
+            a.direction() == "inbound" && a.dst_workload() == "reviews-v2"
+        })
+        .map(|_| ())
+}
+
+/// The exemptions of `zd_inbound` are decided by where a packet came from, not only by the
+/// source address it claims: a process on the node (a hostNetwork pod keeps CAP_NET_RAW)
+/// sending with a source that is not the node's, and a process on the other node claiming this
+/// node's ztunnel, are captured like any client (the latter then dropped by ztunnel's stack: a
+/// packet from its own address). The node's own address still goes straight to the pod
+/// (kubelet probes).
+#[test]
+fn forged_sources_from_the_nodes_are_captured() -> anyhow::Result<()> {
+    let lab = Lab::real(Mode::Ebpf, |_| MeshConfig::default())?;
+    let (w1, w2, rv1) = (lab.w1(), lab.w2(), lab.w2().pod("reviews-v1"));
+    let pod = Sniffer::start("reviews-v1", &rv1.ns)?;
+    let redirected = || lab.agent2().counter("inbound", "redirected");
+    let probes: [(&str, &zdivert_tests::ns::Netns, Ipv4Addr, bool); 3] = [
+        ("the node, as itself", &w2.ns, w2.gateway, false),
+        (
+            "the node, as no node",
+            &w2.ns,
+            Ipv4Addr::new(10, 244, 1, 99),
+            true,
+        ),
+        ("the other node, as ztunnel", &w1.ns, w2.ztunnel.ip, true),
+    ];
+    for (i, (what, ns, src, captured)) in probes.into_iter().enumerate() {
+        let sport = 41000 + i as u16;
+        let before = redirected()?;
+        let mut segment = tcp(sport, 9080, SYN);
+        raw::tcp_checksum(src.into(), rv1.ip.into(), &mut segment);
+        raw::send(ns, rv1.ip, V4::new(src, rv1.ip, 6).packet(&segment))?;
+        // Until the packet is accounted for: delivered to the pod, or redirected to ztunnel.
+        zdivert_tests::eventually(what, Duration::from_secs(2), || {
+            Ok(!pod.with_sport(sport).is_empty() || redirected()? > before)
+        })?;
+        std::thread::sleep(Duration::from_millis(250));
+        let (in_pod, to_ztunnel) = (!pod.with_sport(sport).is_empty(), redirected()? > before);
+        assert_eq!(
+            (in_pod, to_ztunnel),
+            (!captured, captured),
+            "{what}: (reached the pod, redirected to ztunnel)"
+        );
+    }
+    Ok(())
 }
 
 /// A CNI's program that returns a final verdict, attached in front of zdivert's, would end the

@@ -100,7 +100,7 @@ pub fn deny_policy_holds_on_every_way_in(mode: Mode) -> anyhow::Result<()> {
 
 /// kube-proxy's NodePort in the node's netns: DNAT `port` on the node to `to`, and masquerade
 /// what it forwards there (`externalTrafficPolicy: Cluster`).
-fn node_port_rule(
+pub fn node_port_rule(
     node: &zdivert_tests::topology::Node,
     port: u16,
     to: SocketAddr,
