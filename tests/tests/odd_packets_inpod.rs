@@ -202,3 +202,60 @@ fn in_pod_iptables_mode_keeps_odd_packets_in_the_senders_ztunnel_or_drops_them()
 -> anyhow::Result<()> {
     run_in_pod(Mode::InPodIptables)
 }
+
+/// TCP simultaneous open from an ambient pod: its socket waits in SYN_SENT (ztunnel's keyless
+/// listener drops its MD5-signed SYN), and a cooperating peer outside the mesh connects to
+/// that socket's port with the same key. Captured as inbound, the peer's SYN goes to ztunnel's
+/// listener, never to the pod's waiting socket: neither side gets a connection. The same two
+/// steps between two pods outside the mesh do connect, so the mechanism is real here.
+fn simultaneous_open_gets_no_connection_around_ztunnel(mode: Mode) -> anyhow::Result<()> {
+    use std::{net::SocketAddr, time::Duration};
+    use zdivert_tests::{apps::sa, simopen::simultaneous_open};
+    let lab = Lab::real(mode, |_| zdivert_tests::ztunnel::MeshConfig::default())?;
+    let (pp, sleep, curl) = (
+        lab.w2().pod("productpage-v1"),
+        lab.w2().pod("sleep"),
+        lab.w1().pod("curl"),
+    );
+    let open = |a: &Pod, b: &Pod, ports: (u16, u16)| {
+        // The first side's own SYN, should it reach the peer before the peer connects, would
+        // be answered with a reset: the peer drops plain SYNs to its port.
+        sleep.ns.iptables(&format!(
+            "-A INPUT -p tcp --dport {} --tcp-flags SYN,ACK,RST SYN -j DROP",
+            ports.1
+        ))?;
+        let ends: (SocketAddr, SocketAddr) = (sa(a.ip, ports.0), sa(b.ip, ports.1));
+        simultaneous_open((&a.ns, ends.0), (&b.ns, ends.1), Duration::from_secs(3))
+    };
+    let control = open(curl, sleep, (42000, 42001))?;
+    control
+        .a
+        .and(control.b)
+        .map_err(|e| e.context("outside the mesh"))?;
+
+    let captured = open(pp, sleep, (42002, 42003))?;
+    // Both wait unanswered: the pod's SYN and the peer's each met only ztunnel's listener.
+    let timed_out = |r: &anyhow::Result<std::net::TcpStream>| {
+        r.as_ref()
+            .err()
+            .and_then(|e| e.downcast_ref::<std::io::Error>())
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+    };
+    assert!(
+        timed_out(&captured.a) && timed_out(&captured.b),
+        "{mode:?}: the pod's {:?}, the peer's {:?}",
+        captured.a.map(|s| s.local_addr()),
+        captured.b.map(|s| s.peer_addr())
+    );
+    Ok(())
+}
+
+#[test]
+fn in_pod_ebpf_mode_gets_no_simultaneous_open_around_ztunnel() -> anyhow::Result<()> {
+    simultaneous_open_gets_no_connection_around_ztunnel(Mode::InPodEbpf)
+}
+
+#[test]
+fn in_pod_iptables_mode_gets_no_simultaneous_open_around_ztunnel() -> anyhow::Result<()> {
+    simultaneous_open_gets_no_connection_around_ztunnel(Mode::InPodIptables)
+}
