@@ -301,9 +301,33 @@ fn a_pod_that_removes_its_redirection_gets_it_back(mode: Mode) -> anyhow::Result
             .count();
         assert_eq!(direct, logged, "the tampering did not take capture away");
     }
+    // The pod degrades only itself: another pod's connection still goes through ztunnel.
+    let rv2_to_sleep = |a: &zdivert_tests::ztunnel::Access| {
+        outbound_to_sleep(a) && a.src_workload() == "reviews-v2"
+    };
+    assert_eq!(
+        request(&w2.pod("reviews-v2").ns, sa(sleep.ip, 9090))?.server,
+        "sleep"
+    );
+    zt.wait_access(1, rv2_to_sleep)?;
+    let pod_repairs =
+        "zdivert_pod_redirections_repaired_total{namespace=\"default\",pod=\"productpage-v1\"}";
     eventually("the redirection put back", Duration::from_secs(40), || {
-        Ok(agent.metric("zdivert_redirections_repaired_total")? >= 1.0)
+        Ok(agent.metric("zdivert_redirections_repaired_total")? >= 1.0
+            && agent.metric(pod_repairs)? >= 1.0)
     })?;
+    // ...and status names it.
+    let records = agent.status()?["inpod_pods"].clone();
+    let repairs = |pod: &str| {
+        records
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["pod"] == format!("default/{pod}").as_str())
+            .and_then(|r| r["repairs"].as_u64())
+    };
+    assert!(repairs("productpage-v1") >= Some(1), "{records}");
+    assert_eq!(repairs("reviews-v2"), Some(0), "{records}");
     assert_eq!(request(&pp.ns, sa(sleep.ip, 9090))?.server, "sleep");
     zt.wait_access(logged + 1, outbound_to_sleep)?;
     let again = request_timeout(&pp.ns, sa(rv1.ip, 9080), Duration::from_secs(2));

@@ -259,7 +259,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ZtunnelMode::Node => choose::build(mode, &options)?,
                 ZtunnelMode::Inpod => Box::new(zdivert::dataplane::inpod::InPod::new(
                     &zds_socket,
-                    &zdivert::zds::status_file(&cli.state_dir, &node),
+                    &cli.state_dir,
+                    &node,
                     choose::in_pod_redirection(mode, &options)?,
                 )?),
             };
@@ -408,6 +409,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for node in status::nodes(&cli.bpffs, &cli.state_dir, cli.node) {
                 let zds = zdivert::zds::read_status(&cli.state_dir, &node);
                 let in_pod = zdivert::dataplane::inpod::read_choice(&cli.state_dir, &node);
+                let pods = zdivert::dataplane::inpod::pods::read(&cli.state_dir, &node);
                 // In-pod with istio-cni's rules, the node has no dataplane state of its own.
                 let st = match status::read(&cli.bpffs, &cli.state_dir, &node) {
                     Ok(st) => Some(st),
@@ -426,6 +428,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         if let Some(c) = &in_pod {
                             v["inpod_redirection"] = c.as_str().into();
                         }
+                        if let Some(p) = &pods {
+                            v["inpod_pods"] = serde_json::to_value(p)?;
+                        }
                         println!("{v}");
                     }
                     // In-pod mode leads with what serves the pods: the ZDS peers, then each
@@ -435,6 +440,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             println!("node {node}: in-pod redirection: {c}");
                             if let Some(z) = &zds {
                                 print!("{}", zdivert::zds::render_status(z));
+                            }
+                            if let Some(p) = &pods {
+                                print!("{}", zdivert::dataplane::inpod::pods::render(p));
                             }
                             match &st {
                                 Some(status::Status::Ebpf(e)) => print!("{}", e.render_in_pod()),

@@ -131,6 +131,7 @@ pub fn cleanup(
     for file in [
         crate::zds::status_file(state_dir, node),
         inpod::choice_file(state_dir, node),
+        inpod::pods::file(state_dir, node),
         crate::agent::cni::Overlay::file_for(state_dir, node),
     ] {
         if file.exists() {

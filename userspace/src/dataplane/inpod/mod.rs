@@ -4,6 +4,7 @@
 //! (`istio_cni.rs`). The redirection goes in before the `add`, so a pod is never handed over
 //! unredirected; until ztunnel listens, its redirected TCP is refused (fail closed).
 pub mod istio_cni;
+pub mod pods;
 pub mod programs;
 mod routing;
 pub mod rules;
@@ -57,20 +58,28 @@ pub struct InPod {
     redirection: Redirection,
     /// Pods whose netns holds our redirection, as ztunnel was given them.
     redirected: BTreeMap<PodId, InPodWorkload>,
+    records: pods::PodRecords,
 }
 
 impl InPod {
-    /// Serves ZDS on `socket`, keeping the peers' states in `status_file` for `zdivert status`.
-    pub fn new(socket: &Path, status_file: &Path, redirection: Redirection) -> Result<InPod> {
+    /// Serves ZDS on `socket`, keeping the peers' states and the pods' records in `state_dir`
+    /// for `zdivert status`.
+    pub fn new(
+        socket: &Path,
+        state_dir: &Path,
+        node: &str,
+        redirection: Redirection,
+    ) -> Result<InPod> {
         let server = Server::start(socket).map_err(|source| Error::Zds {
             path: socket.into(),
             source,
         })?;
-        server.publish_to(status_file);
+        server.publish_to(&crate::zds::status_file(state_dir, node));
         Ok(InPod {
             server,
             redirection,
             redirected: BTreeMap::new(),
+            records: pods::PodRecords::new(pods::file(state_dir, node)),
         })
     }
 
@@ -200,7 +209,10 @@ impl Dataplane for InPod {
                 }
             };
             match self.redirection.redirect(&ns, &spec.ips) {
-                Ok(repaired) => report.repaired += repaired,
+                Ok(repaired) => {
+                    report.repaired += repaired;
+                    self.records.repaired(id, repaired);
+                }
                 Err(e) => {
                     report.failed.push((id.clone(), e));
                     continue;
@@ -233,6 +245,7 @@ impl Dataplane for InPod {
             }
         }
         self.redirected = redirected;
+        self.records.publish(&self.redirected);
         match &mut self.redirection {
             Redirection::Ebpf(p) => {
                 if let Err(e) = p.remove_stale() {
@@ -289,6 +302,7 @@ impl Dataplane for InPod {
 
     fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         self.server.metrics().register(registry);
+        self.records.register(registry);
         if let Redirection::Ebpf(p) = &self.redirection {
             p.register_metrics(registry);
         }

@@ -36,7 +36,6 @@ use crate::{
 
 /// What the turned-back segments need from lo: a source that is the pod's own address
 /// (`accept_local`), and for DNS a destination on loopback (`route_localnet`).
-
 const LO_SYSCTLS: [&str; 2] = [
     "/proc/sys/net/ipv4/conf/lo/accept_local",
     "/proc/sys/net/ipv4/conf/lo/route_localnet",
