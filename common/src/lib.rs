@@ -39,13 +39,18 @@ pub mod map {
     pub const STATS: &str = "STATS";
     pub const LISTENERS: &str = "LISTENERS";
     pub const CONFIG: &str = "CONFIG";
-    pub const DNS_FLOWS: &str = "DNS_FLOWS";
+    /// The original server of each captured DNS flow, by pod and slot (`DnsFlowKey`).
+    pub const DNS_FLOW_SLOTS: &str = "DNS_FLOW_SLOTS";
     /// In-pod mode: per-CPU counters of the programs in the pods' netns.
     pub const POD_STATS: &str = "POD_STATS";
     /// In-pod mode: ztunnel's listener for each SYN that met one of its TIME_WAIT sockets.
     pub const TIME_WAIT_SYNS: &str = "TIME_WAIT_SYNS";
     /// In-pod mode: the original DNS server of each captured IPv6 DNS flow.
-    pub const DNS_FLOWS6: &str = "DNS_FLOWS6";
+    pub const DNS_FLOW_SLOTS6: &str = "DNS_FLOW_SLOTS6";
+    /// Maps of this layout an earlier agent pinned and this one replaced under a new name (a
+    /// pinned map keeps its layout under its name): their pins are removed at load. The old
+    /// DNS flow maps were keyed by port, so one pod could evict every other pod's flows.
+    pub const RETIRED: [&str; 2] = ["DNS_FLOWS", "DNS_FLOWS6"];
     /// Every map of the object: all of them are pinned.
     pub const ALL: [&str; 11] = [
         PODS,
@@ -55,10 +60,10 @@ pub mod map {
         STATS,
         LISTENERS,
         CONFIG,
-        DNS_FLOWS,
+        DNS_FLOW_SLOTS,
         POD_STATS,
         TIME_WAIT_SYNS,
-        DNS_FLOWS6,
+        DNS_FLOW_SLOTS6,
     ];
 }
 
@@ -259,30 +264,59 @@ pub const PORT_DNS_PROXY: u16 = 15053;
 /// `CONFIG` (single-slot array) bits, written by the agent when it loads the programs.
 pub const CONFIG_DNS_CAPTURE: u32 = 1 << 0;
 
-/// `DNS_FLOWS` key: one DNS flow of an ambient pod (IPv4), as the pod sees it.
+/// `DNS_FLOW_SLOTS` key: a slot of an ambient pod's DNS flows (IPv4). A flow takes the slot of
+/// its port (`dns_slot`), so that a pod querying from every port holds at most
+/// `DNS_SLOTS_PER_POD` entries per protocol and cannot evict another pod's flows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DnsFlowKey {
     pub pod: [u8; 4],
-    /// The pod's port, network byte order.
-    pub port_be: u16,
+    pub slot: u16,
     /// IPPROTO_UDP or IPPROTO_TCP.
     pub proto: u8,
     pub _reserved: u8,
 }
 
-pub const DNS_FLOWS_MAX_ENTRIES: u32 = 16384;
+/// `DNS_FLOW_SLOTS` value: the flow in the slot (its port) and the server it asked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsFlow {
+    pub server: [u8; 4],
+    /// The pod's port, network byte order: an answer to another port is not this flow's.
+    pub port_be: u16,
+    pub _reserved: u16,
+}
 
-/// `DNS_FLOWS6` key: one IPv6 DNS flow of an ambient pod (in-pod mode), as the pod sees it.
+/// `DNS_FLOW_SLOTS6` key, as `DnsFlowKey` (in-pod mode).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DnsFlowKey6 {
     pub pod: [u8; 16],
-    /// The pod's port, network byte order.
-    pub port_be: u16,
-    /// IPPROTO_UDP or IPPROTO_TCP.
+    pub slot: u16,
     pub proto: u8,
     pub _reserved: u8,
+}
+
+/// `DNS_FLOW_SLOTS6` value, as `DnsFlow`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsFlow6 {
+    pub server: [u8; 16],
+    pub port_be: u16,
+    pub _reserved: u16,
+}
+
+/// Slots per pod and protocol (a power of two). Two queries of one pod in flight at once
+/// whose ports share a slot: the older one's answer is not readdressed, and the pod's resolver
+/// asks again (one chance in 2048 per pair, and that pod's alone).
+pub const DNS_SLOTS_PER_POD: u16 = 2048;
+/// Room for eight pods filling all their slots, both protocols, before the LRU evicts.
+pub const DNS_FLOWS_MAX_ENTRIES: u32 = 32768;
+
+/// The slot of a pod's flow from port `port_be` (network byte order).
+#[inline(always)]
+pub fn dns_slot(port_be: u16) -> u16 {
+    u16::from_be(port_be) & (DNS_SLOTS_PER_POD - 1)
 }
 
 /// The routing table and rule priority used in ztunnel's netns for assigned packets.
@@ -401,6 +435,9 @@ const _: () = {
     assert!(COUNTERS.len() as u32 <= COUNTER_SLOTS);
     assert!(core::mem::size_of::<SynKey>() == 36);
     assert!(core::mem::size_of::<DnsFlowKey6>() == 20);
+    assert!(core::mem::size_of::<DnsFlow>() == 8);
+    assert!(core::mem::size_of::<DnsFlow6>() == 20);
+    assert!(DNS_SLOTS_PER_POD.is_power_of_two());
     assert!(POD_COUNTERS.len() as u32 <= POD_COUNTER_SLOTS);
 };
 
@@ -414,4 +451,6 @@ mod pod_impls {
     unsafe impl aya::Pod for super::DnsFlowKey {}
     unsafe impl aya::Pod for super::SynKey {}
     unsafe impl aya::Pod for super::DnsFlowKey6 {}
+    unsafe impl aya::Pod for super::DnsFlow {}
+    unsafe impl aya::Pod for super::DnsFlow6 {}
 }

@@ -3,9 +3,10 @@
 //!
 //! ztunnel 1.22.8 serves DNS from ordinary sockets on `[::]:15053`: it answers from its own
 //! address. So the outbound program readdresses a query to ztunnel's address and :15053 and
-//! notes the server the pod asked in `DNS_FLOWS` (keyed by the pod's address, port and
-//! protocol); the return program puts that server back as the answer's source. No conntrack and
-//! no NAT table are involved: the note is the whole state, and an LRU map bounds it.
+//! notes the server the pod asked in `DNS_FLOW_SLOTS` (keyed by the pod's address, the slot of
+//! its port and the protocol); the return program puts that server back as the answer's source.
+//! No conntrack and no NAT table are involved: the note is the whole state, bounded per pod by
+//! its slots and per node by an LRU map.
 //!
 //! In-pod ztunnel listens on `127.0.0.1:15053` in the pod's own netns: the same rewrite, with
 //! loopback as the proxy (`pod_egress`, `pod_ingress`).
@@ -13,10 +14,10 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use zdivert_common::{DnsFlowKey, IpKey, PORT_DNS, PORT_DNS_PROXY};
+use zdivert_common::{DnsFlow, DnsFlowKey, IpKey, PORT_DNS, PORT_DNS_PROXY, dns_slot};
 
 use crate::{
-    maps::DNS_FLOWS,
+    maps::DNS_FLOW_SLOTS,
     packet::{ETH_HLEN, IPPROTO_TCP, Ip, read},
 };
 
@@ -89,11 +90,16 @@ pub fn to_proxy(ctx: &TcContext, ip: &Ip, proxy: [u8; 4]) -> Option<()> {
     let (pod, server) = (v4(&ip.src), v4(&ip.dst));
     let key = DnsFlowKey {
         pod,
-        port_be: sport,
+        slot: dns_slot(sport),
         proto: ip.proto,
         _reserved: 0,
     };
-    DNS_FLOWS.insert(&key, &server, 0).ok()?;
+    let flow = DnsFlow {
+        server,
+        port_be: sport,
+        _reserved: 0,
+    };
+    DNS_FLOW_SLOTS.insert(&key, &flow, 0).ok()?;
     rewrite(
         ctx,
         ip,
@@ -115,12 +121,16 @@ pub fn answer_from_server(ctx: &TcContext, ip: &Ip, proxy: [u8; 4]) -> Option<()
     }
     let key = DnsFlowKey {
         pod: v4(&ip.dst),
-        port_be: dport,
+        slot: dns_slot(dport),
         proto: ip.proto,
         _reserved: 0,
     };
     // SAFETY: the value is copied out before the map can change under it.
-    let server = unsafe { DNS_FLOWS.get(&key) }.copied()?;
+    let flow = unsafe { DNS_FLOW_SLOTS.get(&key) }.copied()?;
+    if flow.port_be != dport {
+        return None;
+    }
+    let server = flow.server;
     rewrite(
         ctx,
         ip,

@@ -1,13 +1,13 @@
 //! IPv6 DNS capture for in-pod mode: as `dns.rs` does for IPv4, a pod's query is readdressed to
 //! ztunnel's DNS proxy on `[::1]:15053` and the answer gets the queried server back as its
-//! source, with `DNS_FLOWS6` as the only state. IPv6 has no header checksum; the L4 checksum
+//! source, with `DNS_FLOW_SLOTS6` as the only state. IPv6 has no header checksum; the L4 checksum
 //! covers the addresses through the pseudo-header.
 use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, programs::TcContext};
-use zdivert_common::{DnsFlowKey6, PORT_DNS, PORT_DNS_PROXY};
+use zdivert_common::{DnsFlow6, DnsFlowKey6, PORT_DNS, PORT_DNS_PROXY, dns_slot};
 
 use crate::{
     dns::{l4_csum, ports},
-    maps::DNS_FLOWS6,
+    maps::DNS_FLOW_SLOTS6,
     packet::{ETH_HLEN, Ip, LOOPBACK_V6},
 };
 
@@ -45,11 +45,16 @@ pub fn to_proxy(ctx: &TcContext, ip: &Ip) -> Option<()> {
     let (sport, dport) = ports(ctx, ip)?;
     let key = DnsFlowKey6 {
         pod: ip.src.addr,
-        port_be: sport,
+        slot: dns_slot(sport),
         proto: ip.proto,
         _reserved: 0,
     };
-    DNS_FLOWS6.insert(&key, &ip.dst.addr, 0).ok()?;
+    let flow = DnsFlow6 {
+        server: ip.dst.addr,
+        port_be: sport,
+        _reserved: 0,
+    };
+    DNS_FLOW_SLOTS6.insert(&key, &flow, 0).ok()?;
     rewrite(
         ctx,
         ip,
@@ -71,12 +76,16 @@ pub fn answer_from_server(ctx: &TcContext, ip: &Ip) -> Option<()> {
     }
     let key = DnsFlowKey6 {
         pod: ip.dst.addr,
-        port_be: dport,
+        slot: dns_slot(dport),
         proto: ip.proto,
         _reserved: 0,
     };
     // SAFETY: the value is copied out before the map can change under it.
-    let server = unsafe { DNS_FLOWS6.get(&key) }.copied()?;
+    let flow = unsafe { DNS_FLOW_SLOTS6.get(&key) }.copied()?;
+    if flow.port_be != dport {
+        return None;
+    }
+    let server = flow.server;
     rewrite(
         ctx,
         ip,

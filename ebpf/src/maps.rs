@@ -7,10 +7,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use zdivert_common::{
-    CONFIG_DNS_CAPTURE, COUNTER_SLOTS, Counter, DNS_FLOWS_MAX_ENTRIES, DnsFlowKey, DnsFlowKey6,
-    DrainingZtunnel, IpKey, LISTENER_SLOTS, NODE_IPS_MAX_ENTRIES, POD_COUNTER_SLOTS,
-    PODS_MAX_ENTRIES, PodEntry, SynKey, TIME_WAIT_SYNS_MAX_ENTRIES, ZTUNNEL_F_PRESENT,
-    ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZtunnelEntry,
+    CONFIG_DNS_CAPTURE, COUNTER_SLOTS, Counter, DNS_FLOWS_MAX_ENTRIES, DnsFlow, DnsFlow6,
+    DnsFlowKey, DnsFlowKey6, DrainingZtunnel, IpKey, LISTENER_SLOTS, NODE_IPS_MAX_ENTRIES,
+    POD_COUNTER_SLOTS, PODS_MAX_ENTRIES, PodEntry, SynKey, TIME_WAIT_SYNS_MAX_ENTRIES,
+    ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZtunnelEntry,
 };
 
 /// Ambient pods on this node: pod IP (each of its addresses) → its host veth.
@@ -44,7 +44,7 @@ pub static CONFIG: Array<u32, 1> = Array::new();
 
 /// The original DNS server of each captured DNS flow, to answer from it (`dns.rs`).
 #[btf_map]
-pub static DNS_FLOWS: LruHashMap<DnsFlowKey, [u8; 4], { DNS_FLOWS_MAX_ENTRIES as usize }> =
+pub static DNS_FLOW_SLOTS: LruHashMap<DnsFlowKey, DnsFlow, { DNS_FLOWS_MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
 /// In-pod mode: per-CPU packet counters, indexed by `zdivert_common::pod_counter`.
@@ -59,7 +59,7 @@ pub static TIME_WAIT_SYNS: SockHash<SynKey, { TIME_WAIT_SYNS_MAX_ENTRIES as usiz
 
 /// In-pod mode: the original DNS server of each captured IPv6 DNS flow (`dns6.rs`).
 #[btf_map]
-pub static DNS_FLOWS6: LruHashMap<DnsFlowKey6, [u8; 16], { DNS_FLOWS_MAX_ENTRIES as usize }> =
+pub static DNS_FLOW_SLOTS6: LruHashMap<DnsFlowKey6, DnsFlow6, { DNS_FLOWS_MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
 #[inline(always)]

@@ -20,12 +20,58 @@ use crate::ns::Netns;
 
 /// Sends `packet` (a whole IPv4 packet, header included) from `ns` towards `dst`.
 pub fn send(ns: &Netns, dst: Ipv4Addr, packet: Vec<u8>) -> Result<()> {
-    ns.exec(move || -> Result<()> {
-        // IPPROTO_RAW: the header is ours (IP_HDRINCL).
-        let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(255)))?;
+    send_all(ns, vec![(dst, packet)])
+}
+
+/// `send` for many packets, through one socket.
+pub fn send_all(ns: &Netns, packets: Vec<(Ipv4Addr, Vec<u8>)>) -> Result<()> {
+    send_marked(ns, packets, None)
+}
+
+/// `send_all`, the packets shared out among threads pinned one to each CPU: what per-CPU
+/// state the kernel keeps for them (an LRU map's local lists) is touched on every CPU.
+pub fn send_from_every_cpu(ns: &Netns, packets: Vec<(Ipv4Addr, Vec<u8>)>) -> Result<()> {
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = packets.len().div_ceil(cpus).max(1);
+    let mut sent = Vec::new();
+    for (cpu, part) in packets.chunks(chunk).enumerate() {
+        let (path, part) = (ns.path(), part.to_vec());
+        sent.push(thread::spawn(move || -> Result<()> {
+            zdivert::netns::run_in(&path, move || {
+                // SAFETY: a CPU set built with the libc macros, for this (short-lived) thread.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+                }
+                send_each(part, None)
+            })?
+        }));
+    }
+    for t in sent {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("a sending thread panicked"))??;
+    }
+    Ok(())
+}
+
+/// `send_all` from a socket with SO_MARK `mark` (which takes CAP_NET_ADMIN): as ztunnel's
+/// sockets send in a pod's netns.
+pub fn send_marked(ns: &Netns, packets: Vec<(Ipv4Addr, Vec<u8>)>, mark: Option<u32>) -> Result<()> {
+    ns.exec(move || send_each(packets, mark))
+}
+
+/// Sends from the current thread's netns.
+fn send_each(packets: Vec<(Ipv4Addr, Vec<u8>)>, mark: Option<u32>) -> Result<()> {
+    // IPPROTO_RAW: the header is ours (IP_HDRINCL).
+    let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(255)))?;
+    if let Some(mark) = mark {
+        s.set_mark(mark)?;
+    }
+    for (dst, packet) in packets {
         s.send_to(&packet, &SocketAddr::from((dst, 0)).into())?;
-        Ok(())
-    })
+    }
+    Ok(())
 }
 
 /// Sends `packet` (a whole IPv6 packet, header included) from `ns` towards `dst`.

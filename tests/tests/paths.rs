@@ -30,6 +30,7 @@ macro_rules! in_every_mode {
             connection_churn_with_normal_closes_never_waits_for_a_retransmission,
             bulk_transfers_complete_same_node_and_cross_node,
             dns_capture_answers_from_ztunnel_and_only_when_enabled,
+            a_dns_flood_from_one_pod_keeps_other_pods_dns,
             ipv6_tcp_is_captured_like_ipv4,
         );
     };

@@ -59,3 +59,105 @@ pub fn dns_capture_answers_from_ztunnel_and_only_when_enabled(mode: Mode) -> any
     }
     Ok(())
 }
+
+/// One pod asking DNS from every port, UDP and TCP (a flood, or a resolver gone wrong) degrades only its
+/// own DNS: another pod's query in flight is still answered from the server it asked. The
+/// answer is sent as ztunnel's DNS proxy sends it (from its address and :15053) after the
+/// flood, so the flood cannot miss the window.
+pub fn a_dns_flood_from_one_pod_keeps_other_pods_dns(mode: Mode) -> anyhow::Result<()> {
+    use std::{net::UdpSocket, time::Duration};
+    use zdivert_tests::{dns::resolve_udp, packets, raw};
+    let lab = Lab::real_with(
+        mode,
+        |_| MeshConfig {
+            services: vec![super::reviews_service()],
+            ..Default::default()
+        },
+        &[("ISTIO_META_DNS_CAPTURE", "true")],
+        &["--dns-capture"],
+    )?;
+    let w2 = lab.w2();
+    let (victim, flooder, sleep) = (
+        w2.pod("productpage-v1"),
+        w2.pod("reviews-v1"),
+        w2.pod("sleep"),
+    );
+    let server = sa(sleep.ip, 53);
+    let name = "reviews.default.svc.cluster.local";
+    assert_eq!(
+        resolve_udp(&victim.ns, server, name)?.1,
+        server,
+        "capture works"
+    );
+
+    // The victim's resolver: a socket connected to its server takes answers from it alone.
+    // Queries still in flight when the flood comes, unanswered, so that nothing has looked
+    // their flows up (an LRU keeps what was used): each ztunnel leaves one of these two
+    // unanswered, malformed bytes (1.22) or a message that says it is an answer (1.31).
+    let mut resolvers = Vec::new();
+    for query in [
+        &b"not DNS"[..],
+        &[0x12, 0x34, 0x81, 0x80, 0, 0, 0, 0, 0, 0, 0, 0],
+    ] {
+        // A socket connected to its server takes answers from it alone.
+        let resolver = victim.ns.exec(move || -> anyhow::Result<UdpSocket> {
+            let s = UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+            s.connect(server)?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            Ok(s)
+        })?;
+        resolver.send(query)?;
+        resolvers.push(resolver);
+    }
+
+    // From every port, over UDP and TCP: four times what the node's flow map once held.
+    let flood: Vec<_> = (1024..=u16::MAX)
+        .flat_map(|sport| {
+            [
+                (17, packets::udp(sport, 53)),
+                (6, packets::tcp(sport, 53, packets::SYN)),
+            ]
+        })
+        .map(|(proto, l4)| {
+            let packet = packets::V4::new(flooder.ip, sleep.ip, proto).packet(&l4);
+            (sleep.ip, packet)
+        })
+        .collect();
+    let sent = flood.len() as u64;
+    raw::send_from_every_cpu(&flooder.ns, flood)?;
+    std::thread::sleep(Duration::from_millis(500));
+    // The flood was taken for DNS, every query of it.
+    let captured = match mode {
+        Mode::InPodEbpf => Some(lab.agent2().counter("pod_egress", "dns_to_ztunnel")?),
+        m if m.is_ebpf() => Some(lab.agent2().counter("outbound", "dns_to_ztunnel")?),
+        _ => None,
+    };
+    assert!(captured.is_none_or(|n| n >= sent), "{mode:?}: {captured:?}");
+
+    // The answer to the victim's query as the proxy sends it: from ztunnel's address at node
+    // level; in-pod, from loopback in the pod's own netns, by a socket with ztunnel's mark.
+    let (from_ns, proxy, mark) = match mode.is_in_pod() {
+        true => (
+            &victim.ns,
+            std::net::Ipv4Addr::LOCALHOST,
+            Some(zdivert_common::MARK_INPOD_ZTUNNEL),
+        ),
+        false => (&w2.ztunnel.ns, w2.ztunnel.ip, None),
+    };
+    for resolver in resolvers {
+        let port = resolver.local_addr()?.port();
+        let answer = packets::V4::new(proxy, victim.ip, 17).packet(&packets::udp(15053, port));
+        raw::send_marked(from_ns, vec![(victim.ip, answer)], mark)?;
+        // Only the crafted answer counts (ztunnel answers some queries with an error).
+        let mut buf = [0u8; 512];
+        loop {
+            let n = resolver.recv(&mut buf).map_err(|e| {
+                anyhow::anyhow!("{mode:?}: no answer from the victim's server after the flood: {e}")
+            })?;
+            if &buf[..n] == b"ping" {
+                break;
+            }
+        }
+    }
+    Ok(())
+}

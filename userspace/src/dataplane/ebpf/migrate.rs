@@ -10,7 +10,8 @@ use std::path::Path;
 
 use aya::maps::{Array, HashMap, Map};
 use zdivert_common::{
-    DnsFlowKey, DrainingZtunnel, IpKey, PIN_VERSION_BEFORE, PodEntry, ZtunnelEntry, map,
+    DnsFlow, DnsFlowKey, DrainingZtunnel, IpKey, PIN_VERSION_BEFORE, PodEntry, ZtunnelEntry,
+    dns_slot, map,
 };
 
 use super::PinDirs;
@@ -39,6 +40,19 @@ impl From<PodEntryV2> for PodEntry {
         }
     }
 }
+
+/// v2's `DNS_FLOWS` key: a pod's flow by its port; the value was the server.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DnsFlowKeyV2 {
+    pod: [u8; 4],
+    port_be: u16,
+    proto: u8,
+    _reserved: u8,
+}
+// SAFETY: plain-old-data without padding (4 + 2 + 1 + 1 = 8 bytes, align 2).
+unsafe impl aya::Pod for DnsFlowKeyV2 {}
+const DNS_FLOWS_V2: &str = map::RETIRED[0];
 
 /// What a migration carried over.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -136,7 +150,7 @@ fn copy_maps(from: &PinDirs, to: &PinDirs) -> Result<usize> {
         }
     }
     copied += copy_hash::<IpKey, u32>(from, to, map::NODE_IPS)?;
-    copied += copy_hash::<DnsFlowKey, [u8; 4]>(from, to, map::DNS_FLOWS)?;
+    copied += copy_dns_flows(from, to)?;
     copied += copy_slot::<ZtunnelEntry>(from, to, map::ZTUNNEL)?;
     copied += copy_slot::<DrainingZtunnel>(from, to, map::ZTUNNEL_DRAINING)?;
     Ok(copied)
@@ -157,6 +171,36 @@ fn copy_hash<K: aya::Pod, V: aya::Pod>(
     for entry in old.iter() {
         let (k, v) = entry.map_err(err)?;
         new.insert(k, v, 0).map_err(err)?;
+        copied += 1;
+    }
+    Ok(copied)
+}
+
+/// v2's DNS flows, each into the slot of its port.
+fn copy_dns_flows(from: &PinDirs, to: &PinDirs) -> Result<usize> {
+    let err = |map| move |source| Error::Map { map, source };
+    let (Some(old), Some(new)) = (open(from, DNS_FLOWS_V2)?, open(to, map::DNS_FLOW_SLOTS)?) else {
+        return Ok(0);
+    };
+    let old: HashMap<_, DnsFlowKeyV2, [u8; 4]> =
+        HashMap::try_from(old).map_err(err(DNS_FLOWS_V2))?;
+    let mut new: HashMap<_, DnsFlowKey, DnsFlow> =
+        HashMap::try_from(new).map_err(err(map::DNS_FLOW_SLOTS))?;
+    let mut copied = 0;
+    for entry in old.iter() {
+        let (k, server) = entry.map_err(err(DNS_FLOWS_V2))?;
+        let key = DnsFlowKey {
+            pod: k.pod,
+            slot: dns_slot(k.port_be),
+            proto: k.proto,
+            _reserved: 0,
+        };
+        let flow = DnsFlow {
+            server,
+            port_be: k.port_be,
+            _reserved: 0,
+        };
+        new.insert(key, flow, 0).map_err(err(map::DNS_FLOW_SLOTS))?;
         copied += 1;
     }
     Ok(copied)

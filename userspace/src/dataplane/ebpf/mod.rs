@@ -85,6 +85,10 @@ impl PinDirs {
 /// there: BTF maps carry no pinning of their own, so every one is named here.
 pub fn loader(maps_dir: &Path) -> EbpfLoader<'static> {
     lift_memlock_limit();
+    // The programs that used a retired map keep it until they are swapped out.
+    for name in zdivert_common::map::RETIRED {
+        let _ = std::fs::remove_file(maps_dir.join(name));
+    }
     let mut loader = EbpfLoader::new();
     for name in zdivert_common::map::ALL {
         loader.map_pin_path(name, maps_dir.join(name));
