@@ -47,12 +47,14 @@ pub mod map {
     pub const TIME_WAIT_SYNS: &str = "TIME_WAIT_SYNS";
     /// In-pod mode: the original DNS server of each captured IPv6 DNS flow.
     pub const DNS_FLOW_SLOTS6: &str = "DNS_FLOW_SLOTS6";
+    /// In-pod mode: each ambient pod's addresses, to the MAC address of its eth0.
+    pub const INPOD_SENDERS: &str = "INPOD_SENDERS";
     /// Maps of this layout an earlier agent pinned and this one replaced under a new name (a
     /// pinned map keeps its layout under its name): their pins are removed at load. The old
     /// DNS flow maps were keyed by port, so one pod could evict every other pod's flows.
     pub const RETIRED: [&str; 2] = ["DNS_FLOWS", "DNS_FLOWS6"];
     /// Every map of the object: all of them are pinned.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         PODS,
         NODE_IPS,
         ZTUNNEL,
@@ -64,6 +66,7 @@ pub mod map {
         POD_STATS,
         TIME_WAIT_SYNS,
         DNS_FLOW_SLOTS6,
+        INPOD_SENDERS,
     ];
 }
 
@@ -306,6 +309,19 @@ pub struct DnsFlow6 {
     pub _reserved: u16,
 }
 
+/// `INPOD_SENDERS` value: the MAC address of the eth0 of the pod that holds an address. In-pod
+/// DNS capture notes a flow for an address only from a frame with that source MAC that no
+/// packet socket wrote: a pod's stack gives its frames its own eth0's address, so a pod that
+/// claims another pod's address (IP_FREEBIND takes no capability) cannot take that pod's slots.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodMac {
+    pub mac: [u8; 6],
+    pub _reserved: [u8; 2],
+}
+
+pub const INPOD_SENDERS_MAX_ENTRIES: u32 = 16384;
+
 /// Slots per pod and protocol (a power of two). Two queries of one pod in flight at once
 /// whose ports share a slot: the older one's answer is not readdressed, and the pod's resolver
 /// asks again (one chance in 2048 per pair, and that pod's alone).
@@ -421,6 +437,7 @@ counters! {
     INGRESS_DROP_NOT_ZTUNNELS = 15, "pod_ingress", "dropped_not_ztunnels";
     GUARD_PASSED = 16, "pod_guard", "passed";
     GUARD_DROP_UNSEEN = 17, "pod_guard", "dropped_past_egress";
+    EGRESS_DROP_DNS_NOT_OWN = 18, "pod_egress", "dropped_dns_from_another_address";
 }
 
 pub const POD_COUNTER_SLOTS: u32 = 32;
@@ -437,6 +454,7 @@ const _: () = {
     assert!(core::mem::size_of::<DnsFlowKey6>() == 20);
     assert!(core::mem::size_of::<DnsFlow>() == 8);
     assert!(core::mem::size_of::<DnsFlow6>() == 20);
+    assert!(core::mem::size_of::<PodMac>() == 8);
     assert!(DNS_SLOTS_PER_POD.is_power_of_two());
     assert!(POD_COUNTERS.len() as u32 <= POD_COUNTER_SLOTS);
 };
@@ -453,4 +471,5 @@ mod pod_impls {
     unsafe impl aya::Pod for super::DnsFlowKey6 {}
     unsafe impl aya::Pod for super::DnsFlow {}
     unsafe impl aya::Pod for super::DnsFlow6 {}
+    unsafe impl aya::Pod for super::PodMac {}
 }

@@ -8,9 +8,9 @@ use aya_ebpf::{
 };
 use zdivert_common::{
     CONFIG_DNS_CAPTURE, COUNTER_SLOTS, Counter, DNS_FLOWS_MAX_ENTRIES, DnsFlow, DnsFlow6,
-    DnsFlowKey, DnsFlowKey6, DrainingZtunnel, IpKey, LISTENER_SLOTS, NODE_IPS_MAX_ENTRIES,
-    POD_COUNTER_SLOTS, PODS_MAX_ENTRIES, PodEntry, SynKey, TIME_WAIT_SYNS_MAX_ENTRIES,
-    ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZtunnelEntry,
+    DnsFlowKey, DnsFlowKey6, DrainingZtunnel, INPOD_SENDERS_MAX_ENTRIES, IpKey, LISTENER_SLOTS,
+    NODE_IPS_MAX_ENTRIES, POD_COUNTER_SLOTS, PODS_MAX_ENTRIES, PodEntry, PodMac, SynKey,
+    TIME_WAIT_SYNS_MAX_ENTRIES, ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZtunnelEntry,
 };
 
 /// Ambient pods on this node: pod IP (each of its addresses) → its host veth.
@@ -56,6 +56,11 @@ pub static POD_STATS: PerCpuArray<u64, { POD_COUNTER_SLOTS as usize }> = PerCpuA
 #[btf_map]
 pub static TIME_WAIT_SYNS: SockHash<SynKey, { TIME_WAIT_SYNS_MAX_ENTRIES as usize }> =
     SockHash::new();
+
+/// In-pod mode: each ambient pod's addresses, to its eth0's MAC (see `PodMac`).
+#[btf_map]
+pub static INPOD_SENDERS: HashMap<IpKey, PodMac, { INPOD_SENDERS_MAX_ENTRIES as usize }> =
+    HashMap::new();
 
 /// In-pod mode: the original DNS server of each captured IPv6 DNS flow (`dns6.rs`).
 #[btf_map]
@@ -119,4 +124,15 @@ pub fn is_ztunnel_ip(z: &ZtunnelEntry, ip: &IpKey, v6: bool) -> bool {
     } else {
         z.flags & ZTUNNEL_F_V4 != 0 && u32::from_ne_bytes(z.ipv4) == ip.v4_word()
     }
+}
+
+/// Whether the pod that holds `ip` sent this frame (see `PodMac`): its source MAC is that pod's
+/// eth0's, and no packet socket wrote it.
+#[inline(always)]
+pub fn sent_by_holder(ctx: &aya_ebpf::programs::TcContext, ip: &IpKey) -> bool {
+    // SAFETY: the value is copied out before the map can change under it.
+    let Some(holder) = (unsafe { INPOD_SENDERS.get(ip) }).copied() else {
+        return false;
+    };
+    crate::packet::src_mac(ctx) == Some(holder.mac) && !crate::packet::from_packet_socket(ctx)
 }

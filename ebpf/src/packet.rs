@@ -250,6 +250,22 @@ pub fn set_dst_mac(ctx: &TcContext, mac: &[u8; 6]) -> bool {
 }
 
 #[inline(always)]
+pub fn src_mac(ctx: &TcContext) -> Option<[u8; 6]> {
+    read(ctx, 6)
+}
+
+/// Whether a packet socket made the frame (and so wrote its Ethernet header itself); any
+/// other socket's frame got its source address from the device.
+#[inline(always)]
+pub fn from_packet_socket(ctx: &TcContext) -> bool {
+    const AF_PACKET: u32 = 17;
+    // SAFETY: `sk` of the context is the sending socket or null; the verifier allows its
+    // family to be read once it is checked for null.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    !sk.is_null() && unsafe { (*sk).family } == AF_PACKET
+}
+
+#[inline(always)]
 pub fn set_src_mac(ctx: &TcContext, mac: &[u8; 6]) -> bool {
     write(ctx, 6, mac)
 }

@@ -20,7 +20,7 @@ use zdivert_common::{
 
 use crate::{
     dns, dns6,
-    maps::{count, dns_capture},
+    maps::{count, dns_capture, sent_by_holder},
     packet::{Frame, IPPROTO_TCP, Ip, LOOPBACK_V4, mark, parse, set_dst_mac, set_tc_index, tcp},
     socket::connected_here,
     verdict::{drop, pass},
@@ -69,6 +69,10 @@ pub fn zd_pod_egress(ctx: TcContext) -> i32 {
 /// `dns.rs`, `dns6.rs`).
 #[inline(always)]
 fn dns_query(ctx: &TcContext, ip: &Ip) -> i32 {
+    // The flow is noted under the query's source address: only that address's pod may.
+    if !sent_by_holder(ctx, &ip.src) {
+        return drop(EGRESS_DROP_DNS_NOT_OWN);
+    }
     let readdressed = if ip.v6 {
         dns6::to_proxy(ctx, ip)
     } else {

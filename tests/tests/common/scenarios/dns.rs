@@ -60,10 +60,10 @@ pub fn dns_capture_answers_from_ztunnel_and_only_when_enabled(mode: Mode) -> any
     Ok(())
 }
 
-/// One pod asking DNS from every port, UDP and TCP (a flood, or a resolver gone wrong) degrades only its
-/// own DNS: another pod's query in flight is still answered from the server it asked. The
-/// answer is sent as ztunnel's DNS proxy sends it (from its address and :15053) after the
-/// flood, so the flood cannot miss the window.
+/// One pod asking DNS from every port, UDP and TCP (a flood, or a resolver gone wrong), and
+/// claiming another pod's address too, degrades only its own DNS: another pod's queries in
+/// flight are still answered from the server they asked. The answers are sent as ztunnel's DNS
+/// proxy sends them (from its address and :15053) after the flood, so it cannot miss the window.
 pub fn a_dns_flood_from_one_pod_keeps_other_pods_dns(mode: Mode) -> anyhow::Result<()> {
     use std::{net::UdpSocket, time::Duration};
     use zdivert_tests::{dns::resolve_udp, packets, raw};
@@ -110,30 +110,24 @@ pub fn a_dns_flood_from_one_pod_keeps_other_pods_dns(mode: Mode) -> anyhow::Resu
         resolvers.push(resolver);
     }
 
-    // From every port, over UDP and TCP: four times what the node's flow map once held.
-    let flood: Vec<_> = (1024..=u16::MAX)
-        .flat_map(|sport| {
-            [
-                (17, packets::udp(sport, 53)),
-                (6, packets::tcp(sport, 53, packets::SYN)),
-            ]
-        })
-        .map(|(proto, l4)| {
-            let packet = packets::V4::new(flooder.ip, sleep.ip, proto).packet(&l4);
-            (sleep.ip, packet)
-        })
-        .collect();
-    let sent = flood.len() as u64;
-    raw::send_from_every_cpu(&flooder.ns, flood)?;
-    std::thread::sleep(Duration::from_millis(500));
-    // The flood was taken for DNS, every query of it.
-    let captured = match mode {
-        Mode::InPodEbpf => Some(lab.agent2().counter("pod_egress", "dns_to_ztunnel")?),
-        m if m.is_ebpf() => Some(lab.agent2().counter("outbound", "dns_to_ztunnel")?),
-        _ => None,
+    // From every port, over UDP and TCP: four times what the node's flow map once held; and
+    // from every port over UDP again, claiming the victim's address.
+    let query = |src, proto, sport| {
+        let l4 = match proto {
+            6 => packets::tcp(sport, 53, packets::SYN),
+            _ => packets::udp(sport, 53),
+        };
+        (sleep.ip, packets::V4::new(src, sleep.ip, proto).packet(&l4))
     };
-    assert!(captured.is_none_or(|n| n >= sent), "{mode:?}: {captured:?}");
-
+    let own: Vec<_> = (1024..=u16::MAX)
+        .flat_map(|sport| [query(flooder.ip, 17, sport), query(flooder.ip, 6, sport)])
+        .collect();
+    let forged: Vec<_> = (1024..=u16::MAX)
+        .map(|sport| query(victim.ip, 17, sport))
+        .collect();
+    let (own_sent, forged_sent) = (own.len() as u64, forged.len() as u64);
+    raw::send_from_every_cpu(&flooder.ns, own.into_iter().chain(forged).collect())?;
+    std::thread::sleep(Duration::from_millis(500));
     // The answer to the victim's query as the proxy sends it: from ztunnel's address at node
     // level; in-pod, from loopback in the pod's own netns, by a socket with ztunnel's mark.
     let (from_ns, proxy, mark) = match mode.is_in_pod() {
@@ -159,5 +153,22 @@ pub fn a_dns_flood_from_one_pod_keeps_other_pods_dns(mode: Mode) -> anyhow::Resu
             }
         }
     }
+    // The flood was taken for DNS, and what claimed the victim's address was refused.
+    let counted = |path: &str, outcome: &str| lab.agent2().counter(path, outcome);
+    let (captured, refused) = match mode {
+        Mode::InPodEbpf => (
+            counted("pod_egress", "dns_to_ztunnel")?,
+            counted("pod_egress", "dropped_dns_from_another_address")?,
+        ),
+        m if m.is_ebpf() => (
+            counted("outbound", "dns_to_ztunnel")?,
+            counted("outbound", "dropped_forged_source")?,
+        ),
+        _ => (own_sent, forged_sent),
+    };
+    assert!(
+        captured >= own_sent && refused >= forged_sent,
+        "{mode:?}: {captured} captured, {refused} refused"
+    );
     Ok(())
 }

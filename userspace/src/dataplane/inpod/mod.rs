@@ -8,6 +8,7 @@ pub mod pods;
 pub mod programs;
 mod routing;
 pub mod rules;
+mod senders;
 
 use std::{
     collections::BTreeMap,

@@ -54,6 +54,7 @@ pub struct PodPrograms {
     /// When each pod netns was last checked in full (routing, sysctls, attachments).
     checked: BTreeMap<u64, Instant>,
     packets: Mutex<Option<PacketCounters>>,
+    senders: super::senders::Senders,
 }
 
 impl PodPrograms {
@@ -74,6 +75,7 @@ impl PodPrograms {
         ProgramSet::InPod.load(&mut ebpf)?;
         maps::write_config(&mut ebpf, if dns_capture { CONFIG_DNS_CAPTURE } else { 0 })?;
         let packets = PacketCounters::new(maps::take(&mut ebpf, maps::POD_STATS)?, POD_COUNTERS);
+        let senders = super::senders::Senders::take(&mut ebpf)?;
         Ok(PodPrograms {
             ebpf,
             dirs,
@@ -83,6 +85,7 @@ impl PodPrograms {
             redirected: BTreeMap::new(),
             checked: BTreeMap::new(),
             packets: Mutex::new(Some(packets)),
+            senders,
         })
     }
 
@@ -126,6 +129,8 @@ impl PodPrograms {
                 })?;
             nl.link_by_index(index)
         })??;
+        // Before the programs: a query of the pod's must find its addresses.
+        self.senders.set(inode, ips, eth0.mac)?;
         let lo = crate::nl::Link {
             name: "lo".into(),
             index: zdivert_common::LOOPBACK_IFINDEX,
@@ -215,7 +220,7 @@ impl PodPrograms {
         lookup::remove_others(&self.dirs, Lookup::Pod, &keep)?;
         self.lookups.retain(|i| keep.contains(i));
         self.checked.retain(|i, _| keep.contains(i));
-        Ok(())
+        self.senders.keep_only(&keep)
     }
 
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
