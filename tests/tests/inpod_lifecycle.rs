@@ -383,17 +383,23 @@ fn eventually_text(agent: &zdivert_tests::agent::Agent, pods: usize) -> anyhow::
 /// ztunnel's reuseport group, same uid). With the eBPF redirection, captured traffic goes only
 /// to sockets that carry ztunnel's mark: the squatter accepts nothing, and a DENY on the pod
 /// holds for plaintext and HBONE clients alike. (istio-cni's rules cannot tell whose socket
-/// TPROXY finds: README, "What cannot get around ztunnel".)
+/// TPROXY finds: README, "What cannot get around ztunnel".) The agent names the pod, with the
+/// ports, in a metric and in status.
 #[test]
 fn a_process_that_binds_ztunnels_ports_in_its_pod_gets_nothing() -> anyhow::Result<()> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let lab = Lab::real(Mode::InPodEbpf, |topo| MeshConfig {
-        policies: vec![zdivert_tests::ztunnel::Policy::deny_port(
-            topo.worker2().pod("reviews-v1"),
-            9080,
-        )],
-        ..Default::default()
-    })?;
+    let lab = Lab::real_with(
+        Mode::InPodEbpf,
+        |topo| MeshConfig {
+            policies: vec![zdivert_tests::ztunnel::Policy::deny_port(
+                topo.worker2().pod("reviews-v1"),
+                9080,
+            )],
+            ..Default::default()
+        },
+        &[],
+        &["--resync-secs", "1"],
+    )?;
     let w2 = lab.w2();
     let (pp, rv1, sleep) = (
         w2.pod("productpage-v1"),
@@ -446,5 +452,26 @@ fn a_process_that_binds_ztunnels_ports_in_its_pod_gets_nothing() -> anyhow::Resu
         .map(|(_, from)| format!("{:?}", from.as_socket()))
         .collect();
     assert!(accepted.is_empty(), "the squatter accepted {accepted:?}");
+    // The agent names the pod: in a metric, and in status with the ports.
+    let sample = "zdivert_pod_foreign_listeners{namespace=\"default\",pod=\"reviews-v1\"}";
+    zdivert_tests::eventually("the squatter named", Duration::from_secs(10), || {
+        Ok(lab.agent2().metric(sample)? == 2.0)
+    })?;
+    let records = lab.agent2().status()?["inpod_pods"].clone();
+    let ports = |pod: &str| {
+        (records.as_array().into_iter().flatten())
+            .find(|r| r["pod"] == format!("default/{pod}").as_str())
+            .map(|r| r["foreign_listeners"].clone())
+    };
+    assert_eq!(
+        ports("reviews-v1"),
+        Some(serde_json::json!([15006, 15008])),
+        "{records}"
+    );
+    assert_eq!(
+        ports("productpage-v1"),
+        Some(serde_json::json!([])),
+        "{records}"
+    );
     Ok(())
 }

@@ -22,6 +22,20 @@ pub fn listening(ns: &Path) -> Result<BTreeSet<u16>> {
         .collect())
 }
 
+/// The listeners on ztunnel's ports in the netns at `ns` that are not ztunnel's: without its
+/// mark (0x539), which a process in a pod cannot set without NET_ADMIN. In-pod, such a process
+/// hopes to take what is captured for ztunnel (the programs refuse it; istio-cni's rules do
+/// not). Marks are reported to a requester with CAP_NET_ADMIN only: without one, none is found.
+pub fn foreign_listeners(ns: &Path) -> Result<BTreeSet<u16>> {
+    use zdivert_common::{MARK_INPOD_ZTUNNEL, MARK_MASK};
+    Ok(sockets_in(ns, 1 << TCP_LISTEN)?
+        .into_iter()
+        .filter(|s| LISTENERS.contains(&s.sport))
+        .filter(|s| s.mark.is_some_and(|m| m & MARK_MASK != MARK_INPOD_ZTUNNEL))
+        .map(|s| s.sport)
+        .collect())
+}
+
 /// Whether a process in the netns at `ns` still holds a TCP connection: a replaced ztunnel
 /// drains until this is false. Sockets whose process is gone (orphans closing, TIME_WAIT) do
 /// not count.
@@ -65,11 +79,15 @@ const REQ_LEN: usize = 56;
 /// expires, queues, uid, inode.
 const MSG_SPORT_OFF: usize = 4;
 const MSG_INODE_OFF: usize = 68;
+const MSG_LEN: usize = 72;
+/// The attribute carrying the socket's mark, sent to a requester with CAP_NET_ADMIN.
+const INET_DIAG_MARK: u16 = 15;
 
 struct Socket {
     sport: u16,
     /// 0 for a socket no process holds.
     inode: u32,
+    mark: Option<u32>,
 }
 
 /// This netns's TCP sockets of one family in `states` (a bit per TCP state), asked of
@@ -128,14 +146,35 @@ fn sockets(family: u8, states: u32) -> std::io::Result<Vec<Socket>> {
             let msg = at + NLMSG_HDRLEN;
             let field = |off: usize, len: usize| got.get(msg + off..msg + off + len);
             if let (Some(p), Some(i)) = (field(MSG_SPORT_OFF, 2), field(MSG_INODE_OFF, 4)) {
+                let attrs = got
+                    .get(msg + MSG_LEN..at + len.min(got.len() - at))
+                    .unwrap_or(&[]);
                 found.push(Socket {
                     sport: u16::from_be_bytes([p[0], p[1]]),
                     inode: u32::from_ne_bytes([i[0], i[1], i[2], i[3]]),
+                    mark: mark_attr(attrs),
                 });
             }
             at += (len + 3) & !3;
         }
     }
+}
+
+/// The mark among a message's attributes (`struct rtattr`: length, type, value; 4-aligned).
+fn mark_attr(mut attrs: &[u8]) -> Option<u32> {
+    while let Some(head) = attrs.get(..4) {
+        let len = u16::from_ne_bytes([head[0], head[1]]) as usize;
+        let kind = u16::from_ne_bytes([head[2], head[3]]);
+        if len < 4 {
+            return None;
+        }
+        if kind == INET_DIAG_MARK {
+            let v = attrs.get(4..8)?;
+            return Some(u32::from_ne_bytes([v[0], v[1], v[2], v[3]]));
+        }
+        attrs = attrs.get((len + 3) & !3..)?;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -161,5 +200,25 @@ mod tests {
         let (_a, _) = l.accept().unwrap();
         let after = sockets(libc::AF_INET as u8, CONNECTED).unwrap();
         assert!(after.iter().any(held), "the accepted connection is held");
+    }
+
+    #[test]
+    fn reads_the_mark_among_the_attributes() {
+        let attr = |kind: u16, value: &[u8]| {
+            let mut a = ((4 + value.len()) as u16).to_ne_bytes().to_vec();
+            a.extend(kind.to_ne_bytes());
+            a.extend(value);
+            a.resize((a.len() + 3) & !3, 0);
+            a
+        };
+        let mut attrs = attr(1, &[7, 0, 0]);
+        attrs.extend(attr(INET_DIAG_MARK, &0x539u32.to_ne_bytes()));
+        assert_eq!(mark_attr(&attrs), Some(0x539));
+        assert_eq!(mark_attr(&attr(1, &[0; 8])), None);
+        assert_eq!(
+            mark_attr(&[0, 0, 15, 0]),
+            None,
+            "a zero length ends the walk"
+        );
     }
 }

@@ -213,6 +213,12 @@ impl Dataplane for InPod {
                 Ok(repaired) => {
                     report.repaired += repaired;
                     self.records.repaired(id, repaired);
+                    if self.records.listeners_due(id) {
+                        match crate::ztunnel::foreign_listeners(&ns) {
+                            Ok(ports) => self.records.foreign_listeners(id, ports),
+                            Err(e) => log::warn!("pod {id}: its listeners: {}", e.chain()),
+                        }
+                    }
                 }
                 Err(e) => {
                     report.failed.push((id.clone(), e));
