@@ -111,10 +111,10 @@ impl PodRecords {
         );
     }
 
-    /// Whether `id`'s listeners are due to be looked at again (as often as its redirection is
-    /// checked in full).
+    /// Whether `id`'s listeners are due to be looked at again: at an apply, at most every
+    /// `LISTENERS_RECHECK` (one sock_diag dump of the pod's listeners).
     pub fn listeners_due(&mut self, id: &PodId) -> bool {
-        let due = (self.listeners_checked.get(id)).is_none_or(|t| t.elapsed() >= super::RECHECK);
+        let due = (self.listeners_checked.get(id)).is_none_or(|t| t.elapsed() >= LISTENERS_RECHECK);
         if due {
             self.listeners_checked.insert(id.clone(), Instant::now());
         }
