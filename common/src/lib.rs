@@ -49,12 +49,17 @@ pub mod map {
     pub const DNS_FLOW_SLOTS6: &str = "DNS_FLOW_SLOTS6";
     /// In-pod mode: each ambient pod's addresses, to the MAC address of its eth0.
     pub const INPOD_SENDERS: &str = "INPOD_SENDERS";
+    /// In-pod mode: the listeners of the newest ztunnel that acked each pod, by slot.
+    pub const ZTUNNEL_NEWEST: &str = "ZTUNNEL_NEWEST";
+    /// In-pod mode: each pod address and ztunnel port (`ListenerKey`) to its slot in
+    /// `ZTUNNEL_NEWEST`.
+    pub const ZTUNNEL_NEWEST_SLOTS: &str = "ZTUNNEL_NEWEST_SLOTS";
     /// Maps of this layout an earlier agent pinned and this one replaced under a new name (a
     /// pinned map keeps its layout under its name): their pins are removed at load. The old
     /// DNS flow maps were keyed by port, so one pod could evict every other pod's flows.
     pub const RETIRED: [&str; 2] = ["DNS_FLOWS", "DNS_FLOWS6"];
     /// Every map of the object: all of them are pinned.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         PODS,
         NODE_IPS,
         ZTUNNEL,
@@ -67,6 +72,8 @@ pub mod map {
         TIME_WAIT_SYNS,
         DNS_FLOW_SLOTS6,
         INPOD_SENDERS,
+        ZTUNNEL_NEWEST,
+        ZTUNNEL_NEWEST_SLOTS,
     ];
 }
 
@@ -95,6 +102,9 @@ pub mod program {
     /// In-pod mode, ingress of the pod's host veth (the node's netns): the pod's TCP that did
     /// not pass `POD_EGRESS` (a packet socket past the qdisc) goes no further.
     pub const POD_GUARD: &str = "zd_pod_guard";
+    /// In-pod mode, on each of ztunnel's SO_REUSEPORT listener groups in a pod: new connections
+    /// go to the newest ztunnel's listener, and a closing one's queue moves there.
+    pub const ZTUNNEL_NEWEST: &str = "zd_zt_newest";
 }
 
 /// An IP address as a map key: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`) so that one map
@@ -322,6 +332,19 @@ pub struct PodMac {
 
 pub const INPOD_SENDERS_MAX_ENTRIES: u32 = 16384;
 
+/// `ZTUNNEL_NEWEST_SLOTS` key: a pod's address (its side of the connection: the source of what
+/// goes to :15001, the destination of what goes to :15006 and :15008) and ztunnel's port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerKey {
+    pub addr: IpKey,
+    pub port: u16,
+    pub _reserved: u16,
+}
+
+/// Slots of `ZTUNNEL_NEWEST`: one per pod address and ztunnel port.
+pub const ZTUNNEL_NEWEST_MAX_ENTRIES: u32 = INPOD_SENDERS_MAX_ENTRIES * 3;
+
 /// Slots per pod and protocol (a power of two). Two queries of one pod in flight at once
 /// whose ports share a slot: the older one's answer is not readdressed, and the pod's resolver
 /// asks again (one chance in 2048 per pair, and that pod's alone).
@@ -438,6 +461,9 @@ counters! {
     GUARD_PASSED = 16, "pod_guard", "passed";
     GUARD_DROP_UNSEEN = 17, "pod_guard", "dropped_past_egress";
     EGRESS_DROP_DNS_NOT_OWN = 18, "pod_egress", "dropped_dns_from_another_address";
+    NEWEST_SELECTED = 19, "ztunnel_reuseport", "to_newest";
+    NEWEST_MIGRATED = 20, "ztunnel_reuseport", "migrated_to_newest";
+    NEWEST_KERNEL_CHOICE = 21, "ztunnel_reuseport", "kernel_choice";
 }
 
 pub const POD_COUNTER_SLOTS: u32 = 32;
@@ -455,6 +481,7 @@ const _: () = {
     assert!(core::mem::size_of::<DnsFlow>() == 8);
     assert!(core::mem::size_of::<DnsFlow6>() == 20);
     assert!(core::mem::size_of::<PodMac>() == 8);
+    assert!(core::mem::size_of::<ListenerKey>() == 20);
     assert!(DNS_SLOTS_PER_POD.is_power_of_two());
     assert!(POD_COUNTERS.len() as u32 <= POD_COUNTER_SLOTS);
 };
@@ -472,4 +499,5 @@ mod pod_impls {
     unsafe impl aya::Pod for super::DnsFlow {}
     unsafe impl aya::Pod for super::DnsFlow6 {}
     unsafe impl aya::Pod for super::PodMac {}
+    unsafe impl aya::Pod for super::ListenerKey {}
 }

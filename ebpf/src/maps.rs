@@ -3,14 +3,15 @@
 //! (`zdivert_common::map`), so that a restarted agent finds the very maps the attached programs
 //! use.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash, SockMap},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, ReusePortSockArray, SockHash, SockMap},
     macros::btf_map,
 };
 use zdivert_common::{
     CONFIG_DNS_CAPTURE, COUNTER_SLOTS, Counter, DNS_FLOWS_MAX_ENTRIES, DnsFlow, DnsFlow6,
     DnsFlowKey, DnsFlowKey6, DrainingZtunnel, INPOD_SENDERS_MAX_ENTRIES, IpKey, LISTENER_SLOTS,
-    NODE_IPS_MAX_ENTRIES, POD_COUNTER_SLOTS, PODS_MAX_ENTRIES, PodEntry, PodMac, SynKey,
-    TIME_WAIT_SYNS_MAX_ENTRIES, ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZtunnelEntry,
+    ListenerKey, NODE_IPS_MAX_ENTRIES, POD_COUNTER_SLOTS, PODS_MAX_ENTRIES, PodEntry, PodMac,
+    SynKey, TIME_WAIT_SYNS_MAX_ENTRIES, ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZTUNNEL_F_V6,
+    ZTUNNEL_NEWEST_MAX_ENTRIES, ZtunnelEntry,
 };
 
 /// Ambient pods on this node: pod IP (each of its addresses) → its host veth.
@@ -66,6 +67,21 @@ pub static INPOD_SENDERS: HashMap<IpKey, PodMac, { INPOD_SENDERS_MAX_ENTRIES as 
 #[btf_map]
 pub static DNS_FLOW_SLOTS6: LruHashMap<DnsFlowKey6, DnsFlow6, { DNS_FLOWS_MAX_ENTRIES as usize }> =
     LruHashMap::new();
+
+/// In-pod mode: the listeners of the newest ztunnel that acked each pod, by the slot
+/// `ZTUNNEL_NEWEST_SLOTS` gives (`inpod/newest.rs`). The kernel empties a slot when its
+/// listener closes.
+#[btf_map]
+pub static ZTUNNEL_NEWEST: ReusePortSockArray<{ ZTUNNEL_NEWEST_MAX_ENTRIES as usize }> =
+    ReusePortSockArray::new();
+
+/// In-pod mode: a pod address and ztunnel port to its slot in `ZTUNNEL_NEWEST`.
+#[btf_map]
+pub static ZTUNNEL_NEWEST_SLOTS: HashMap<
+    ListenerKey,
+    u32,
+    { ZTUNNEL_NEWEST_MAX_ENTRIES as usize },
+> = HashMap::new();
 
 #[inline(always)]
 pub fn dns_capture() -> bool {

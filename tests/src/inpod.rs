@@ -23,6 +23,7 @@ pub fn workloads<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> BTreeMap<String
                     service_account: service_account(p),
                 },
                 netns: p.ns.path(),
+                ips: vec![p.ip.into(), p.ip6.into()],
             };
             (w.uid.clone(), w)
         })

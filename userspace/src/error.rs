@@ -233,6 +233,14 @@ pub enum Error {
         source: io::Error,
     },
 
+    #[error("ztunnel pid {pid}: {what}")]
+    ZtunnelProcess {
+        pid: i32,
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+
     #[error("loading the eBPF object")]
     Load(#[from] aya::EbpfError),
 }

@@ -36,6 +36,31 @@ pub fn foreign_listeners(ns: &Path) -> Result<BTreeSet<u16>> {
         .collect())
 }
 
+/// One of ztunnel's listeners in a pod's netns: on one of its ports, with its mark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ZtunnelListener {
+    pub v6: bool,
+    pub port: u16,
+    /// The socket's inode, by which a process's fd table names it (`socket:[inode]`).
+    pub inode: u32,
+}
+
+/// The listeners on ztunnel's ports with ztunnel's mark in the netns at `ns`: every ztunnel
+/// serving the pod (two during a rollout) has its own.
+pub fn ztunnel_listeners(ns: &Path) -> Result<Vec<ZtunnelListener>> {
+    use zdivert_common::{MARK_INPOD_ZTUNNEL, MARK_MASK};
+    Ok(sockets_in(ns, 1 << TCP_LISTEN)?
+        .into_iter()
+        .filter(|s| LISTENERS.contains(&s.sport) && s.inode != 0)
+        .filter(|s| s.mark.is_some_and(|m| m & MARK_MASK == MARK_INPOD_ZTUNNEL))
+        .map(|s| ZtunnelListener {
+            v6: s.family == libc::AF_INET6 as u8,
+            port: s.sport,
+            inode: s.inode,
+        })
+        .collect())
+}
+
 /// Whether a process in the netns at `ns` still holds a TCP connection: a replaced ztunnel
 /// drains until this is false. Sockets whose process is gone (orphans closing, TIME_WAIT) do
 /// not count.
@@ -84,6 +109,7 @@ const MSG_LEN: usize = 72;
 const INET_DIAG_MARK: u16 = 15;
 
 struct Socket {
+    family: u8,
     sport: u16,
     /// 0 for a socket no process holds.
     inode: u32,
@@ -150,6 +176,7 @@ fn sockets(family: u8, states: u32) -> std::io::Result<Vec<Socket>> {
                     .get(msg + MSG_LEN..at + len.min(got.len() - at))
                     .unwrap_or(&[]);
                 found.push(Socket {
+                    family,
                     sport: u16::from_be_bytes([p[0], p[1]]),
                     inode: u32::from_ne_bytes([i[0], i[1], i[2], i[3]]),
                     mark: mark_attr(attrs),

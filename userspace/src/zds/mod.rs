@@ -10,7 +10,7 @@ mod session;
 pub use messages::WorkloadInfo;
 pub use metrics::Metrics;
 pub use seqpacket::{Listener, MAX_MESSAGE, Peer};
-pub use server::{InPodWorkload, PeerState, Server};
+pub use server::{InPodWorkload, OnAcked, PeerState, Server};
 pub use session::{ACK_TIMEOUT, Session, SessionError, SnapshotReport, WorkloadNetns};
 
 /// Where in-pod ztunnel looks for the agent's socket unless `INPOD_UDS` says otherwise.

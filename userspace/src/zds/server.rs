@@ -25,6 +25,8 @@ pub struct InPodWorkload {
     pub uid: String,
     pub info: WorkloadInfo,
     pub netns: PathBuf,
+    /// The pod's addresses (not sent: ztunnel learns them from its control plane).
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 impl InPodWorkload {
@@ -89,6 +91,10 @@ impl Shared {
     }
 }
 
+/// Told, in a ztunnel's session thread, of the workloads that ztunnel (its pid) acked: for
+/// its snapshot before `snapshot_sent` goes out, for an add once acked.
+pub type OnAcked = Arc<dyn Fn(i32, &[InPodWorkload]) + Send + Sync>;
+
 #[derive(Clone)]
 pub struct Server {
     shared: Arc<Mutex<Shared>>,
@@ -97,6 +103,7 @@ pub struct Server {
     recorded: Arc<Condvar>,
     path: PathBuf,
     metrics: Metrics,
+    on_acked: Arc<std::sync::OnceLock<OnAcked>>,
 }
 
 impl Server {
@@ -112,6 +119,7 @@ impl Server {
             recorded: Arc::default(),
             path: path.into(),
             metrics: Metrics::default(),
+            on_acked: Arc::default(),
         };
         let accepting = server.clone();
         thread::Builder::new()
@@ -133,6 +141,20 @@ impl Server {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Sets what is told of each ack (once; before the first `set`, which no session starts
+    /// before).
+    pub fn on_acked(&self, hook: OnAcked) {
+        let _ = self.on_acked.set(hook);
+    }
+
+    fn tell_acked(&self, pid: Option<i32>, acked: &[InPodWorkload]) {
+        if let (Some(hook), Some(pid)) = (self.on_acked.get(), pid)
+            && !acked.is_empty()
+        {
+            hook(pid, acked);
+        }
     }
 
     /// Makes `desired` the workloads every ztunnel serves: adds and dels for the difference.
@@ -264,8 +286,20 @@ impl Server {
         changes: mpsc::Receiver<Change>,
     ) -> Result<(), SessionError> {
         let sent: Vec<WorkloadNetns> = snapshot.iter().map(InPodWorkload::to_send).collect();
-        let (mut session, report) = Session::open(peer, ACK_TIMEOUT, &sent)
-            .inspect_err(|_| self.metrics.count("snapshot", "failed", 1))?;
+        let (mut session, report) = Session::open_with(peer, ACK_TIMEOUT, &sent, |report| {
+            let refused: Vec<&str> = (report.refused.iter())
+                .filter_map(|e| match e {
+                    SessionError::Refused { uid, .. } => Some(uid.as_str()),
+                    _ => None,
+                })
+                .collect();
+            let added: Vec<InPodWorkload> = (snapshot.iter().zip(&sent))
+                .filter(|(w, s)| s.netns.is_some() && !refused.contains(&w.uid.as_str()))
+                .map(|(w, _)| w.clone())
+                .collect();
+            self.tell_acked(pid, &added);
+        })
+        .inspect_err(|_| self.metrics.count("snapshot", "failed", 1))?;
         self.metrics.peers.inc();
         let _connected = PeerGauge(&self.metrics);
         let mut retries = self.took_snapshot(id, pid, &snapshot, &sent, report);
@@ -298,6 +332,9 @@ impl Server {
             self.metrics.count(request, outcome, 1);
             match result {
                 Ok(()) => {
+                    if let Change::Add(w) = &change {
+                        self.tell_acked(pid, std::slice::from_ref(w));
+                    }
                     retries.forget(&uid);
                     self.record(id, pid, |s| {
                         s.refused.remove(&uid);

@@ -77,6 +77,17 @@ impl Session {
         timeout: Duration,
         snapshot: &[WorkloadNetns],
     ) -> Result<(Session, SnapshotReport), SessionError> {
+        Self::open_with(peer, timeout, snapshot, |_| {})
+    }
+
+    /// `open`, with `before_sent` told what the snapshot achieved before `snapshot_sent` goes
+    /// out: ztunnel is not ready until it has that message.
+    pub fn open_with(
+        peer: Peer,
+        timeout: Duration,
+        snapshot: &[WorkloadNetns],
+        before_sent: impl FnOnce(&SnapshotReport),
+    ) -> Result<(Session, SnapshotReport), SessionError> {
         peer.set_receive_timeout(timeout)
             .map_err(|source| SessionError::Io {
                 op: "setting the receive timeout",
@@ -102,6 +113,7 @@ impl Session {
                 other => other?,
             }
         }
+        before_sent(&report);
         s.request(
             Request::SnapshotSent(SnapshotSent {}),
             None,

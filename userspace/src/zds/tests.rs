@@ -176,6 +176,7 @@ fn no_snapshot_before_the_agent_knows_its_pods() {
         uid: "a".into(),
         info: workload("a", false).info,
         netns,
+        ips: vec![],
     };
     server.set([("a".to_string(), w)].into());
     ztunnel.set_receive_timeout(ACK_TIMEOUT).unwrap();

@@ -50,6 +50,15 @@ impl ProgramSet {
                 .map_err(|source| Error::Program { program, source })?;
             prog.load().map_err(|e| rejected(program, e))?;
         }
+        if self == ProgramSet::InPod {
+            let program = zdivert_common::program::ZTUNNEL_NEWEST;
+            let prog: &mut aya::programs::SkReuseport = ebpf
+                .program_mut(program)
+                .ok_or(Error::ProgramMissing { program })?
+                .try_into()
+                .map_err(|source| Error::Program { program, source })?;
+            prog.load().map_err(|e| rejected(program, e))?;
+        }
         lookup::load(ebpf, self.lookup())
     }
 }

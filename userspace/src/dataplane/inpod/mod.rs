@@ -4,6 +4,7 @@
 //! (`istio_cni.rs`). The redirection goes in before the `add`, so a pod is never handed over
 //! unredirected; until ztunnel listens, its redirected TCP is refused (fail closed).
 pub mod istio_cni;
+mod newest;
 pub mod pods;
 pub mod programs;
 mod routing;
@@ -76,6 +77,9 @@ impl InPod {
             source,
         })?;
         server.publish_to(&crate::zds::status_file(state_dir, node));
+        if let Redirection::Ebpf(p) = &redirection {
+            server.on_acked(p.on_acked());
+        }
         Ok(InPod {
             server,
             redirection,
@@ -233,6 +237,7 @@ impl Dataplane for InPod {
                     service_account: spec.service_account.clone(),
                 },
                 netns: ns,
+                ips: spec.ips.clone(),
             };
             redirected.insert(id.clone(), workload);
             report.captured.push(id.clone());

@@ -10,7 +10,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::Path,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::Instant,
 };
 
@@ -19,6 +19,7 @@ use zdivert_common::{CONFIG_DNS_CAPTURE, POD_COUNTERS};
 
 use super::{
     RECHECK,
+    newest::Newest,
     routing::{route_replies, unroute_replies},
 };
 use crate::{
@@ -55,6 +56,8 @@ pub struct PodPrograms {
     checked: BTreeMap<u64, Instant>,
     packets: Mutex<Option<PacketCounters>>,
     senders: super::senders::Senders,
+    /// Shared with the ZDS sessions, which tell it of every ack.
+    newest: Arc<Mutex<Newest>>,
 }
 
 impl PodPrograms {
@@ -76,6 +79,7 @@ impl PodPrograms {
         maps::write_config(&mut ebpf, if dns_capture { CONFIG_DNS_CAPTURE } else { 0 })?;
         let packets = PacketCounters::new(maps::take(&mut ebpf, maps::POD_STATS)?, POD_COUNTERS);
         let senders = super::senders::Senders::take(&mut ebpf)?;
+        let newest = Arc::new(Mutex::new(Newest::take(&mut ebpf)?));
         Ok(PodPrograms {
             ebpf,
             dirs,
@@ -86,6 +90,7 @@ impl PodPrograms {
             checked: BTreeMap::new(),
             packets: Mutex::new(Some(packets)),
             senders,
+            newest,
         })
     }
 
@@ -220,7 +225,21 @@ impl PodPrograms {
         lookup::remove_others(&self.dirs, Lookup::Pod, &keep)?;
         self.lookups.retain(|i| keep.contains(i));
         self.checked.retain(|i, _| keep.contains(i));
+        (self.newest.lock())
+            .unwrap_or_else(|p| p.into_inner())
+            .keep_only(&keep.iter().copied().collect());
         self.senders.keep_only(&keep)
+    }
+
+    /// What the ZDS sessions call on every ack: the pods' new connections go to the newest
+    /// ztunnel (`newest.rs`).
+    pub fn on_acked(&self) -> crate::zds::OnAcked {
+        let newest = self.newest.clone();
+        Arc::new(move |pid, pods| {
+            (newest.lock())
+                .unwrap_or_else(|p| p.into_inner())
+                .acked(pid, pods)
+        })
     }
 
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
@@ -232,6 +251,9 @@ impl PodPrograms {
         if let Some(packets) = packets {
             registry.register_collector(Box::new(packets));
         }
+        (self.newest.lock())
+            .unwrap_or_else(|p| p.into_inner())
+            .register(registry);
     }
 }
 

@@ -1,0 +1,439 @@
+//! In-pod eBPF, ztunnel rollouts: each pod's new connections go to the newest ztunnel that
+//! acked it (`ebpf/src/inpod/newest.rs`).
+//!
+//! A ztunnel that acks pods over ZDS has opened its listeners in their netns. For each pod,
+//! its listeners are found by what only ztunnel's can show together: ztunnel's ports, its
+//! mark, and an inode the acking process holds in its fd table (sock_diag and `/proc/<pid>/fd`).
+//! They are taken from it (`pidfd_getfd`), put in `ZTUNNEL_NEWEST` (one slot per listener
+//! group: pod netns, port, family), the pod's addresses and ports point at the slots through
+//! `ZTUNNEL_NEWEST_SLOTS`, and the program is attached to each group. A ztunnel that started
+//! before the one a pod's connections go to is not given them back by a late ack (a ZDS
+//! reconnect): processes are told apart by their start time.
+//!
+//! Done in the ZDS session's thread before the session goes on: for a snapshot, before
+//! `snapshot_sent`, so a new ztunnel is not ready (and its predecessor not told to go) before
+//! the pods' new connections are its own. Inbound ports are switched for every pod before
+//! outbound ones: the new ztunnel's first HBONE connections then reach its own inbound
+//! listeners, never the old one's draining server.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+};
+
+use aya::maps::{HashMap, MapData, ReusePortSockArray};
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+use zdivert_common::{
+    ListenerKey, PORT_INBOUND_HBONE, PORT_INBOUND_PLAIN, PORT_OUTBOUND, ZTUNNEL_NEWEST_MAX_ENTRIES,
+    map::{ZTUNNEL_NEWEST, ZTUNNEL_NEWEST_SLOTS},
+    program,
+};
+
+use crate::{
+    dataplane::ebpf::maps,
+    error::{Error, Result},
+    netns,
+    zds::InPodWorkload,
+    ztunnel::{ZtunnelListener, ztunnel_listeners},
+};
+
+/// A listener group in a pod: its netns (inode), ztunnel's port, and the family of the
+/// sockets (an IPv6 wildcard listener takes IPv4 too where no IPv4 one is bound).
+type Group = (u64, u16, bool);
+
+pub struct Newest {
+    program: OwnedFd,
+    listeners: ReusePortSockArray<MapData>,
+    slots: HashMap<MapData, ListenerKey, u32>,
+    /// Each listener group's slot, and the inode of the socket put there (0: none yet).
+    group_slots: BTreeMap<Group, (u32, u32)>,
+    free: Vec<u32>,
+    next: u32,
+    /// Each pod netns's ztunnel and the keys that point at its listeners, by inode.
+    pods: BTreeMap<u64, Steered>,
+    handovers: Family<Vec<(&'static str, &'static str)>, Counter>,
+}
+
+struct Steered {
+    to: Process,
+    keys: Vec<ListenerKey>,
+}
+
+impl Newest {
+    /// Takes the program and maps out of the loaded object. What an earlier agent recorded is
+    /// cleared (a socket can hold one slot only): the kernel's own choice stands until the
+    /// ztunnels, reconnecting over ZDS, ack their pods again.
+    pub fn take(ebpf: &mut aya::Ebpf) -> Result<Newest> {
+        let name = program::ZTUNNEL_NEWEST;
+        let prog: &aya::programs::SkReuseport = ebpf
+            .program(name)
+            .ok_or(Error::ProgramMissing { program: name })?
+            .try_into()
+            .map_err(|source| Error::Program {
+                program: name,
+                source,
+            })?;
+        let fd = prog.fd().map_err(|source| Error::Program {
+            program: name,
+            source,
+        })?;
+        let program = fd
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::Program {
+                program: name,
+                source: aya::programs::ProgramError::IOError(e),
+            })?;
+        let mut listeners: ReusePortSockArray<MapData> = maps::take(ebpf, ZTUNNEL_NEWEST)?;
+        let mut slots: HashMap<MapData, ListenerKey, u32> = maps::take(ebpf, ZTUNNEL_NEWEST_SLOTS)?;
+        let old: Vec<(ListenerKey, u32)> = slots.iter().filter_map(|e| e.ok()).collect();
+        for (key, slot) in old {
+            let _ = listeners.clear_index(&slot);
+            slots.remove(&key).map_err(map_err(ZTUNNEL_NEWEST_SLOTS))?;
+        }
+        Ok(Newest {
+            program,
+            listeners,
+            slots,
+            group_slots: BTreeMap::new(),
+            free: Vec::new(),
+            next: 0,
+            pods: BTreeMap::new(),
+            handovers: Family::default(),
+        })
+    }
+
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "ztunnel_handovers",
+            "Pods whose new connections were given to the ztunnel that acked them (outcome \
+             handed_over), or could not be (failed: the kernel's own choice between ztunnels \
+             stands for that pod)",
+            self.handovers.clone(),
+        );
+    }
+
+    /// ztunnel `pid` acked `pods`: those for which it is the newest ztunnel get their new
+    /// connections sent to its listeners from now on.
+    pub fn acked(&mut self, pid: i32, pods: &[InPodWorkload]) {
+        let zt = match Process::of(pid) {
+            Ok(p) => p,
+            Err(source) => {
+                return self.failed(
+                    pods.len(),
+                    &Error::ZtunnelProcess {
+                        pid,
+                        what: "its start time".into(),
+                        source,
+                    },
+                );
+            }
+        };
+        let mut fds = FdTable::new(pid);
+        let mut plans = Vec::new();
+        for w in pods {
+            let Ok(inode) = netns::inode(&w.netns) else {
+                continue;
+            };
+            if let Some(cur) = self.pods.get(&inode).map(|s| s.to)
+                && cur != zt
+                && cur.started > zt.started
+                && cur.alive()
+            {
+                continue;
+            }
+            match fds.listeners_in(&w.netns) {
+                Ok(found) => plans.push((inode, w, found)),
+                Err(e) => {
+                    log::warn!("pod {}: ztunnel pid {pid}'s listeners", w.info.name);
+                    self.failed(1, &e)
+                }
+            }
+        }
+        let mut keys: BTreeMap<u64, Vec<ListenerKey>> = BTreeMap::new();
+        for ports in [
+            &[PORT_INBOUND_HBONE, PORT_INBOUND_PLAIN][..],
+            &[PORT_OUTBOUND][..],
+        ] {
+            for (inode, w, found) in &plans {
+                match self.point(pid, *inode, &w.ips, found, ports) {
+                    Ok(k) => keys.entry(*inode).or_default().extend(k),
+                    Err(e) => log::warn!("pod {}: {}", w.info.name, e.chain()),
+                }
+            }
+        }
+        for (inode, w, _) in &plans {
+            let keys = keys.remove(inode).unwrap_or_default();
+            self.handovers
+                .get_or_create(&vec![("outcome", "handed_over")])
+                .inc();
+            log::debug!("pod {}: new connections to ztunnel pid {pid}", w.info.name);
+            self.pods.insert(*inode, Steered { to: zt, keys });
+        }
+    }
+
+    /// Points `ips` on `ports` at the listeners `found`, each group's slot now holding it, and
+    /// attaches the program to the groups. Returns the keys written.
+    fn point(
+        &mut self,
+        pid: i32,
+        inode: u64,
+        ips: &[IpAddr],
+        found: &[(ZtunnelListener, OwnedFd)],
+        ports: &[u16],
+    ) -> Result<Vec<ListenerKey>> {
+        let mut keys = Vec::new();
+        for &port in ports {
+            // A socket holds one slot at most, and is put there once.
+            for (l, fd) in found.iter().filter(|(l, _)| l.port == port) {
+                let group = (inode, port, l.v6);
+                let slot = self.slot(group)?;
+                if self.group_slots.get(&group).map(|g| g.1) != Some(l.inode) {
+                    self.listeners
+                        .set(slot, fd, 0)
+                        .map_err(map_err(ZTUNNEL_NEWEST))?;
+                    self.group_slots.insert(group, (slot, l.inode));
+                }
+                attach(&self.program, fd).map_err(|source| Error::ZtunnelProcess {
+                    pid,
+                    what: format!(
+                        "attaching {} to its :{port} listener",
+                        program::ZTUNNEL_NEWEST
+                    ),
+                    source,
+                })?;
+            }
+            let group_of = |v6: bool| {
+                let found = found.iter().any(|(l, _)| l.port == port && l.v6 == v6);
+                found.then(|| self.group_slots.get(&(inode, port, v6)).map(|g| g.0))?
+            };
+            for ip in ips {
+                // An IPv4 address is served by an IPv4 listener, else by the IPv6 wildcard one.
+                let slot = match ip {
+                    IpAddr::V4(_) => group_of(false).or_else(|| group_of(true)),
+                    IpAddr::V6(_) => group_of(true),
+                };
+                let Some(slot) = slot else { continue };
+                let key = ListenerKey {
+                    addr: maps::key(*ip),
+                    port,
+                    _reserved: 0,
+                };
+                self.slots
+                    .insert(key, slot, 0)
+                    .map_err(map_err(ZTUNNEL_NEWEST_SLOTS))?;
+                keys.push(key);
+            }
+        }
+        Ok(keys)
+    }
+
+    /// The group's slot, a new one for a new group (recorded as holding nothing yet).
+    fn slot(&mut self, group: Group) -> Result<u32> {
+        if let Some((slot, _)) = self.group_slots.get(&group) {
+            return Ok(*slot);
+        }
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None if self.next < ZTUNNEL_NEWEST_MAX_ENTRIES => {
+                self.next += 1;
+                self.next - 1
+            }
+            None => {
+                return Err(Error::Map {
+                    map: ZTUNNEL_NEWEST,
+                    source: aya::maps::MapError::OutOfBounds {
+                        index: self.next,
+                        max_entries: ZTUNNEL_NEWEST_MAX_ENTRIES,
+                    },
+                });
+            }
+        };
+        self.group_slots.insert(group, (slot, 0));
+        Ok(slot)
+    }
+
+    /// Forgets the pod netns not in `keep` (released, or gone): their keys and slots. A key
+    /// another pod's addresses hold now stays.
+    pub fn keep_only(&mut self, keep: &BTreeSet<u64>) {
+        let gone: Vec<u64> = self
+            .pods
+            .keys()
+            .filter(|i| !keep.contains(i))
+            .copied()
+            .collect();
+        for inode in gone {
+            let Some(steered) = self.pods.remove(&inode) else {
+                continue;
+            };
+            let held: BTreeSet<ListenerKey> =
+                self.pods.values().flat_map(|s| s.keys.clone()).collect();
+            for key in steered.keys.iter().filter(|k| !held.contains(k)) {
+                let _ = self.slots.remove(key);
+            }
+            let groups: Vec<Group> = (self.group_slots.keys())
+                .filter(|(i, _, _)| *i == inode)
+                .copied()
+                .collect();
+            for group in groups {
+                if let Some((slot, _)) = self.group_slots.remove(&group) {
+                    let _ = self.listeners.clear_index(&slot);
+                    self.free.push(slot);
+                }
+            }
+        }
+    }
+
+    fn failed(&self, pods: usize, e: &Error) {
+        log::warn!(
+            "new connections of {pods} pod(s) stay with the kernel's choice between ztunnels: {}",
+            e.chain()
+        );
+        self.handovers
+            .get_or_create(&vec![("outcome", "failed")])
+            .inc_by(pods as u64);
+    }
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
+    move |source| Error::Map { map, source }
+}
+
+/// `SO_ATTACH_REUSEPORT_EBPF`: the program now chooses for the socket's whole group.
+fn attach(program: &OwnedFd, socket: &OwnedFd) -> std::io::Result<()> {
+    let fd = program.as_raw_fd();
+    // SAFETY: setsockopt(2) reading an int from our stack.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_EBPF,
+            (&fd as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A process, told apart from a later one given the same pid by its start time (clock ticks
+/// after boot, `/proc/<pid>/stat`'s 22nd field).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Process {
+    pid: i32,
+    started: u64,
+}
+
+impl Process {
+    fn of(pid: i32) -> std::io::Result<Process> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // The command name (field 2) may hold spaces and parentheses: count after its end.
+        let started = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("/proc/{pid}/stat: no start time")))?;
+        Ok(Process { pid, started })
+    }
+
+    fn alive(&self) -> bool {
+        Process::of(self.pid).is_ok_and(|p| p == *self)
+    }
+}
+
+/// One ztunnel process's sockets by inode, read from `/proc/<pid>/fd` when a listener is not
+/// found there yet (once per ack, not once per pod).
+struct FdTable {
+    pid: i32,
+    by_inode: Option<BTreeMap<u32, i32>>,
+    pidfd: Option<OwnedFd>,
+}
+
+impl FdTable {
+    fn new(pid: i32) -> FdTable {
+        FdTable {
+            pid,
+            by_inode: None,
+            pidfd: None,
+        }
+    }
+
+    /// ztunnel's listeners in the netns at `ns` that this process holds, each as our own fd.
+    fn listeners_in(&mut self, ns: &std::path::Path) -> Result<Vec<(ZtunnelListener, OwnedFd)>> {
+        let mut found = Vec::new();
+        for l in ztunnel_listeners(ns)? {
+            let fd = match self.fd_of(l.inode, false)? {
+                Some(fd) => Some(fd),
+                None => self.fd_of(l.inode, true)?,
+            };
+            if let Some(fd) = fd {
+                found.push((l, self.take(fd)?));
+            }
+        }
+        Ok(found)
+    }
+
+    fn fd_of(&mut self, inode: u32, reread: bool) -> Result<Option<i32>> {
+        if reread || self.by_inode.is_none() {
+            self.by_inode = Some(
+                self.read()
+                    .map_err(|source| self.error("its fds", source))?,
+            );
+        }
+        Ok(self.by_inode.as_ref().and_then(|t| t.get(&inode)).copied())
+    }
+
+    fn read(&self) -> std::io::Result<BTreeMap<u32, i32>> {
+        let mut table = BTreeMap::new();
+        for entry in std::fs::read_dir(format!("/proc/{}/fd", self.pid))? {
+            let entry = entry?;
+            let Ok(target) = std::fs::read_link(entry.path()) else {
+                continue; // closed meanwhile
+            };
+            let inode = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse().ok());
+            let fd = entry.file_name().to_str().and_then(|f| f.parse().ok());
+            if let (Some(inode), Some(fd)) = (inode, fd) {
+                table.insert(inode, fd);
+            }
+        }
+        Ok(table)
+    }
+
+    /// A copy of the process's fd `fd`: the same socket, now ours too.
+    fn take(&mut self, fd: i32) -> Result<OwnedFd> {
+        if self.pidfd.is_none() {
+            // SAFETY: pidfd_open(2) with no flags; the fd is owned right away.
+            let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) };
+            if raw < 0 {
+                return Err(self.error("pidfd_open", std::io::Error::last_os_error()));
+            }
+            // SAFETY: a fresh fd we own.
+            self.pidfd = Some(unsafe { OwnedFd::from_raw_fd(raw as i32) });
+        }
+        let pidfd = self.pidfd.as_ref().map_or(-1, |p| p.as_raw_fd());
+        // SAFETY: pidfd_getfd(2) with no flags; the fd is owned right away.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) };
+        if raw < 0 {
+            return Err(self.error("pidfd_getfd", std::io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh fd we own.
+        Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
+    }
+
+    fn error(&self, what: &str, source: std::io::Error) -> Error {
+        Error::ZtunnelProcess {
+            pid: self.pid,
+            what: what.into(),
+            source,
+        }
+    }
+}
