@@ -95,7 +95,7 @@ fn try_set(
     let mut ebpf = super::loader(pins)
         .load(OBJECT)
         .map_err(|e| format!("loading the object: {e}"))?;
-    if let Err(e) = set.load(&mut ebpf) {
+    let logged = |e: crate::error::Error| {
         if let (crate::error::Error::Rejected { program, log, .. }, Some(dir)) = (&e, log_dir) {
             let path = dir.join(format!("{program}.log"));
             if let Err(io) = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, log))
@@ -103,14 +103,15 @@ fn try_set(
                 log::warn!("{}: {io}", path.display());
             }
         }
-        return Err(e.chain().to_string());
-    }
+        e.chain().to_string()
+    };
+    set.load_packet_programs(&mut ebpf).map_err(logged)?;
     let first = set.classifiers()[0];
     attach_to_scratch_veth(&mut ebpf, first, attach)?;
     if set == ProgramSet::InPod {
         assign_to_reuseport_listener(&mut ebpf)?;
     }
-    Ok(())
+    set.load_selectors(&mut ebpf).map_err(logged)
 }
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut SchedClassifier {

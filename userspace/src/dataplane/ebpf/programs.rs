@@ -42,6 +42,12 @@ impl ProgramSet {
     /// Loads every program of the set into the kernel, each on its own: the first one the
     /// kernel refuses is named, with the verifier's last lines.
     pub fn load(self, ebpf: &mut Ebpf) -> Result<()> {
+        self.load_packet_programs(ebpf)?;
+        self.load_selectors(ebpf)
+    }
+
+    /// The TC programs and the sk_lookup one.
+    pub fn load_packet_programs(self, ebpf: &mut Ebpf) -> Result<()> {
         for &program in self.classifiers() {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(program)
@@ -50,16 +56,23 @@ impl ProgramSet {
                 .map_err(|source| Error::Program { program, source })?;
             prog.load().map_err(|e| rejected(program, e))?;
         }
-        if self == ProgramSet::InPod {
-            let program = zdivert_common::program::ZTUNNEL_NEWEST;
-            let prog: &mut aya::programs::SkReuseport = ebpf
-                .program_mut(program)
-                .ok_or(Error::ProgramMissing { program })?
-                .try_into()
-                .map_err(|source| Error::Program { program, source })?;
-            prog.load().map_err(|e| rejected(program, e))?;
-        }
         lookup::load(ebpf, self.lookup())
+    }
+
+    /// The set's SO_REUSEPORT programs (in-pod: `zd_zt_newest`, which reads fields of its
+    /// context that came with Linux 5.14). Loaded last, so that on a kernel where in-pod eBPF
+    /// cannot run anyway the probe names the reason that matters (`probe.rs`).
+    pub fn load_selectors(self, ebpf: &mut Ebpf) -> Result<()> {
+        if self != ProgramSet::InPod {
+            return Ok(());
+        }
+        let program = zdivert_common::program::ZTUNNEL_NEWEST;
+        let prog: &mut aya::programs::SkReuseport = ebpf
+            .program_mut(program)
+            .ok_or(Error::ProgramMissing { program })?
+            .try_into()
+            .map_err(|source| Error::Program { program, source })?;
+        prog.load().map_err(|e| rejected(program, e))
     }
 }
 

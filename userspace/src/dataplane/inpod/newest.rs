@@ -437,3 +437,36 @@ impl FdTable {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takes_a_process_listener_by_its_inode() {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let fd = listener.as_raw_fd();
+        let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+        let inode: u32 = (link.to_str().unwrap())
+            .trim_start_matches("socket:[")
+            .trim_end_matches(']')
+            .parse()
+            .unwrap();
+        let mut table = FdTable::new(std::process::id() as i32);
+        assert_eq!(table.fd_of(inode, false).unwrap(), Some(fd));
+        let copy = std::net::TcpListener::from(table.take(fd).unwrap());
+        assert_eq!(copy.local_addr().unwrap(), listener.local_addr().unwrap());
+        assert_eq!(table.fd_of(u32::MAX, true).unwrap(), None);
+    }
+
+    #[test]
+    fn tells_a_process_from_a_later_one_with_its_pid() {
+        let me = Process::of(std::process::id() as i32).unwrap();
+        assert!(me.started > 0 && me.alive());
+        let earlier = Process {
+            started: me.started - 1,
+            ..me
+        };
+        assert!(!earlier.alive(), "same pid, another start time");
+    }
+}
