@@ -8,7 +8,7 @@ use std::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -222,8 +222,11 @@ pub fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
 pub struct RequestStream {
     stop: Arc<AtomicBool>,
     done: Arc<AtomicUsize>,
-    thread: thread::JoinHandle<Vec<Result<IpAddr>>>,
+    thread: thread::JoinHandle<Vec<Timed>>,
 }
+
+/// One request's outcome (the peer the server saw) and how long it took.
+pub type Timed = (Result<IpAddr>, Duration);
 
 impl RequestStream {
     pub fn start(ns: &Netns, dst: SocketAddr) -> Result<RequestStream> {
@@ -239,7 +242,9 @@ impl RequestStream {
         let thread = thread::spawn(move || {
             let mut results = Vec::new();
             while !flag.load(Ordering::Relaxed) {
-                results.push(request_timeout(&ns, dst, timeout).map(|r| r.peer.ip()));
+                let started = Instant::now();
+                let outcome = request_timeout(&ns, dst, timeout).map(|r| r.peer.ip());
+                results.push((outcome, started.elapsed()));
                 count.fetch_add(1, Ordering::Relaxed);
                 thread::sleep(Duration::from_millis(5));
             }
@@ -254,8 +259,18 @@ impl RequestStream {
         wait_count(&self.done, n, "request stream")
     }
 
+    /// How many requests have finished so far.
+    pub fn finished(&self) -> usize {
+        self.done.load(Ordering::Relaxed)
+    }
+
     /// Stops the stream; each request's outcome (the peer the server saw).
     pub fn stop(self) -> Vec<Result<IpAddr>> {
+        self.stop_timed().into_iter().map(|(r, _)| r).collect()
+    }
+
+    /// Stops the stream; each request's outcome and duration.
+    pub fn stop_timed(self) -> Vec<Timed> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().expect("request stream panicked")
     }

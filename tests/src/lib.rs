@@ -14,6 +14,7 @@ pub mod ns;
 pub mod odd;
 pub mod packets;
 pub mod raw;
+pub mod rollout;
 pub mod simopen;
 pub mod snapshot;
 pub mod testrun;

@@ -56,13 +56,13 @@ impl Frame {
             inner.extend_from_slice(&0x8100u16.to_be_bytes());
         }
         inner.extend_from_slice(packet);
-        let ethertype = if v6 { 0x86dd } else { 0x0800 };
+        let ethertype: u16 = if v6 { 0x86dd } else { 0x0800 };
         // With tags, the Ethernet header's type is the first tag's and each tag names the next.
         let (outer_type, body) = if self.vlan0_tags == 0 {
             (ethertype, inner)
         } else {
             let last = self.vlan0_tags * 4 - 2;
-            inner[last..last + 2].copy_from_slice(&(ethertype as u16).to_be_bytes());
+            inner[last..last + 2].copy_from_slice(&ethertype.to_be_bytes());
             (0x8100, inner)
         };
         Ok(eth(self.to, from.mac()?, outer_type, &body))

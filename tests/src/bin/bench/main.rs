@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: what each redirection path costs, side by side in one run. Prints the
 //! tables and writes `bench/results.json` and `bench/results.md`.
 //!
-//! Usage: bench [--quick] [--rounds N] [--only datapath|inpod|redirect|upgrade|cni|perpacket|control]
+//! Usage: bench [--quick] [--rounds N]
+//! [--only datapath|inpod|redirect|upgrade|rollout|cni|perpacket|control]
 //! [--out DIR]
 mod cni;
 mod control;
@@ -10,6 +11,7 @@ mod inpod_apply;
 mod inpod_redirect;
 mod perpacket;
 mod report;
+mod rollout;
 mod stats;
 mod upgrade;
 
@@ -45,10 +47,9 @@ fn args() -> Result<Args> {
                     .context("--rounds N")?
             }
             "--only" => {
-                a.only = Some(
-                    it.next()
-                        .context("--only datapath|inpod|redirect|upgrade|cni|perpacket|control")?,
-                )
+                a.only = Some(it.next().context(
+                    "--only datapath|inpod|redirect|upgrade|rollout|cni|perpacket|control",
+                )?)
             }
             "--out" => a.out = it.next().context("--out DIR")?.into(),
             other => {
@@ -101,6 +102,14 @@ fn main() -> Result<()> {
     if part("upgrade") {
         eprintln!("bench: ztunnel replacement ({} rounds)", sizes.rounds);
         upgrade::run(sizes.rounds, &mut samples)?;
+    }
+    if part("rollout") {
+        let min = if a.quick { 1_000 } else { 10_000 };
+        eprintln!(
+            "bench: in-pod ztunnel rollouts ({} rounds, {min}+ connections)",
+            sizes.rounds
+        );
+        rollout::run(sizes.rounds, min, &mut samples)?;
     }
     if part("cni") {
         let (singles, burst) = if a.quick { (3, 8) } else { (30, 100) };

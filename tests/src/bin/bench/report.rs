@@ -263,11 +263,37 @@ impl Report {
             .collect();
             let _ = writeln!(s, "| {mode} | {} |", row.join(" | "));
         }
+        // In-pod ztunnel rollouts, one row per redirection.
+        let _ = writeln!(
+            s,
+            "\n| in-pod ztunnel rollouts | failed per rollout | stalled > 1 s per rollout | old ztunnel's access-log lines after the new one's ack, per rollout | rollouts | connections |\n|---|---|---|---|---|---|"
+        );
+        for mode in ["inpod-ebpf", "inpod-iptables"] {
+            let case = format!("ztunnel-rollout/{mode}");
+            let row: Vec<String> = [
+                "failed_per_rollout",
+                "stalled_per_rollout",
+                "old_logged_after_ack_per_rollout",
+                "rollouts",
+                "total",
+            ]
+            .iter()
+            .map(|m| format!("{:.1}", median(&self.figures, &case, m)))
+            .collect();
+            let _ = writeln!(s, "| {mode} | {} |", row.join(" | "));
+        }
         let _ = writeln!(s, "\n| ratio | value |\n|---|---|");
         for r in &self.ratios {
             let _ = writeln!(s, "| {} | {:.3} |", r.name, r.value);
         }
-        for section in ["datapath", "upgrade", "cni", "per_packet", "control"] {
+        for section in [
+            "datapath",
+            "upgrade",
+            "rollout",
+            "cni",
+            "per_packet",
+            "control",
+        ] {
             let _ = writeln!(
                 s,
                 "\n| {section} case | metric | median | spread | unit |\n|---|---|---|---|---|"
