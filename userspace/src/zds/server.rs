@@ -92,7 +92,8 @@ impl Shared {
 }
 
 /// Told, in a ztunnel's session thread, of the workloads that ztunnel (its pid) acked: for
-/// its snapshot before `snapshot_sent` goes out, for an add once acked.
+/// its snapshot before `snapshot_sent` goes out (ztunnel is not ready before), for an add
+/// once the ack is recorded (a pod's start does not wait for it).
 pub type OnAcked = Arc<dyn Fn(i32, &[InPodWorkload]) + Send + Sync>;
 
 #[derive(Clone)]
@@ -332,9 +333,6 @@ impl Server {
             self.metrics.count(request, outcome, 1);
             match result {
                 Ok(()) => {
-                    if let Change::Add(w) = &change {
-                        self.tell_acked(pid, std::slice::from_ref(w));
-                    }
                     retries.forget(&uid);
                     self.record(id, pid, |s| {
                         s.refused.remove(&uid);
@@ -343,6 +341,10 @@ impl Server {
                             s.acked.push(uid.clone());
                         }
                     });
+                    // After the record: a pod's start waits for the ack, not for this.
+                    if let Change::Add(w) = &change {
+                        self.tell_acked(pid, std::slice::from_ref(w));
+                    }
                 }
                 Err(SessionError::Refused { error, .. }) => {
                     let who = pid.map_or("unknown".into(), |p| p.to_string());

@@ -187,3 +187,53 @@ fn no_snapshot_before_the_agent_knows_its_pods() {
     assert!(matches!(sent, Request::SnapshotSent(_)));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// What ztunnel acked is told before `snapshot_sent` goes out (ztunnel is not ready before),
+/// refusals left out; a later add once acked.
+#[test]
+fn acks_are_told_before_the_snapshot_is_complete() {
+    let dir = std::env::temp_dir().join(format!("zdivert-zds-acked-{}", std::process::id()));
+    let server = Server::start(&dir.join("ztunnel.sock")).unwrap();
+    let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(i32, String)>::new()));
+    let record = told.clone();
+    server.on_acked(std::sync::Arc::new(move |pid, pods| {
+        let mut told = record.lock().unwrap();
+        told.extend(pods.iter().map(|w| (pid, w.uid.clone())));
+    }));
+    let netns = dir.join("netns");
+    std::fs::write(&netns, "").unwrap();
+    let w = |uid: &str| InPodWorkload {
+        uid: uid.into(),
+        info: workload(uid, false).info,
+        netns: netns.clone(),
+        ips: vec![],
+    };
+    server.set([("a".to_string(), w("a")), ("b".to_string(), w("b"))].into());
+    let ztunnel = Peer::connect(server.path()).unwrap();
+    ztunnel.set_receive_timeout(ACK_TIMEOUT).unwrap();
+    hello(&ztunnel, 1);
+    answer(&ztunnel, "");
+    answer(&ztunnel, "no such netns");
+    let me = std::process::id() as i32;
+    // Told before the server sent it: what is recorded now was recorded before.
+    let (sent, _) = answer(&ztunnel, "");
+    assert!(matches!(sent, Request::SnapshotSent(_)));
+    assert_eq!(*told.lock().unwrap(), vec![(me, "a".to_string())]);
+
+    server.set([("a".to_string(), w("a")), ("c".to_string(), w("c"))].into());
+    let mut requests = vec![answer(&ztunnel, "").0, answer(&ztunnel, "").0];
+    requests.sort_by_key(|r| matches!(r, Request::Add(_)));
+    assert!(
+        matches!(&requests[1], Request::Add(a) if a.uid == "c"),
+        "{requests:?}"
+    );
+    let deadline = std::time::Instant::now() + ACK_TIMEOUT;
+    while told.lock().unwrap().len() < 2 && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        *told.lock().unwrap(),
+        vec![(me, "a".to_string()), (me, "c".to_string())]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
