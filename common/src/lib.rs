@@ -36,44 +36,40 @@ pub mod map {
     pub const NODE_IPS: &str = "NODE_IPS";
     pub const ZTUNNEL: &str = "ZTUNNEL";
     pub const ZTUNNEL_DRAINING: &str = "ZTUNNEL_DRAINING";
-    pub const STATS: &str = "STATS";
+    /// Per-CPU packet counters of every program, both modes (`Counter` slots).
+    pub const PACKET_STATS: &str = "PACKET_STATS";
     pub const LISTENERS: &str = "LISTENERS";
     pub const CONFIG: &str = "CONFIG";
     /// The original server of each captured DNS flow, by pod and slot (`DnsFlowKey`).
     pub const DNS_FLOW_SLOTS: &str = "DNS_FLOW_SLOTS";
-    /// In-pod mode: per-CPU counters of the programs in the pods' netns.
-    pub const POD_STATS: &str = "POD_STATS";
     /// In-pod mode: ztunnel's listener for each SYN that met one of its TIME_WAIT sockets.
     pub const TIME_WAIT_SYNS: &str = "TIME_WAIT_SYNS";
     /// In-pod mode: the original DNS server of each captured IPv6 DNS flow.
     pub const DNS_FLOW_SLOTS6: &str = "DNS_FLOW_SLOTS6";
     /// In-pod mode: each ambient pod's addresses, to the MAC address of its eth0.
     pub const INPOD_SENDERS: &str = "INPOD_SENDERS";
-    /// In-pod mode: the listeners of the newest ztunnel that acked each pod, by slot.
+    /// In-pod mode: the listener of the newest ztunnel that acked each pod, by pod address
+    /// and port (`ListenerKey`).
     pub const ZTUNNEL_NEWEST: &str = "ZTUNNEL_NEWEST";
-    /// In-pod mode: each pod address and ztunnel port (`ListenerKey`) to its slot in
-    /// `ZTUNNEL_NEWEST`.
-    pub const ZTUNNEL_NEWEST_SLOTS: &str = "ZTUNNEL_NEWEST_SLOTS";
     /// Maps of this layout an earlier agent pinned and this one replaced under a new name (a
     /// pinned map keeps its layout under its name): their pins are removed at load. The old
-    /// DNS flow maps were keyed by port, so one pod could evict every other pod's flows.
-    pub const RETIRED: [&str; 2] = ["DNS_FLOWS", "DNS_FLOWS6"];
+    /// DNS flow maps were keyed by port, so one pod could evict every other pod's flows; each
+    /// mode had its own counters (`STATS`, `POD_STATS`), now one map.
+    pub const RETIRED: [&str; 4] = ["DNS_FLOWS", "DNS_FLOWS6", "STATS", "POD_STATS"];
     /// Every map of the object: all of them are pinned.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 12] = [
         PODS,
         NODE_IPS,
         ZTUNNEL,
         ZTUNNEL_DRAINING,
-        STATS,
+        PACKET_STATS,
         LISTENERS,
         CONFIG,
         DNS_FLOW_SLOTS,
-        POD_STATS,
         TIME_WAIT_SYNS,
         DNS_FLOW_SLOTS6,
         INPOD_SENDERS,
         ZTUNNEL_NEWEST,
-        ZTUNNEL_NEWEST_SLOTS,
     ];
 }
 
@@ -332,7 +328,7 @@ pub struct PodMac {
 
 pub const INPOD_SENDERS_MAX_ENTRIES: u32 = 16384;
 
-/// `ZTUNNEL_NEWEST_SLOTS` key: a pod's address (its side of the connection: the source of what
+/// `ZTUNNEL_NEWEST` key: a pod's address (its side of the connection: the source of what
 /// goes to :15001, the destination of what goes to :15006 and :15008) and ztunnel's port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -342,7 +338,7 @@ pub struct ListenerKey {
     pub _reserved: u16,
 }
 
-/// Slots of `ZTUNNEL_NEWEST`: one per pod address and ztunnel port.
+/// `ZTUNNEL_NEWEST` entries: one per pod address and ztunnel port.
 pub const ZTUNNEL_NEWEST_MAX_ENTRIES: u32 = INPOD_SENDERS_MAX_ENTRIES * 3;
 
 /// Slots per pod and protocol (a power of two). Two queries of one pod in flight at once
@@ -383,30 +379,24 @@ pub const NODE_IPS_MAX_ENTRIES: u32 = 256;
 /// under a netlink clsact filter also means "continue".
 pub const TCX_NEXT: i32 = -1;
 
-/// A packet counter: the per-CPU array it lives in, and its slot there. The programs take
-/// counters as constants, so which array is resolved where each is counted, at build time.
+/// A packet counter: its slot in `PACKET_STATS`. The programs take counters as constants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Counter {
-    /// A slot of `STATS` (node-level programs).
-    Node(u32),
-    /// A slot of `POD_STATS` (in-pod programs).
-    InPod(u32),
-}
+pub struct Counter(pub u32);
 
 macro_rules! counters {
-    ($(#[$doc:meta])* $module:ident, $all:ident, $kind:ident; $($name:ident = $idx:literal, $path:literal, $what:literal;)*) => {
+    ($(#[$doc:meta])* $module:ident, $all:ident, $base:expr; $($name:ident = $idx:literal, $path:literal, $what:literal;)*) => {
         $(#[$doc])*
         pub mod $module {
-            $(pub const $name: super::Counter = super::Counter::$kind($idx);)*
+            $(pub const $name: super::Counter = super::Counter($base + $idx);)*
         }
-        /// `(index, path, outcome)` of every counter, for `zdivert status` and `/metrics`.
-        pub const $all: &[(u32, &str, &str)] = &[$(($idx, $path, $what)),*];
+        /// `(slot, path, outcome)` of every counter, for `zdivert status` and `/metrics`.
+        pub const $all: &[(u32, &str, &str)] = &[$(($base + $idx, $path, $what)),*];
     };
 }
 
 counters! {
-    /// Indexes into the per-CPU `STATS` array: one counter per packet path and outcome.
-    counter, COUNTERS, Node;
+    /// The node-level programs' counters: one per packet path and outcome.
+    counter, COUNTERS, 0;
     OUT_REDIRECTED = 0, "outbound", "redirected";
     OUT_PASSED = 1, "outbound", "passed";
     OUT_DROP_NO_ZTUNNEL = 2, "outbound", "dropped_no_ztunnel";
@@ -437,11 +427,12 @@ counters! {
     RET_HBONE_DRAINING = 27, "ztunnel_return", "hbone_to_draining_ztunnel";
 }
 
+/// Slots of each mode in `PACKET_STATS`: node level first, in-pod after.
 pub const COUNTER_SLOTS: u32 = 32;
 
 counters! {
-    /// Indexes into the per-CPU `POD_STATS` array (in-pod mode).
-    pod_counter, POD_COUNTERS, InPod;
+    /// The in-pod programs' counters, after the node-level ones.
+    pod_counter, POD_COUNTERS, crate::COUNTER_SLOTS;
     EGRESS_TURNED_BACK = 0, "pod_egress", "turned_back";
     EGRESS_PASSED = 1, "pod_egress", "passed";
     EGRESS_DNS = 2, "pod_egress", "dns_to_ztunnel";
@@ -466,7 +457,7 @@ counters! {
     NEWEST_KERNEL_CHOICE = 21, "ztunnel_reuseport", "kernel_choice";
 }
 
-pub const POD_COUNTER_SLOTS: u32 = 32;
+pub const PACKET_STATS_SLOTS: u32 = 2 * COUNTER_SLOTS;
 
 const _: () = {
     assert!(core::mem::size_of::<IpKey>() == 16);
@@ -483,7 +474,7 @@ const _: () = {
     assert!(core::mem::size_of::<PodMac>() == 8);
     assert!(core::mem::size_of::<ListenerKey>() == 20);
     assert!(DNS_SLOTS_PER_POD.is_power_of_two());
-    assert!(POD_COUNTERS.len() as u32 <= POD_COUNTER_SLOTS);
+    assert!(POD_COUNTERS.len() as u32 <= COUNTER_SLOTS);
 };
 
 #[cfg(feature = "user")]

@@ -3,14 +3,14 @@
 //! (`zdivert_common::map`), so that a restarted agent finds the very maps the attached programs
 //! use.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, ReusePortSockArray, SockHash, SockMap},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash, SockMap},
     macros::btf_map,
 };
 use zdivert_common::{
-    CONFIG_DNS_CAPTURE, COUNTER_SLOTS, Counter, DNS_FLOWS_MAX_ENTRIES, DnsFlow, DnsFlow6,
-    DnsFlowKey, DnsFlowKey6, DrainingZtunnel, INPOD_SENDERS_MAX_ENTRIES, IpKey, LISTENER_SLOTS,
-    ListenerKey, NODE_IPS_MAX_ENTRIES, POD_COUNTER_SLOTS, PODS_MAX_ENTRIES, PodEntry, PodMac,
-    SynKey, TIME_WAIT_SYNS_MAX_ENTRIES, ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZTUNNEL_F_V6,
+    CONFIG_DNS_CAPTURE, Counter, DNS_FLOWS_MAX_ENTRIES, DnsFlow, DnsFlow6, DnsFlowKey, DnsFlowKey6,
+    DrainingZtunnel, INPOD_SENDERS_MAX_ENTRIES, IpKey, LISTENER_SLOTS, ListenerKey,
+    NODE_IPS_MAX_ENTRIES, PACKET_STATS_SLOTS, PODS_MAX_ENTRIES, PodEntry, PodMac, SynKey,
+    TIME_WAIT_SYNS_MAX_ENTRIES, ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZTUNNEL_F_V6,
     ZTUNNEL_NEWEST_MAX_ENTRIES, ZtunnelEntry,
 };
 
@@ -30,9 +30,10 @@ pub static ZTUNNEL: Array<ZtunnelEntry, 1> = Array::new();
 #[btf_map]
 pub static ZTUNNEL_DRAINING: Array<DrainingZtunnel, 1> = Array::new();
 
-/// Per-CPU packet counters, indexed by `zdivert_common::counter`.
+/// Per-CPU packet counters of every program, by `Counter` slot (`zdivert_common::counter`,
+/// `pod_counter`).
 #[btf_map]
-pub static STATS: PerCpuArray<u64, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
+pub static PACKET_STATS: PerCpuArray<u64, { PACKET_STATS_SLOTS as usize }> = PerCpuArray::new();
 
 /// ztunnel's listeners by `listener_slot`, written by the tproxy program when a SYN meets a
 /// TIME_WAIT socket, read by the sk_lookup program that answers the kernel's listener lookup.
@@ -47,10 +48,6 @@ pub static CONFIG: Array<u32, 1> = Array::new();
 #[btf_map]
 pub static DNS_FLOW_SLOTS: LruHashMap<DnsFlowKey, DnsFlow, { DNS_FLOWS_MAX_ENTRIES as usize }> =
     LruHashMap::new();
-
-/// In-pod mode: per-CPU packet counters, indexed by `zdivert_common::pod_counter`.
-#[btf_map]
-pub static POD_STATS: PerCpuArray<u64, { POD_COUNTER_SLOTS as usize }> = PerCpuArray::new();
 
 /// In-pod mode: ztunnel's listener for a SYN that met one of its TIME_WAIT sockets, keyed by
 /// the SYN, written by `pod_ingress` and taken by `pod_lookup` (see there).
@@ -68,35 +65,23 @@ pub static INPOD_SENDERS: HashMap<IpKey, PodMac, { INPOD_SENDERS_MAX_ENTRIES as 
 pub static DNS_FLOW_SLOTS6: LruHashMap<DnsFlowKey6, DnsFlow6, { DNS_FLOWS_MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
-/// In-pod mode: the listeners of the newest ztunnel that acked each pod, by the slot
-/// `ZTUNNEL_NEWEST_SLOTS` gives (`inpod/newest.rs`). The kernel empties a slot when its
-/// listener closes.
+/// In-pod mode: the listener of the newest ztunnel that acked each pod, by pod address and
+/// port (`inpod/newest.rs`). A sockhash, not a reuseport array: a socket there may also be in
+/// `TIME_WAIT_SYNS` (an array slot claims the socket's user data, which a sockhash's entry
+/// shares). The kernel removes a listener that closes.
 #[btf_map]
-pub static ZTUNNEL_NEWEST: ReusePortSockArray<{ ZTUNNEL_NEWEST_MAX_ENTRIES as usize }> =
-    ReusePortSockArray::new();
-
-/// In-pod mode: a pod address and ztunnel port to its slot in `ZTUNNEL_NEWEST`.
-#[btf_map]
-pub static ZTUNNEL_NEWEST_SLOTS: HashMap<
-    ListenerKey,
-    u32,
-    { ZTUNNEL_NEWEST_MAX_ENTRIES as usize },
-> = HashMap::new();
+pub static ZTUNNEL_NEWEST: SockHash<ListenerKey, { ZTUNNEL_NEWEST_MAX_ENTRIES as usize }> =
+    SockHash::new();
 
 #[inline(always)]
 pub fn dns_capture() -> bool {
     CONFIG.get(0).is_some_and(|c| c & CONFIG_DNS_CAPTURE != 0)
 }
 
-/// Adds one to `counter`'s slot. Counters are constants where they are counted, so the match
-/// is resolved at build time.
+/// Adds one to `counter`'s slot (a constant where it is counted).
 #[inline(always)]
 pub fn count(counter: Counter) {
-    let slot = match counter {
-        Counter::Node(index) => STATS.get_ptr_mut(index),
-        Counter::InPod(index) => POD_STATS.get_ptr_mut(index),
-    };
-    if let Some(slot) = slot {
+    if let Some(slot) = PACKET_STATS.get_ptr_mut(counter.0) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *slot += 1 }
     }

@@ -5,7 +5,7 @@
 //! hash each new connection to either of them: the old one's connections then meet its
 //! closing listeners, and the new one's HBONE connections meet the old one's draining server.
 //! The agent records, for each pod address and ztunnel port, the listener of the newest
-//! ztunnel that acked the pod (`ZTUNNEL_NEWEST`, through `ZTUNNEL_NEWEST_SLOTS`). Every new
+//! ztunnel that acked the pod (`ZTUNNEL_NEWEST`). Every new
 //! connection goes there, whatever hash or assignment found the group; when a listener closes,
 //! the connections queued on it move there instead of being reset (attached as
 //! `select_or_migrate`). Where nothing is recorded (or the recorded listener closed), the
@@ -16,13 +16,13 @@ use core::ffi::c_void;
 use aya_ebpf::{
     EbpfContext,
     bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock, sk_action::SK_PASS},
-    helpers::bpf_skb_load_bytes_relative,
+    helpers::{bpf_sk_select_reuseport, bpf_skb_load_bytes_relative},
     macros::sk_reuseport,
     programs::SkReuseportContext,
 };
 use zdivert_common::{IpKey, ListenerKey, PORT_OUTBOUND, pod_counter::*};
 
-use crate::maps::{ZTUNNEL_NEWEST, ZTUNNEL_NEWEST_SLOTS, count};
+use crate::maps::{ZTUNNEL_NEWEST, count};
 
 const AF_INET6: u32 = 10;
 const ETH_P_IPV6_BE: u32 = 0x86dd_u16.to_be() as u32;
@@ -40,12 +40,18 @@ pub fn zd_zt_newest(ctx: SkReuseportContext) -> u32 {
         Some(key) => key,
         None => return kernel_choice(),
     };
-    // SAFETY: the key is read during the call; the slot is copied out.
-    let Some(slot) = (unsafe { ZTUNNEL_NEWEST_SLOTS.get(&key) }).copied() else {
-        return kernel_choice();
+    let map = &ZTUNNEL_NEWEST as *const _ as *mut c_void;
+    // SAFETY: the context is the kernel's, the map ours, the key on the stack for the call.
+    let selected = unsafe {
+        bpf_sk_select_reuseport(
+            ctx.md,
+            map,
+            &key as *const ListenerKey as *mut c_void,
+            0,
+        )
     };
-    if ZTUNNEL_NEWEST.select_reuseport(&ctx, slot).is_err() {
-        // Empty slot (that ztunnel's listener closed), or a listener of another group.
+    if selected != 0 {
+        // Nothing recorded (or that ztunnel's listener closed), or a listener of another group.
         return kernel_choice();
     }
     count(if !moved.is_null() {

@@ -169,7 +169,7 @@ impl Maps {
 
     /// The per-CPU counters, for `/metrics`.
     pub fn take_stats(ebpf: &mut aya::Ebpf) -> Result<PerCpuArray<MapData, u64>> {
-        take(ebpf, STATS)
+        take(ebpf, PACKET_STATS)
     }
 
     /// The draining ztunnel an earlier agent left, if any.
@@ -293,20 +293,15 @@ pub fn snapshot(dir: &Path) -> Result<Snapshot> {
         open(dir, NODE_IPS)?.try_into().map_err(map_err(NODE_IPS))?;
     let ztunnel: Array<_, ZtunnelEntry> =
         open(dir, ZTUNNEL)?.try_into().map_err(map_err(ZTUNNEL))?;
-    let stats: PerCpuArray<_, u64> = open(dir, STATS)?.try_into().map_err(map_err(STATS))?;
     let z = ztunnel.get(&0, 0).map_err(map_err(ZTUNNEL))?;
     let mut counters = Vec::new();
-    for &(index, path, outcome) in COUNTERS {
-        let per_cpu = stats.get(&index, 0).map_err(map_err(STATS))?;
-        counters.push((path, outcome, per_cpu.iter().sum()));
-    }
-    // In-pod mode's counters; absent from the pins of an agent older than in-pod eBPF.
-    if dir.join(POD_STATS).exists() {
-        let stats: PerCpuArray<_, u64> = open(dir, POD_STATS)?
+    // Absent from the pins of an agent older than the one counter map: no counters then.
+    if dir.join(PACKET_STATS).exists() {
+        let stats: PerCpuArray<_, u64> = open(dir, PACKET_STATS)?
             .try_into()
-            .map_err(map_err(POD_STATS))?;
-        for &(index, path, outcome) in POD_COUNTERS {
-            let per_cpu = stats.get(&index, 0).map_err(map_err(POD_STATS))?;
+            .map_err(map_err(PACKET_STATS))?;
+        for &(slot, path, outcome) in COUNTERS.iter().chain(POD_COUNTERS) {
+            let per_cpu = stats.get(&slot, 0).map_err(map_err(PACKET_STATS))?;
             counters.push((path, outcome, per_cpu.iter().sum()));
         }
     }

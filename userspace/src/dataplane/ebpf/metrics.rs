@@ -1,6 +1,7 @@
 //! The eBPF dataplane's metrics: the programs' per-path packet counters, read from the per-CPU
-//! `STATS` (or, in-pod, `POD_STATS`) map this process already holds open, and the pod map's size as the agent last wrote
-//! it. A scrape costs one lookup per counter and never walks the pod map.
+//! `PACKET_STATS` map this process already holds open (its mode's slots), and the pod map's
+//! size as the agent last wrote it. A scrape costs one lookup per counter and never walks the
+//! pod map.
 use aya::maps::{MapData, PerCpuArray};
 use prometheus_client::{
     collector::Collector,
@@ -10,7 +11,7 @@ use prometheus_client::{
 };
 pub struct PacketCounters {
     stats: PerCpuArray<MapData, u64>,
-    /// `zdivert_common::COUNTERS` or `POD_COUNTERS`: what each index of `stats` counts.
+    /// `zdivert_common::COUNTERS` or `POD_COUNTERS`: what each slot of `stats` counts.
     counters: &'static [(u32, &'static str, &'static str)],
 }
 

@@ -133,7 +133,7 @@ fn open(dirs: &PinDirs, name: &'static str) -> Result<Option<Map>> {
 }
 
 /// Copies the maps whose entries the programs need from the first packet on: pods, node
-/// addresses, ztunnels, and the DNS flows in flight. `STATS` starts again from zero, and
+/// addresses, ztunnels, and the DNS flows in flight. The packet counters start again from zero, and
 /// `LISTENERS` is refilled by the programs themselves.
 fn copy_maps(from: &PinDirs, to: &PinDirs) -> Result<usize> {
     let err = |map| move |source| Error::Map { map, source };

@@ -4,9 +4,8 @@
 //! A ztunnel that acks pods over ZDS has opened its listeners in their netns. For each pod,
 //! its listeners are found by what only ztunnel's can show together: ztunnel's ports, its
 //! mark, and an inode the acking process holds in its fd table (sock_diag and `/proc/<pid>/fd`).
-//! They are taken from it (`pidfd_getfd`), put in `ZTUNNEL_NEWEST` (one slot per listener
-//! group: pod netns, port, family), the pod's addresses and ports point at the slots through
-//! `ZTUNNEL_NEWEST_SLOTS`, and the program is attached to each group. A ztunnel that started
+//! They are taken from it (`pidfd_getfd`), put in `ZTUNNEL_NEWEST` under the pod's addresses
+//! and ports, and the program is attached to each group. A ztunnel that started
 //! before the one a pod's connections go to is not given them back by a late ack (a ZDS
 //! reconnect): processes are told apart by their start time.
 //!
@@ -21,14 +20,13 @@ use std::{
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
 };
 
-use aya::maps::{HashMap, MapData, ReusePortSockArray};
+use aya::maps::{MapData, SockHash};
 use prometheus_client::{
     metrics::{counter::Counter, family::Family},
     registry::Registry,
 };
 use zdivert_common::{
-    ListenerKey, PORT_INBOUND_HBONE, PORT_INBOUND_PLAIN, PORT_OUTBOUND, ZTUNNEL_NEWEST_MAX_ENTRIES,
-    map::{ZTUNNEL_NEWEST, ZTUNNEL_NEWEST_SLOTS},
+    ListenerKey, PORT_INBOUND_HBONE, PORT_INBOUND_PLAIN, PORT_OUTBOUND, map::ZTUNNEL_NEWEST,
     program,
 };
 
@@ -40,18 +38,9 @@ use crate::{
     ztunnel::{ZtunnelListener, ztunnel_listeners},
 };
 
-/// A listener group in a pod: its netns (inode), ztunnel's port, and the family of the
-/// sockets (an IPv6 wildcard listener takes IPv4 too where no IPv4 one is bound).
-type Group = (u64, u16, bool);
-
 pub struct Newest {
     program: OwnedFd,
-    listeners: ReusePortSockArray<MapData>,
-    slots: HashMap<MapData, ListenerKey, u32>,
-    /// Each listener group's slot, and the inode of the socket put there (0: none yet).
-    group_slots: BTreeMap<Group, (u32, u32)>,
-    free: Vec<u32>,
-    next: u32,
+    listeners: SockHash<MapData, ListenerKey>,
     /// Each pod netns's ztunnel and the keys that point at its listeners, by inode.
     pods: BTreeMap<u64, Steered>,
     handovers: Family<Vec<(&'static str, &'static str)>, Counter>,
@@ -63,9 +52,8 @@ struct Steered {
 }
 
 impl Newest {
-    /// Takes the program and maps out of the loaded object. What an earlier agent recorded is
-    /// cleared (a socket can hold one slot only): the kernel's own choice stands until the
-    /// ztunnels, reconnecting over ZDS, ack their pods again.
+    /// Takes the program and map out of the loaded object. What an earlier agent recorded stays:
+    /// each entry is a listener of ztunnel's, until it closes or an ack replaces it.
     pub fn take(ebpf: &mut aya::Ebpf) -> Result<Newest> {
         let name = program::ZTUNNEL_NEWEST;
         let prog: &aya::programs::SkReuseport = ebpf
@@ -87,20 +75,9 @@ impl Newest {
                 program: name,
                 source: aya::programs::ProgramError::IOError(e),
             })?;
-        let mut listeners: ReusePortSockArray<MapData> = maps::take(ebpf, ZTUNNEL_NEWEST)?;
-        let mut slots: HashMap<MapData, ListenerKey, u32> = maps::take(ebpf, ZTUNNEL_NEWEST_SLOTS)?;
-        let old: Vec<(ListenerKey, u32)> = slots.iter().filter_map(|e| e.ok()).collect();
-        for (key, slot) in old {
-            let _ = listeners.clear_index(&slot);
-            slots.remove(&key).map_err(map_err(ZTUNNEL_NEWEST_SLOTS))?;
-        }
         Ok(Newest {
             program,
-            listeners,
-            slots,
-            group_slots: BTreeMap::new(),
-            free: Vec::new(),
-            next: 0,
+            listeners: maps::take(ebpf, ZTUNNEL_NEWEST)?,
             pods: BTreeMap::new(),
             handovers: Family::default(),
         })
@@ -159,7 +136,7 @@ impl Newest {
             &[PORT_OUTBOUND][..],
         ] {
             for (inode, w, found) in &plans {
-                match self.point(pid, *inode, &w.ips, found, ports) {
+                match self.point(pid, &w.ips, found, ports) {
                     Ok(k) => keys.entry(*inode).or_default().extend(k),
                     Err(e) => log::warn!("pod {}: {}", w.info.name, e.chain()),
                 }
@@ -175,28 +152,36 @@ impl Newest {
         }
     }
 
-    /// Points `ips` on `ports` at the listeners `found`, each group's slot now holding it, and
-    /// attaches the program to the groups. Returns the keys written.
+    /// Points `ips` on `ports` at the listeners `found`, and attaches the program to their
+    /// groups. Returns the keys written.
     fn point(
         &mut self,
         pid: i32,
-        inode: u64,
         ips: &[IpAddr],
         found: &[(ZtunnelListener, OwnedFd)],
         ports: &[u16],
     ) -> Result<Vec<ListenerKey>> {
         let mut keys = Vec::new();
         for &port in ports {
-            // A socket holds one slot at most, and is put there once.
-            for (l, fd) in found.iter().filter(|(l, _)| l.port == port) {
-                let group = (inode, port, l.v6);
-                let slot = self.slot(group)?;
-                if self.group_slots.get(&group).map(|g| g.1) != Some(l.inode) {
-                    self.listeners
-                        .set(slot, fd, 0)
-                        .map_err(map_err(ZTUNNEL_NEWEST))?;
-                    self.group_slots.insert(group, (slot, l.inode));
-                }
+            let of = |v6: bool| found.iter().find(|(l, _)| l.port == port && l.v6 == v6);
+            for ip in ips {
+                // An IPv4 address is served by an IPv4 listener, else by the IPv6 wildcard one.
+                let listener = match ip {
+                    IpAddr::V4(_) => of(false).or_else(|| of(true)),
+                    IpAddr::V6(_) => of(true),
+                };
+                let Some((_, fd)) = listener else { continue };
+                let key = ListenerKey {
+                    addr: maps::key(*ip),
+                    port,
+                    _reserved: 0,
+                };
+                self.listeners
+                    .insert(key, fd.as_raw_fd(), 0)
+                    .map_err(map_err(ZTUNNEL_NEWEST))?;
+                keys.push(key);
+            }
+            for (_, fd) in found.iter().filter(|(l, _)| l.port == port) {
                 attach(&self.program, fd).map_err(|source| Error::ZtunnelProcess {
                     pid,
                     what: format!(
@@ -206,84 +191,24 @@ impl Newest {
                     source,
                 })?;
             }
-            let group_of = |v6: bool| {
-                let found = found.iter().any(|(l, _)| l.port == port && l.v6 == v6);
-                found.then(|| self.group_slots.get(&(inode, port, v6)).map(|g| g.0))?
-            };
-            for ip in ips {
-                // An IPv4 address is served by an IPv4 listener, else by the IPv6 wildcard one.
-                let slot = match ip {
-                    IpAddr::V4(_) => group_of(false).or_else(|| group_of(true)),
-                    IpAddr::V6(_) => group_of(true),
-                };
-                let Some(slot) = slot else { continue };
-                let key = ListenerKey {
-                    addr: maps::key(*ip),
-                    port,
-                    _reserved: 0,
-                };
-                self.slots
-                    .insert(key, slot, 0)
-                    .map_err(map_err(ZTUNNEL_NEWEST_SLOTS))?;
-                keys.push(key);
-            }
         }
         Ok(keys)
     }
 
-    /// The group's slot, a new one for a new group (recorded as holding nothing yet).
-    fn slot(&mut self, group: Group) -> Result<u32> {
-        if let Some((slot, _)) = self.group_slots.get(&group) {
-            return Ok(*slot);
-        }
-        let slot = match self.free.pop() {
-            Some(slot) => slot,
-            None if self.next < ZTUNNEL_NEWEST_MAX_ENTRIES => {
-                self.next += 1;
-                self.next - 1
-            }
-            None => {
-                return Err(Error::Map {
-                    map: ZTUNNEL_NEWEST,
-                    source: aya::maps::MapError::OutOfBounds {
-                        index: self.next,
-                        max_entries: ZTUNNEL_NEWEST_MAX_ENTRIES,
-                    },
-                });
-            }
-        };
-        self.group_slots.insert(group, (slot, 0));
-        Ok(slot)
-    }
-
-    /// Forgets the pod netns not in `keep` (released, or gone): their keys and slots. A key
-    /// another pod's addresses hold now stays.
+    /// Forgets the pod netns not in `keep` (released, or gone) and their keys. A key another
+    /// pod's addresses hold now stays.
     pub fn keep_only(&mut self, keep: &BTreeSet<u64>) {
-        let gone: Vec<u64> = self
-            .pods
-            .keys()
+        let gone: Vec<Steered> = (self.pods.keys().copied().collect::<Vec<_>>().into_iter())
             .filter(|i| !keep.contains(i))
-            .copied()
+            .filter_map(|i| self.pods.remove(&i))
             .collect();
-        for inode in gone {
-            let Some(steered) = self.pods.remove(&inode) else {
-                continue;
-            };
-            let held: BTreeSet<ListenerKey> =
-                self.pods.values().flat_map(|s| s.keys.clone()).collect();
-            for key in steered.keys.iter().filter(|k| !held.contains(k)) {
-                let _ = self.slots.remove(key);
-            }
-            let groups: Vec<Group> = (self.group_slots.keys())
-                .filter(|(i, _, _)| *i == inode)
-                .copied()
-                .collect();
-            for group in groups {
-                if let Some((slot, _)) = self.group_slots.remove(&group) {
-                    let _ = self.listeners.clear_index(&slot);
-                    self.free.push(slot);
-                }
-            }
+        let held: BTreeSet<ListenerKey> = self.pods.values().flat_map(|s| s.keys.clone()).collect();
+        for key in gone
+            .iter()
+            .flat_map(|s| &s.keys)
+            .filter(|k| !held.contains(k))
+        {
+            let _ = self.listeners.remove(key);
         }
     }
 

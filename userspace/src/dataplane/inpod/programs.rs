@@ -77,7 +77,7 @@ impl PodPrograms {
         let mut ebpf = crate::dataplane::ebpf::loader(&dirs.maps).load(object)?;
         ProgramSet::InPod.load(&mut ebpf)?;
         maps::write_config(&mut ebpf, if dns_capture { CONFIG_DNS_CAPTURE } else { 0 })?;
-        let packets = PacketCounters::new(maps::take(&mut ebpf, maps::POD_STATS)?, POD_COUNTERS);
+        let packets = PacketCounters::new(maps::Maps::take_stats(&mut ebpf)?, POD_COUNTERS);
         let senders = super::senders::Senders::take(&mut ebpf)?;
         let newest = Arc::new(Mutex::new(Newest::take(&mut ebpf)?));
         Ok(PodPrograms {
