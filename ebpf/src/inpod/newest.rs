@@ -5,12 +5,11 @@
 //! hash each new connection to either of them: the old one's connections then meet its
 //! closing listeners, and the new one's HBONE connections meet the old one's draining server.
 //! The agent records, for each pod address and ztunnel port, the listener of the newest
-//! ztunnel that acked the pod (`ZTUNNEL_NEWEST`). Every new
-//! connection goes there, whatever hash or assignment found the group; when a listener closes,
-//! the connections queued on it move there instead of being reset (attached as
-//! `select_or_migrate`). Where nothing is recorded (or the recorded listener closed), the
-//! kernel's own choice stands: this program only ever chooses among ztunnel's listeners, and
-//! never drops.
+//! ztunnel that acked the pod (`ZTUNNEL_NEWEST`). Every new connection goes there, whatever
+//! hash or assignment found the group; when a listener closes, the connections queued on it
+//! move there instead of being reset (attached as `select_or_migrate`). Where nothing is
+//! recorded (or the recorded listener closed), the kernel's own choice stands: this program
+//! only ever chooses among ztunnel's listeners, and never drops.
 use core::ffi::c_void;
 
 use aya_ebpf::{
@@ -43,12 +42,7 @@ pub fn zd_zt_newest(ctx: SkReuseportContext) -> u32 {
     let map = &ZTUNNEL_NEWEST as *const _ as *mut c_void;
     // SAFETY: the context is the kernel's, the map ours, the key on the stack for the call.
     let selected = unsafe {
-        bpf_sk_select_reuseport(
-            ctx.md,
-            map,
-            &key as *const ListenerKey as *mut c_void,
-            0,
-        )
+        bpf_sk_select_reuseport(ctx.md, map, &key as *const ListenerKey as *mut c_void, 0)
     };
     if selected != 0 {
         // Nothing recorded (or that ztunnel's listener closed), or a listener of another group.

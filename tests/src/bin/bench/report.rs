@@ -200,6 +200,27 @@ impl Report {
         }
     }
 
+    /// A table of one row per mode: `header`'s columns are `metrics`' medians for the cases
+    /// `<prefix>/<mode>`.
+    fn mode_rows(
+        &self,
+        s: &mut String,
+        header: &str,
+        (prefix, modes): (&str, &[&str]),
+        metrics: &[&str],
+        decimals: usize,
+    ) {
+        let rule = "|---".repeat(metrics.len() + 1);
+        let _ = writeln!(s, "\n{header}\n{rule}|");
+        for mode in modes {
+            let case = format!("{prefix}/{mode}");
+            let row: Vec<String> = (metrics.iter())
+                .map(|m| format!("{:.*}", decimals, median(&self.figures, &case, m)))
+                .collect();
+            let _ = writeln!(s, "| {mode} | {} |", row.join(" | "));
+        }
+    }
+
     pub fn markdown(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(
@@ -245,43 +266,27 @@ impl Report {
                 .collect();
             let _ = writeln!(s, "| {case} | {} |", row.join(" | "));
         }
-        // The ztunnel replacement window, one row per mode.
-        let _ = writeln!(
-            s,
-            "\n| ztunnel replacement | long-lived broken (of 8) | new failed | new stalled > 1 s | new total |\n|---|---|---|---|---|"
+        // The ztunnel replacement window and in-pod rollouts, one row per mode.
+        self.mode_rows(
+            &mut s,
+            "| ztunnel replacement | long-lived broken (of 8) | new failed | new stalled > 1 s | new total |",
+            ("ztunnel-replacement", &["ebpf", "iptables"]),
+            &["long_lived_broken", "new_failed", "new_stalled", "new_total"],
+            0,
         );
-        for mode in ["ebpf", "iptables"] {
-            let case = format!("ztunnel-replacement/{mode}");
-            let row: Vec<String> = [
-                "long_lived_broken",
-                "new_failed",
-                "new_stalled",
-                "new_total",
-            ]
-            .iter()
-            .map(|m| format!("{:.0}", median(&self.figures, &case, m)))
-            .collect();
-            let _ = writeln!(s, "| {mode} | {} |", row.join(" | "));
-        }
-        // In-pod ztunnel rollouts, one row per redirection.
-        let _ = writeln!(
-            s,
-            "\n| in-pod ztunnel rollouts | failed per rollout | stalled > 1 s per rollout | old ztunnel's access-log lines after the new one's ack, per rollout | rollouts | connections |\n|---|---|---|---|---|---|"
-        );
-        for mode in ["inpod-ebpf", "inpod-iptables"] {
-            let case = format!("ztunnel-rollout/{mode}");
-            let row: Vec<String> = [
+        self.mode_rows(
+            &mut s,
+            "| in-pod ztunnel rollouts | failed per rollout | stalled > 1 s per rollout | old ztunnel's access-log lines after the new one's ack, per rollout | rollouts | connections |",
+            ("ztunnel-rollout", &["inpod-ebpf", "inpod-iptables"]),
+            &[
                 "failed_per_rollout",
                 "stalled_per_rollout",
                 "old_logged_after_ack_per_rollout",
                 "rollouts",
                 "total",
-            ]
-            .iter()
-            .map(|m| format!("{:.1}", median(&self.figures, &case, m)))
-            .collect();
-            let _ = writeln!(s, "| {mode} | {} |", row.join(" | "));
-        }
+            ],
+            1,
+        );
         let _ = writeln!(s, "\n| ratio | value |\n|---|---|");
         for r in &self.ratios {
             let _ = writeln!(s, "| {} | {:.3} |", r.name, r.value);

@@ -99,14 +99,15 @@ impl Newest {
         let zt = match Process::of(pid) {
             Ok(p) => p,
             Err(source) => {
-                return self.failed(
-                    pods.len(),
-                    &Error::ZtunnelProcess {
-                        pid,
-                        what: "its start time".into(),
-                        source,
-                    },
-                );
+                let e = Error::ZtunnelProcess {
+                    pid,
+                    what: "its start time".into(),
+                    source,
+                };
+                for w in pods {
+                    self.failed(&w.info.name, &e);
+                }
+                return;
             }
         };
         let mut fds = FdTable::new(pid);
@@ -123,32 +124,46 @@ impl Newest {
                 continue;
             }
             match fds.listeners_in(&w.netns) {
-                Ok(found) => plans.push((inode, w, found)),
-                Err(e) => {
-                    log::warn!("pod {}: ztunnel pid {pid}'s listeners", w.info.name);
-                    self.failed(1, &e)
-                }
+                Ok(found) if !found.is_empty() => plans.push((inode, w, found)),
+                Ok(_) => self.failed(
+                    &w.info.name,
+                    &Error::ZtunnelProcess {
+                        pid,
+                        what: "none of its listeners is in the pod".into(),
+                        source: std::io::ErrorKind::NotFound.into(),
+                    },
+                ),
+                Err(e) => self.failed(&w.info.name, &e),
             }
         }
-        let mut keys: BTreeMap<u64, Vec<ListenerKey>> = BTreeMap::new();
+        // Inbound ports first, for every pod: see the module's comment.
+        let mut steered: BTreeMap<u64, Result<Vec<ListenerKey>>> = BTreeMap::new();
         for ports in [
             &[PORT_INBOUND_HBONE, PORT_INBOUND_PLAIN][..],
             &[PORT_OUTBOUND][..],
         ] {
             for (inode, w, found) in &plans {
-                match self.point(pid, &w.ips, found, ports) {
-                    Ok(k) => keys.entry(*inode).or_default().extend(k),
-                    Err(e) => log::warn!("pod {}: {}", w.info.name, e.chain()),
+                let so_far = steered.entry(*inode).or_insert_with(|| Ok(Vec::new()));
+                if let Ok(keys) = so_far {
+                    match self.point(pid, &w.ips, found, ports) {
+                        Ok(k) => keys.extend(k),
+                        Err(e) => *so_far = Err(e),
+                    }
                 }
             }
         }
         for (inode, w, _) in &plans {
-            let keys = keys.remove(inode).unwrap_or_default();
-            self.handovers
-                .get_or_create(&vec![("outcome", "handed_over")])
-                .inc();
-            log::debug!("pod {}: new connections to ztunnel pid {pid}", w.info.name);
-            self.pods.insert(*inode, Steered { to: zt, keys });
+            match steered.remove(inode) {
+                Some(Ok(keys)) => {
+                    self.handovers
+                        .get_or_create(&vec![("outcome", "handed_over")])
+                        .inc();
+                    log::debug!("pod {}: new connections to ztunnel pid {pid}", w.info.name);
+                    self.pods.insert(*inode, Steered { to: zt, keys });
+                }
+                Some(Err(e)) => self.failed(&w.info.name, &e),
+                None => {}
+            }
         }
     }
 
@@ -212,14 +227,14 @@ impl Newest {
         }
     }
 
-    fn failed(&self, pods: usize, e: &Error) {
+    fn failed(&self, pod: &str, e: &Error) {
         log::warn!(
-            "new connections of {pods} pod(s) stay with the kernel's choice between ztunnels: {}",
+            "pod {pod}: its new connections stay with the kernel's choice between ztunnels: {}",
             e.chain()
         );
         self.handovers
             .get_or_create(&vec![("outcome", "failed")])
-            .inc_by(pods as u64);
+            .inc();
     }
 }
 
