@@ -1,7 +1,8 @@
 //! ztunnel rollouts in in-pod mode (`zdivert_tests::rollout`): a workload making new
 //! connections throughout must not see one fail. In eBPF mode every new connection goes to the
 //! newest ztunnel that acked the pod (`zd_zt_newest`); istio-cni's rules leave the choice to
-//! the kernel, and that test is ignored: run it with `--ignored` to measure.
+//! the kernel, and that test is ignored: run it with `--ignored` to measure. A stuck ztunnel
+//! killed after its replacement acked hands the connections queued on it to the new one.
 use zdivert_tests::{agent::Mode, rollout};
 
 const ROLLOUTS: usize = 5;
@@ -38,4 +39,73 @@ fn ebpf_rollouts_fail_no_connection() -> anyhow::Result<()> {
             reports for istio-cni; rules cannot choose the listener (README, issue 25)"]
 fn iptables_rollouts_fail_no_connection() -> anyhow::Result<()> {
     rollouts_fail_no_connection(Mode::InPodIptables)
+}
+
+/// A ztunnel that stopped accepting (stuck) is replaced and then killed: the connections queued
+/// on its listener move to the new ztunnel's (`zd_zt_newest`, attached as select-or-migrate)
+/// and are answered, where the kernel alone would reset them.
+#[test]
+fn ebpf_connections_queued_on_a_killed_ztunnel_move_to_the_new_one() -> anyhow::Result<()> {
+    use std::time::Duration;
+
+    use zdivert_tests::{
+        agent::zds_socket,
+        apps::{TcpServer, connect, exchange, request, sa},
+        eventually,
+        inpod::{self, wait_ztunnel_in},
+        ns::Netns,
+        topology::Topology,
+        ztunnel::{MeshConfig, Ztunnel},
+    };
+
+    const QUEUED: usize = 8;
+    let topo = Topology::article()?;
+    let node = topo.worker2();
+    let (pp, rv2) = (node.pod("productpage-v1"), node.pod("reviews-v2"));
+    let socket = zds_socket(&node.name);
+    let agent = inpod::start_agent(node, Mode::InPodEbpf)?;
+    let mesh = MeshConfig::default();
+    let mut old = Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &mesh, &socket)?;
+    old.wait_ready(Duration::from_secs(20))?;
+    wait_ztunnel_in([pp, rv2])?;
+    let _server = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
+    let dst = sa(rv2.ip, 9080);
+    request(&pp.ns, dst)?;
+
+    let stuck = old.pid().expect("running");
+    // SAFETY: a signal to the ztunnel this test started, not yet reaped.
+    unsafe { libc::kill(stuck, libc::SIGSTOP) };
+    // The kernel completes each handshake; the connections wait in the stuck one's queue.
+    let queued: Vec<_> = (0..QUEUED)
+        .map(|_| {
+            let ns = Netns::attach(&pp.ns.path())?;
+            let conn = connect(&ns, dst, Duration::from_secs(20))?;
+            Ok(std::thread::spawn(move || exchange(&conn)))
+        })
+        .collect::<anyhow::Result<_>>()?;
+
+    let mut new = Ztunnel::start_in_pod(&topo, node, node.pod("sleep"), &mesh, &socket)?;
+    new.wait_ready(Duration::from_secs(20))?;
+    eventually("both ztunnels served", Duration::from_secs(10), || {
+        Ok(agent.metric("zdivert_zds_peers")? == 2.0)
+    })?;
+    old.kill();
+    for (i, q) in queued.into_iter().enumerate() {
+        let reply = q.join().expect("no panic");
+        anyhow::ensure!(reply.is_ok(), "queued connection {i}: {reply:?}");
+    }
+    let moved = agent.metric(
+        "zdivert_packets_total{path=\"ztunnel_reuseport\",outcome=\"migrated_to_newest\"}",
+    )?;
+    println!("{moved} connections moved to the new ztunnel's listener");
+    assert!(
+        moved >= QUEUED as f64,
+        "{moved} connections moved, {QUEUED} were queued"
+    );
+    // The new ztunnel proxied them: outbound entries of its access log to the server.
+    new.wait_access(QUEUED, |a| {
+        a.direction() == "outbound" && a.dst() == Some(dst)
+    })?;
+    request(&pp.ns, dst)?;
+    Ok(())
 }
