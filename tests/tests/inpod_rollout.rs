@@ -34,8 +34,8 @@ fn ebpf_rollouts_fail_no_connection() -> anyhow::Result<()> {
 }
 
 #[test]
-#[ignore = "not zero: the kernel hashes new connections to either ztunnel, and one in about \
-            5,000 meets the old one's closing listener or draining server, as istio/istio#58514 \
+#[ignore = "not zero: the kernel hashes new connections to either ztunnel, and 0 to 2 in \
+            10,000 meet the old one's closing listener or draining server, as istio/istio#58514 \
             reports for istio-cni; rules cannot choose the listener (README, issue 25)"]
 fn iptables_rollouts_fail_no_connection() -> anyhow::Result<()> {
     rollouts_fail_no_connection(Mode::InPodIptables)
