@@ -2,7 +2,8 @@
 //! connections throughout must not see one fail. In eBPF mode every new connection goes to the
 //! newest ztunnel that acked the pod (`zd_zt_newest`); istio-cni's rules leave the choice to
 //! the kernel, and that test is ignored: run it with `--ignored` to measure. A stuck ztunnel
-//! killed after its replacement acked hands the connections queued on it to the new one.
+//! killed after its replacement acked hands the connections queued on it to the new one, and an
+//! agent restarted mid-rollout keeps new connections on the newer ztunnel.
 use zdivert_tests::{agent::Mode, rollout};
 
 const ROLLOUTS: usize = 5;
@@ -107,5 +108,74 @@ fn ebpf_connections_queued_on_a_killed_ztunnel_move_to_the_new_one() -> anyhow::
         a.direction() == "outbound" && a.dst() == Some(dst)
     })?;
     request(&pp.ns, dst)?;
+    Ok(())
+}
+
+/// The agent restarted while two ztunnels serve the pods: both reconnect over ZDS and ack
+/// again, in whatever order, and new connections stay with the newer ztunnel (processes are
+/// told apart by their start time, not by which acked last). The old one then drains without
+/// a failed connection.
+#[test]
+fn ebpf_an_agent_restarted_mid_rollout_keeps_new_connections_on_the_newest() -> anyhow::Result<()> {
+    use std::time::Duration;
+
+    use zdivert_tests::{
+        agent::zds_socket,
+        apps::{RequestStream, TcpServer, sa},
+        eventually,
+        inpod::{self, wait_ztunnel_in},
+        topology::Topology,
+        ztunnel::{MeshConfig, Ztunnel},
+    };
+
+    let topo = Topology::article()?;
+    let node = topo.worker2();
+    let (pp, rv1, rv2) = (
+        node.pod("productpage-v1"),
+        node.pod("reviews-v1"),
+        node.pod("reviews-v2"),
+    );
+    let socket = zds_socket(&node.name);
+    let mut agent = inpod::start_agent(node, Mode::InPodEbpf)?;
+    let mesh = MeshConfig::default();
+    let mut old = Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &mesh, &socket)?;
+    old.wait_ready(Duration::from_secs(20))?;
+    let mut new = Ztunnel::start_in_pod(&topo, node, node.pod("sleep"), &mesh, &socket)?;
+    new.wait_ready(Duration::from_secs(20))?;
+    wait_ztunnel_in([pp, rv1, rv2])?;
+    let _server = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
+    let streams = [
+        RequestStream::start(&pp.ns, sa(rv2.ip, 9080))?,
+        RequestStream::start(&rv1.ns, sa(rv2.ip6, 9080))?,
+    ];
+    let more = || streams.iter().try_for_each(|s| s.wait_more(25));
+    let peers = |agent: &zdivert_tests::agent::Agent| agent.metric("zdivert_zds_peers");
+    eventually("both ztunnels served", Duration::from_secs(10), || {
+        Ok(peers(&agent)? == 2.0)
+    })?;
+    more()?;
+    agent.restart()?;
+    eventually(
+        "both ztunnels served again",
+        Duration::from_secs(20),
+        || Ok(peers(&agent)? == 2.0),
+    )?;
+    more()?;
+    let before = old.access_log().len();
+    more()?;
+    let after = old.access_log().len();
+    anyhow::ensure!(
+        old.terminate(Duration::from_secs(30)),
+        "the old ztunnel did not drain within 30 s"
+    );
+    more()?;
+    let failed: Vec<String> = (streams.into_iter().flat_map(RequestStream::stop))
+        .filter_map(|r| r.err().map(|e| format!("{e:#}")))
+        .collect();
+    assert_eq!(
+        after, before,
+        "the older ztunnel took new connections back after the agent's restart"
+    );
+    assert!(failed.is_empty(), "{failed:?}");
     Ok(())
 }
