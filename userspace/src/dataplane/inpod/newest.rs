@@ -286,8 +286,8 @@ impl Process {
     }
 }
 
-/// One ztunnel process's sockets by inode, read from `/proc/<pid>/fd` when a listener is not
-/// found there yet (once per ack, not once per pod).
+/// One ztunnel process's sockets by inode, read from `/proc/<pid>/fd` once per ack (not once
+/// per pod, nor per listener of the other ztunnel).
 struct FdTable {
     pid: i32,
     by_inode: Option<BTreeMap<u32, i32>>,
@@ -307,19 +307,17 @@ impl FdTable {
     fn listeners_in(&mut self, ns: &std::path::Path) -> Result<Vec<(ZtunnelListener, OwnedFd)>> {
         let mut found = Vec::new();
         for l in ztunnel_listeners(ns)? {
-            let fd = match self.fd_of(l.inode, false)? {
-                Some(fd) => Some(fd),
-                None => self.fd_of(l.inode, true)?,
-            };
-            if let Some(fd) = fd {
+            // Not in the table: another ztunnel's listener (the table was read after this
+            // process acked, so every listener it opened for these pods is there).
+            if let Some(fd) = self.fd_of(l.inode)? {
                 found.push((l, self.take(fd)?));
             }
         }
         Ok(found)
     }
 
-    fn fd_of(&mut self, inode: u32, reread: bool) -> Result<Option<i32>> {
-        if reread || self.by_inode.is_none() {
+    fn fd_of(&mut self, inode: u32) -> Result<Option<i32>> {
+        if self.by_inode.is_none() {
             self.by_inode = Some(
                 self.read()
                     .map_err(|source| self.error("its fds", source))?,
@@ -393,10 +391,10 @@ mod tests {
             .parse()
             .unwrap();
         let mut table = FdTable::new(std::process::id() as i32);
-        assert_eq!(table.fd_of(inode, false).unwrap(), Some(fd));
+        assert_eq!(table.fd_of(inode).unwrap(), Some(fd));
         let copy = std::net::TcpListener::from(table.take(fd).unwrap());
         assert_eq!(copy.local_addr().unwrap(), listener.local_addr().unwrap());
-        assert_eq!(table.fd_of(u32::MAX, true).unwrap(), None);
+        assert_eq!(table.fd_of(u32::MAX).unwrap(), None);
     }
 
     #[test]
