@@ -425,6 +425,8 @@ counters! {
     OUT_TO_DRAINING = 25, "outbound", "to_draining_ztunnel";
     IN_TO_DRAINING = 26, "inbound", "to_draining_ztunnel";
     RET_HBONE_DRAINING = 27, "ztunnel_return", "hbone_to_draining_ztunnel";
+    TP_DROP_ASSIGN_REFUSED = 28, "ztunnel_tproxy", "dropped_assign_refused";
+    TP_TO_STACK = 29, "ztunnel_tproxy", "to_local_sockets";
 }
 
 /// Slots of each mode in `PACKET_STATS`: node level first, in-pod after.

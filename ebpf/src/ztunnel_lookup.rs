@@ -1,10 +1,11 @@
 //! ztunnel listener lookup: an sk_lookup program attached to ztunnel's netns.
 //!
-//! The kernel asks for a listener on its own only when a SYN retires a TIME_WAIT socket (see
-//! `socket::to_ztunnel`): every other captured segment already carries the socket
-//! the tproxy program assigned. The lookup is for the original destination, where nothing
-//! listens; the answer is ztunnel's listener for the connection, chosen as the tproxy program
-//! chooses it. Lookups for ztunnel's own addresses are left to the kernel.
+//! The kernel asks for a listener on its own when a SYN retires a TIME_WAIT socket (see
+//! `socket::to_ztunnel`), and for a segment of no connection (the tproxy program leaves
+//! segments without SYN to the stack's lookup): every other captured SYN already carries the
+//! socket the tproxy program assigned. The lookup is for the original destination, where
+//! nothing listens; the answer is ztunnel's listener for the connection, chosen as the tproxy
+//! program chooses it. Lookups for ztunnel's own addresses are left to the kernel.
 use aya_ebpf::{bindings::sk_action::SK_PASS, macros::sk_lookup, programs::SkLookupContext};
 use zdivert_common::{
     PORT_INBOUND_HBONE, PORT_INBOUND_PLAIN, PORT_OUTBOUND, counter::*, listener_slot,

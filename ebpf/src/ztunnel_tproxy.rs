@@ -1,11 +1,12 @@
 //! ztunnel tproxy: TC ingress of ztunnel's eth0, inside ztunnel's netns.
 //!
-//! Captured segments arrive here addressed to someone else (the original destination). Each is
-//! assigned to a ztunnel socket with `bpf_sk_assign`: the connection's own socket if there is one
-//! (including half-open request sockets and ztunnel's spoofed upstream sockets), else the
-//! listener: :15001 for outbound, :15008 for HBONE, :15006 for other inbound. The 0x400 mark then
-//! routes it to `local 0.0.0.0/0 dev lo` (ip rule 20000, table 100). This replaces TPROXY: there is
-//! no iptables in ztunnel's netns in eBPF mode.
+//! Captured segments arrive here addressed to someone else (the original destination). The
+//! 0x400 mark routes each to `local 0.0.0.0/0 dev lo` (ip rule 20000, table 100), where the
+//! stack's own lookup finds the socket of a connection (including half-open request sockets and
+//! ztunnel's spoofed upstream sockets). A SYN is assigned with `bpf_sk_assign`: to its
+//! connection's socket if there is one (TIME_WAIT, a simultaneous open), else to the listener:
+//! :15001 for outbound, :15008 for HBONE, :15006 for other inbound. This replaces TPROXY: there
+//! is no iptables in ztunnel's netns in eBPF mode.
 use core::ffi::c_void;
 
 use aya_ebpf::{
@@ -23,7 +24,7 @@ use crate::{
     maps::{LISTENERS, is_ztunnel_ip, ztunnel},
     packet::{Frame, IPPROTO_TCP, Ip, Tcp, icmp_error_quote, mark, parse, tcp},
     socket::{self, Assigned, NotAssigned},
-    verdict::{assigned, drop, pass},
+    verdict::{assigned, drop, local, pass},
 };
 
 #[classifier]
@@ -47,6 +48,17 @@ pub fn zd_zt_tproxy(ctx: TcContext) -> i32 {
         return drop(TP_DROP_MALFORMED);
     };
 
+    // A segment of a connection (anything but a SYN) is left to the stack's own socket lookup,
+    // the one it would make anyway: marked, it is routed to the local table, where the stack
+    // finds ztunnel's socket, be it established, a request or TIME_WAIT (as the rules'
+    // `-m socket --transparent` mark did). Every socket of this netns is ztunnel's, so none
+    // needs an owner check (in-pod, where that is not so, every segment is looked up). A
+    // segment of no connection finds no socket, or the listener `ztunnel_lookup.rs` answers
+    // with, and is reset, as the listener would have reset it.
+    if !seg.is_syn() {
+        ctx.skb.set_mark((mark(&ctx) & !MARK_MASK) | MARK_TPROXY);
+        return local(TP_TO_STACK);
+    }
     let port = listener_port(&ctx, &seg);
     // A SYN that meets a TIME_WAIT socket (ztunnel closed first, and the client reuses its
     // port) goes to that socket: given to the listener, it would be dropped, its request
@@ -64,14 +76,10 @@ pub fn zd_zt_tproxy(ctx: TcContext) -> i32 {
         Ok(Assigned::TimeWait) => TP_TIME_WAIT_REUSED,
         // ztunnel is not listening: nothing may pass around it.
         // (Owner::Any: every socket of ztunnel's netns is ztunnel's, none is `NotTheOwners`.)
-        Err(
-            NotAssigned::NoListener
-            | NotAssigned::Unrecorded
-            | NotAssigned::Refused
-            | NotAssigned::NotTheOwners,
-        ) => {
+        Err(NotAssigned::NoListener | NotAssigned::Unrecorded | NotAssigned::NotTheOwners) => {
             return drop(TP_DROP_NO_LISTENER);
         }
+        Err(NotAssigned::Refused) => return drop(TP_DROP_ASSIGN_REFUSED),
     };
     ctx.skb.set_mark((mark(&ctx) & !MARK_MASK) | MARK_TPROXY);
     assigned(counter)

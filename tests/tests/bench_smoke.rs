@@ -73,10 +73,19 @@ fn the_bench_runs_every_part_and_writes_its_tables() -> Result<()> {
             "zd_inbound",
             "zd_zt_return",
             "zd_zt_tproxy",
+            "zd_zt_tproxy (established)",
         ] {
             let case = format!("{pods}/{prog}");
             get(&case, "ns_per_packet").with_context(|| format!("{case} measured"))?;
         }
+    }
+    for prog in [
+        "zd_pod_egress",
+        "zd_pod_ingress",
+        "zd_pod_ingress (established)",
+    ] {
+        let case = format!("in-pod/{prog}");
+        get(&case, "ns_per_packet").with_context(|| format!("{case} measured"))?;
     }
     for (mode, metrics) in [
         (

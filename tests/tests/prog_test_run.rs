@@ -11,8 +11,8 @@ use aya::{
     programs::SchedClassifier,
 };
 use zdivert_common::{
-    IpKey, MARK_OUTBOUND, NODE_IP_LOCAL, POD_F_V4, PodEntry, TCX_NEXT, ZTUNNEL_F_PRESENT,
-    ZTUNNEL_F_V4, ZtunnelEntry,
+    IpKey, MARK_MASK, MARK_OUTBOUND, MARK_TPROXY, NODE_IP_LOCAL, POD_F_V4, PodEntry, TCX_NEXT,
+    ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZtunnelEntry,
 };
 use zdivert_tests::{
     ns::{Netns, unique_prefix},
@@ -22,6 +22,7 @@ use zdivert_tests::{
 
 const REDIRECT: i32 = 7;
 const SHOT: i32 = 2;
+const OK: i32 = 0;
 const ZMAC: [u8; 6] = [0x02, 0x7a, 0, 0, 0, 0x10];
 const GW_MAC_7: [u8; 6] = [0x02, 0x67, 0, 0, 0, 0x07];
 const IPV4: u16 = 0x0800;
@@ -210,6 +211,12 @@ fn programs_give_the_right_verdicts_and_rewrite_the_right_bytes() -> anyhow::Res
             syn(pp, rv1),
             MARK_OUTBOUND,
         ),
+        (
+            "zd_zt_tproxy",
+            "captured segment of a connection",
+            frame(pp, rv1, tcp(40000, 9080, ACK), 6),
+            MARK_OUTBOUND,
+        ),
     ];
 
     let results = ns.exec(move || -> anyhow::Result<Vec<(String, testrun::Outcome)>> {
@@ -287,7 +294,7 @@ fn programs_give_the_right_verdicts_and_rewrite_the_right_bytes() -> anyhow::Res
     let expect = [
         REDIRECT, REDIRECT, SHOT, SHOT, SHOT, TCX_NEXT, TCX_NEXT, SHOT, SHOT, SHOT, TCX_NEXT,
         TCX_NEXT, TCX_NEXT, REDIRECT, TCX_NEXT, TCX_NEXT, TCX_NEXT, SHOT, REDIRECT, TCX_NEXT,
-        TCX_NEXT, SHOT,
+        TCX_NEXT, SHOT, OK,
     ];
     let want: Vec<(String, i32)> = verdicts
         .iter()
@@ -311,6 +318,12 @@ fn programs_give_the_right_verdicts_and_rewrite_the_right_bytes() -> anyhow::Res
     let r = get("TCP to an ambient pod (spoofed source)");
     assert_eq!(r.frame[6..12], GW_MAC_7);
     assert_eq!(r.frame[12..], syn(remote, rv1)[12..]);
+    // A segment of a connection is routed to ztunnel's local sockets by the tproxy mark alone
+    // (the stack's lookup finds its socket).
+    assert_eq!(
+        get("captured segment of a connection").mark & MARK_MASK,
+        MARK_TPROXY
+    );
     // Passed frames are not modified.
     assert_eq!(
         get("zd_outbound: UDP (DNS)").frame,

@@ -148,7 +148,18 @@ impl Report {
             .chain(
                 ["zd_pod_egress", "zd_pod_ingress"]
                     .map(|p| (format!("in-pod/{p}"), format!("{p} per packet (in-pod)"))),
-            );
+            )
+            // The tproxy programs' rows above take a SYN; these a segment of a connection.
+            .chain([
+                (
+                    "10000 pods/zd_zt_tproxy (established)".into(),
+                    "zd_zt_tproxy per established segment at 10k pods".into(),
+                ),
+                (
+                    "in-pod/zd_pod_ingress (established)".into(),
+                    "zd_pod_ingress per established segment (in-pod)".into(),
+                ),
+            ]);
         for (case, what) in per_packet {
             let ns = median(&figures, &case, "ns_per_packet");
             targets.push(Target {
