@@ -45,6 +45,16 @@ macro_rules! node_level {
     };
 }
 
+/// Everywhere but the fallback, whose node-level layout (istio-cni's) routes by marks only after
+/// the local table: a Service address the node holds is delivered to the node.
+macro_rules! not_the_fallback {
+    ($mode:ident) => {
+        tests!($mode:
+            service_vip_bound_by_ipvs_on_the_node_is_still_captured,
+        );
+    };
+}
+
 macro_rules! in_pod {
     ($mode:ident) => {
         tests!($mode:
@@ -55,25 +65,38 @@ macro_rules! in_pod {
 
 mod ebpf {
     in_every_mode!(Ebpf);
+    not_the_fallback!(Ebpf);
     node_level!(Ebpf);
 }
 
 mod ebpf_clsact {
     in_every_mode!(EbpfClsact);
+    not_the_fallback!(EbpfClsact);
     node_level!(EbpfClsact);
 }
 
 mod iptables {
     in_every_mode!(Iptables);
     node_level!(Iptables);
+
+    #[test]
+    #[ignore = "istio-cni's node-level layout: the local table comes before its mark rules, so a \
+                Service address the node holds (kube-proxy's IPVS) goes to the node, not ztunnel"]
+    fn service_vip_bound_by_ipvs_on_the_node_is_still_captured() -> anyhow::Result<()> {
+        super::common::scenarios::service_vip_bound_by_ipvs_on_the_node_is_still_captured(
+            super::common::Mode::Iptables,
+        )
+    }
 }
 
 mod inpod_ebpf {
     in_every_mode!(InPodEbpf);
+    not_the_fallback!(InPodEbpf);
     in_pod!(InPodEbpf);
 }
 
 mod inpod_iptables {
     in_every_mode!(InPodIptables);
+    not_the_fallback!(InPodIptables);
     in_pod!(InPodIptables);
 }

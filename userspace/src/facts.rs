@@ -48,17 +48,15 @@ pub struct NodeFacts {
 }
 
 pub fn resolve(nl: &Netlink, state: &NodeState) -> Result<NodeFacts> {
+    // Two dumps instead of two netlink round trips per pod: an apply at 10k pods stays cheap.
+    let view = NodeView {
+        routes: MainRoutes::load(nl)?,
+        links: nl.links()?.into_iter().map(|l| (l.index, l)).collect(),
+    };
     let mut facts = NodeFacts {
-        node_ips: nl
-            .addresses()?
-            .into_iter()
-            .map(|(_, ip)| ip)
-            .filter(is_node_ip)
-            .collect(),
+        node_ips: node_ips(nl.addresses()?, &view.links),
         ..NodeFacts::default()
     };
-    facts.node_ips.sort();
-    facts.node_ips.dedup();
     if let Some(z) = &state.ztunnel {
         match resolve_ztunnel(nl, z) {
             Ok(zf) => facts.ztunnel = Some(zf),
@@ -66,11 +64,6 @@ pub fn resolve(nl: &Netlink, state: &NodeState) -> Result<NodeFacts> {
         }
     }
     let ztunnel_veth = facts.ztunnel.as_ref().map(|z| z.host_veth.index);
-    // Two dumps instead of two netlink round trips per pod: an apply at 10k pods stays cheap.
-    let view = NodeView {
-        routes: MainRoutes::load(nl)?,
-        links: nl.links()?.into_iter().map(|l| (l.index, l)).collect(),
-    };
     for (id, pod) in &state.pods {
         match resolve_pod(nl, &view, id, &pod.ips, ztunnel_veth) {
             Ok(pf) => {
@@ -99,6 +92,28 @@ fn still_held(state: &NodeState, facts: &NodeFacts, view: &NodeView) -> Vec<Link
         .filter(|i| !known.contains(i))
         .filter_map(|i| view.links.get(i).cloned())
         .collect()
+}
+
+/// Devices whose addresses are Services', not the node's: kube-proxy in IPVS mode binds every
+/// ClusterIP on `kube-ipvs0`, NodeLocal DNSCache binds its address (and kube-dns's ClusterIP)
+/// on `nodelocaldns`. Taken for the node's, a pod's TCP to a Service would pass around ztunnel.
+const SERVICE_ADDRESS_DEVICES: [&str; 2] = ["kube-ipvs0", "nodelocaldns"];
+
+/// The node's own addresses, sorted, from every `(ifindex, address)` of its netns.
+fn node_ips(addresses: Vec<(u32, IpAddr)>, links: &HashMap<u32, Link>) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = addresses
+        .into_iter()
+        .filter(|(index, _)| {
+            links
+                .get(index)
+                .is_none_or(|l| !SERVICE_ADDRESS_DEVICES.contains(&l.name.as_str()))
+        })
+        .map(|(_, ip)| ip)
+        .filter(is_node_ip)
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 fn is_node_ip(ip: &IpAddr) -> bool {
@@ -279,6 +294,42 @@ mod tests {
         let mut r = Route::to(MAIN_TABLE, dst.parse().unwrap(), prefix);
         r.oif = Some(oif);
         r
+    }
+
+    #[test]
+    fn service_addresses_are_not_the_nodes() {
+        let link = |index, name: &str| {
+            let l = Link {
+                name: name.into(),
+                index,
+                mac: [0; 6],
+                is_veth: false,
+                peer_netns_id: None,
+                peer_index: None,
+            };
+            (index, l)
+        };
+        let links = HashMap::from([
+            link(1, "lo"),
+            link(2, "eth0"),
+            link(3, "kube-ipvs0"),
+            link(4, "nodelocaldns"),
+        ]);
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let addresses = vec![
+            (1, ip("127.0.0.1")),
+            (2, ip("10.0.0.5")),
+            (2, ip("fe80::1")),
+            (2, ip("fd00::5")),
+            (3, ip("10.96.0.1")),
+            (3, ip("10.96.0.10")),
+            (4, ip("169.254.20.10")),
+            (2, ip("10.0.0.5")),
+        ];
+        assert_eq!(
+            node_ips(addresses, &links),
+            vec![ip("10.0.0.5"), ip("fd00::5")]
+        );
     }
 
     #[test]
