@@ -34,6 +34,8 @@ pub const PIN_ROOT: &str = concat!(bpffs!(), "/zdivert/", pin_version!());
 pub mod map {
     pub const PODS: &str = "PODS";
     pub const NODE_IPS: &str = "NODE_IPS";
+    /// A filter over `NODE_IPS`: one bit per `IpKey::node_filter_bit`.
+    pub const NODE_IP_FILTER: &str = "NODE_IP_FILTER";
     pub const ZTUNNEL: &str = "ZTUNNEL";
     pub const ZTUNNEL_DRAINING: &str = "ZTUNNEL_DRAINING";
     /// Per-CPU packet counters of every program, both modes (`Counter` slots).
@@ -57,9 +59,10 @@ pub mod map {
     /// mode had its own counters (`STATS`, `POD_STATS`), now one map.
     pub const RETIRED: [&str; 4] = ["DNS_FLOWS", "DNS_FLOWS6", "STATS", "POD_STATS"];
     /// Every map of the object: all of them are pinned.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         PODS,
         NODE_IPS,
+        NODE_IP_FILTER,
         ZTUNNEL,
         ZTUNNEL_DRAINING,
         PACKET_STATS,
@@ -122,6 +125,14 @@ impl IpKey {
     pub const fn words(&self) -> [u32; 4] {
         // SAFETY: same size, every bit pattern valid for both.
         unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(self.addr) }
+    }
+
+    /// The address folded to 16 bits: its bit in `NODE_IP_FILTER`.
+    #[inline(always)]
+    pub const fn node_filter_bit(&self) -> u32 {
+        let [a, b, c, d] = self.words();
+        let x = a ^ b ^ c ^ d;
+        (x ^ (x >> 16)) & (NODE_IP_FILTER_WORDS * 64 - 1)
     }
 
     /// An IPv4 address given as it lies in the header (network byte order), IPv4-mapped.
@@ -374,6 +385,9 @@ pub const fn listener_slot(v6: bool, port: u16) -> u32 {
 
 pub const PODS_MAX_ENTRIES: u32 = 65536;
 pub const NODE_IPS_MAX_ENTRIES: u32 = 256;
+/// `NODE_IP_FILTER`'s 64-bit words: 65,536 bits, so that with every node address set a
+/// pod's destination meets a set bit by chance at most once in 256.
+pub const NODE_IP_FILTER_WORDS: u32 = 1024;
 
 /// TCX: "let the next program decide" (the cluster CNI's, if any). Equals TC_ACT_UNSPEC, which
 /// under a netlink clsact filter also means "continue".

@@ -9,8 +9,8 @@ use aya_ebpf::{
 use zdivert_common::{
     CONFIG_DNS_CAPTURE, Counter, DNS_FLOWS_MAX_ENTRIES, DnsFlow, DnsFlow6, DnsFlowKey, DnsFlowKey6,
     DrainingZtunnel, INPOD_SENDERS_MAX_ENTRIES, IpKey, LISTENER_SLOTS, ListenerKey,
-    NODE_IPS_MAX_ENTRIES, PACKET_STATS_SLOTS, PODS_MAX_ENTRIES, PodEntry, PodMac, SynKey,
-    TIME_WAIT_SYNS_MAX_ENTRIES, ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZTUNNEL_F_V6,
+    NODE_IP_FILTER_WORDS, NODE_IPS_MAX_ENTRIES, PACKET_STATS_SLOTS, PODS_MAX_ENTRIES, PodEntry,
+    PodMac, SynKey, TIME_WAIT_SYNS_MAX_ENTRIES, ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZTUNNEL_F_V6,
     ZTUNNEL_NEWEST_MAX_ENTRIES, ZtunnelEntry,
 };
 
@@ -21,6 +21,13 @@ pub static PODS: HashMap<IpKey, PodEntry, { PODS_MAX_ENTRIES as usize }> = HashM
 /// The node's own addresses: traffic between them and pods (kubelet probes) is not captured.
 #[btf_map]
 pub static NODE_IPS: HashMap<IpKey, u32, { NODE_IPS_MAX_ENTRIES as usize }> = HashMap::new();
+
+/// A filter over `NODE_IPS`, a bit per address folded (`IpKey::node_filter_bit`): a clear bit
+/// says "not the node's" without the hash lookup every captured segment would otherwise pay.
+/// The agent sets bits after it adds addresses and clears them after it removes them, so a
+/// clear bit is never wrong; a set bit only sends to the lookup.
+#[btf_map]
+pub static NODE_IP_FILTER: Array<u64, { NODE_IP_FILTER_WORDS as usize }> = Array::new();
 
 /// The node's ztunnel, slot 0.
 #[btf_map]
@@ -95,8 +102,12 @@ pub fn pod(ip: &IpKey) -> Option<PodEntry> {
 
 #[inline(always)]
 pub fn is_node_ip(ip: &IpKey) -> bool {
+    let bit = ip.node_filter_bit();
+    let maybe = NODE_IP_FILTER
+        .get(bit / 64)
+        .is_none_or(|word| word & (1 << (bit % 64)) != 0);
     // SAFETY: only presence is read.
-    unsafe { NODE_IPS.get(ip).is_some() }
+    maybe && unsafe { NODE_IPS.get(ip).is_some() }
 }
 
 /// The ztunnel entry, if one is known. `None` means captured traffic must be dropped.

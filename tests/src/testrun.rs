@@ -67,3 +67,19 @@ pub fn run(
         ns_per_run: r.duration.as_nanos(),
     })
 }
+
+/// Makes `ips` the node's addresses in a loaded object's maps, as the agent writes them: each in
+/// `NODE_IPS`, and its bit in the filter the programs test first.
+pub fn set_node_ips(ebpf: &mut aya::Ebpf, ips: &[zdivert_common::IpKey]) -> Result<()> {
+    use aya::maps::{Array, HashMap};
+    use zdivert_common::{IpKey, NODE_IP_LOCAL, map};
+    let mut node: HashMap<_, IpKey, u32> = HashMap::try_from(ebpf.map_mut(map::NODE_IPS).unwrap())?;
+    for ip in ips {
+        node.insert(ip, NODE_IP_LOCAL, 0)?;
+    }
+    let mut filter: Array<_, u64> = Array::try_from(ebpf.map_mut(map::NODE_IP_FILTER).unwrap())?;
+    for (i, word) in (0..).zip(zdivert::dataplane::ebpf::maps::node_ip_filter(ips)) {
+        filter.set(i, word, 0)?;
+    }
+    Ok(())
+}

@@ -11,8 +11,8 @@ use aya::{
     programs::SchedClassifier,
 };
 use zdivert_common::{
-    IpKey, MARK_MASK, MARK_OUTBOUND, MARK_TPROXY, NODE_IP_LOCAL, POD_F_V4, PodEntry, TCX_NEXT,
-    ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZtunnelEntry,
+    IpKey, MARK_MASK, MARK_OUTBOUND, MARK_TPROXY, POD_F_V4, PodEntry, TCX_NEXT, ZTUNNEL_F_PRESENT,
+    ZTUNNEL_F_V4, ZtunnelEntry,
 };
 use zdivert_tests::{
     ns::{Netns, unique_prefix},
@@ -252,9 +252,7 @@ fn programs_give_the_right_verdicts_and_rewrite_the_right_bytes() -> anyhow::Res
             },
             0,
         )?;
-        let mut node: HashMap<_, IpKey, u32> =
-            HashMap::try_from(ebpf.map_mut("NODE_IPS").unwrap())?;
-        node.insert(key("10.244.2.1"), NODE_IP_LOCAL, 0)?;
+        testrun::set_node_ips(&mut ebpf, &[key("10.244.2.1")])?;
         let mut zt: Array<_, ZtunnelEntry> = Array::try_from(ebpf.map_mut("ZTUNNEL").unwrap())?;
         zt.set(
             0,

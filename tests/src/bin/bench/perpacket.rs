@@ -15,8 +15,8 @@ use aya::{
     programs::SchedClassifier,
 };
 use zdivert_common::{
-    Counter, IpKey, MARK_INPOD_ZTUNNEL, MARK_OUTBOUND, NODE_IP_LOCAL, POD_F_V4, PODS_MAX_ENTRIES,
-    PodEntry, ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZtunnelEntry, counter::TP_TO_STACK,
+    Counter, IpKey, MARK_INPOD_ZTUNNEL, MARK_OUTBOUND, POD_F_V4, PODS_MAX_ENTRIES, PodEntry,
+    ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZtunnelEntry, counter::TP_TO_STACK,
     pod_counter::INGRESS_DROP_ASSIGN_REFUSED,
 };
 use zdivert_tests::{
@@ -139,9 +139,7 @@ pub fn run(repeat: u32, rounds: usize, samples: &mut Samples) -> Result<()> {
         let floor: &mut SchedClassifier = floor.program_mut(FLOOR).unwrap().try_into()?;
         floor.load()?;
         {
-            let mut node: HashMap<_, IpKey, u32> =
-                HashMap::try_from(ebpf.map_mut("NODE_IPS").unwrap())?;
-            node.insert(key(Ipv4Addr::new(10, 244, 2, 1)), NODE_IP_LOCAL, 0)?;
+            testrun::set_node_ips(&mut ebpf, &[key(Ipv4Addr::new(10, 244, 2, 1))])?;
             let mut z: Array<_, ZtunnelEntry> = Array::try_from(ebpf.map_mut("ZTUNNEL").unwrap())?;
             z.set(
                 0,

@@ -9,8 +9,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use zdivert_common::{
-    COUNTERS, DrainingZtunnel, IpKey, NODE_IP_LOCAL, POD_COUNTERS, POD_F_V4, POD_F_V6, PodEntry,
-    ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZtunnelEntry,
+    COUNTERS, DrainingZtunnel, IpKey, NODE_IP_FILTER_WORDS, NODE_IP_LOCAL, POD_COUNTERS, POD_F_V4,
+    POD_F_V6, PodEntry, ZTUNNEL_F_PRESENT, ZTUNNEL_F_V4, ZTUNNEL_F_V6, ZtunnelEntry,
 };
 
 use crate::{
@@ -129,6 +129,16 @@ pub fn take<T: TryFrom<Map, Error = MapError>>(
     T::try_from(map).map_err(map_err(name))
 }
 
+/// `NODE_IP_FILTER`'s words for these node addresses.
+pub fn node_ip_filter<'a>(ips: impl IntoIterator<Item = &'a IpKey>) -> Vec<u64> {
+    let mut words = vec![0u64; NODE_IP_FILTER_WORDS as usize];
+    for ip in ips {
+        let bit = ip.node_filter_bit();
+        words[(bit / 64) as usize] |= 1 << (bit % 64);
+    }
+    words
+}
+
 /// Writes `config` (`CONFIG_*` bits) for the programs.
 pub fn write_config(ebpf: &mut aya::Ebpf, config: u32) -> Result<()> {
     let mut settings: Array<MapData, u32> = take(ebpf, CONFIG)?;
@@ -141,6 +151,9 @@ pub fn write_config(ebpf: &mut aya::Ebpf, config: u32) -> Result<()> {
 pub struct Maps {
     pods: HashMap<MapData, IpKey, PodEntry>,
     node_ips: HashMap<MapData, IpKey, u32>,
+    node_ip_filter: Array<MapData, u64>,
+    /// `node_ip_filter`'s words as last written or read; `None`: read them again.
+    filter: Option<Vec<u64>>,
     ztunnel: Array<MapData, ZtunnelEntry>,
     draining: Array<MapData, DrainingZtunnel>,
     /// How many pod addresses the pod map holds, for `/metrics`.
@@ -160,6 +173,8 @@ impl Maps {
         Ok(Maps {
             pods: take(ebpf, PODS)?,
             node_ips: take(ebpf, NODE_IPS)?,
+            node_ip_filter: take(ebpf, NODE_IP_FILTER)?,
+            filter: None,
             ztunnel: take(ebpf, ZTUNNEL)?,
             draining: take(ebpf, ZTUNNEL_DRAINING)?,
             pods_in_map: Default::default(),
@@ -182,27 +197,55 @@ impl Maps {
     fn take_known(&mut self) -> Result<(Instant, Desired)> {
         match self.known.take() {
             Some(known) if known.0.elapsed() < REREAD => Ok(known),
-            _ => Ok((
-                Instant::now(),
-                Desired {
-                    pods: self
-                        .pods
-                        .iter()
-                        .collect::<Result<_, _>>()
-                        .map_err(map_err(PODS))?,
-                    node_ips: self
-                        .node_ips
-                        .iter()
-                        .collect::<Result<_, _>>()
-                        .map_err(map_err(NODE_IPS))?,
-                    ztunnel: self.ztunnel.get(&0, 0).map_err(map_err(ZTUNNEL))?,
-                    draining: self
-                        .draining
-                        .get(&0, 0)
-                        .map_err(map_err(ZTUNNEL_DRAINING))?,
-                },
-            )),
+            _ => {
+                self.filter = None;
+                self.read_known()
+            }
         }
+    }
+
+    fn read_known(&self) -> Result<(Instant, Desired)> {
+        let desired = Desired {
+            pods: self
+                .pods
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(map_err(PODS))?,
+            node_ips: self
+                .node_ips
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(map_err(NODE_IPS))?,
+            ztunnel: self.ztunnel.get(&0, 0).map_err(map_err(ZTUNNEL))?,
+            draining: self
+                .draining
+                .get(&0, 0)
+                .map_err(map_err(ZTUNNEL_DRAINING))?,
+        };
+        Ok((Instant::now(), desired))
+    }
+
+    /// Writes the filter's words that differ from what `ips` (the node addresses the map now
+    /// holds) need: after additions only bits are set, after removals only cleared, so the
+    /// filter never hides an address the map holds.
+    fn write_filter(&mut self, ips: &BTreeMap<IpKey, u32>) -> Result<()> {
+        let had = match self.filter.take() {
+            Some(words) => words,
+            None => (0..NODE_IP_FILTER_WORDS)
+                .map(|i| self.node_ip_filter.get(&i, 0))
+                .collect::<Result<_, _>>()
+                .map_err(map_err(NODE_IP_FILTER))?,
+        };
+        let wanted = node_ip_filter(ips.keys());
+        for (i, (w, h)) in (0..).zip(wanted.iter().zip(&had)) {
+            if w != h {
+                self.node_ip_filter
+                    .set(i, w, 0)
+                    .map_err(map_err(NODE_IP_FILTER))?;
+            }
+        }
+        self.filter = Some(wanted);
+        Ok(())
     }
 
     pub fn upsert(&mut self, d: &Desired) -> Result<()> {
@@ -226,6 +269,7 @@ impl Maps {
                 known.node_ips.insert(*k, *v);
             }
         }
+        self.write_filter(&known.node_ips)?;
         for (k, v) in &d.pods {
             if known.pods.get(k) != Some(v) {
                 self.pods.insert(k, v, 0).map_err(map_err(PODS))?;
@@ -266,6 +310,7 @@ impl Maps {
             absent(self.node_ips.remove(&k)).map_err(map_err(NODE_IPS))?;
             known.node_ips.remove(&k);
         }
+        self.write_filter(&known.node_ips)?;
         self.pods_in_map.set(known.pods.len() as i64);
         self.known = Some((at, known));
         Ok(())
@@ -326,6 +371,27 @@ mod tests {
         }
         let mapped: IpAddr = "::ffff:10.244.2.3".parse().unwrap();
         assert_eq!(key(mapped), key("10.244.2.3".parse().unwrap()));
+    }
+
+    #[test]
+    fn the_node_ip_filter_has_a_bit_for_each_node_address_and_no_other() {
+        let node: Vec<IpKey> = ["10.244.2.1", "172.18.0.3", "fd00:172:18::3"]
+            .iter()
+            .map(|s| key(s.parse().unwrap()))
+            .collect();
+        let words = node_ip_filter(&node);
+        assert_eq!(words.len(), NODE_IP_FILTER_WORDS as usize);
+        let is_set = |ip: &IpKey| {
+            let bit = ip.node_filter_bit();
+            words[(bit / 64) as usize] & (1 << (bit % 64)) != 0
+        };
+        assert!(node.iter().all(is_set));
+        let bits: u32 = words.iter().map(|w| w.count_ones()).sum();
+        assert_eq!(bits, 3, "three addresses, three distinct bits");
+        // The pod addresses beside the node's gateway address fold elsewhere.
+        for pod in ["10.244.2.3", "10.244.2.7", "fd00:10:244:2::3"] {
+            assert!(!is_set(&key(pod.parse().unwrap())), "{pod}");
+        }
     }
 
     #[test]
