@@ -314,6 +314,11 @@ pub fn to_ztunnel(
             }
             return unsafe { assign_or(ctx, sk, Assigned::Established) };
         }
+        // HBONE arrives on ztunnel's own port: the lookup already found the listener that
+        // `listener` would look up first (the same tuple), so it is not looked up twice.
+        if seg.dport() == port && unsafe { owner.owns(sk) } {
+            return unsafe { assign_or(ctx, sk, Assigned::Listener) };
+        }
         unsafe { bpf_sk_release(sk as *mut c_void) };
     }
     let l = listener(ctx, &mut tuple, port, ip.v6, owner)?;
