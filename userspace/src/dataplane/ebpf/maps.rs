@@ -225,9 +225,9 @@ impl Maps {
         Ok((Instant::now(), desired))
     }
 
-    /// Writes the filter's words that differ from what `ips` (the node addresses the map now
-    /// holds) need: after additions only bits are set, after removals only cleared, so the
-    /// filter never hides an address the map holds.
+    /// Writes the filter's words that differ from what `ips`, the addresses `NODE_IPS` holds
+    /// now, need. Called after the map's additions and again after its removals, it clears only
+    /// bits no address in the map needs, so the filter never hides one.
     fn write_filter(&mut self, ips: &BTreeMap<IpKey, u32>) -> Result<()> {
         let had = match self.filter.take() {
             Some(words) => words,
