@@ -130,68 +130,43 @@ pub fn same_node_ambient_to_ambient_is_hbone_through_ztunnel(mode: Mode) -> anyh
 }
 
 pub fn service_vip_reaches_ztunnel_before_any_dnat(mode: Mode) -> anyhow::Result<()> {
-    let vip = REVIEWS_VIP;
-    let lab = Lab::real(mode, |_| MeshConfig {
-        services: vec![reviews_service()],
-        ipv4_only: true,
-        ..Default::default()
-    })?;
-    let (w2, pp, rv1, rv2) = (
-        lab.w2(),
-        lab.w2().pod("productpage-v1"),
-        lab.w2().pod("reviews-v1"),
-        lab.w2().pod("reviews-v2"),
-    );
-    // kube-proxy's DNAT for the Service, in the node's netns, to the *wrong* endpoint: it must
-    // never see captured packets, so ztunnel sees the VIP and picks the endpoint itself.
-    w2.ns.iptables(&format!(
-        "-t nat -A PREROUTING -d {vip}/32 -p tcp --dport 9080 -j DNAT --to-destination {}:9080",
-        rv2.ip
-    ))?;
-    let _s1 = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
-    let _s2 = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
-
-    let reply = request(&pp.ns, sa(vip, 9080))?;
-
-    assert_eq!(
-        reply.server, "reviews-v1",
-        "ztunnel's endpoint, not kube-proxy's"
-    );
-    assert_eq!(reply.peer.ip(), pp.ip);
-    let out = lab.zt2().wait_access(1, |a| {
-        a.direction() == "outbound" && a.src_workload() == pp.name
-    })?;
-    assert_eq!(
-        out[0].get("dst.service"),
-        Some("reviews.default.svc.cluster.local"),
-        "ztunnel saw the VIP: {}",
-        out[0]
-    );
-    Ok(())
+    let lab = Lab::real(mode, |_| vip_mesh())?;
+    the_vip_goes_to_ztunnels_endpoint(&lab)
 }
 
 /// kube-proxy in IPVS mode binds every ClusterIP on the node's `kube-ipvs0`: a Service address
 /// is then one of the node's, and still no pod may reach it around ztunnel. The device and its
-/// address exist before the agent starts; the DNAT stands in for IPVS's choice of endpoint.
-/// (kube-proxy's device is a dummy, which not every test kernel has: a veth with its name
-/// holds the address here.)
+/// address exist before the agent starts. (kube-proxy's device is a dummy, which not every test
+/// kernel has: a veth with its name holds the address here.)
 pub fn service_vip_bound_by_ipvs_on_the_node_is_still_captured(mode: Mode) -> anyhow::Result<()> {
-    let vip = REVIEWS_VIP;
     let lab = Lab::real(mode, |topo| {
         let node = &topo.worker2().ns;
         for cmd in [
             "link add kube-ipvs0 type veth peer name kube-ipvs0p".to_string(),
             "link set kube-ipvs0 up".to_string(),
-            format!("addr add {vip}/32 dev kube-ipvs0"),
+            format!("addr add {REVIEWS_VIP}/32 dev kube-ipvs0"),
         ] {
             node.ip(&cmd).expect("kube-ipvs0 in the node's netns");
         }
-        MeshConfig {
-            services: vec![reviews_service()],
-            ipv4_only: true,
-            ..Default::default()
-        }
+        vip_mesh()
     })?;
+    the_vip_goes_to_ztunnels_endpoint(&lab)
+}
+
+/// The `reviews` Service, and IPv4 only (see "The real ztunnel in the lab").
+fn vip_mesh() -> MeshConfig {
+    MeshConfig {
+        services: vec![reviews_service()],
+        ipv4_only: true,
+        ..Default::default()
+    }
+}
+
+/// productpage-v1's connection to the `reviews` VIP reaches the endpoint ztunnel picks, with
+/// the node's DNAT (kube-proxy's, or standing in for IPVS's) pointing at another one: captured
+/// packets must never meet it, so ztunnel sees the VIP.
+fn the_vip_goes_to_ztunnels_endpoint(lab: &Lab) -> anyhow::Result<()> {
+    let vip = REVIEWS_VIP;
     let (w2, pp, rv1, rv2) = (
         lab.w2(),
         lab.w2().pod("productpage-v1"),
@@ -209,8 +184,9 @@ pub fn service_vip_bound_by_ipvs_on_the_node_is_still_captured(mode: Mode) -> an
 
     assert_eq!(
         reply.server, "reviews-v1",
-        "ztunnel's endpoint, not the node's"
+        "ztunnel's endpoint, not the node's DNAT's"
     );
+    assert_eq!(reply.peer.ip(), pp.ip);
     let out = lab.zt2().wait_access(1, |a| {
         a.direction() == "outbound" && a.src_workload() == pp.name
     })?;
