@@ -1,8 +1,8 @@
 //! Per-packet cost of each program (BPF_PROG_TEST_RUN, the kernel's own per-run timing) with
 //! 10, 1k, 10k and the maximum number of pods in the map, against a program that does nothing.
-//! Each program takes a SYN, its costliest path; the two tproxy programs also a segment of a
-//! connection they hand to its socket (every packet after the handshake), checked by its
-//! counter to have taken that path.
+//! Each program takes a SYN, its costliest path; the two tproxy programs also a segment of an
+//! established connection (every packet after the handshake), checked by its counter to have
+//! taken that path.
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -44,6 +44,7 @@ const FLOOR: &str = "zd_floor";
 /// The cases of established segments: the program's name, then what it takes.
 const TPROXY_ESTABLISHED: &str = "zd_zt_tproxy (established)";
 const INGRESS_ESTABLISHED_CASE: &str = "zd_pod_ingress (established)";
+
 /// A TCP connection inside the bench netns from `client` to `server`, its two ends kept open
 /// while they live: the server's end is the socket a segment from `client` to `server` belongs
 /// to, and it carries `mark` from its listener.
