@@ -1,6 +1,6 @@
 //! What only the eBPF dataplane does, through the real ztunnel: ICMP errors about ztunnel's
-//! connections, the node's own connections told from ztunnel's and from forged ones, a foreign
-//! program in front. The scenarios every mode passes are in `paths.rs`.
+//! connections, the node's own connections told from ztunnel's and from forged ones, a node
+//! address gained at run time, a foreign program in front. The scenarios every mode passes are in `paths.rs`.
 mod common;
 
 use std::{
@@ -265,4 +265,50 @@ fn a_foreign_tcx_program_in_front_is_overtaken_and_capture_holds() -> anyhow::Re
 #[test]
 fn a_foreign_tc_filter_in_front_is_overtaken_and_capture_holds() -> anyhow::Result<()> {
     a_foreign_program_in_front_is_overtaken(Mode::EbpfClsact)
+}
+
+/// An address the node gains while the agent runs is the node's from the next apply on: the
+/// bit filter `zd_outbound` tests first gets its bit, not only `NODE_IPS` its entry (without
+/// the bit, the pod's connection to it would be captured and ztunnel would log it).
+#[test]
+fn an_address_the_node_gains_is_not_captured_once_the_agent_applied() -> anyhow::Result<()> {
+    // The agent reads the node's addresses at each apply, and applies at least every resync.
+    let lab = Lab::real_with(
+        Mode::Ebpf,
+        |_| MeshConfig::default(),
+        &[],
+        &["--resync-secs", "1"],
+    )?;
+    let (w2, pp, rv1) = (
+        lab.w2(),
+        lab.w2().pod("productpage-v1"),
+        lab.w2().pod("reviews-v1"),
+    );
+    let gained = Ipv4Addr::new(172, 18, 0, 200);
+    let _node_server = TcpServer::start(&w2.ns, "node", 7070)?;
+    let _pod_server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
+    w2.ns.ip(&format!("addr add {gained}/32 dev lo"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !lab.agent2().status_text()?.contains(&gained.to_string()) {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the agent never listed {gained} among the node's addresses"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let reply = request(&pp.ns, sa(gained, 7070))?;
+    assert_eq!(reply.server, "node");
+    // Then a captured connection: once ztunnel logged it, it would have logged the first.
+    let marker = sa(rv1.ip, 9080);
+    request(&pp.ns, marker)?;
+    lab.zt2().wait_access(1, from_to(pp, marker, "outbound"))?;
+    let around: Vec<_> = lab
+        .zt2()
+        .access_log()
+        .into_iter()
+        .filter(|a| a.dst() == Some(sa(gained, 7070)))
+        .collect();
+    assert!(around.is_empty(), "captured: {around:?}");
+    Ok(())
 }
