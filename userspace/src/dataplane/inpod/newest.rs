@@ -213,17 +213,15 @@ impl Newest {
     /// Forgets the pod netns not in `keep` (released, or gone) and their keys. A key another
     /// pod's addresses hold now stays.
     pub fn keep_only(&mut self, keep: &BTreeSet<u64>) {
-        let gone: Vec<Steered> = (self.pods.keys().copied().collect::<Vec<_>>().into_iter())
-            .filter(|i| !keep.contains(i))
-            .filter_map(|i| self.pods.remove(&i))
-            .collect();
-        let held: BTreeSet<ListenerKey> = self.pods.values().flat_map(|s| s.keys.clone()).collect();
-        for key in gone
-            .iter()
-            .flat_map(|s| &s.keys)
-            .filter(|k| !held.contains(k))
-        {
-            let _ = self.listeners.remove(key);
+        let (kept, gone): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.pods)
+            .into_iter()
+            .partition(|(inode, _)| keep.contains(inode));
+        self.pods = kept;
+        let held: BTreeSet<&ListenerKey> = self.pods.values().flat_map(|s| &s.keys).collect();
+        for key in gone.values().flat_map(|s| &s.keys) {
+            if !held.contains(key) {
+                let _ = self.listeners.remove(key);
+            }
         }
     }
 
