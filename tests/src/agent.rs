@@ -176,6 +176,7 @@ impl Agent {
     }
 
     fn spawn(&mut self) -> Result<()> {
+        self.assert_named_for_vmtest();
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.node_ns.display()))
             .arg(zdivert_bin())
@@ -200,6 +201,30 @@ impl Agent {
             .context("starting zdivert")?;
         self.child = Some(child);
         Ok(())
+    }
+
+    /// `cargo xtask vmtest` skips by name what a kernel cannot run (`--skip inpod_ebpf`,
+    /// `--skip tcx`: xtask/src/vmtest.rs), so a test that needs in-pod eBPF or a TCX link must
+    /// say so in its name, or it fails on older kernels instead of being listed as skipped.
+    /// Checked here, where every suite runs. (libtest names each test's thread after the test;
+    /// the bench, and threads a test spawns, are not tests.)
+    fn assert_named_for_vmtest(&self) {
+        let thread = std::thread::current();
+        let Some(test) = thread.name().filter(|n| *n != "main") else {
+            return;
+        };
+        if self.mode == Mode::InPodEbpf {
+            assert!(
+                test.contains("inpod_ebpf"),
+                "{test} needs in-pod eBPF: its name must contain `inpod_ebpf`"
+            );
+        }
+        if self.extra.windows(2).any(|w| w[0] == "--attach" && w[1] == "tcx") {
+            assert!(
+                test.contains("tcx"),
+                "{test} needs TCX links: its name must contain `tcx`"
+            );
+        }
     }
 
     /// Rewrites the node description; the agent picks it up.

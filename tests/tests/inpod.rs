@@ -158,13 +158,13 @@ fn in_pod_redirection_holds_a_deny_policy_and_lets_allowed_pairs_through() -> an
 
 macro_rules! with_each_redirection {
     ($($test:ident),* $(,)?) => {
-        mod ebpf {
+        mod inpod_ebpf {
             $(#[test]
             fn $test() -> anyhow::Result<()> {
                 super::$test(zdivert_tests::agent::Mode::InPodEbpf)
             })*
         }
-        mod iptables {
+        mod inpod_iptables {
             $(#[test]
             fn $test() -> anyhow::Result<()> {
                 super::$test(zdivert_tests::agent::Mode::InPodIptables)
@@ -190,7 +190,7 @@ fn the_agent_in_pod_mode_serves_ztunnel_and_survives_its_own_restart(
 
 /// The programs attached as TCX links instead of tc filters (in-pod mode's default).
 #[test]
-fn ebpf_with_tcx_links_serves_ztunnel_and_survives_its_own_restart() -> anyhow::Result<()> {
+fn inpod_ebpf_with_tcx_links_serves_ztunnel_and_survives_its_own_restart() -> anyhow::Result<()> {
     serves_ztunnel_and_survives_its_own_restart(Mode::InPodEbpf, &["--attach", "tcx"])
 }
 

@@ -16,13 +16,13 @@ use zdivert_tests::{
 
 macro_rules! with_each_redirection {
     ($($test:ident),* $(,)?) => {
-        mod ebpf {
+        mod inpod_ebpf {
             $(#[test]
             fn $test() -> anyhow::Result<()> {
                 super::$test(super::Mode::InPodEbpf)
             })*
         }
-        mod iptables {
+        mod inpod_iptables {
             $(#[test]
             fn $test() -> anyhow::Result<()> {
                 super::$test(super::Mode::InPodIptables)
@@ -386,7 +386,7 @@ fn eventually_text(agent: &zdivert_tests::agent::Agent, pods: usize) -> anyhow::
 /// TPROXY finds: README, "What cannot get around ztunnel".) The agent names the pod, with the
 /// ports, in a metric and in status.
 #[test]
-fn a_process_that_binds_ztunnels_ports_in_its_pod_gets_nothing() -> anyhow::Result<()> {
+fn inpod_ebpf_gives_nothing_to_a_process_that_binds_ztunnels_ports_in_its_pod() -> anyhow::Result<()> {
     use socket2::{Domain, Protocol, Socket, Type};
     let lab = Lab::real_with(
         Mode::InPodEbpf,

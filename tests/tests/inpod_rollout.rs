@@ -30,7 +30,7 @@ fn rollouts_fail_no_connection(mode: Mode) -> anyhow::Result<()> {
 }
 
 #[test]
-fn ebpf_rollouts_fail_no_connection() -> anyhow::Result<()> {
+fn inpod_ebpf_rollouts_fail_no_connection() -> anyhow::Result<()> {
     rollouts_fail_no_connection(Mode::InPodEbpf)
 }
 
@@ -38,7 +38,7 @@ fn ebpf_rollouts_fail_no_connection() -> anyhow::Result<()> {
 #[ignore = "not zero: the kernel hashes new connections to either ztunnel, and 0 to 2 in \
             10,000 meet the old one's closing listener or draining server, as istio/istio#58514 \
             reports for istio-cni; rules cannot choose the listener (README, issue 25)"]
-fn iptables_rollouts_fail_no_connection() -> anyhow::Result<()> {
+fn inpod_iptables_rollouts_fail_no_connection() -> anyhow::Result<()> {
     rollouts_fail_no_connection(Mode::InPodIptables)
 }
 
@@ -46,7 +46,7 @@ fn iptables_rollouts_fail_no_connection() -> anyhow::Result<()> {
 /// on its listener move to the new ztunnel's (`zd_zt_newest`, attached as select-or-migrate)
 /// and are answered, where the kernel alone would reset them.
 #[test]
-fn ebpf_connections_queued_on_a_killed_ztunnel_move_to_the_new_one() -> anyhow::Result<()> {
+fn inpod_ebpf_connections_queued_on_a_killed_ztunnel_move_to_the_new_one() -> anyhow::Result<()> {
     use std::time::Duration;
 
     use zdivert_tests::{
@@ -116,7 +116,7 @@ fn ebpf_connections_queued_on_a_killed_ztunnel_move_to_the_new_one() -> anyhow::
 /// told apart by their start time, not by which acked last). The old one then drains without
 /// a failed connection.
 #[test]
-fn ebpf_an_agent_restarted_mid_rollout_keeps_new_connections_on_the_newest() -> anyhow::Result<()> {
+fn inpod_ebpf_an_agent_restarted_mid_rollout_keeps_new_connections_on_the_newest() -> anyhow::Result<()> {
     use std::time::Duration;
 
     use zdivert_tests::{

@@ -266,7 +266,7 @@ fn without_its_ztunnel_pod_ambient_traffic_fails_closed() -> Result<()> {
 /// redirects its pods and hands them to the real in-pod ztunnel; removing the label releases
 /// them, and traffic goes direct.
 #[test]
-fn in_pod_mode_takes_its_pods_from_the_namespace_label() -> Result<()> {
+fn inpod_ebpf_mode_takes_its_pods_from_the_namespace_label() -> Result<()> {
     let topo = Topology::article()?;
     let w2 = topo.worker2();
     let api = FakeApi::start()?;
@@ -327,7 +327,7 @@ fn in_pod_mode_takes_its_pods_from_the_namespace_label() -> Result<()> {
 /// ztunnel ack it before ADD returns. The pod's first connection is then ztunnel's, with the
 /// identity the API gave it.
 #[test]
-fn a_new_pod_is_judged_through_the_api_and_captured_before_add_returns() -> Result<()> {
+fn inpod_ebpf_judges_a_new_pod_through_the_api_and_captures_it_before_add_returns() -> Result<()> {
     use zdivert_tests::{
         TempDir,
         agent::cni_socket,

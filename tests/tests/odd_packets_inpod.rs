@@ -193,12 +193,12 @@ fn run_in_pod(mode: Mode) -> anyhow::Result<()> {
 }
 
 #[test]
-fn in_pod_ebpf_mode_keeps_odd_packets_in_the_senders_ztunnel_or_drops_them() -> anyhow::Result<()> {
+fn inpod_ebpf_mode_keeps_odd_packets_in_the_senders_ztunnel_or_drops_them() -> anyhow::Result<()> {
     run_in_pod(Mode::InPodEbpf)
 }
 
 #[test]
-fn in_pod_iptables_mode_keeps_odd_packets_in_the_senders_ztunnel_or_drops_them()
+fn inpod_iptables_mode_keeps_odd_packets_in_the_senders_ztunnel_or_drops_them()
 -> anyhow::Result<()> {
     run_in_pod(Mode::InPodIptables)
 }
@@ -251,11 +251,11 @@ fn simultaneous_open_gets_no_connection_around_ztunnel(mode: Mode) -> anyhow::Re
 }
 
 #[test]
-fn in_pod_ebpf_mode_gets_no_simultaneous_open_around_ztunnel() -> anyhow::Result<()> {
+fn inpod_ebpf_mode_gets_no_simultaneous_open_around_ztunnel() -> anyhow::Result<()> {
     simultaneous_open_gets_no_connection_around_ztunnel(Mode::InPodEbpf)
 }
 
 #[test]
-fn in_pod_iptables_mode_gets_no_simultaneous_open_around_ztunnel() -> anyhow::Result<()> {
+fn inpod_iptables_mode_gets_no_simultaneous_open_around_ztunnel() -> anyhow::Result<()> {
     simultaneous_open_gets_no_connection_around_ztunnel(Mode::InPodIptables)
 }
