@@ -219,7 +219,11 @@ impl Agent {
                 "{test} needs in-pod eBPF: its name must contain `inpod_ebpf`"
             );
         }
-        if self.extra.windows(2).any(|w| w[0] == "--attach" && w[1] == "tcx") {
+        if self
+            .extra
+            .windows(2)
+            .any(|w| w[0] == "--attach" && w[1] == "tcx")
+        {
             assert!(
                 test.contains("tcx"),
                 "{test} needs TCX links: its name must contain `tcx`"

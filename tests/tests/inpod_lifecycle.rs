@@ -386,7 +386,8 @@ fn eventually_text(agent: &zdivert_tests::agent::Agent, pods: usize) -> anyhow::
 /// TPROXY finds: README, "What cannot get around ztunnel".) The agent names the pod, with the
 /// ports, in a metric and in status.
 #[test]
-fn inpod_ebpf_gives_nothing_to_a_process_that_binds_ztunnels_ports_in_its_pod() -> anyhow::Result<()> {
+fn inpod_ebpf_gives_nothing_to_a_process_that_binds_ztunnels_ports_in_its_pod() -> anyhow::Result<()>
+{
     use socket2::{Domain, Protocol, Socket, Type};
     let lab = Lab::real_with(
         Mode::InPodEbpf,

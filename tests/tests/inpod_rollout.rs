@@ -116,7 +116,8 @@ fn inpod_ebpf_connections_queued_on_a_killed_ztunnel_move_to_the_new_one() -> an
 /// told apart by their start time, not by which acked last). The old one then drains without
 /// a failed connection.
 #[test]
-fn inpod_ebpf_an_agent_restarted_mid_rollout_keeps_new_connections_on_the_newest() -> anyhow::Result<()> {
+fn inpod_ebpf_an_agent_restarted_mid_rollout_keeps_new_connections_on_the_newest()
+-> anyhow::Result<()> {
     use std::time::Duration;
 
     use zdivert_tests::{

@@ -198,8 +198,8 @@ fn inpod_ebpf_mode_keeps_odd_packets_in_the_senders_ztunnel_or_drops_them() -> a
 }
 
 #[test]
-fn inpod_iptables_mode_keeps_odd_packets_in_the_senders_ztunnel_or_drops_them()
--> anyhow::Result<()> {
+fn inpod_iptables_mode_keeps_odd_packets_in_the_senders_ztunnel_or_drops_them() -> anyhow::Result<()>
+{
     run_in_pod(Mode::InPodIptables)
 }
 
