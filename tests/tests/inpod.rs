@@ -249,9 +249,11 @@ fn serves_ztunnel_and_survives_its_own_restart(mode: Mode, extra: &[&str]) -> an
     agent.kill();
     stream.wait_more(5)?;
     agent.restart()?;
+    // ztunnel retries the socket with a doubling backoff of up to 15 s: an agent that takes
+    // over 10 s to come back (a program load under emulation) is met up to 15 s later.
     eventually(
         "ztunnel back on the restarted agent's socket",
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         || Ok(ztunnel.log().matches("received snapshot sent").count() >= 2),
     )?;
     stream.wait_more(10)?;

@@ -359,7 +359,7 @@ python3 '{out}/test_run_ctx.py' || {{
 # machine's lacks it); the others are ignored for what they would show on any kernel.
 geneve=
 modprobe geneve && geneve='{geneve}'
-echo "== libtest options from the probe's verdict:${{skip:- none}}${{geneve:+; the ignored $geneve runs}}"
+echo "== libtest options from the probe's verdict:${{skip:- none}}${{geneve:+; the ignored $geneve runs where selected}}"
 echo "$skip" > '{out}/skipped'
 cd '{tests}'
 rc=0
