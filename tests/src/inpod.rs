@@ -36,12 +36,13 @@ pub fn ztunnel_listens_in(pod: &Pod) -> Result<bool> {
     Ok(out.lines().count() > 0)
 }
 
-/// Waits until ztunnel listens in each of `pods`.
+/// Waits until ztunnel listens in each of `pods`. (The agent's apply, its ZDS message and
+/// ztunnel's listeners: seconds here, up to half a minute on 5.10 under emulation.)
 pub fn wait_ztunnel_in<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Result<()> {
     for p in pods {
         crate::eventually(
             &format!("ztunnel listening in {}", p.name),
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             || ztunnel_listens_in(p),
         )?;
     }
