@@ -1,7 +1,7 @@
 //! In-pod redirection with eBPF (`--ztunnel-mode inpod --mode ebpf`): in each ambient pod's
 //! netns, `zd_pod_egress` on eth0's egress turns the pod's TCP back through lo, and
 //! `zd_pod_ingress` on eth0's and lo's ingress assigns each captured segment to ztunnel's socket
-//! (`ebpf/src/pod_*.rs`). No iptables, no conntrack: the contract is istio-cni's (marks 0x539
+//! (`ebpf/src/inpod/`). No iptables, no conntrack: the contract is istio-cni's (marks 0x539
 //! and 0x111, the policy route to the local table), kept by the programs.
 //!
 //! Links are pinned like the node-level ones (`links/podeg_…`, `podin_…`, `podlo_…`,
