@@ -367,7 +367,7 @@ impl Agent {
 
     /// Waits until the pinned state shows `addresses` pod addresses and `links` attachments.
     pub fn wait_ready(&self, addresses: usize, links: usize) -> Result<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + crate::SET_UP_WITHIN;
         let mut last = String::new();
         while Instant::now() < deadline {
             if let Ok(st) = self.status() {

@@ -112,10 +112,18 @@ impl Runtime {
         }
     }
 
-    /// How long `zdivert-cni` waits for the agent's answer.
-    pub fn set_timeout(&mut self, secs: u64) {
+    /// How long `zdivert-cni` waits for the agent's answer; `None`: the plugin's default.
+    pub fn set_timeout(&mut self, secs: Option<u64>) {
         let last = self.conflist["plugins"].as_array().map_or(0, |p| p.len()) - 1;
-        self.conflist["plugins"][last]["timeout_secs"] = json!(secs);
+        let plugin = &mut self.conflist["plugins"][last];
+        match secs {
+            Some(secs) => plugin["timeout_secs"] = json!(secs),
+            None => {
+                if let Some(plugin) = plugin.as_object_mut() {
+                    plugin.remove("timeout_secs");
+                }
+            }
+        }
     }
 
     /// A new pod's sandbox: its netns, made as a runtime makes it; host-local gives it `ip`.

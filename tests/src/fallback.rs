@@ -73,10 +73,7 @@ pub fn ipset_members(node: &Node) -> Vec<String> {
 /// Waits until the fallback captures `pods` pods on `node` and, if `with_ztunnel`, ztunnel's
 /// TPROXY rules are in place.
 pub fn wait_layout(node: &Node, pods: usize, with_ztunnel: bool) -> Result<()> {
-    // A poll: a long deadline costs nothing when the layout comes. Under QEMU's emulation
-    // (`cargo xtask vmtest`) ztunnel's start and the layout's restores took over 20 s on 6.1,
-    // and over 60 s once on 5.10.
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + crate::SET_UP_WITHIN;
     let mut last = String::new();
     while Instant::now() < deadline {
         let members = ipset_members(node).len();

@@ -71,7 +71,7 @@ pub fn wait_redirected(node: &Node, mode: Mode) -> Result<()> {
     for p in node.pods.values().filter(|p| p.ambient) {
         crate::eventually(
             &format!("{mode} redirection in {}", p.name),
-            Duration::from_secs(20),
+            crate::SET_UP_WITHIN,
             || Ok(redirection_in(p)?.iter().any(|l| l.contains(marker))),
         )?;
     }

@@ -32,6 +32,13 @@ pub fn floor_object() -> anyhow::Result<Vec<u8>> {
         .map_err(|e| anyhow::anyhow!("{}: {e} (run `cargo xtask build-ebpf`)", path.display()))
 }
 
+/// How long a test waits for an agent to set a node up in its mode. A poll: a long deadline
+/// costs nothing when the set-up comes. Under QEMU's emulation (`cargo xtask vmtest`) ztunnel's
+/// start and the fallback's restores took over 20 s on 6.1 and over 60 s once on 5.10, and on
+/// 5.10 a switch from the fallback back to eBPF (its layout removed, the programs verified)
+/// took over 20 s.
+pub const SET_UP_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Polls `check` until it holds; fails naming `what` after `within`, with the last error seen.
 pub fn eventually(
     what: &str,

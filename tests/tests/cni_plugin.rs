@@ -43,7 +43,9 @@ fn install_cni_chains_the_plugin_and_keeps_it_chained() -> anyhow::Result<()> {
         .spawn()?;
     let list = conf.join("10-kindnet.conflist");
     let plugins = plugin_types;
-    let chained = eventually("chained", Duration::from_secs(10), || {
+    // Chaining follows the copy of the plugin (a debug build: over 200 MB), which under
+    // emulation (vmtest, 5.10) took over 10 s.
+    let chained = eventually("chained", Duration::from_secs(60), || {
         Ok(list.exists() && plugins(&list)? == ["ptp", "zdivert-cni"])
     });
     let installed = bin.join("zdivert-cni");
@@ -234,7 +236,7 @@ fn install_cni_takes_the_plugin_out_only_when_its_daemonset_is_gone() -> anyhow:
             .env("KUBECONFIG", &kubeconfig)
             .stdin(std::process::Stdio::null())
             .spawn()?;
-        let chained = eventually("chained", Duration::from_secs(10), || {
+        let chained = eventually("chained", Duration::from_secs(60), || {
             Ok(bin.join("zdivert-cni").exists() && chained_types()? == ["ptp", "zdivert-cni"])
         });
         // SAFETY: kill(2) on our own child.
