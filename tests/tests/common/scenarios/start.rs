@@ -7,6 +7,7 @@ use std::{
 
 use super::super::{Lab, Mode};
 use zdivert_tests::{
+    SET_UP_WITHIN,
     apps::{RequestStream, TcpServer, request, sa},
     eventually,
     topology::v6_of,
@@ -59,7 +60,9 @@ pub fn a_new_pods_tcp_is_held_until_it_is_captured(mode: Mode) -> anyhow::Result
     let outbound = RequestStream::start_timeout(&newcomer.ns, sa(sleep.ip, 9090), short)?;
     w2.plug_pod(&newcomer)?;
     w2.plug_pod(&outsider)?;
-    eventually("both new veths held", Duration::from_secs(5), || {
+    // The waits are polls for the agent's work: what must not happen meanwhile (a knock
+    // served, the outsider let through) is asserted on its own.
+    eventually("both new veths held", SET_UP_WITHIN, || {
         Ok(agent.metric("zdivert_links_held")? == 2.0)
     })?;
     // The API tells the agent about the pods later: SYNs knock all the while.
@@ -72,7 +75,7 @@ pub fn a_new_pods_tcp_is_held_until_it_is_captured(mode: Mode) -> anyhow::Result
         "a held veth let TCP through: {held_outsider:?}"
     );
     agent.describe(&w2.pods_file_with(&[&newcomer, &outsider]))?;
-    eventually("both veths classified", Duration::from_secs(10), || {
+    eventually("both veths classified", SET_UP_WITHIN, || {
         Ok(agent.metric("zdivert_links_held")? == 0.0)
     })?;
     // Captured from here on: the knocks reach ztunnel, which denies them.
@@ -81,7 +84,7 @@ pub fn a_new_pods_tcp_is_held_until_it_is_captured(mode: Mode) -> anyhow::Result
             && a.direction() == "inbound"
             && a.denied()
     })?;
-    eventually("the captured pod gets out", Duration::from_secs(5), || {
+    eventually("the captured pod gets out", SET_UP_WITHIN, || {
         Ok(legacy
             .seen()
             .iter()
