@@ -376,7 +376,7 @@ fn after_a_reboot_no_pod_talks_around_ztunnel(mode: Mode) -> anyhow::Result<()> 
     lab.ztunnels[0].restart()?;
     runtime.set_timeout(None);
     let mut last = None;
-    eventually("ADD succeeds", Duration::from_secs(60), || {
+    eventually("ADD succeeds", zdivert_tests::SET_UP_WITHIN, || {
         last = retry(&runtime, &mut pod)?;
         Ok(last.is_none())
     })

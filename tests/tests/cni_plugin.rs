@@ -45,7 +45,7 @@ fn install_cni_chains_the_plugin_and_keeps_it_chained() -> anyhow::Result<()> {
     let plugins = plugin_types;
     // Chaining follows the copy of the plugin (a debug build: over 200 MB), which under
     // emulation (vmtest, 5.10) took over 10 s.
-    let chained = eventually("chained", Duration::from_secs(60), || {
+    let chained = eventually("chained", zdivert_tests::SET_UP_WITHIN, || {
         Ok(list.exists() && plugins(&list)? == ["ptp", "zdivert-cni"])
     });
     let installed = bin.join("zdivert-cni");
@@ -236,7 +236,7 @@ fn install_cni_takes_the_plugin_out_only_when_its_daemonset_is_gone() -> anyhow:
             .env("KUBECONFIG", &kubeconfig)
             .stdin(std::process::Stdio::null())
             .spawn()?;
-        let chained = eventually("chained", Duration::from_secs(60), || {
+        let chained = eventually("chained", zdivert_tests::SET_UP_WITHIN, || {
             Ok(bin.join("zdivert-cni").exists() && chained_types()? == ["ptp", "zdivert-cni"])
         });
         // SAFETY: kill(2) on our own child.
