@@ -41,7 +41,7 @@ pub fn run(mode: Mode, rollouts: usize, min_requests: usize) -> Result<Rollouts>
     let mesh = MeshConfig::default();
     let hosts = [&node.ztunnel, node.pod("sleep")];
     let mut old = Ztunnel::start_in_pod(&topo, node, hosts[0], &mesh, &socket)?;
-    old.wait_ready(Duration::from_secs(20))?;
+    old.wait_ready()?;
     wait_ztunnel_in([pp, rv1, rv2, rv3])?;
     let _servers = [
         TcpServer::start(&rv2.ns, "reviews-v2", 9080)?,
@@ -62,7 +62,7 @@ pub fn run(mode: Mode, rollouts: usize, min_requests: usize) -> Result<Rollouts>
     while i < rollouts || finished() < min_requests {
         i += 1;
         let mut new = Ztunnel::start_in_pod(&topo, node, hosts[i % 2], &mesh, &socket)?;
-        new.wait_ready(Duration::from_secs(20))?;
+        new.wait_ready()?;
         eventually("both ztunnels served", Duration::from_secs(10), || {
             Ok(peers()? == 2.0)
         })?;

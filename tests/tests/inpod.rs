@@ -80,7 +80,7 @@ fn in_pod_redirection_holds_a_deny_policy_and_lets_allowed_pairs_through() -> an
 
     server.set(workloads);
     let mut ztunnel = Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &mesh, server.path())?;
-    ztunnel.wait_ready(Duration::from_secs(20))?;
+    ztunnel.wait_ready()?;
     wait_ztunnel_in(node.pods.values().filter(|p| p.ambient))?;
     let denied = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
     let _allowed = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
@@ -207,7 +207,7 @@ fn serves_ztunnel_and_survives_its_own_restart(mode: Mode, extra: &[&str]) -> an
     let socket = zds_socket(&node.name);
     let mut agent = inpod::start_agent_with(node, mode, extra)?;
     let mut ztunnel = Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &mesh, &socket)?;
-    ztunnel.wait_ready(Duration::from_secs(20))?;
+    ztunnel.wait_ready()?;
     wait_ztunnel_in(node.pods.values().filter(|p| p.ambient))?;
     // ZDS in the agent's metrics: one ztunnel, and an acked add per ambient pod.
     let ambient = node.pods.values().filter(|p| p.ambient).count() as f64;
@@ -288,7 +288,7 @@ fn without_ztunnel_in_pod_traffic_fails_closed_and_resumes_when_it_is_back(
     let agent = inpod::start_agent(node, mode)?;
     let mut ztunnel =
         Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &MeshConfig::default(), &socket)?;
-    ztunnel.wait_ready(Duration::from_secs(20))?;
+    ztunnel.wait_ready()?;
     wait_ztunnel_in([rv2])?;
     let server = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
     assert_eq!(request(&pp.ns, sa(rv2.ip, 9080))?.server, "reviews-v2");

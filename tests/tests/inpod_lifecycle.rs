@@ -128,7 +128,7 @@ fn a_pod_deleted_while_ztunnel_is_down_is_not_served_when_it_is_back(
         Ok(redirection_in(rv2)?.is_empty())
     })?;
     lab.ztunnels[0].restart()?;
-    lab.ztunnels[0].wait_ready(Duration::from_secs(20))?;
+    lab.ztunnels[0].wait_ready()?;
     wait_ztunnel_in(w2.pods.values().filter(|p| p.ambient && p.name != rv2.name))?;
     assert!(
         !ztunnel_listens_in(rv2)?,

@@ -67,7 +67,7 @@ fn inpod_ebpf_connections_queued_on_a_killed_ztunnel_move_to_the_new_one() -> an
     let agent = inpod::start_agent(node, Mode::InPodEbpf)?;
     let mesh = MeshConfig::default();
     let mut old = Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &mesh, &socket)?;
-    old.wait_ready(Duration::from_secs(20))?;
+    old.wait_ready()?;
     wait_ztunnel_in([pp, rv2])?;
     let _server = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
     let dst = sa(rv2.ip, 9080);
@@ -86,7 +86,7 @@ fn inpod_ebpf_connections_queued_on_a_killed_ztunnel_move_to_the_new_one() -> an
         .collect::<anyhow::Result<_>>()?;
 
     let mut new = Ztunnel::start_in_pod(&topo, node, node.pod("sleep"), &mesh, &socket)?;
-    new.wait_ready(Duration::from_secs(20))?;
+    new.wait_ready()?;
     eventually("both ztunnels served", Duration::from_secs(10), || {
         Ok(agent.metric("zdivert_zds_peers")? == 2.0)
     })?;
@@ -140,9 +140,9 @@ fn inpod_ebpf_an_agent_restarted_mid_rollout_keeps_new_connections_on_the_newest
     let mut agent = inpod::start_agent(node, Mode::InPodEbpf)?;
     let mesh = MeshConfig::default();
     let mut old = Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &mesh, &socket)?;
-    old.wait_ready(Duration::from_secs(20))?;
+    old.wait_ready()?;
     let mut new = Ztunnel::start_in_pod(&topo, node, node.pod("sleep"), &mesh, &socket)?;
-    new.wait_ready(Duration::from_secs(20))?;
+    new.wait_ready()?;
     wait_ztunnel_in([pp, rv1, rv2])?;
     let _server = TcpServer::start(&rv2.ns, "reviews-v2", 9080)?;
     let streams = [

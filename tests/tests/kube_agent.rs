@@ -290,7 +290,7 @@ fn inpod_ebpf_mode_takes_its_pods_from_the_namespace_label() -> Result<()> {
         &MeshConfig::default(),
         &zdivert_tests::agent::zds_socket(&w2.name),
     )?;
-    ztunnel.wait_ready(WAIT)?;
+    ztunnel.wait_ready()?;
     zdivert_tests::inpod::wait_ztunnel_in(ambient.iter().copied())?;
     let (pp, rv1) = (w2.pod("productpage-v1"), w2.pod("reviews-v1"));
     let _server = TcpServer::start(&rv1.ns, "reviews-v1", 9080)?;
@@ -364,7 +364,7 @@ fn inpod_ebpf_judges_a_new_pod_through_the_api_and_captures_it_before_add_return
     };
     let socket = zdivert_tests::agent::zds_socket(&w2.name);
     let mut ztunnel = Ztunnel::start_in_pod(&topo, w2, &w2.ztunnel, &mesh, &socket)?;
-    ztunnel.wait_ready(WAIT)?;
+    ztunnel.wait_ready()?;
     zdivert_tests::inpod::wait_ztunnel_in(ambient.iter().copied())?;
 
     let runtime = Runtime::ptp(w2, &dir.0.join("ipam"), &cni_socket(&w2.name), None);

@@ -71,7 +71,7 @@ fn the_real_in_pod_ztunnel_takes_a_pods_netns_over_zds() -> anyhow::Result<()> {
     let (mut session, report) = Session::open(peer, ACK_TIMEOUT, &snapshot)?;
     assert!(report.refused.is_empty(), "{report:?}");
     // In-pod ztunnel is ready only once it has acked the snapshot.
-    ztunnel.wait_ready(Duration::from_secs(10))?;
+    ztunnel.wait_ready()?;
     eventually(
         "ztunnel's listeners in the pod's netns",
         Duration::from_secs(10),
@@ -105,7 +105,7 @@ fn every_ztunnel_that_connects_gets_the_snapshot_then_each_change() -> anyhow::R
     server.set(inpod::workloads([pp]));
     let mesh = MeshConfig::default();
     let mut first = Ztunnel::start_in_pod(&topo, node, &node.ztunnel, &mesh, server.path())?;
-    first.wait_ready(Duration::from_secs(20))?;
+    first.wait_ready()?;
     wait_listeners(pp, 1)?;
 
     server.set(inpod::workloads([pp, rv1]));
@@ -136,7 +136,7 @@ fn every_ztunnel_that_connects_gets_the_snapshot_then_each_change() -> anyhow::R
     )?;
     node.plug_pod(&new_pod)?;
     let mut second = Ztunnel::start_in_pod(&topo, node, &new_pod, &mesh, server.path())?;
-    second.wait_ready(Duration::from_secs(20))?;
+    second.wait_ready()?;
     wait_listeners(rv1, 2)?;
     eventually(
         "two peers, each with reviews-v1",

@@ -116,7 +116,7 @@ impl Ztunnel {
     ) -> Result<Ztunnel> {
         let mut z = Self::prepare(node, pod, &mesh.xds(topo), env, binary()?)?;
         z.spawn()?;
-        z.wait_ready(Duration::from_secs(20))?;
+        z.wait_ready()?;
         Ok(z)
     }
 
@@ -207,8 +207,11 @@ impl Ztunnel {
     }
 
     /// Polls `/healthz/ready` until it answers 200; fails naming the node, with ztunnel's log
-    /// tail, if ztunnel exits or is not ready in time.
-    pub fn wait_ready(&mut self, within: Duration) -> Result<()> {
+    /// tail, if ztunnel exits or is not ready within `SET_UP_WITHIN`. In-pod ztunnel is ready
+    /// only once the agent's ZDS socket gave it a snapshot, and it retries that socket with a
+    /// backoff that grows to 15 s: its readiness follows the agent's, as slow as that is.
+    pub fn wait_ready(&mut self) -> Result<()> {
+        let within = crate::SET_UP_WITHIN;
         let deadline = std::time::Instant::now() + within;
         while std::time::Instant::now() < deadline {
             if let Some(child) = self.child.as_mut()
@@ -277,7 +280,7 @@ impl Ztunnel {
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
         self.spawn()?;
-        self.wait_ready(Duration::from_secs(20))
+        self.wait_ready()
     }
 
     /// ztunnel's pid (nsenter execs it, so it is the child's).

@@ -82,7 +82,7 @@ impl Lab {
                 lab.ztunnels.push(ztunnel);
             }
             for (node, ztunnel) in lab.topo.nodes.iter().zip(&mut lab.ztunnels) {
-                ztunnel.wait_ready(std::time::Duration::from_secs(20))?;
+                ztunnel.wait_ready()?;
                 zdivert_tests::inpod::wait_ztunnel_in(node.pods.values().filter(|p| p.ambient))?;
             }
             return Ok(lab);

@@ -83,7 +83,7 @@ pub fn run(singles: usize, burst: usize, samples: &mut Samples) -> Result<()> {
                 (Agent::start_ready(w2, mode, &options)?, z)
             }
         };
-        ztunnel.wait_ready(Duration::from_secs(20))?;
+        ztunnel.wait_ready()?;
         _agent.describe(&description(w2, pods))?;
         let dir = TempDir::new("zdivert-bench-cni")?;
         let runtime = Runtime::ptp(w2, &dir.0.join("ipam"), &cni_socket(&w2.name), None);

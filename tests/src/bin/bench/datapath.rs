@@ -199,7 +199,7 @@ pub fn run_in_pod(sizes: &Sizes, samples: &mut Samples) -> Result<()> {
                 ztunnels.push(z);
             }
             for (z, node) in ztunnels.iter_mut().zip([topo.worker2(), topo.worker()]) {
-                z.wait_ready(Duration::from_secs(20))?;
+                z.wait_ready()?;
                 zdivert_tests::inpod::wait_ztunnel_in(node.pods.values().filter(|p| p.ambient))?;
             }
             measure(&topo, variant, &ztunnels[0], sizes, samples)?;
