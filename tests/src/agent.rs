@@ -316,7 +316,7 @@ impl Agent {
 
     /// Waits until the agent has applied the desired state `n` times since it started.
     pub fn wait_reconciles(&self, n: u64) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + crate::SET_UP_WITHIN;
         while Instant::now() < deadline {
             if self
                 .metric("zdivert_reconciles_total")
@@ -327,8 +327,9 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(100));
         }
         bail!(
-            "agent for {} did not reconcile {n} times in 20 s",
-            self.node
+            "agent for {} did not reconcile {n} times in {:?}",
+            self.node,
+            crate::SET_UP_WITHIN
         )
     }
 

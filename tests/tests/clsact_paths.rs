@@ -6,6 +6,7 @@ mod common;
 
 use common::{Lab, Mode, scenarios::from_to};
 use zdivert_tests::{
+    SET_UP_WITHIN,
     apps::{RequestStream, TcpServer, request, sa},
     eventually,
     ns::Netns,
@@ -15,7 +16,6 @@ use zdivert_tests::{
 };
 
 const MODE: Mode = Mode::EbpfClsact;
-const SECS_20: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// `(interface, direction, program, program id)` of our filters (priority 1, handle 0x7a64) in
 /// `ns`, as `tc filter show` prints them.
@@ -108,13 +108,17 @@ fn programs_sit_in_clsact_filters_and_a_restarted_agent_swaps_them_in_place() ->
     // each filter's program rather than adding a second filter.
     lab.agents[0].restart()?;
     let w2 = lab.w2();
-    eventually("every filter runs the new agent's program", SECS_20, || {
-        let now = (ids(&w2.ns)?, ids(&w2.ztunnel.ns)?);
-        Ok(now.0.len() == before.0.len()
-            && now.0.iter().zip(&before.0).all(|(n, b)| n != b)
-            && now.1.len() == 1
-            && now.1 != before.1)
-    })?;
+    eventually(
+        "every filter runs the new agent's program",
+        SET_UP_WITHIN,
+        || {
+            let now = (ids(&w2.ns)?, ids(&w2.ztunnel.ns)?);
+            Ok(now.0.len() == before.0.len()
+                && now.0.iter().zip(&before.0).all(|(n, b)| n != b)
+                && now.1.len() == 1
+                && now.1 != before.1)
+        },
+    )?;
     assert_placed(w2)?;
     // Each record now holds the program its filter runs: the old programs are not kept alive.
     let pins = zdivert_tests::snapshot::pins(&lab.agents[0].node);
@@ -166,14 +170,14 @@ fn switching_between_tcx_and_clsact_under_traffic_fails_no_connection() -> anyho
 
     stream.wait_more(10)?;
     lab.agents[0].restart_in(MODE)?;
-    eventually("all attachments via tc clsact", SECS_20, || {
+    eventually("all attachments via tc clsact", SET_UP_WITHIN, || {
         only_via(&lab, "via tc clsact")
     })?;
     assert_placed(w2)?;
     stream.wait_more(10)?;
 
     lab.agents[0].restart_in(Mode::Ebpf)?;
-    eventually("all attachments via tcx", SECS_20, || {
+    eventually("all attachments via tcx", SET_UP_WITHIN, || {
         only_via(&lab, "via tcx")
     })?;
     for ns in [&w2.ns, &w2.ztunnel.ns] {

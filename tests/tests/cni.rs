@@ -14,7 +14,7 @@ use std::{net::Ipv4Addr, process::Command, time::Duration};
 use common::{Lab, Mode};
 use serde_json::json;
 use zdivert_tests::{
-    TempDir,
+    SET_UP_WITHIN, TempDir,
     agent::cni_socket,
     apps::{TcpServer, request, request_timeout, sa},
     cni::{Runtime, Sandbox, address},
@@ -367,7 +367,7 @@ fn after_a_reboot_no_pod_talks_around_ztunnel(mode: Mode) -> anyhow::Result<()> 
     if mode.is_in_pod() {
         // The agent runs, ztunnel does not yet: nobody acknowledges the pod.
         let mut last = None;
-        let no_ztunnel = eventually("the agent answers", Duration::from_secs(20), || {
+        let no_ztunnel = eventually("the agent answers", SET_UP_WITHIN, || {
             last = retry(&runtime, &mut pod)?;
             Ok(last.as_ref().is_some_and(|e| e.code == 100))
         });
@@ -376,7 +376,7 @@ fn after_a_reboot_no_pod_talks_around_ztunnel(mode: Mode) -> anyhow::Result<()> 
     lab.ztunnels[0].restart()?;
     runtime.set_timeout(None);
     let mut last = None;
-    eventually("ADD succeeds", zdivert_tests::SET_UP_WITHIN, || {
+    eventually("ADD succeeds", SET_UP_WITHIN, || {
         last = retry(&runtime, &mut pod)?;
         Ok(last.is_none())
     })
@@ -409,7 +409,7 @@ fn a_new_pod_given_a_deleted_pods_address_never_gets_its_identity(
     lab.agents[0].restart()?;
     // A change of the description makes the agent apply again, the old pod still listed.
     let reconciles = |a: &zdivert_tests::agent::Agent| a.metric("zdivert_reconciles_total");
-    eventually("the agent applies", Duration::from_secs(20), || {
+    eventually("the agent applies", SET_UP_WITHIN, || {
         Ok(reconciles(&lab.agents[0]).is_ok())
     })?;
     let before = reconciles(&lab.agents[0])? as u64;
