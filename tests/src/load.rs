@@ -278,6 +278,9 @@ pub fn bulk(ns: &Path, dst: SocketAddr, streams: usize, duration: Duration) -> R
             c.write_all(&buf)?;
         }
         c.shutdown(std::net::Shutdown::Write)?;
+        // The sink answers once all in flight has drained through every hop's buffers
+        // (ztunnel's included): seconds more than a request's 5 s under emulation.
+        c.set_read_timeout(Some(crate::SET_UP_WITHIN))?;
         let mut n = [0u8; 8];
         c.read_exact(&mut n)?;
         Ok(u64::from_le_bytes(n))

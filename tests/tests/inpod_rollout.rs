@@ -4,7 +4,7 @@
 //! the kernel, and that test is ignored: run it with `--ignored` to measure. A stuck ztunnel
 //! killed after its replacement acked hands the connections queued on it to the new one, and an
 //! agent restarted mid-rollout keeps new connections on the newer ztunnel.
-use zdivert_tests::{agent::Mode, rollout};
+use zdivert_tests::{SET_UP_WITHIN, agent::Mode, rollout};
 
 const ROLLOUTS: usize = 5;
 
@@ -87,7 +87,7 @@ fn inpod_ebpf_connections_queued_on_a_killed_ztunnel_move_to_the_new_one() -> an
 
     let mut new = Ztunnel::start_in_pod(&topo, node, node.pod("sleep"), &mesh, &socket)?;
     new.wait_ready()?;
-    eventually("both ztunnels served", Duration::from_secs(10), || {
+    eventually("both ztunnels served", SET_UP_WITHIN, || {
         Ok(agent.metric("zdivert_zds_peers")? == 2.0)
     })?;
     old.kill();
@@ -151,16 +151,14 @@ fn inpod_ebpf_an_agent_restarted_mid_rollout_keeps_new_connections_on_the_newest
     ];
     let more = || streams.iter().try_for_each(|s| s.wait_more(25));
     let peers = |agent: &zdivert_tests::agent::Agent| agent.metric("zdivert_zds_peers");
-    eventually("both ztunnels served", Duration::from_secs(10), || {
+    eventually("both ztunnels served", SET_UP_WITHIN, || {
         Ok(peers(&agent)? == 2.0)
     })?;
     more()?;
     agent.restart()?;
-    eventually(
-        "both ztunnels served again",
-        Duration::from_secs(20),
-        || Ok(peers(&agent)? == 2.0),
-    )?;
+    eventually("both ztunnels served again", SET_UP_WITHIN, || {
+        Ok(peers(&agent)? == 2.0)
+    })?;
     more()?;
     let before = old.access_log().len();
     more()?;
