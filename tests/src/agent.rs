@@ -316,20 +316,10 @@ impl Agent {
 
     /// Waits until the agent has applied the desired state `n` times since it started.
     pub fn wait_reconciles(&self, n: u64) -> Result<()> {
-        let deadline = Instant::now() + crate::SET_UP_WITHIN;
-        while Instant::now() < deadline {
-            if self
-                .metric("zdivert_reconciles_total")
-                .is_ok_and(|v| v >= n as f64)
-            {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!(
-            "agent for {} did not reconcile {n} times in {:?}",
-            self.node,
-            crate::SET_UP_WITHIN
+        crate::eventually(
+            &format!("agent for {} reconciled {n} times", self.node),
+            crate::SET_UP_WITHIN,
+            || Ok(self.metric("zdivert_reconciles_total")? >= n as f64),
         )
     }
 
